@@ -388,12 +388,27 @@ def resolve(cfg: Config, env: Environment) -> tuple[Config, Resolved]:
 
 def resolved_yaml(cfg: Config, res: Resolved) -> str:
     """The text of config.resolved.yaml: the concrete config plus derived values with their reasons."""
-    tree = cfg.model_dump(mode="json")
+    tree = effective_dump(cfg)
     tree["resolved"] = {k: {"value": v, "reason": res.reasons[k]} for k, v in res.values.items()}
     return yaml.safe_dump(tree, sort_keys=False, width=120)
 
 
+def effective_dump(cfg: Config) -> dict:
+    """The config as plain data, without settings that have no effect on the chosen path (so the dump
+    loads again without tripping the no-effect checks)."""
+    tree = cfg.model_dump(mode="json")
+    if cfg.model.method == "full":
+        del tree["model"]["lora"]
+    if cfg.model.method != "qlora":
+        del tree["model"]["qlora"]
+    if cfg.data.pack is False:
+        del tree["data"]["pack_row_tokens"]
+    if cfg.train.warmup_steps is not None:
+        del tree["train"]["warmup_ratio"]
+    return tree
+
+
 def config_hash(cfg: Config) -> str:
     """A short stable hash of the concrete config (for checkpoint meta and run identity)."""
-    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()
+    blob = json.dumps(effective_dump(cfg), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -99,7 +99,9 @@ def _files(spec: str) -> list[Path] | None:
     if spec in BUILTIN_DATA:
         return [BUILTIN_DATA[spec]]
     p = Path(spec)
-    if p.is_dir() and not (p / "dataset_info.json").exists() and not (p / "dataset_dict.json").exists():
+    if p.is_dir() and any((p / marker).exists() for marker in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        return None  # a `datasets` save_to_disk directory
+    if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix in _FILE_KINDS)
         if not files:
             raise DataError(f"{p}: no .jsonl/.json/.csv/.parquet files in this directory")

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Bootstrap if needed, then run the main job: `finetrack demo` on the embedded model.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
+cd "$ROOT"
+exec finetrack demo "$@"
