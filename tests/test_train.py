@@ -148,3 +148,40 @@ def test_run_directory_and_metrics(tmp_path, tiny_model_dir, chat_file):
 def test_lr_schedule(schedule, expected):
     """2 warmup steps reach the peak; the first decay step uses the peak; no step runs at lr 0."""
     assert [lr_at(s, 1.0, 2, 5, schedule) for s in range(1, 6)] == pytest.approx(expected)
+
+
+def test_adamw_8bit_on_cpu(tmp_path, tiny_model_dir, chat_file):
+    result, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, "model.method=full", "train.optimizer=adamw_8bit")
+    after = load_file(result.final_checkpoint / "model.safetensors")
+    before = _base_weights(tiny_model_dir)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+
+
+def test_paged_optimizer_needs_cuda(tmp_path, tiny_model_dir, chat_file):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: paged optimizers are allowed")
+    with pytest.raises(Exception, match="paged_adamw_8bit pages optimizer state to CPU memory and needs a CUDA GPU"):
+        tiny_run(tmp_path, tiny_model_dir, chat_file, "train.optimizer=paged_adamw_8bit")
+
+
+def test_custom_objective_plugs_in(tmp_path, tiny_model_dir, chat_file):
+    """An objective is a function (model, batch) -> (summed loss, metrics); its metrics reach metrics.jsonl."""
+    from finetrack.train import causal_lm_objective
+
+    calls = []
+
+    def doubled(model, batch):
+        loss_sum, _ = causal_lm_objective(model, batch)
+        calls.append(batch.num_target_tokens)
+        return 2 * loss_sum, {"half_loss_sum": float(loss_sum)}
+
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", f"data.path={chat_file}", f"output.dir={tmp_path / 'o'}",
+                             "train.micro_batch_size=4", "train.grad_accum_steps=2", "train.max_steps=2", "model.method=full"])
+    result = run(cfg, objective=doubled)
+    metrics = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(calls) == 4  # 2 steps x 2 micro-batches
+    assert all("half_loss_sum" in m for m in metrics)
+    # the logged loss is the objective's value per target token: twice the plain cross-entropy
+    _, plain = tiny_run(tmp_path, tiny_model_dir, chat_file, "model.method=full", "train.micro_batch_size=4", "train.grad_accum_steps=2", "train.max_steps=1", name="plain")
+    assert metrics[0]["loss"] == pytest.approx(2 * plain[0]["loss"], rel=1e-5)

@@ -356,6 +356,8 @@ def resolve(cfg: Config, env: Environment) -> tuple[Config, Resolved]:
         ok = m.attn_implementation in ("sdpa", "eager", "flash_attention_2")
         res.set("data.pack", ok, f"auto: attn_implementation={m.attn_implementation} " + ("supports" if ok else "does not support") + " padding-free packing")
         d.pack = ok
+    if t.optimizer.startswith("paged") and env.device_type != "cuda":
+        raise ConfigError(f"train.optimizer={t.optimizer} pages optimizer state to CPU memory and needs a CUDA GPU; use adamw or adamw_8bit")
     if t.lr == "auto":
         lr = 2e-5 if m.method == "full" else 2e-4
         res.set("train.lr", lr, f"auto: usual starting point for method={m.method}")

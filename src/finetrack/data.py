@@ -83,14 +83,18 @@ class DataReport:
             "first_reasons": list(self.first_reasons),
         }
 
-    def summary(self) -> str:
-        dropped = ", ".join(f"{k} {v}" for k, v in self.dropped.items() if v) or "none"
-        t = self.tokens or {}
-        return (
-            f"{self.rows_read} rows read, {self.rows_kept} kept (dropped: {dropped}; truncated: {self.truncated_rows}); "
-            f"tokens/row min {t.get('min')} mean {t.get('mean')} p95 {t.get('p95')} max {t.get('max')}; "
-            f"{self.trainable_tokens} trainable tokens"
-        )
+
+def report_line(report: dict) -> str:
+    """One line for the log: what was read, kept, dropped and truncated."""
+    t = report["train"]
+    dropped = ", ".join(f"{k} {v}" for k, v in t["dropped"].items() if v) or "none"
+    tok = t["tokens"] or {}
+    held = f"; {report['eval']['rows_kept']} held-out rows" if "eval" in report else ""
+    return (
+        f"{t['rows_read']} rows read, {t['rows_kept']} kept (dropped: {dropped}; truncated: {t['truncated_rows']}); "
+        f"tokens/row min {tok.get('min')} mean {tok.get('mean')} p95 {tok.get('p95')} max {tok.get('max')}; "
+        f"{t['trainable_tokens']} trainable tokens{held}"
+    )
 
 
 # ---------------------------------------------------------------------------------------- read
@@ -316,7 +320,7 @@ def prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     elif eval_examples:
         report["eval"] = {"rows_kept": len(eval_examples), "held_out_from_train": cfg.eval_split, "tokens_total": sum(len(e.input_ids) for e in eval_examples)}
     if not examples:
-        raise DataError(f"no training rows left after filtering: {train_report.summary()}; first reasons: {train_report.first_reasons}")
+        raise DataError(f"no training rows left: {report_line(report)}; first reasons: {train_report.first_reasons}")
     return PreparedData(examples, eval_examples, report)
 
 

@@ -30,7 +30,7 @@ def lr_at(step: int, peak_lr: float, warmup_steps: int, total_steps: int, schedu
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float, device_type: str) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     """AdamW over trainable parameters; no weight decay on biases and norm weights (ndim < 2)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
@@ -41,8 +41,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float, device_type: 
     kwargs = dict(lr=lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, **kwargs)
-    if cfg.optimizer.startswith("paged") and device_type != "cuda":
-        raise ConfigError(f"train.optimizer={cfg.optimizer} pages optimizer state to CPU memory and needs a CUDA GPU; use adamw or adamw_8bit")
     try:
         import bitsandbytes as bnb
     except ImportError:

@@ -23,7 +23,7 @@ from torch import nn
 from . import checkpoint
 from .batches import IGNORE, Batch, collate, micro_batches, packing_is_exact, step_rows
 from .config import Config, ConfigError, Environment, config_hash, resolve, resolved_yaml
-from .data import Example, prepare
+from .data import Example, prepare, report_line
 from .models import build_model, load_tokenizer, trainable_report
 from .optim import build_optimizer, lr_at, set_lr
 
@@ -68,7 +68,7 @@ def run(cfg: Config, objective: Objective = causal_lm_objective) -> RunResult:
 
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg.data, tokenizer, cfg.train.seed)
-    log.info("data: %s", _report_line(data.report))
+    log.info("data: %s", report_line(data.report))
     device = accelerator.device
     env = Environment(
         device_type=device.type,
@@ -92,7 +92,7 @@ def run(cfg: Config, objective: Objective = causal_lm_objective) -> RunResult:
             f"data.pack: this model's attention ({cfg.model.attn_implementation}) does not keep packed sequences apart "
             "(packed logits differ from separate ones); set data.pack=false"
         )
-    optimizer = build_optimizer(model, cfg.train, cfg.train.lr, device.type)
+    optimizer = build_optimizer(model, cfg.train, cfg.train.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
 
@@ -108,7 +108,7 @@ def run(cfg: Config, objective: Objective = causal_lm_objective) -> RunResult:
     eval_loss = None
 
     for step in range(1, total_steps + 1):
-        epoch, rows = step_rows(len(data.train), rows_per_process * world, cfg.train.seed, step - 1, cfg.data.shuffle)
+        _, rows = step_rows(len(data.train), rows_per_process * world, cfg.train.seed, step - 1, cfg.data.shuffle)
         mine = rows[rank * rows_per_process : (rank + 1) * rows_per_process]
         batches = [
             collate(mb, tokenizer.pad_token_id, cfg.data.pack, cfg.data.pack_row_tokens)
@@ -116,7 +116,7 @@ def run(cfg: Config, objective: Objective = causal_lm_objective) -> RunResult:
         ]
         lr = lr_at(step, cfg.train.lr, res["warmup_steps"], total_steps, cfg.train.lr_schedule)
         set_lr(optimizer, lr)
-        loss_sum, num_targets, num_tokens = _accumulate(model, batches, objective, accelerator)
+        loss_sum, num_targets, num_tokens, extra = _accumulate(model, batches, objective, accelerator)
         grad_norm = _clip(accelerator, trainable, cfg.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -125,10 +125,10 @@ def run(cfg: Config, objective: Objective = causal_lm_objective) -> RunResult:
         tokens_seen += num_tokens
         first_loss = loss if step == 1 else first_loss
         last_loss = loss
-        window.add(loss_sum, num_targets, num_tokens, grad_norm)
+        window.add(loss_sum, num_targets, num_tokens, grad_norm, extra)
         record = None
         if step % cfg.train.log_every_steps == 0 or step == total_steps:
-            record = {"step": step, "epoch": round(epoch + (step - epoch * steps_per_epoch) / steps_per_epoch, 4), **window.flush(), "lr": lr, "tokens": tokens_seen, "peak_mem_mb": peak_memory_mb(device)}
+            record = {"step": step, "epoch": round(step / steps_per_epoch, 4), **window.flush(), "lr": lr, "tokens": tokens_seen, "peak_mem_mb": peak_memory_mb(device)}
         every_eval = cfg.eval.loss_every_steps
         if data.eval and ((every_eval and step % every_eval == 0) or step == total_steps):
             eval_loss = evaluate_loss(model, data.eval, cfg, tokenizer.pad_token_id, objective, accelerator)
@@ -152,23 +152,27 @@ def run(cfg: Config, objective: Objective = causal_lm_objective) -> RunResult:
     return RunResult(run_dir, checkpoint.checkpoint_dir(run_dir, total_steps), total_steps, first_loss, last_loss, eval_loss)
 
 
-def _accumulate(model: nn.Module, batches: list[Batch], objective: Objective, accelerator) -> tuple[float, int, int]:
+def _accumulate(model: nn.Module, batches: list[Batch], objective: Objective, accelerator) -> tuple[float, int, int, dict[str, float]]:
     """Forward/backward every micro-batch of one optimizer step; gradients are the mean over all
-    target tokens of the step on all processes. Returns (loss sum, target tokens, tokens) of all processes."""
+    target tokens of the step on all processes. Returns (loss sum, target tokens, tokens) of all
+    processes, and the objective's own metrics averaged over this process's micro-batches."""
     device = accelerator.device
     counts = torch.tensor([sum(b.num_target_tokens for b in batches), sum(b.num_tokens for b in batches)], device=device)
     counts = accelerator.reduce(counts, reduction="sum")
     num_targets = max(1, int(counts[0]))
     loss_total = torch.zeros((), device=device)
+    extra: dict[str, float] = {}
     for i, batch in enumerate(batches):
         # DDP averages gradients over processes; multiplying by the world size turns that into a sum.
         sync = nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
         with sync:
-            loss_sum, _ = objective(model, batch.to(device))
+            loss_sum, metrics = objective(model, batch.to(device))
             accelerator.backward(loss_sum * accelerator.num_processes / num_targets)
         loss_total += loss_sum.detach()
+        for k, v in metrics.items():
+            extra[k] = extra.get(k, 0.0) + float(v) / len(batches)
     loss_total = accelerator.reduce(loss_total, reduction="sum")
-    return float(loss_total), num_targets, int(counts[1])
+    return float(loss_total), num_targets, int(counts[1]), extra
 
 
 def _clip(accelerator, params: list[torch.Tensor], max_norm: float | None) -> float:
@@ -202,17 +206,19 @@ class _Window:
         self.start = time.perf_counter()
         self.loss_sum = self.targets = self.tokens = self.steps = 0
         self.grad_norm = 0.0
+        self.extra: dict[str, float] = {}
 
-    def add(self, loss_sum: float, targets: int, tokens: int, grad_norm: float) -> None:
+    def add(self, loss_sum: float, targets: int, tokens: int, grad_norm: float, extra: dict[str, float]) -> None:
         self.loss_sum += loss_sum
         self.targets += targets
         self.tokens += tokens
         self.steps += 1
         self.grad_norm = grad_norm
+        self.extra = extra  # the objective's own metrics, from the latest step
 
     def flush(self) -> dict:
         seconds = time.perf_counter() - self.start
-        out = {"loss": self.loss_sum / max(1, self.targets), "grad_norm": self.grad_norm, "target_tokens": self.targets, "tokens_per_s": round(self.tokens / max(seconds, 1e-9), 1)}
+        out = {"loss": self.loss_sum / max(1, self.targets), "grad_norm": self.grad_norm, "target_tokens": self.targets, "tokens_per_s": round(self.tokens / max(seconds, 1e-9), 1), **self.extra}
         self.__init__()
         return out
 
@@ -229,13 +235,6 @@ def _check_run_dir(run_dir: Path) -> None:
         raise ConfigError(
             f"output.dir={run_dir} already holds files; choose a new output.dir (output.dir=runs/NAME) or remove that directory"
         )
-
-
-def _report_line(report: dict) -> str:
-    t = report["train"]
-    dropped = ", ".join(f"{k} {v}" for k, v in t["dropped"].items() if v) or "none"
-    held = f"; {report['eval']['rows_kept']} held-out rows" if "eval" in report else ""
-    return f"{t['rows_read']} rows read, {t['rows_kept']} kept (dropped: {dropped}; truncated: {t['truncated_rows']}), {t['trainable_tokens']} trainable tokens{held}"
 
 
 def _short(x: float) -> str:

@@ -1,0 +1,113 @@
+"""End to end through the command line, on the embedded SmolLM2-135M-Instruct (a few steps each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import write_chat_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def finetrack(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "finetrack", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.e2e
+def test_train_cli_embedded_model_run_directory(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text((ROOT / "examples/lora_chat.yaml").read_text())
+    r = finetrack(
+        "train", str(cfg), "train.max_steps=2", "train.micro_batch_size=2", "train.grad_accum_steps=1", "eval.loss_every_steps=1",
+        "data.max_length=256", "train.log_every_steps=1", f"output.dir={tmp_path / 'out'}", cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "out"
+    assert tree(out) == [
+        "checkpoints",
+        "checkpoints/step-000002",
+        "checkpoints/step-000002/README.md",
+        "checkpoints/step-000002/adapter_config.json",
+        "checkpoints/step-000002/adapter_model.safetensors",
+        "checkpoints/step-000002/chat_template.jinja",
+        "checkpoints/step-000002/meta.json",
+        "checkpoints/step-000002/tokenizer.json",
+        "checkpoints/step-000002/tokenizer_config.json",
+        "config.resolved.yaml",
+        "data_report.json",
+        "metrics.jsonl",
+    ]
+    # what a user sees: resolved values with reasons, the trainable-parameter report, the data report
+    assert "resolved model.dtype = float32 (auto: CPU training" in r.stderr
+    assert "trainable parameters: 4,884,480 of 139,399,488" in r.stderr
+    assert "320 rows read" in r.stderr
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all("eval_loss" in m for m in metrics)
+
+    # the checkpoint loads with PEFT alone (no finetrack code) and generates
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetrack.models import embedded_model_dir
+
+    base = AutoModelForCausalLM.from_pretrained(embedded_model_dir())
+    model = PeftModel.from_pretrained(base, out / "checkpoints/step-000002")
+    tok = AutoTokenizer.from_pretrained(out / "checkpoints/step-000002")
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] == ids["input_ids"].shape[1] + 3
+
+
+@pytest.mark.e2e
+def test_demo_cli(tmp_path):
+    r = finetrack("demo", "train.max_steps=3", "eval.loss_every_steps=3", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "checkpoints/step-000003/adapter_model.safetensors").is_file()
+    lines = r.stdout.splitlines()
+    assert any(x.startswith("loss: ") and "over 3 steps" in x for x in lines)
+    before = next(x for x in lines if x.strip().startswith("before:"))
+    assert "Rome" in before  # the base model already knows the answer; the demo shows the style change
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "-", "train.lr_rate=1"], "unknown key 'train.lr_rate'"),
+        (["train", "train.max_stepz=3"], "did you mean 'train.max_steps'"),
+        (["train", "model.method=full", "model.lora.r=4"], "model.lora has no effect with model.method=full"),
+        (["train", "nope.yaml"], "config file not found: nope.yaml"),
+    ],
+)
+def test_cli_config_errors_exit_2(tmp_path, args, message):
+    if args[1] == "-":
+        (tmp_path / "c.yaml").write_text("train:\n  max_steps: 3\n")
+        args = [args[0], "c.yaml", *args[2:]]
+    r = finetrack(*args, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_data_error_names_file_and_line(tmp_path, tiny_model_dir):
+    bad = tmp_path / "bad.jsonl"
+    write_chat_jsonl(bad, [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    with bad.open("a") as fh:
+        fh.write('{"messages": [{"role": "human", "content": "q"}]}\n')
+    r = finetrack("train", f"model.name={tiny_model_dir}", f"data.path={bad}", "output.dir=out", cwd=tmp_path, timeout=120)
+    assert r.returncode == 2
+    assert f"{bad}:2: field 'messages[0].role' is 'human'" in r.stderr
+
+
+def test_help_config_cli(tmp_path):
+    r = finetrack("train", "--help-config", cwd=tmp_path, timeout=60)
+    assert r.returncode == 0 and "model.lora.use_dora" in r.stdout and "data.on_overflow" in r.stdout
