@@ -1,24 +1,26 @@
 """Training throughput and memory: finetrack vs TRL's SFTTrainer on the same LoRA job (CPU).
 
-What is held equal: the embedded SmolLM2-135M-Instruct in fp32, LoRA (r=16, alpha=32, dropout 0, all linear layers),
-the same synthetic chat rows (written to a temp JSONL by this script, seeded, roughly 40-600 tokens each), the
-number of optimizer steps, rows per step (micro batch, no accumulation), AdamW with lr/cosine schedule/seed,
-grad clipping at 1.0, no gradient checkpointing (finetrack's default; TRL's default is on, so it is turned off).
-Warmup defaults to 0 steps: with warmup the two schedules differ (HF starts warmup at lr 0).
+Held equal: the embedded SmolLM2-135M-Instruct in fp32 with sdpa attention, LoRA (r=16, alpha=32, dropout 0, all
+linear layers), the same synthetic chat rows (seeded, written to a temp JSONL, ~40-600 tokens each), optimizer
+steps, rows per step (one micro batch, no accumulation), AdamW, lr, cosine schedule, seed, grad clipping at 1.0,
+no gradient checkpointing (finetrack's default; TRL turns it on by default, so it is turned off here). Warmup
+defaults to 0 steps: only then are the schedules identical (HF's warmup starts at lr 0, finetrack's at lr/warmup).
 
-What differs is each tool's default data handling: finetrack packs rows padding-free and computes loss on
-assistant tokens only; TRL right-pads each batch to its longest row and (this model's chat template has no
-`{% generation %}` markers and TRL cannot patch it) computes loss on all tokens. Both skip the LM head on
-positions without a label. Losses are therefore not directly comparable; the table says which tokens they cover.
+Different, on purpose: each tool's default data handling. finetrack packs each micro batch into rows of up to
+data.pack_row_tokens=2048 tokens (position_ids restart per sample; a second packed row is padded to the first
+one's width) and computes loss on assistant tokens only. TRL pads each batch to its longest row and, since this
+model's chat template has no `{% generation %}` markers (and is not one TRL can patch), trains on all tokens. So
+losses are not comparable; the output says which tokens each covers. Both compute logits only where a label is.
 
-How it is measured: each engine runs in its own subprocess (`--engine finetrack|trl`) that prints one JSON line;
-peak RSS is that process's own ru_maxrss (whole process: model load included). The timed span is the same for
-both: from the end of optimizer step 1 to the end of step N (step 1 is an untimed warmup). TRL: a
-TrainerCallback stamps time.perf_counter() at on_step_end and reads TRL's cumulative `num_tokens` (non-pad
-tokens) from each log. finetrack: metrics.jsonl with log_every_steps=1 gives per-step `tokens` and
-`tokens_per_s`, so each step's seconds = tokens_delta / tokens_per_s. "tokens" are real (non-pad) tokens.
+Measured: each engine runs in its own subprocess (`--engine finetrack|trl`) that prints one JSON line. Peak RSS
+is that process's own ru_maxrss (model load included). The timed span is the same for both: end of optimizer
+step 1 to end of step N (step 1 is untimed warmup), taken in both engines by the same global torch hook
+that stamps time.perf_counter() after every optimizer.step(). Real (non-pad) tokens per step come from finetrack's
+metrics.jsonl (`tokens`, log_every_steps=1) and from TRL's cumulative `num_tokens` in every log (logging_steps=1).
+The tensor shapes each engine computes on (padding included) are recorded through finetrack's `objective`
+argument and by wrapping TRL's data collator; neither wrapper changes what is computed.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 12 --micro-batch-size 8 --rows 96]
+    .venv/bin/python benchmarks/train_throughput.py [--steps 5] [--micro-batch-size 8] [--rows 40]
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import argparse
 import json
 import random
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +41,7 @@ from typing import Any
 RESULT_PREFIX = "BENCH_RESULT "
 WORDS = (
     "the a model data token layer loss rate batch step weight gradient memory kernel cache value query key head "
-    "vector matrix sample window budget river mountain garden kitchen library window music story letter market "
+    "vector matrix sample window budget river mountain garden kitchen library music story letter market "
     "simple careful quick gentle bright quiet early later always often never because while after before under "
     "between across through build measure compare explain improve check write read learn teach choose keep move "
     "small large long short new old different same important useful clear hard easy first last next every"
@@ -74,37 +78,62 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def timed_span(steps: dict[int, tuple[float, int]]) -> tuple[float, int]:
-    """(seconds, tokens) of steps 2..N given {step: (seconds of that step, tokens of that step)}."""
+def stamp_optimizer_steps() -> list[float]:
+    """time.perf_counter() after every optimizer.step() in this process (a global torch hook): the step boundary
+    both engines share, whatever each one logs about its own timing."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    stamps: list[float] = []
+    register_optimizer_step_post_hook(lambda optimizer, args, kwargs: stamps.append(time.perf_counter()))
+    return stamps
+
+
+def step_times(stamps: list[float], cumulative_tokens: list[int]) -> dict[int, tuple[float, int]]:
+    """{step: (seconds since the previous optimizer step, real tokens of the step)}; step 1 gets 0 s (untimed)."""
+    if len(stamps) != len(cumulative_tokens):
+        raise RuntimeError(f"{len(stamps)} optimizer steps stamped for {len(cumulative_tokens)} training steps")
+    ends, cum = [stamps[0], *stamps], [0, *cumulative_tokens]
+    return {k: (ends[k] - ends[k - 1], cum[k] - cum[k - 1]) for k in range(1, len(cumulative_tokens) + 1)}
+
+
+def timed_span(steps: dict[int, tuple[float, int]]) -> dict[str, float]:
+    """Totals over steps 2..N of {step: (seconds, real tokens)}, and the median per-step tokens/s."""
     later = [v for k, v in steps.items() if k >= 2]
-    return sum(s for s, _ in later), sum(t for _, t in later)
+    return {"timed_s": sum(s for s, _ in later), "timed_tokens": sum(t for _, t in later),
+            "median_step_tok_s": statistics.median(t / s for s, t in later)}
 
 
 def run_finetrack(a: argparse.Namespace) -> dict[str, Any]:
     from finetrack.config import load_config
-    from finetrack.train import run
+    from finetrack.train import causal_lm_objective, run
 
+    shapes: list[tuple[int, int]] = []
+
+    def objective(model, batch):  # finetrack's own objective; only records the (rows, width) of what is computed
+        shapes.append(tuple(batch.inputs["input_ids"].shape))
+        return causal_lm_objective(model, batch)
+
+    stamps = stamp_optimizer_steps()
     out = Path(tempfile.mkdtemp(prefix="bench-finetrack-"))
     overrides = [
-        f"model.name={a.model_dir}", "model.method=lora", "model.dtype=float32", "model.lora.r=16", "model.lora.alpha=32",
+        f"model.name={a.model_dir}", "model.method=lora", "model.dtype=float32", "model.attn_implementation=sdpa",
+        "model.lora.r=16", "model.lora.alpha=32",
         "model.lora.dropout=0.0", "model.lora.target_modules=all-linear", f"data.path={a.data}", f"output.dir={out}",
         f"train.max_steps={a.steps}", f"train.micro_batch_size={a.micro_batch_size}", "train.grad_accum_steps=1",
         f"train.lr={a.lr!r}", "train.lr_schedule=cosine", f"train.warmup_steps={a.warmup_steps}", f"train.seed={a.seed}",
         "train.max_grad_norm=1.0", "train.log_every_steps=1",
     ]
     start = time.perf_counter()
-    run(load_config(None, overrides))
+    run(load_config(None, overrides), objective)
     total_s = time.perf_counter() - start
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps, prev = {}, 0
-    for r in records:
-        steps[r["step"]] = ((r["tokens"] - prev) / r["tokens_per_s"], r["tokens"] - prev)
-        prev = r["tokens"]
-    seconds, tokens = timed_span(steps)
+    steps = step_times(stamps, [r["tokens"] for r in records])
     report = json.loads((out / "data_report.json").read_text())["train"]["tokens"]
+    shutil.rmtree(out, ignore_errors=True)  # run dir with its final checkpoint
     return {
-        "engine": "finetrack", "steps": len(records), "tokens": prev, "timed_s": seconds, "timed_tokens": tokens,
-        "total_s": total_s, "peak_rss_mb": peak_rss_mb(), "first_loss": records[0]["loss"], "final_loss": records[-1]["loss"],
+        "engine": "finetrack", "steps": len(records), "tokens": records[-1]["tokens"], **timed_span(steps), "total_s": total_s,
+        "peak_rss_mb": peak_rss_mb(), "first_loss": records[0]["loss"], "final_loss": records[-1]["loss"],
+        "computed_tokens": sum(b * t for b, t in shapes[: len(records)]),
         "loss_tokens": sum(r["target_tokens"] for r in records), "loss_on": "assistant tokens",
         "data": f"row tokens min {report['min']} mean {report['mean']} max {report['max']} (finetrack data report)",
     }
@@ -118,13 +147,9 @@ def run_trl(a: argparse.Namespace) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
     from trl.chat_template_utils import get_training_chat_template
 
-    class StepClock(TrainerCallback):
+    class LogKeeper(TrainerCallback):
         def __init__(self) -> None:
-            self.end: dict[int, float] = {}
             self.logs: dict[int, dict[str, float]] = {}
-
-        def on_step_end(self, args, state, control, **kwargs) -> None:
-            self.end[state.global_step] = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kwargs) -> None:
             if logs and "loss" in logs:
@@ -136,30 +161,38 @@ def run_trl(a: argparse.Namespace) -> dict[str, Any]:
         get_training_chat_template(tokenizer)
         assistant_only, why = True, "assistant tokens (assistant_only_loss=True)"
     except ValueError:
-        assistant_only, why = False, "ALL tokens (assistant_only_loss unsupported: template has no generation markers)"
+        assistant_only, why = False, "ALL tokens (assistant_only_loss=False: the template has no generation markers)"
     rows = [json.loads(line) for line in Path(a.data).read_text().splitlines()]
+    out = tempfile.mkdtemp(prefix="bench-trl-")
     config = SFTConfig(
-        output_dir=tempfile.mkdtemp(prefix="bench-trl-"), max_steps=a.steps, per_device_train_batch_size=a.micro_batch_size,
+        output_dir=out, max_steps=a.steps, per_device_train_batch_size=a.micro_batch_size,
         gradient_accumulation_steps=1, learning_rate=a.lr, lr_scheduler_type="cosine", warmup_steps=a.warmup_steps,
         seed=a.seed, max_grad_norm=1.0, weight_decay=0.0, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
         bf16=False, fp16=False, gradient_checkpointing=False, assistant_only_loss=assistant_only,
-        model_init_kwargs={"dtype": torch.float32},
+        model_init_kwargs={"dtype": torch.float32, "attn_implementation": "sdpa"},
     )
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     set_seed(a.seed)  # SFTTrainer wraps the model with PEFT before Trainer.__init__ seeds
-    clock = StepClock()
+    keeper, stamps = LogKeeper(), stamp_optimizer_steps()
     trainer = SFTTrainer(model=str(a.model_dir), args=config, train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=[clock])
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=[keeper])
+    collate, seen = trainer.data_collator, []
+
+    def recording_collator(examples):  # TRL's own collator; only records (rows, width) and loss-carrying labels
+        out = collate(examples)
+        seen.append((out["input_ids"].numel(), int((out["labels"][:, 1:] != -100).sum())))
+        return out
+
+    trainer.data_collator = recording_collator
     trainer.train()
     total_s = time.perf_counter() - start
-    n = max(clock.end)
-    cum = {s: int(clock.logs[s]["num_tokens"]) for s in sorted(clock.logs)}
-    steps = {s: (clock.end[s] - clock.end[s - 1] if s > 1 else 0.0, cum[s] - cum.get(s - 1, 0)) for s in range(1, n + 1)}
-    seconds, tokens = timed_span(steps)
+    shutil.rmtree(out, ignore_errors=True)
+    n = max(keeper.logs)
+    steps = step_times(stamps, [int(keeper.logs[k]["num_tokens"]) for k in range(1, n + 1)])
     return {
-        "engine": "trl", "steps": n, "tokens": cum[n], "timed_s": seconds, "timed_tokens": tokens, "total_s": total_s,
-        "peak_rss_mb": peak_rss_mb(), "first_loss": clock.logs[1]["loss"], "final_loss": clock.logs[n]["loss"],
-        "loss_tokens": None, "loss_on": why,
+        "engine": "trl", "steps": n, "tokens": int(keeper.logs[n]["num_tokens"]), **timed_span(steps), "total_s": total_s,
+        "peak_rss_mb": peak_rss_mb(), "first_loss": keeper.logs[1]["loss"], "final_loss": keeper.logs[n]["loss"],
+        "computed_tokens": sum(c for c, _ in seen[:n]), "loss_tokens": sum(t for _, t in seen[:n]), "loss_on": why,
     }
 
 
@@ -183,20 +216,21 @@ def spawn(engine: str, a: argparse.Namespace, data: Path, model_dir: Path) -> di
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = ["engine", "steps", "tokens", "timed steps", "timed tokens", "loop s", "tokens/s", "peak RSS MB", "first loss", "final loss"]
-    body = [[r["engine"], r["steps"], r["tokens"], f"2..{r['steps']}", r["timed_tokens"], f"{r['timed_s']:.1f}",
-             f"{r['timed_tokens'] / r['timed_s']:.0f}", f"{r['peak_rss_mb']:.0f}", f"{r['first_loss']:.4f}", f"{r['final_loss']:.4f}"]
+    head = ["engine", "steps", "tokens", "computed/real", "timed steps", "timed tokens", "loop s", "tokens/s",
+            "median step tok/s", "peak RSS MB", "first loss", "final loss"]
+    body = [[r["engine"], r["steps"], r["tokens"], f"{r['computed_tokens'] / r['tokens']:.2f}", f"2..{r['steps']}",
+             r["timed_tokens"], f"{r['timed_s']:.1f}", f"{r['timed_tokens'] / r['timed_s']:.1f}",
+             f"{r['median_step_tok_s']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['first_loss']:.4f}", f"{r['final_loss']:.4f}"]
             for r in results]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    fmt = lambda row: "  ".join(str(x).rjust(w) for x, w in zip(row, widths))  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)])
+    return "\n".join("  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in [head, ["-" * w for w in widths], *body])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=5)
     p.add_argument("--micro-batch-size", type=int, default=8)
-    p.add_argument("--rows", type=int, default=96, help="synthetic rows (default: one epoch of 12 steps x 8)")
+    p.add_argument("--rows", type=int, help="synthetic rows (default: steps x micro batch size, one epoch)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--seed", type=int, default=42)
@@ -207,13 +241,15 @@ def main() -> None:
     a = p.parse_args()
     if a.engine:
         return child(a)
+    a.rows = a.rows or a.steps * a.micro_batch_size
 
     from finetrack.models import embedded_model_dir
 
     model_dir = embedded_model_dir()  # converts once per user, outside any measurement
-    data = Path(tempfile.mkdtemp(prefix="bench-data-")) / "chat.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(a.rows, a.seed)))
-    results = [spawn(e.strip(), a, data, model_dir) for e in a.engines.split(",") if e.strip()]
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        data = Path(tmp) / "chat.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(a.rows, a.seed)))
+        results = [spawn(e.strip(), a, data, model_dir) for e in a.engines.split(",") if e.strip()]
 
     print(f"\nSmolLM2-135M-Instruct fp32, LoRA r=16 alpha=32 all-linear, {a.rows} rows, {a.steps} steps x "
           f"{a.micro_batch_size} rows, lr {a.lr} cosine, warmup {a.warmup_steps}, seed {a.seed}; CPU")
@@ -221,19 +257,18 @@ def main() -> None:
         if "data" in r:
             print(r["data"])
     print(table(results))
-    print("loop s: steps 2..N only (end of step 1 to end of step N); tokens = real non-pad tokens through the model;"
-          " peak RSS includes model load.")
+    print("tokens: real (non-pad) tokens of all steps; computed/real: tokens the model ran on, padding included, per real "
+          "token;\nloop s / tokens/s: steps 2..N only (end of step 1 to end of step N); peak RSS: whole child process.")
     for r in results:
-        extra = f" ({r['loss_tokens']} loss tokens over all steps)" if r["loss_tokens"] else ""
-        print(f"{r['engine']}: loss over {r['loss_on']}{extra}; whole run incl. setup {r['total_s']:.1f} s")
+        print(f"{r['engine']}: loss over {r['loss_on']}, {r['loss_tokens']} loss tokens in all; run incl. setup {r['total_s']:.1f} s")
     by = {r["engine"]: r for r in results}
     if {"finetrack", "trl"} <= by.keys():
         ft, trl = by["finetrack"], by["trl"]
         speed = (ft["timed_tokens"] / ft["timed_s"]) / (trl["timed_tokens"] / trl["timed_s"])
-        print(f"finetrack/TRL: throughput x{speed:.2f}, peak RSS x{ft['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
+        print(f"finetrack/TRL: throughput x{speed:.2f} (median step x{ft['median_step_tok_s'] / trl['median_step_tok_s']:.2f}), "
+              f"peak RSS x{ft['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
         if ft["loss_on"] != trl["loss_on"]:
-            print("losses are NOT comparable: finetrack averages over assistant tokens only, TRL over " + trl["loss_on"])
-
+            print("losses are NOT comparable: finetrack averages over assistant tokens only, TRL over all tokens.")
 
 if __name__ == "__main__":
     main()

@@ -101,6 +101,16 @@ def test_resolve_fills_autos_with_reasons():
     assert res["global_batch_size"] == 32 and res["steps_per_epoch"] == 2000 // 32
 
 
+@pytest.mark.parametrize(
+    "overrides, total",
+    [([], 125), (["train.num_epochs=2.5"], 313), (["train.max_steps=40"], 40), (["train.max_steps=40", "train.num_epochs=0.1"], 13),
+     (["train.max_steps=40", "train.num_epochs=3"], 40)],
+)
+def test_total_steps_from_epochs_and_max_steps(overrides, total):
+    _, res = resolve(load_config(None, ["train.micro_batch_size=16", *overrides]), ENV)
+    assert res["steps_per_epoch"] == 125 and res["total_steps"] == total
+
+
 def test_resolve_rejects_too_little_data():
     env = Environment(device_type="cpu", bf16_supported=False, num_processes=1, num_train_rows=5)
     with pytest.raises(ConfigError, match="only 5 training rows but one optimizer step needs 8"):

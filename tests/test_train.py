@@ -131,6 +131,7 @@ def test_run_directory_and_metrics(tmp_path, tiny_model_dir, chat_file):
     assert metrics[0]["tokens"] < metrics[1]["tokens"] < metrics[2]["tokens"]
     report = json.loads((run_dir / "data_report.json").read_text())
     assert report["train"]["rows_kept"] + report["eval"]["rows_kept"] == 48
+    assert report["train"]["held_out_for_eval"] == report["eval"]["rows_kept"] > 0
     meta = json.loads((run_dir / "checkpoints/step-000005/meta.json").read_text())
     assert meta["step"] == 5 and meta["tokens_seen"] == metrics[-1]["tokens"] and "transformers" in meta["versions"]
     with pytest.raises(Exception, match="already holds files"):
@@ -174,7 +175,7 @@ def test_custom_objective_plugs_in(tmp_path, tiny_model_dir, chat_file):
     def doubled(model, batch):
         loss_sum, _ = causal_lm_objective(model, batch)
         calls.append(batch.num_target_tokens)
-        return 2 * loss_sum, {"half_loss_sum": float(loss_sum)}
+        return 2 * loss_sum, {"half_loss_sum": loss_sum.item()}
 
     cfg = load_config(None, [f"model.name={tiny_model_dir}", f"data.path={chat_file}", f"output.dir={tmp_path / 'o'}",
                              "train.micro_batch_size=4", "train.grad_accum_steps=2", "train.max_steps=2", "model.method=full"])

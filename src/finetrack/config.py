@@ -120,8 +120,8 @@ class TrainConfig(Section):
     seed: int = Field(42, description="Seed for data order, initialisation of new weights and dropout.")
     micro_batch_size: int = Field(8, gt=0, description="Rows per forward pass on one device.")
     grad_accum_steps: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
-    num_epochs: float | None = Field(1.0, gt=0, description="Passes over the training rows (ignored if max_steps is set).")
-    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides num_epochs.")
+    num_epochs: float | None = Field(None, gt=0, description="Passes over the training rows; 1 if neither this nor max_steps is set.")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; with num_epochs too, training stops at whichever comes first.")
     lr: Union[float, Literal["auto"]] = Field("auto", description="Peak learning rate; auto = 2e-4 for LoRA/QLoRA, 2e-5 for full.")
     lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup (to 0 for cosine/linear).")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Warmup as a fraction of total steps (ignored if warmup_steps is set).")
@@ -137,8 +137,6 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _checks(self) -> "TrainConfig":
-        if self.max_steps is None and self.num_epochs is None:
-            raise ValueError("set train.max_steps or train.num_epochs")
         if self.warmup_steps is not None and "warmup_ratio" in self.model_fields_set:
             raise ValueError("train.warmup_ratio has no effect when train.warmup_steps is set: remove one of them")
         return self
@@ -373,12 +371,14 @@ def resolve(cfg: Config, env: Environment) -> tuple[Config, Resolved]:
     # Incomplete trailing batches are dropped so every optimizer step has the same number of rows.
     steps_per_epoch = env.num_train_rows // global_batch_rows
     res.set("steps_per_epoch", steps_per_epoch, f"{env.num_train_rows} rows // {global_batch_rows} rows per step (the last {env.num_train_rows - steps_per_epoch * global_batch_rows} rows of each shuffled epoch are left out)")
-    if t.max_steps is not None:
-        total = t.max_steps
-        why = "train.max_steps"
+    epoch_steps = None if t.num_epochs is None else max(1, math.ceil(t.num_epochs * steps_per_epoch))
+    if t.max_steps is not None and (epoch_steps is None or t.max_steps <= epoch_steps):
+        total, why = t.max_steps, "train.max_steps" + (f" (before num_epochs {t.num_epochs} = {epoch_steps} steps)" if epoch_steps else "")
+    elif epoch_steps is not None:
+        total = epoch_steps
+        why = f"ceil(num_epochs {t.num_epochs} x steps_per_epoch {steps_per_epoch})" + (f" (before max_steps {t.max_steps})" if t.max_steps else "")
     else:
-        total = max(1, math.ceil(t.num_epochs * steps_per_epoch))
-        why = f"ceil(num_epochs {t.num_epochs} x steps_per_epoch {steps_per_epoch})"
+        total, why = steps_per_epoch, "one epoch (neither train.num_epochs nor train.max_steps is set)"
     res.set("total_steps", total, why)
     if t.warmup_steps is None:
         warm = int(round(t.warmup_ratio * total))

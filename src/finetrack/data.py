@@ -56,6 +56,7 @@ class DataReport:
     rows_kept: int = 0
     dropped: dict[str, int] = field(default_factory=lambda: {"malformed": 0, "too_long": 0, "no_trainable_tokens": 0})
     truncated_rows: int = 0
+    held_out: int = 0  # rows moved to the eval split (data.eval_split as a fraction)
     first_reasons: list[str] = field(default_factory=list)
     tokens: dict[str, float] = field(default_factory=dict)
     trainable_tokens: int = 0
@@ -78,6 +79,7 @@ class DataReport:
             "rows_kept": self.rows_kept,
             "dropped": dict(self.dropped),
             "truncated_rows": self.truncated_rows,
+            "held_out_for_eval": self.held_out,
             "tokens": self.tokens,
             "trainable_tokens": self.trainable_tokens,
             "first_reasons": list(self.first_reasons),
@@ -89,7 +91,9 @@ def report_line(report: dict) -> str:
     t = report["train"]
     dropped = ", ".join(f"{k} {v}" for k, v in t["dropped"].items() if v) or "none"
     tok = t["tokens"] or {}
-    held = f"; {report['eval']['rows_kept']} held-out rows" if "eval" in report else ""
+    held = f"; {report['eval']['rows_kept']} eval rows" if "eval" in report else ""
+    if t["held_out_for_eval"]:
+        held += f" (held out from the {t['rows_kept'] + t['held_out_for_eval']} kept rows)"
     return (
         f"{t['rows_read']} rows read, {t['rows_kept']} kept (dropped: {dropped}; truncated: {t['truncated_rows']}); "
         f"tokens/row min {tok.get('min')} mean {tok.get('mean')} p95 {tok.get('p95')} max {tok.get('max')}; "
@@ -309,6 +313,7 @@ def prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
         held = set(order[:num_eval])
         eval_examples = [e for i, e in enumerate(examples) if i in held]
         examples = [e for i, e in enumerate(examples) if i not in held]
+        train_report.held_out = len(eval_examples)
     elif isinstance(cfg.eval_split, str):
         eval_report = DataReport()
         eval_examples = _tokenize_all(read_rows(cfg.eval_split, cfg.split), cfg, tokenizer, eval_report)
@@ -325,8 +330,10 @@ def prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
 
 
 def _tokenize_all(rows: Iterator[RawRow], cfg: DataConfig, tokenizer, report: DataReport) -> list[Example]:
+    from tqdm.auto import tqdm
+
     out = []
-    for row in rows:
+    for row in tqdm(rows, desc="tokenize", unit=" rows", leave=False, mininterval=1.0):
         report.rows_read += 1
         where = f"{row.source}:{row.line}"
         try:

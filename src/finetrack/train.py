@@ -116,6 +116,7 @@ def run(cfg: Config, objective: Objective = causal_lm_objective) -> RunResult:
         ]
         lr = lr_at(step, cfg.train.lr, res["warmup_steps"], total_steps, cfg.train.lr_schedule)
         set_lr(optimizer, lr)
+        started = time.perf_counter()
         loss_sum, num_targets, num_tokens, extra = _accumulate(model, batches, objective, accelerator)
         grad_norm = _clip(accelerator, trainable, cfg.train.max_grad_norm)
         optimizer.step()
@@ -125,7 +126,7 @@ def run(cfg: Config, objective: Objective = causal_lm_objective) -> RunResult:
         tokens_seen += num_tokens
         first_loss = loss if step == 1 else first_loss
         last_loss = loss
-        window.add(loss_sum, num_targets, num_tokens, grad_norm, extra)
+        window.add(loss_sum, num_targets, num_tokens, grad_norm, extra, time.perf_counter() - started)
         record = None
         if step % cfg.train.log_every_steps == 0 or step == total_steps:
             record = {"step": step, "epoch": round(step / steps_per_epoch, 4), **window.flush(), "lr": lr, "tokens": tokens_seen, "peak_mem_mb": peak_memory_mb(device)}
@@ -200,25 +201,25 @@ def evaluate_loss(model: nn.Module, examples: list[Example], cfg: Config, pad_id
 
 
 class _Window:
-    """Token-weighted averages over the steps since the last log line."""
+    """Token-weighted averages over the steps since the last log line (time spent in eval and
+    checkpoints is not training time and does not count in tokens_per_s)."""
 
     def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.loss_sum = self.targets = self.tokens = self.steps = 0
+        self.seconds = 0.0
+        self.loss_sum = self.targets = self.tokens = 0
         self.grad_norm = 0.0
         self.extra: dict[str, float] = {}
 
-    def add(self, loss_sum: float, targets: int, tokens: int, grad_norm: float, extra: dict[str, float]) -> None:
+    def add(self, loss_sum: float, targets: int, tokens: int, grad_norm: float, extra: dict[str, float], seconds: float) -> None:
+        self.seconds += seconds
         self.loss_sum += loss_sum
         self.targets += targets
         self.tokens += tokens
-        self.steps += 1
         self.grad_norm = grad_norm
         self.extra = extra  # the objective's own metrics, from the latest step
 
     def flush(self) -> dict:
-        seconds = time.perf_counter() - self.start
-        out = {"loss": self.loss_sum / max(1, self.targets), "grad_norm": self.grad_norm, "target_tokens": self.targets, "tokens_per_s": round(self.tokens / max(seconds, 1e-9), 1), **self.extra}
+        out = {"loss": self.loss_sum / max(1, self.targets), "grad_norm": self.grad_norm, "target_tokens": self.targets, "tokens_per_s": round(self.tokens / max(self.seconds, 1e-9), 1), **self.extra}
         self.__init__()
         return out
 
