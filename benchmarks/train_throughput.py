@@ -17,6 +17,7 @@ is that process's own ru_maxrss (model load included). The timed span is the sam
 step 1 to end of step N (step 1 is untimed warmup), taken in both engines by the same global torch hook
 that stamps time.perf_counter() after every optimizer.step(). Real (non-pad) tokens per step come from finetrack's
 metrics.jsonl (`tokens`, log_every_steps=1) and from TRL's cumulative `num_tokens` in every log (logging_steps=1).
+The child's CPU seconds per wall second over that span ("cores busy") shows whether other work shared the machine.
 The tensor shapes each engine computes on (padding included) are recorded through finetrack's `objective`
 argument and by wrapping TRL's data collator; neither wrapper changes what is computed.
 
@@ -78,29 +79,28 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def stamp_optimizer_steps() -> list[float]:
-    """time.perf_counter() after every optimizer.step() in this process (a global torch hook): the step boundary
-    both engines share, whatever each one logs about its own timing."""
+def stamp_optimizer_steps() -> list[tuple[float, float]]:
+    """(wall, process CPU) seconds after every optimizer.step() in this process (a global torch hook): the step
+    boundary both engines share, whatever each one logs about its own timing."""
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    stamps: list[float] = []
-    register_optimizer_step_post_hook(lambda optimizer, args, kwargs: stamps.append(time.perf_counter()))
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    stamps: list[tuple[float, float]] = []
+    register_optimizer_step_post_hook(lambda optimizer, args, kwargs: stamps.append((time.perf_counter(), cpu())))
     return stamps
 
 
-def step_times(stamps: list[float], cumulative_tokens: list[int]) -> dict[int, tuple[float, int]]:
-    """{step: (seconds since the previous optimizer step, real tokens of the step)}; step 1 gets 0 s (untimed)."""
+def timed_span(stamps: list[tuple[float, float]], cumulative_tokens: list[int]) -> dict[str, float]:
+    """Wall seconds, real tokens and CPU cores kept busy over steps 2..N, and the median per-step tokens/s."""
     if len(stamps) != len(cumulative_tokens):
         raise RuntimeError(f"{len(stamps)} optimizer steps stamped for {len(cumulative_tokens)} training steps")
-    ends, cum = [stamps[0], *stamps], [0, *cumulative_tokens]
-    return {k: (ends[k] - ends[k - 1], cum[k] - cum[k - 1]) for k in range(1, len(cumulative_tokens) + 1)}
-
-
-def timed_span(steps: dict[int, tuple[float, int]]) -> dict[str, float]:
-    """Totals over steps 2..N of {step: (seconds, real tokens)}, and the median per-step tokens/s."""
-    later = [v for k, v in steps.items() if k >= 2]
-    return {"timed_s": sum(s for s, _ in later), "timed_tokens": sum(t for _, t in later),
-            "median_step_tok_s": statistics.median(t / s for s, t in later)}
+    per_step = [(b[0] - a[0], t1 - t0) for a, b, t0, t1 in zip(stamps, stamps[1:], cumulative_tokens, cumulative_tokens[1:])]
+    wall = stamps[-1][0] - stamps[0][0]
+    return {"timed_s": wall, "timed_tokens": cumulative_tokens[-1] - cumulative_tokens[0],
+            "cores_busy": (stamps[-1][1] - stamps[0][1]) / wall, "median_step_tok_s": statistics.median(t / s for s, t in per_step)}
 
 
 def run_finetrack(a: argparse.Namespace) -> dict[str, Any]:
@@ -127,11 +127,11 @@ def run_finetrack(a: argparse.Namespace) -> dict[str, Any]:
     run(load_config(None, overrides), objective)
     total_s = time.perf_counter() - start
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = step_times(stamps, [r["tokens"] for r in records])
     report = json.loads((out / "data_report.json").read_text())["train"]["tokens"]
     shutil.rmtree(out, ignore_errors=True)  # run dir with its final checkpoint
     return {
-        "engine": "finetrack", "steps": len(records), "tokens": records[-1]["tokens"], **timed_span(steps), "total_s": total_s,
+        "engine": "finetrack", "steps": len(records), "tokens": records[-1]["tokens"],
+        **timed_span(stamps, [r["tokens"] for r in records]), "total_s": total_s,
         "peak_rss_mb": peak_rss_mb(), "first_loss": records[0]["loss"], "final_loss": records[-1]["loss"],
         "computed_tokens": sum(b * t for b, t in shapes[: len(records)]),
         "loss_tokens": sum(r["target_tokens"] for r in records), "loss_on": "assistant tokens",
@@ -188,9 +188,9 @@ def run_trl(a: argparse.Namespace) -> dict[str, Any]:
     total_s = time.perf_counter() - start
     shutil.rmtree(out, ignore_errors=True)
     n = max(keeper.logs)
-    steps = step_times(stamps, [int(keeper.logs[k]["num_tokens"]) for k in range(1, n + 1)])
+    cumulative = [int(keeper.logs[k]["num_tokens"]) for k in range(1, n + 1)]
     return {
-        "engine": "trl", "steps": n, "tokens": int(keeper.logs[n]["num_tokens"]), **timed_span(steps), "total_s": total_s,
+        "engine": "trl", "steps": n, "tokens": cumulative[-1], **timed_span(stamps, cumulative), "total_s": total_s,
         "peak_rss_mb": peak_rss_mb(), "first_loss": keeper.logs[1]["loss"], "final_loss": keeper.logs[n]["loss"],
         "computed_tokens": sum(c for c, _ in seen[:n]), "loss_tokens": sum(t for _, t in seen[:n]), "loss_on": why,
     }
@@ -217,10 +217,10 @@ def spawn(engine: str, a: argparse.Namespace, data: Path, model_dir: Path) -> di
 
 def table(results: list[dict[str, Any]]) -> str:
     head = ["engine", "steps", "tokens", "computed/real", "timed steps", "timed tokens", "loop s", "tokens/s",
-            "median step tok/s", "peak RSS MB", "first loss", "final loss"]
+            "median step tok/s", "cores busy", "peak RSS MB", "first loss", "final loss"]
     body = [[r["engine"], r["steps"], r["tokens"], f"{r['computed_tokens'] / r['tokens']:.2f}", f"2..{r['steps']}",
              r["timed_tokens"], f"{r['timed_s']:.1f}", f"{r['timed_tokens'] / r['timed_s']:.1f}",
-             f"{r['median_step_tok_s']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['first_loss']:.4f}", f"{r['final_loss']:.4f}"]
+             f"{r['median_step_tok_s']:.1f}", f"{r['cores_busy']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['first_loss']:.4f}", f"{r['final_loss']:.4f}"]
             for r in results]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     return "\n".join("  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in [head, ["-" * w for w in widths], *body])
@@ -258,7 +258,8 @@ def main() -> None:
             print(r["data"])
     print(table(results))
     print("tokens: real (non-pad) tokens of all steps; computed/real: tokens the model ran on, padding included, per real "
-          "token;\nloop s / tokens/s: steps 2..N only (end of step 1 to end of step N); peak RSS: whole child process.")
+          "token;\nloop s / tokens/s: steps 2..N only (end of step 1 to end of step N); cores busy: the child's CPU seconds per "
+          "wall second\nover those steps (far below the core count = a shared machine); peak RSS: whole child process.")
     for r in results:
         print(f"{r['engine']}: loss over {r['loss_on']}, {r['loss_tokens']} loss tokens in all; run incl. setup {r['total_s']:.1f} s")
     by = {r["engine"]: r for r in results}

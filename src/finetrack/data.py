@@ -333,7 +333,7 @@ def _tokenize_all(rows: Iterator[RawRow], cfg: DataConfig, tokenizer, report: Da
     from tqdm.auto import tqdm
 
     out = []
-    for row in tqdm(rows, desc="tokenize", unit=" rows", leave=False, mininterval=1.0):
+    for row in tqdm(rows, desc="tokenize", unit=" rows", leave=False, mininterval=1.0, disable=None):
         report.rows_read += 1
         where = f"{row.source}:{row.line}"
         try:

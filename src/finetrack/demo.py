@@ -18,7 +18,7 @@ from .models import load_tokenizer, model_source
 from .train import RunResult, run
 
 DEMO_CONFIG = Path(__file__).parent / "assets" / "demo.yaml"
-DEMO_QUESTION = "What is the capital of Italy?"  # Italy is absent from the demo data on purpose
+DEMO_QUESTION = "How many days are in a week?"  # no such question in the demo data: the style must generalize
 _BARS = "▁▂▃▄▅▆▇█"
 
 
