@@ -271,5 +271,6 @@ def main() -> None:
         if ft["loss_on"] != trl["loss_on"]:
             print("losses are NOT comparable: finetrack averages over assistant tokens only, TRL over all tokens.")
 
+
 if __name__ == "__main__":
     main()

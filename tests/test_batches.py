@@ -38,14 +38,20 @@ def test_steps_cover_each_row_once_per_epoch():
         assert len(set(seen)) == 48
 
 
-def test_collate_packed_layout(tiny_tokenizer):
-    exs = _examples(tiny_tokenizer, 6)
-    b = collate(exs, tiny_tokenizer.pad_token_id, pack=True, pack_row_tokens=400)
+@pytest.mark.parametrize("row_tokens", [None, 400])
+def test_collate_packed_layout(tiny_tokenizer, row_tokens):
+    exs = _examples(tiny_tokenizer, 16)
+    lengths = [len(e.input_ids) for e in exs]
+    b = collate(exs, tiny_tokenizer.pad_token_id, pack=True, pack_row_tokens=row_tokens)
     ids, pos = b.inputs["input_ids"], b.inputs["position_ids"]
     assert "attention_mask" not in b.inputs and ids.shape == pos.shape == b.targets.shape
-    assert b.num_tokens == sum(len(e.input_ids) for e in exs)
+    assert b.num_tokens == sum(lengths)
     assert b.num_target_tokens == sum(e.num_trainable_tokens for e in exs)
-    assert ids.shape[1] <= 400
+    # rows no wider than the row budget (or 4x the longest sample when it is chosen automatically); little padding
+    assert ids.shape[1] <= (row_tokens or 4 * max(lengths))
+    assert ids.numel() <= 1.15 * sum(lengths), (ids.shape, sum(lengths))
+    padded = collate(exs, tiny_tokenizer.pad_token_id, pack=False, pack_row_tokens=None).inputs["input_ids"]
+    assert ids.numel() < padded.numel()
     # every sample starts at position 0; a target never crosses into the next sample
     starts = (pos == 0).sum().item()
     assert starts >= len(exs)

@@ -10,6 +10,7 @@ token of the next sample.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,11 +54,12 @@ def _shifted(ex: Example) -> list[int]:
     return ex.labels[1:] + [IGNORE]
 
 
-def collate(examples: list[Example], pad_id: int, pack: bool, pack_row_tokens: int) -> Batch:
-    """Tensors for a micro-batch: packed padding-free rows, or right-padded rows with an attention mask."""
+def collate(examples: list[Example], pad_id: int, pack: bool, pack_row_tokens: int | None, attn_tokens: int = 4096) -> Batch:
+    """Tensors for a micro-batch: packed rows (padding only where rows differ in length), or right-padded
+    rows with an attention mask. attn_tokens: see _pack."""
     num_tokens = sum(len(e.input_ids) for e in examples)
     if pack:
-        rows = _pack(examples, pack_row_tokens)
+        rows = _pack(examples, pack_row_tokens, attn_tokens)
         width = max(len(r[0]) for r in rows)
         ids, pos, tgt = [], [], []
         for r_ids, r_pos, r_tgt in rows:
@@ -76,22 +78,42 @@ def collate(examples: list[Example], pad_id: int, pack: bool, pack_row_tokens: i
     return Batch(inputs, targets, num_tokens, int((targets != IGNORE).sum()))
 
 
-def _pack(examples: list[Example], row_tokens: int) -> list[tuple[list[int], list[int], list[int]]]:
-    """First-fit in the given order into rows of at most row_tokens tokens."""
-    rows: list[tuple[list[int], list[int], list[int]]] = []
-    for e in examples:
-        n = len(e.input_ids)
-        assert n <= row_tokens, "config validation guarantees max_length <= pack_row_tokens"
-        for r in rows:
-            if len(r[0]) + n <= row_tokens:
-                break
-        else:
-            r = ([], [], [])
-            rows.append(r)
-        r[0].extend(e.input_ids)
-        r[1].extend(range(n))
-        r[2].extend(_shifted(e))
-    return rows
+def _pack(examples: list[Example], row_tokens: int | None, attn_tokens: int) -> list[tuple[list[int], list[int], list[int]]]:
+    """Place the samples into rows (first-fit decreasing) of the width that computes least.
+
+    A batch of R rows of width W costs about R * W * (1 + W / attn_tokens): the linear layers grow
+    with W, attention with W^2 (SDPA applies the block-diagonal mask to a dense score matrix), and
+    attn_tokens (~6 x hidden size) is the width at which both cost the same. Candidate widths are
+    multiples of the longest sample, or exactly row_tokens when the user set it.
+    """
+    lengths = [len(e.input_ids) for e in examples]
+    longest = max(lengths)
+    widths = [row_tokens] if row_tokens else sorted({min(int(longest * f), sum(lengths)) for f in (1, 1.25, 1.5, 2, 3, 4)})
+    best_cost, best_rows = math.inf, []
+    for width in widths:
+        rows: list[list[int]] = []
+        totals: list[int] = []
+        for i in sorted(range(len(examples)), key=lambda i: -lengths[i]):
+            r = next((r for r, t in enumerate(totals) if t + lengths[i] <= width), None)
+            if r is None:
+                rows.append([])
+                totals.append(0)
+                r = len(rows) - 1
+            rows[r].append(i)
+            totals[r] += lengths[i]
+        used = max(totals)
+        cost = len(rows) * used * (1 + used / attn_tokens)
+        if cost < best_cost:
+            best_cost, best_rows = cost, rows
+    out = []
+    for members in best_rows:
+        ids, pos, tgt = [], [], []
+        for i in sorted(members):  # keep the original order inside a row
+            ids.extend(examples[i].input_ids)
+            pos.extend(range(lengths[i]))
+            tgt.extend(_shifted(examples[i]))
+        out.append((ids, pos, tgt))
+    return out
 
 
 def micro_batches(examples: list[Example], rows: list[int], micro_batch_size: int) -> list[list[Example]]:

@@ -98,7 +98,12 @@ class DataConfig(Section):
         description="Padding-free batches (rows concatenated, boundaries kept by position_ids); "
         "auto = on when the model's attention is verified to respect the boundaries.",
     )
-    pack_row_tokens: int = Field(2048, gt=0, description="Packed row length in tokens (cost grows with its square).")
+    pack_row_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Packed row width in tokens. None: chosen per micro-batch to compute least (attention cost grows with "
+        "the square of the row on sdpa/eager). Set a large value (e.g. 8192) with flash_attention_2, whose cost does not.",
+    )
     shuffle: bool = Field(True, description="Shuffle rows every epoch (deterministic by train.seed).")
 
     @model_validator(mode="after")
@@ -107,7 +112,7 @@ class DataConfig(Section):
             raise ValueError(f"data.eval_split={self.eval_split}: a fraction must be in (0, 1), or give a file path")
         if self.pack is False and "pack_row_tokens" in self.model_fields_set:
             raise ValueError("data.pack_row_tokens has no effect with data.pack=false: remove it or enable packing")
-        if self.pack is not False and self.pack_row_tokens < self.max_length:
+        if self.pack is not False and self.pack_row_tokens is not None and self.pack_row_tokens < self.max_length:
             raise ValueError(
                 f"data.pack_row_tokens={self.pack_row_tokens} < data.max_length={self.max_length}: a row could not fit; "
                 "raise pack_row_tokens or lower max_length"

@@ -100,6 +100,7 @@ def run(cfg: Config, objective: Objective = causal_lm_objective) -> RunResult:
     rows_per_process = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
     rank, world = accelerator.process_index, accelerator.num_processes
     trainable = [p for p in model.parameters() if p.requires_grad]
+    attn_tokens = _attn_tokens(model)
     metrics_file = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
     progress = _progress(total_steps, accelerator.is_main_process)
     window = _Window()
@@ -111,7 +112,7 @@ def run(cfg: Config, objective: Objective = causal_lm_objective) -> RunResult:
         _, rows = step_rows(len(data.train), rows_per_process * world, cfg.train.seed, step - 1, cfg.data.shuffle)
         mine = rows[rank * rows_per_process : (rank + 1) * rows_per_process]
         batches = [
-            collate(mb, tokenizer.pad_token_id, cfg.data.pack, cfg.data.pack_row_tokens)
+            collate(mb, tokenizer.pad_token_id, cfg.data.pack, cfg.data.pack_row_tokens, attn_tokens)
             for mb in micro_batches(data.train, mine, cfg.train.micro_batch_size)
         ]
         lr = lr_at(step, cfg.train.lr, res["warmup_steps"], total_steps, cfg.train.lr_schedule)
@@ -192,7 +193,7 @@ def evaluate_loss(model: nn.Module, examples: list[Example], cfg: Config, pad_id
     mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
     totals = torch.zeros(2, device=accelerator.device)
     for mb in micro_batches(examples, mine, size):
-        batch = collate(mb, pad_id, cfg.data.pack, cfg.data.pack_row_tokens).to(accelerator.device)
+        batch = collate(mb, pad_id, cfg.data.pack, cfg.data.pack_row_tokens, _attn_tokens(model)).to(accelerator.device)
         loss_sum, _ = objective(model, batch)
         totals += torch.stack([loss_sum.float(), torch.tensor(float(batch.num_target_tokens), device=accelerator.device)])
     totals = accelerator.reduce(totals, reduction="sum")
@@ -222,6 +223,12 @@ class _Window:
         out = {"loss": self.loss_sum / max(1, self.targets), "grad_norm": self.grad_norm, "target_tokens": self.targets, "tokens_per_s": round(self.tokens / max(self.seconds, 1e-9), 1), **self.extra}
         self.__init__()
         return out
+
+
+def _attn_tokens(model: nn.Module) -> int:
+    """Packed-row width at which attention costs as much as the linear layers (~6 x hidden size)."""
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    return 6 * hidden if hidden else 4096
 
 
 def peak_memory_mb(device: torch.device) -> float:
