@@ -121,7 +121,7 @@ def run_finetrack(a: argparse.Namespace) -> dict[str, Any]:
         "model.lora.dropout=0.0", "model.lora.target_modules=all-linear", f"data.path={a.data}", f"output.dir={out}",
         f"train.max_steps={a.steps}", f"train.micro_batch_size={a.micro_batch_size}", "train.grad_accum_steps=1",
         f"train.lr={a.lr!r}", "train.lr_schedule=cosine", f"train.warmup_steps={a.warmup_steps}", f"train.seed={a.seed}",
-        "train.max_grad_norm=1.0", "train.log_every_steps=1",
+        "train.max_grad_norm=1.0", "train.log_every_steps=1", f"data.train_on={a.finetrack_train_on}",
     ]
     start = time.perf_counter()
     run(load_config(None, overrides), objective)
@@ -134,7 +134,7 @@ def run_finetrack(a: argparse.Namespace) -> dict[str, Any]:
         **timed_span(stamps, [r["tokens"] for r in records]), "total_s": total_s,
         "peak_rss_mb": peak_rss_mb(), "first_loss": records[0]["loss"], "final_loss": records[-1]["loss"],
         "computed_tokens": sum(b * t for b, t in shapes[: len(records)]),
-        "loss_tokens": sum(r["target_tokens"] for r in records), "loss_on": "assistant tokens",
+        "loss_tokens": sum(r["target_tokens"] for r in records), "loss_on": "assistant tokens" if a.finetrack_train_on == "assistant" else "all tokens",
         "data": f"row tokens min {report['min']} mean {report['mean']} max {report['max']} (finetrack data report)",
     }
 
@@ -204,7 +204,7 @@ def child(a: argparse.Namespace) -> None:
 def spawn(engine: str, a: argparse.Namespace, data: Path, model_dir: Path) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--engine", engine, "--data", str(data), "--model-dir", str(model_dir),
            "--steps", str(a.steps), "--micro-batch-size", str(a.micro_batch_size), "--lr", repr(a.lr),
-           "--warmup-steps", str(a.warmup_steps), "--seed", str(a.seed)]
+           "--warmup-steps", str(a.warmup_steps), "--seed", str(a.seed), "--finetrack-train-on", a.finetrack_train_on]
     print(f"--- {engine}: running ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr (progress, warnings) passes through
     lines = proc.stdout.splitlines()
@@ -235,6 +235,8 @@ def main() -> None:
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--engines", default="finetrack,trl", help="comma-separated, run in this order")
+    p.add_argument("--finetrack-train-on", choices=["assistant", "all"], default="assistant",
+                   help="finetrack's data.train_on; 'all' makes its loss comparable with TRL's all-token loss")
     p.add_argument("--engine", choices=["finetrack", "trl"], help=argparse.SUPPRESS)  # child mode
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -268,8 +270,9 @@ def main() -> None:
         speed = (ft["timed_tokens"] / ft["timed_s"]) / (trl["timed_tokens"] / trl["timed_s"])
         print(f"finetrack/TRL: throughput x{speed:.2f} (median step x{ft['median_step_tok_s'] / trl['median_step_tok_s']:.2f}), "
               f"peak RSS x{ft['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
-        if ft["loss_on"] != trl["loss_on"]:
-            print("losses are NOT comparable: finetrack averages over assistant tokens only, TRL over all tokens.")
+        if ft["loss_on"].split()[0].lower() != trl["loss_on"].split()[0].lower():
+            print(f"losses are NOT comparable: finetrack averages over {ft['loss_on']}, TRL over {trl['loss_on']} "
+                  "(--finetrack-train-on all makes them comparable).")
 
 
 if __name__ == "__main__":

@@ -41,8 +41,9 @@ def package_versions() -> dict[str, str]:
 
 
 def git_sha() -> str | None:
+    """The commit of the directory the run was started from (the user's experiment code), if it is a git checkout."""
     try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     return r.stdout.strip() or None if r.returncode == 0 else None
