@@ -186,3 +186,16 @@ def test_custom_objective_plugs_in(tmp_path, tiny_model_dir, chat_file):
     # the logged loss is the objective's value per target token: twice the plain cross-entropy
     _, plain = tiny_run(tmp_path, tiny_model_dir, chat_file, "model.method=full", "train.micro_batch_size=4", "train.grad_accum_steps=2", "train.max_steps=1", name="plain")
     assert metrics[0]["loss"] == pytest.approx(2 * plain[0]["loss"], rel=1e-5)
+
+
+def test_trainable_report_counts_4bit_weights_as_parameters(tiny_model_dir):
+    """QLoRA packs two 4-bit weights per byte; the report still counts logical parameters, like LoRA's."""
+    from finetrack.config import Environment, resolve
+    from finetrack.models import build_model, trainable_report
+
+    env = Environment(device_type="cpu", bf16_supported=False, num_processes=1, num_train_rows=100)
+    reports = []
+    for method in ("lora", "qlora"):
+        cfg, _ = resolve(load_config(None, [f"model.name={tiny_model_dir}", f"model.method={method}", "model.lora.r=4"]), env)
+        reports.append(trainable_report(build_model(cfg.model, torch.device("cpu"))))
+    assert reports[0] == reports[1] and reports[0].startswith("trainable parameters: 8,192 of ")
