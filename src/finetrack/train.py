@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import time
 from contextlib import nullcontext
@@ -64,6 +65,13 @@ def run(cfg: Config, objective: Objective = causal_lm_objective) -> RunResult:
     run_dir = Path(cfg.output.dir)
     _check_run_dir(run_dir)
     accelerator = Accelerator()
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        # e.g. torchrun on CPU: accelerate would run N independent copies writing the same run directory
+        raise ConfigError(
+            f"launched as {launched} processes but accelerate sees {accelerator.num_processes}: "
+            "use `accelerate launch --multi_gpu` on GPUs (multi-process CPU training is not supported)"
+        )
     set_seed(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.model)
