@@ -51,7 +51,7 @@ def test_train_cli_embedded_model_run_directory(tmp_path):
     # what a user sees: resolved values with reasons, the trainable-parameter report, the data report
     assert "resolved model.dtype = float32 (auto: CPU training" in r.stderr
     assert "trainable parameters: 4,884,480 of 139,399,488" in r.stderr
-    assert "320 rows read" in r.stderr
+    assert "320 rows read, 304 to train on (dropped: none; truncated: 0)" in r.stderr and "16 more rows held out for eval loss" in r.stderr
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and all("eval_loss" in m for m in metrics)
 

@@ -18,6 +18,7 @@ import torch
 from .data import Example
 
 IGNORE = -100
+DEFAULT_ATTN_TOKENS = 4096  # used when the model does not say its hidden size (see _pack)
 
 
 def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
@@ -54,7 +55,7 @@ def _shifted(ex: Example) -> list[int]:
     return ex.labels[1:] + [IGNORE]
 
 
-def collate(examples: list[Example], pad_id: int, pack: bool, pack_row_tokens: int | None, attn_tokens: int = 4096) -> Batch:
+def collate(examples: list[Example], pad_id: int, pack: bool, pack_row_tokens: int | None, attn_tokens: int = DEFAULT_ATTN_TOKENS) -> Batch:
     """Tensors for a micro-batch: packed rows (padding only where rows differ in length), or right-padded
     rows with an attention mask. attn_tokens: see _pack."""
     num_tokens = sum(len(e.input_ids) for e in examples)

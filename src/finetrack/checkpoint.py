@@ -46,7 +46,9 @@ def git_sha() -> str | None:
         r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    return r.stdout.strip() or None if r.returncode == 0 else None
+    if r.returncode != 0:
+        return None
+    return r.stdout.strip() or None
 
 
 def save(model: nn.Module, tokenizer, run_dir: Path, step: int, meta: dict) -> Path:

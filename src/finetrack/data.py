@@ -91,11 +91,13 @@ def report_line(report: dict) -> str:
     t = report["train"]
     dropped = ", ".join(f"{k} {v}" for k, v in t["dropped"].items() if v) or "none"
     tok = t["tokens"] or {}
-    held = f"; {report['eval']['rows_kept']} eval rows" if "eval" in report else ""
+    held = ""
     if t["held_out_for_eval"]:
-        held += f" (held out from the {t['rows_kept'] + t['held_out_for_eval']} kept rows)"
+        held = f"; {t['held_out_for_eval']} more rows held out for eval loss"
+    elif "eval" in report:
+        held = f"; {report['eval']['rows_kept']} eval rows from data.eval_split"
     return (
-        f"{t['rows_read']} rows read, {t['rows_kept']} kept (dropped: {dropped}; truncated: {t['truncated_rows']}); "
+        f"{t['rows_read']} rows read, {t['rows_kept']} to train on (dropped: {dropped}; truncated: {t['truncated_rows']}); "
         f"tokens/row min {tok.get('min')} mean {tok.get('mean')} p95 {tok.get('p95')} max {tok.get('max')}; "
         f"{t['trainable_tokens']} trainable tokens{held}"
     )

@@ -14,6 +14,7 @@ import resource
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint
-from .batches import IGNORE, Batch, collate, micro_batches, packing_is_exact, step_rows
+from .batches import DEFAULT_ATTN_TOKENS, IGNORE, Batch, collate, micro_batches, packing_is_exact, step_rows
 from .config import Config, ConfigError, Environment, config_hash, resolve, resolved_yaml
 from .data import Example, prepare, report_line
 from .models import build_model, load_tokenizer, trainable_report
@@ -100,6 +101,8 @@ def run(cfg: Config, objective: Objective = causal_lm_objective) -> RunResult:
             f"data.pack: this model's attention ({cfg.model.attn_implementation}) does not keep packed sequences apart "
             "(packed logits differ from separate ones); set data.pack=false"
         )
+    # one collate for training and eval; the cost model reads the unwrapped model's width
+    make_batch = partial(collate, pad_id=tokenizer.pad_token_id, pack=cfg.data.pack, pack_row_tokens=cfg.data.pack_row_tokens, attn_tokens=_attn_tokens(model))
     optimizer = build_optimizer(model, cfg.train, cfg.train.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
@@ -108,7 +111,6 @@ def run(cfg: Config, objective: Objective = causal_lm_objective) -> RunResult:
     rows_per_process = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
     rank, world = accelerator.process_index, accelerator.num_processes
     trainable = [p for p in model.parameters() if p.requires_grad]
-    attn_tokens = _attn_tokens(model)
     metrics_file = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
     progress = _progress(total_steps, accelerator.is_main_process)
     window = _Window()
@@ -119,10 +121,7 @@ def run(cfg: Config, objective: Objective = causal_lm_objective) -> RunResult:
     for step in range(1, total_steps + 1):
         _, rows = step_rows(len(data.train), rows_per_process * world, cfg.train.seed, step - 1, cfg.data.shuffle)
         mine = rows[rank * rows_per_process : (rank + 1) * rows_per_process]
-        batches = [
-            collate(mb, tokenizer.pad_token_id, cfg.data.pack, cfg.data.pack_row_tokens, attn_tokens)
-            for mb in micro_batches(data.train, mine, cfg.train.micro_batch_size)
-        ]
+        batches = [make_batch(mb) for mb in micro_batches(data.train, mine, cfg.train.micro_batch_size)]
         lr = lr_at(step, cfg.train.lr, res["warmup_steps"], total_steps, cfg.train.lr_schedule)
         set_lr(optimizer, lr)
         started = time.perf_counter()
@@ -141,7 +140,7 @@ def run(cfg: Config, objective: Objective = causal_lm_objective) -> RunResult:
             record = {"step": step, "epoch": round(step / steps_per_epoch, 4), **window.flush(), "lr": lr, "tokens": tokens_seen, "peak_mem_mb": peak_memory_mb(device)}
         every_eval = cfg.eval.loss_every_steps
         if data.eval and ((every_eval and step % every_eval == 0) or step == total_steps):
-            eval_loss = evaluate_loss(model, data.eval, cfg, tokenizer.pad_token_id, objective, accelerator)
+            eval_loss = evaluate_loss(model, data.eval, cfg.eval.micro_batch_size or cfg.train.micro_batch_size, make_batch, objective, accelerator)
             record = {**(record or {"step": step}), "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))}
         if record and metrics_file:
             metrics_file.write(json.dumps(record) + "\n")
@@ -193,15 +192,16 @@ def _clip(accelerator, params: list[torch.Tensor], max_norm: float | None) -> fl
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, examples: list[Example], cfg: Config, pad_id: int, objective: Objective, accelerator) -> float:
+def evaluate_loss(
+    model: nn.Module, examples: list[Example], micro_batch_size: int, make_batch: Callable[[list[Example]], Batch], objective: Objective, accelerator
+) -> float:
     """Mean loss per target token over the held-out rows (each process takes a share)."""
     was_training = model.training
     model.eval()
-    size = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
     mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
     totals = torch.zeros(2, device=accelerator.device)
-    for mb in micro_batches(examples, mine, size):
-        batch = collate(mb, pad_id, cfg.data.pack, cfg.data.pack_row_tokens, _attn_tokens(model)).to(accelerator.device)
+    for mb in micro_batches(examples, mine, micro_batch_size):
+        batch = make_batch(mb).to(accelerator.device)
         loss_sum, _ = objective(model, batch)
         totals += torch.stack([loss_sum.float(), torch.tensor(float(batch.num_target_tokens), device=accelerator.device)])
     totals = accelerator.reduce(totals, reduction="sum")
@@ -236,7 +236,7 @@ class _Window:
 def _attn_tokens(model: nn.Module) -> int:
     """Packed-row width at which attention costs as much as the linear layers (~6 x hidden size)."""
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    return 6 * hidden if hidden else 4096
+    return 6 * hidden if hidden else DEFAULT_ATTN_TOKENS
 
 
 def peak_memory_mb(device: torch.device) -> float:
