@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import json
+import re
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +84,178 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
             msgs += [{"role": "user", "content": "more"}, {"role": "assistant", "content": rng.choice(words)}]
         rows.append({"messages": msgs})
     return rows
+
+
+@pytest.fixture(scope="session")
+def chat_file(tmp_path_factory) -> Path:
+    return write_chat_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_rows(48))
+
+
+def tiny_run(tmp_path: Path, model_dir: Path, data: Path, *overrides: str, name: str = "run", request=None):
+    """Train the tiny model in-process; returns (RunResult, metrics.jsonl records)."""
+    from finetrack.config import load_config
+    from finetrack.resume import Request
+    from finetrack.train import run
+
+    cfg = load_config(None, [
+        f"model.name={model_dir}", f"data.path={data}", f"output.dir={tmp_path / name}",
+        "data.max_length=512", "train.micro_batch_size=4", "train.max_steps=4", "train.lr=1e-2", "train.warmup_steps=0",
+        *overrides,
+    ])
+    result = run(cfg, request=request or Request())
+    metrics = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return result, metrics
+
+
+# ------------------------------------------------------------------ a real S3 server (moto) on 127.0.0.1
+BUCKET = "finetrack-test"
+SECRET = "s3cr3t-never-logged"
+
+
+# ----------------------------------------------------------------------------------- servers
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request("PUT", f"/{BUCKET}")  # moto accepts unsigned requests
+    assert conn.getresponse().status == 200
+    yield endpoint
+    server.stop()
+
+
+class FaultProxy:
+    """Forwards every request to `target`; the first `count` PUTs whose path matches `pattern` get HTTP 500,
+    and PUTs matching `slow_pattern` are held `slow_seconds` before they are forwarded."""
+
+    def __init__(self, target: str):
+        self.target = target.removeprefix("http://")
+        self.pattern, self.remaining, self.served = None, 0, 0
+        self.slow_pattern, self.slow_seconds, self.slow_forwarded = None, 0.0, 0
+        self.lock = threading.Lock()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def fail_puts(self, pattern: str, count: int) -> None:
+        with self.lock:
+            self.pattern, self.remaining, self.served = re.compile(pattern), count, 0
+
+    def slow_puts(self, pattern: str, seconds: float) -> None:
+        with self.lock:
+            self.slow_pattern, self.slow_seconds, self.slow_forwarded = re.compile(pattern), seconds, 0
+
+    def take_fault(self, method: str, path: str) -> bool:
+        with self.lock:
+            if method == "PUT" and self.pattern is not None and self.remaining > 0 and self.pattern.search(path):
+                self.remaining -= 1
+                self.served += 1
+                return True
+            return False
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _handler(self):
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # botocore sends `Expect: 100-continue` with PUTs: answered only in HTTP/1.1
+
+            def log_message(self, *args):
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    body = b""
+                    while size := int(self.rfile.readline().split(b";")[0], 16):
+                        body += self.rfile.read(size)
+                        self.rfile.readline()
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return body
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _forward(self):
+                body = self._body()
+                if proxy.take_fault(self.command, self.path):
+                    data = b"<Error><Code>InternalError</Code><Message>injected by the test proxy</Message></Error>"
+                    self.send_response(500)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                slow = self.command == "PUT" and proxy.slow_pattern is not None and proxy.slow_pattern.search(self.path)
+                if slow:
+                    time.sleep(proxy.slow_seconds)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection", "content-length")}
+                headers["Content-Length"] = str(len(body))
+                conn = http.client.HTTPConnection(proxy.target, timeout=10)
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                        self.send_header(k, v)
+                # a HEAD answer carries the object's length but no body
+                self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+                if slow:
+                    with proxy.lock:
+                        proxy.slow_forwarded += 1
+
+            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
+
+        return Handler
+
+
+def _forget_filesystems() -> None:
+    """s3fs keeps one filesystem per set of arguments, its client built with the endpoint of the time."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def use_endpoint(monkeypatch, endpoint: str) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    _forget_filesystems()
+
+
+@pytest.fixture
+def s3(moto_endpoint, monkeypatch, request, tmp_path) -> str:
+    """A fresh s3:// run URL on the moto server, credentials and endpoint from the environment only."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    # botocore retries HTTP 500/503 itself (up to 5 attempts in its legacy mode); one attempt per call
+    # makes every fault the proxy serves one failed attempt of the Uploader, so the counts below are exact.
+    # (s3fs's own retry loop does not retry InternalError, only throttling and connection errors.)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    use_endpoint(monkeypatch, moto_endpoint)
+    yield f"s3://{BUCKET}/{request.node.name}"
+    _forget_filesystems()  # none pointing at this test's endpoint outlives it
+
+
+@pytest.fixture
+def proxy(s3, moto_endpoint, monkeypatch):
+    p = FaultProxy(moto_endpoint)
+    use_endpoint(monkeypatch, p.url)
+    yield p
+    p.stop()
+
+

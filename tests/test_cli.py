@@ -37,6 +37,7 @@ def test_train_cli_embedded_model_run_directory(tmp_path):
     assert tree(out) == [
         "checkpoints",
         "checkpoints/step-000002",
+        "checkpoints/step-000002/MANIFEST.json",
         "checkpoints/step-000002/README.md",
         "checkpoints/step-000002/adapter_config.json",
         "checkpoints/step-000002/adapter_model.safetensors",
@@ -44,6 +45,8 @@ def test_train_cli_embedded_model_run_directory(tmp_path):
         "checkpoints/step-000002/meta.json",
         "checkpoints/step-000002/tokenizer.json",
         "checkpoints/step-000002/tokenizer_config.json",
+        "checkpoints/step-000002/trainer_state.json",
+        "checkpoints/step-000002/trainer_state.safetensors",
         "config.resolved.yaml",
         "data_report.json",
         "metrics.jsonl",
@@ -66,6 +69,18 @@ def test_train_cli_embedded_model_run_directory(tmp_path):
     tok = AutoTokenizer.from_pretrained(out / "checkpoints/step-000002")
     ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
     assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] == ids["input_ids"].shape[1] + 3
+
+    # the schedule is printed and saved; the same command with a longer run continues from step 2
+    assert "resolved checkpoint_steps = [2] (1 checkpoint(s) at steps 2 (last: 1))" in r.stderr
+    assert "checkpoint_steps:\n    value:\n      2: last" in (out / "config.resolved.yaml").read_text()
+    r = finetrack(
+        "train", str(cfg), "train.max_steps=3", "train.micro_batch_size=2", "train.grad_accum_steps=1", "eval.loss_every_steps=1",
+        "data.max_length=256", "train.log_every_steps=1", f"output.dir={tmp_path / 'out'}", cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "config change accepted on resume: train.max_steps: 2 -> 3" in r.stderr and "step 2 of 3" in r.stderr
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
 
 
 @pytest.mark.e2e

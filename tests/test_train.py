@@ -10,28 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetrack.config import load_config
+from finetrack.config import ConfigError, load_config
 from finetrack.optim import lr_at
 from finetrack.train import run
-from conftest import chat_rows, write_chat_jsonl
+from conftest import tiny_run
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_first_losses.json"
-
-
-@pytest.fixture(scope="module")
-def chat_file(tmp_path_factory) -> Path:
-    return write_chat_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_rows(48))
-
-
-def tiny_run(tmp_path: Path, model_dir: Path, data: Path, *overrides: str, name: str = "run"):
-    cfg = load_config(None, [
-        f"model.name={model_dir}", f"data.path={data}", f"output.dir={tmp_path / name}",
-        "data.max_length=512", "train.micro_batch_size=4", "train.max_steps=4", "train.lr=1e-2", "train.warmup_steps=0",
-        *overrides,
-    ])
-    result = run(cfg)
-    metrics = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    return result, metrics
 
 
 def test_golden_first_losses(tmp_path, tiny_model_dir, chat_file):
@@ -134,7 +118,8 @@ def test_run_directory_and_metrics(tmp_path, tiny_model_dir, chat_file):
     assert report["train"]["held_out_for_eval"] == report["eval"]["rows_kept"] > 0
     meta = json.loads((run_dir / "checkpoints/step-000005/meta.json").read_text())
     assert meta["step"] == 5 and meta["tokens_seen"] == metrics[-1]["tokens"] and "transformers" in meta["versions"]
-    with pytest.raises(Exception, match="already holds files"):
+    # another config into the same run directory is not a silent restart: the differences are named
+    with pytest.raises(ConfigError, match=r"cannot resume from .*step-000005.*\n  data.eval_split: 0.2 -> None"):
         tiny_run(tmp_path, tiny_model_dir, chat_file)
 
 

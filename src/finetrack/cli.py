@@ -7,8 +7,10 @@ import logging
 import os
 import sys
 
+from .checkpoint import CheckpointError
 from .config import ConfigError, help_config, load_config
 from .data import DataError
+from .interrupt import Interrupted
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,6 +20,17 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="YAML config file (omit to use defaults)")
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4 model.lora.r=8")
     t.add_argument("--help-config", action="store_true", help="list every config key with its type, default and meaning")
+    t.add_argument("--fresh", action="store_true", help="start over: move this run's files to RUN_DIR/superseded/ (also: env FINETRACK_FRESH=1)")
+    t.add_argument("--delete-remote", action="store_true", help="with --fresh: also delete the checkpoints under checkpoint.remote")
+    t.add_argument("--resume-from", metavar="PATH", help="resume from this checkpoint folder, run directory or remote .../checkpoints/step-N URL")
+    t.add_argument("--allow-config-change", action="store_true", help="resume even if model, data, lr, batch or method changed")
+    s = sub.add_parser(
+        "sync", help="mirror complete checkpoints of a run (remote URL or local path) into a local run directory",
+        description="Copy every complete checkpoint (manifest verified after download) from SRC to DST, skipping those already there.",
+    )
+    s.add_argument("src", help="run directory: fsspec URL (s3://bucket/run, gs://, hf://, file://) or local path")
+    s.add_argument("dst", help="local run directory to mirror into")
+    s.add_argument("--watch", type=float, metavar="SECONDS", help="keep polling every SECONDS until Ctrl+C")
     d = sub.add_parser("demo", help="fine-tune the embedded model on the demo chat set and show what changed")
     d.add_argument("overrides", nargs="*", help="section.key=value applied to the demo config, e.g. train.max_steps=20")
     return p
@@ -37,15 +50,28 @@ def main(argv: list[str] | None = None) -> int:
             config, overrides = args.config, list(args.overrides)
             if config and "=" in config and not config.endswith((".yaml", ".yml")):
                 config, overrides = None, [config, *overrides]
+            from .resume import Request
             from .train import run
 
-            result = run(load_config(config, overrides))
+            request = Request.from_env(fresh=args.fresh, delete_remote=args.delete_remote, resume_from=args.resume_from, allow_config_change=args.allow_config_change)
+            result = run(load_config(config, overrides), request=request)
             print(f"done: {result.total_steps} steps, loss {result.first_loss:.4f} -> {result.final_loss:.4f}; final checkpoint {result.final_checkpoint}")
+            if result.not_uploaded:
+                return 3
+        elif args.verb == "sync":
+            from pathlib import Path
+
+            from .storage import sync
+
+            sync(args.src, Path(args.dst), watch_seconds=args.watch)
         elif args.verb == "demo":
             from .demo import demo
 
             demo(list(args.overrides))
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     return 0

@@ -17,6 +17,8 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .schedule import ScheduleError, checkpoint_steps, describe
+
 
 class ConfigError(ValueError):
     """A config problem the user must fix; the message says what to do."""
@@ -149,6 +151,31 @@ class TrainConfig(Section):
 
 class CheckpointConfig(Section):
     every_steps: int | None = Field(None, gt=0, description="Save a checkpoint every N optimizer steps (the last step is always saved).")
+    per_epoch: int | None = Field(None, gt=0, description="N checkpoints evenly spaced inside every epoch.")
+    first_epoch: int | None = Field(None, gt=0, description="N checkpoints evenly spaced inside epoch 1 only (dense early tracking).")
+    steps: list[int] = Field(default_factory=list, description="Explicit optimizer steps to save at, e.g. [10, 50, 200].")
+    log_spaced: int | None = Field(None, gt=0, description="N checkpoints spaced evenly in log(step) over the run (dense early).")
+    keep_last: int | None = Field(
+        None, gt=0, description="Keep only the newest N rolling checkpoints (every_steps, signal); None = keep all."
+    )
+    keep_schedule: bool = Field(
+        True, description="Keep checkpoints from first_epoch/per_epoch/steps/log_spaced whatever keep_last says (they are the science)."
+    )
+    keep_optimizer_state: Literal["all", "last"] = Field(
+        "all", description="Resume state (optimizer, RNG) in every checkpoint, or only in the newest (older ones keep their weights)."
+    )
+    remote: str | None = Field(
+        None, description="fsspec URL (s3://bucket/run, gs://, hf://, file://) each checkpoint is uploaded to in the background; "
+        "a re-run with no usable local checkpoint resumes from there. Credentials come from each backend's usual env/config.",
+    )
+
+    @model_validator(mode="after")
+    def _checks(self) -> "CheckpointConfig":
+        if any(s <= 0 for s in self.steps):
+            raise ValueError(f"checkpoint.steps={self.steps}: steps are counted from 1")
+        if "keep_schedule" in self.model_fields_set and self.keep_last is None:
+            raise ValueError("checkpoint.keep_schedule has no effect without checkpoint.keep_last (nothing is deleted)")
+        return self
 
 
 class EvalConfig(Section):
@@ -385,6 +412,15 @@ def resolve(cfg: Config, env: Environment) -> tuple[Config, Resolved]:
     else:
         total, why = steps_per_epoch, "one epoch (neither train.num_epochs nor train.max_steps is set)"
     res.set("total_steps", total, why)
+    ck = cfg.checkpoint
+    try:
+        plan = checkpoint_steps(
+            steps_per_epoch=steps_per_epoch, total_steps=total, every_steps=ck.every_steps, per_epoch=ck.per_epoch,
+            first_epoch=ck.first_epoch, steps=ck.steps, log_spaced_n=ck.log_spaced,
+        )
+    except ScheduleError as e:
+        raise ConfigError(str(e)) from None
+    res.set("checkpoint_steps", {s: "+".join(rules) for s, rules in plan.items()}, describe(plan))
     if t.warmup_steps is None:
         warm = int(round(t.warmup_ratio * total))
         res.set("warmup_steps", warm, f"round(warmup_ratio {t.warmup_ratio} x total_steps {total})")
@@ -412,6 +448,8 @@ def effective_dump(cfg: Config) -> dict:
         del tree["data"]["pack_row_tokens"]
     if cfg.train.warmup_steps is not None:
         del tree["train"]["warmup_ratio"]
+    if cfg.checkpoint.keep_last is None:
+        del tree["checkpoint"]["keep_schedule"]
     return tree
 
 

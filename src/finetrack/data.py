@@ -9,12 +9,15 @@ line and field unless `data.on_error=skip`.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+
+import numpy as np
 
 from .config import DataConfig
 
@@ -299,6 +302,13 @@ class PreparedData:
     train: list[Example]
     eval: list[Example]
     report: dict  # the data_report.json content
+
+    def fingerprint(self) -> str:
+        """Hash of the tokenized training rows in order (ids and loss masks): a resumed run checks it sees the same data."""
+        h = hashlib.sha256()
+        for e in self.train:
+            h.update(np.asarray(e.input_ids, dtype=np.int64).tobytes() + b"|" + np.asarray(e.labels, dtype=np.int64).tobytes() + b"\n")
+        return h.hexdigest()[:16]
 
 
 def prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:

@@ -8,6 +8,7 @@ saved (`save_weights`).
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -163,3 +164,37 @@ def save_weights(model: nn.Module, tokenizer, out_dir: Path) -> None:
     """Weights in the format their own library loads: a PEFT adapter, or a full transformers model (safetensors)."""
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def load_weights(model: nn.Module, folder: Path) -> None:
+    """Load the weights `save_weights` wrote into a freshly built model of the same config (resume).
+
+    LoRA / QLoRA: the adapter goes into the PEFT model (the frozen base was rebuilt identically).
+    Full: every saved tensor; parameters absent from the files must be tied to a loaded one.
+    """
+    from safetensors.torch import load_file
+
+    from .checkpoint import CheckpointError
+
+    folder = Path(folder)
+    adapter = folder / "adapter_model.safetensors"
+    if adapter.is_file():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(adapter))
+        if getattr(result, "unexpected_keys", None):
+            raise CheckpointError(f"{adapter}: tensors this model has no place for: {result.unexpected_keys[:5]}")
+        return
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    state: dict = {}
+    for name in files:
+        state.update(load_file(folder / name))
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{folder}: tensors this model has no place for: {result.unexpected_keys[:5]}")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded_ptrs = {params[k].data_ptr() for k in state if k in params}
+    untied = [k for k in result.missing_keys if k in params and params[k].data_ptr() not in loaded_ptrs]
+    if untied:
+        raise CheckpointError(f"{folder}: the checkpoint lacks weights for {untied[:5]}")

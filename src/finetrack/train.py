@@ -1,6 +1,7 @@
 """`train.run(cfg)`: the spine of a run, readable top to bottom.
 
-config -> tokenizer -> data -> resolve -> model -> optimizer -> loop -> final checkpoint.
+start point -> tokenizer -> data -> resolve -> model -> optimizer -> resume state -> loop
+(checkpoints on the schedule, background uploads, retention) -> final checkpoint.
 The loop is our own, on `accelerate.Accelerator`, so `accelerate launch` scales it out.
 """
 
@@ -10,10 +11,9 @@ import json
 import logging
 import math
 import os
-import resource
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -22,12 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, resume
 from .batches import DEFAULT_ATTN_TOKENS, IGNORE, Batch, collate, micro_batches, packing_is_exact, step_rows
-from .config import Config, ConfigError, Environment, config_hash, resolve, resolved_yaml
+from .config import Config, ConfigError, Environment, config_hash, effective_dump, resolve, resolved_yaml
 from .data import Example, prepare, report_line
-from .models import build_model, load_tokenizer, trainable_report
+from .interrupt import Interrupted, StopFlag
+from .metrics import MetricsLog, Window, peak_memory_mb
+from .models import build_model, load_tokenizer, load_weights, save_weights, trainable_report
 from .optim import build_optimizer, lr_at, set_lr
+from .resume import Request
 
 log = logging.getLogger("finetrack")
 
@@ -56,16 +59,21 @@ class RunResult:
     first_loss: float
     final_loss: float
     eval_loss: float | None
+    resumed_from_step: int = 0
+    not_uploaded: list[Path] = field(default_factory=list)
 
 
-def run(cfg: Config, objective: Objective = causal_lm_objective) -> RunResult:
-    """Train one run as configured and write its run directory."""
+def run(cfg: Config, objective: Objective = causal_lm_objective, request: Request = Request()) -> RunResult:
+    """Train one run as configured, resuming from its newest usable checkpoint, and write its run directory.
+
+    Raises Interrupted (after writing a checkpoint) when SIGTERM / SIGINT / SIGUSR1 arrives.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     run_dir = Path(cfg.output.dir)
-    _check_run_dir(run_dir)
     accelerator = Accelerator()
+    main = accelerator.is_main_process
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         # e.g. torchrun on CPU: accelerate would run N independent copies writing the same run directory
@@ -74,6 +82,15 @@ def run(cfg: Config, objective: Objective = causal_lm_objective) -> RunResult:
             "use `accelerate launch --multi_gpu` on GPUs (multi-process CPU training is not supported)"
         )
     set_seed(cfg.train.seed)
+    if cfg.checkpoint.remote:
+        _check_remote(cfg.checkpoint.remote)
+
+    # --- where to start: step 0 or a checkpoint (the main process may move files or download)
+    start = resume.find_start(run_dir, cfg.checkpoint.remote, request) if main else None
+    accelerator.wait_for_everyone()
+    if not main:
+        start = resume.find_start(run_dir, None, Request(resume_from=request.resume_from if request.resume_from and "://" not in request.resume_from else None))
+    saved = checkpoint.read_meta(start) if start else None
 
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg.data, tokenizer, cfg.train.seed)
@@ -87,8 +104,12 @@ def run(cfg: Config, objective: Objective = causal_lm_objective) -> RunResult:
     )
     cfg, res = resolve(cfg, env)
     for key, reason in res.reasons.items():
-        log.info("resolved %s = %s (%s)", key, res[key], reason)
-    if accelerator.is_main_process:
+        log.info("resolved %s = %s (%s)", key, list(res[key]) if key == "checkpoint_steps" else res[key], reason)
+    fingerprint = data.fingerprint()
+    if saved:
+        for line in resume.check_config(saved["config"], effective_dump(cfg), saved.get("data_fingerprint"), fingerprint, request.allow_config_change, start):
+            log.info("config change accepted on resume: %s", line)
+    if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.resolved.yaml").write_text(resolved_yaml(cfg, res))
         (run_dir / "data_report.json").write_text(json.dumps(data.report, indent=2) + "\n")
@@ -101,6 +122,8 @@ def run(cfg: Config, objective: Objective = causal_lm_objective) -> RunResult:
             f"data.pack: this model's attention ({cfg.model.attn_implementation}) does not keep packed sequences apart "
             "(packed logits differ from separate ones); set data.pack=false"
         )
+    if start:
+        load_weights(model, start)
     # one collate for training and eval; the cost model reads the unwrapped model's width
     make_batch = partial(collate, pad_id=tokenizer.pad_token_id, pack=cfg.data.pack, pack_row_tokens=cfg.data.pack_row_tokens, attn_tokens=_attn_tokens(model))
     optimizer = build_optimizer(model, cfg.train, cfg.train.lr)
@@ -108,57 +131,117 @@ def run(cfg: Config, objective: Objective = causal_lm_objective) -> RunResult:
     model.train()
 
     total_steps, steps_per_epoch = res["total_steps"], res["steps_per_epoch"]
+    schedule = {step: rules.split("+") for step, rules in res["checkpoint_steps"].items()}
     rows_per_process = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
     rank, world = accelerator.process_index, accelerator.num_processes
+    # Progress of the run so far: what a checkpoint stores and a resume restores (RNG last, right before the loop).
+    done = {"step": 0, "tokens_seen": 0, "first_loss": float("nan"), "eval_loss": None}
+    if start:
+        restored = checkpoint.restore_state(start, optimizer)
+        done.update({k: restored[k] for k in done})
+        log.info("resuming from %s: step %d of %d, %s tokens seen", start, done["step"], total_steps, f"{done['tokens_seen']:,}")
+    if main:
+        dropped = resume.trim_metrics(run_dir / "metrics.jsonl", done["step"])
+        if dropped:
+            log.info("metrics.jsonl: dropped %d line(s) logged after step %d (those steps run again)", dropped, done["step"])
     trainable = [p for p in model.parameters() if p.requires_grad]
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
-    progress = _progress(total_steps, accelerator.is_main_process)
-    window = _Window()
-    tokens_seen = 0
-    first_loss = last_loss = float("nan")
-    eval_loss = None
+    uploader = None
+    if cfg.checkpoint.remote and main:
+        from .storage import Uploader
 
-    for step in range(1, total_steps + 1):
-        _, rows = step_rows(len(data.train), rows_per_process * world, cfg.train.seed, step - 1, cfg.data.shuffle)
-        mine = rows[rank * rows_per_process : (rank + 1) * rows_per_process]
-        batches = [make_batch(mb) for mb in micro_batches(data.train, mine, cfg.train.micro_batch_size)]
-        lr = lr_at(step, cfg.train.lr, res["warmup_steps"], total_steps, cfg.train.lr_schedule)
-        set_lr(optimizer, lr)
-        started = time.perf_counter()
-        loss_sum, num_targets, num_tokens, extra = _accumulate(model, batches, objective, accelerator)
-        grad_norm = _clip(accelerator, trainable, cfg.train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        uploader = Uploader(cfg.checkpoint.remote, run_dir)
+        if uploader.catch_up():
+            log.info("uploading checkpoints an earlier attempt did not finish uploading")
+    out = MetricsLog(run_dir / "metrics.jsonl", total_steps, done["step"], main)
+    window = Window()
+    last_loss = float("nan")
+    stopped_by = None
 
-        loss = loss_sum / num_targets
-        tokens_seen += num_tokens
-        first_loss = loss if step == 1 else first_loss
-        last_loss = loss
-        window.add(loss_sum, num_targets, num_tokens, grad_norm, extra, time.perf_counter() - started)
-        record = None
-        if step % cfg.train.log_every_steps == 0 or step == total_steps:
-            record = {"step": step, "epoch": round(step / steps_per_epoch, 4), **window.flush(), "lr": lr, "tokens": tokens_seen, "peak_mem_mb": peak_memory_mb(device)}
-        every_eval = cfg.eval.loss_every_steps
-        if data.eval and ((every_eval and step % every_eval == 0) or step == total_steps):
-            eval_loss = evaluate_loss(model, data.eval, cfg.eval.micro_batch_size or cfg.train.micro_batch_size, make_batch, objective, accelerator)
-            record = {**(record or {"step": step}), "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))}
-        if record and metrics_file:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            progress.set_postfix({k: _short(record[k]) for k in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb") if k in record})
-        progress.update(1)
-        if checkpoint.is_checkpoint_step(step, total_steps, cfg.checkpoint.every_steps):
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                meta = {"epoch": step / steps_per_epoch, "total_steps": total_steps, "tokens_seen": tokens_seen, "loss": loss, "eval_loss": eval_loss, "config_hash": config_hash(cfg)}
-                path = checkpoint.save(accelerator.unwrap_model(model), tokenizer, run_dir, step, meta)
-                progress.write(f"checkpoint: {path}")
-    progress.close()
-    if metrics_file:
-        metrics_file.close()
-    accelerator.wait_for_everyone()
+    with StopFlag() as stop:
+        for step in range(done["step"] + 1, total_steps + 1):
+            epoch, rows = step_rows(len(data.train), rows_per_process * world, cfg.train.seed, step - 1, cfg.data.shuffle)
+            mine = rows[rank * rows_per_process : (rank + 1) * rows_per_process]
+            batches = [make_batch(mb) for mb in micro_batches(data.train, mine, cfg.train.micro_batch_size)]
+            lr = lr_at(step, cfg.train.lr, res["warmup_steps"], total_steps, cfg.train.lr_schedule)
+            set_lr(optimizer, lr)
+            started = time.perf_counter()
+            loss_sum, num_targets, num_tokens, extra = _accumulate(model, batches, objective, accelerator)
+            grad_norm = _clip(accelerator, trainable, cfg.train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            last_loss = loss_sum / num_targets
+            done["step"], done["tokens_seen"] = step, done["tokens_seen"] + num_tokens
+            done["first_loss"] = last_loss if step == 1 else done["first_loss"]
+            window.add(loss_sum, num_targets, num_tokens, grad_norm, extra, time.perf_counter() - started)
+            record = None
+            if step % cfg.train.log_every_steps == 0 or step == total_steps:
+                record = {"step": step, "epoch": round(step / steps_per_epoch, 4), **window.flush(), "lr": lr, "tokens": done["tokens_seen"], "peak_mem_mb": peak_memory_mb(device)}
+            every_eval = cfg.eval.loss_every_steps
+            if data.eval and ((every_eval and step % every_eval == 0) or step == total_steps):
+                done["eval_loss"] = evaluate_loss(model, data.eval, cfg.eval.micro_batch_size or cfg.train.micro_batch_size, make_batch, objective, accelerator)
+                record = {**(record or {"step": step}), "eval_loss": done["eval_loss"], "eval_ppl": math.exp(min(done["eval_loss"], 50))}
+            if record:
+                out.write(record)
+            out.bar.update(1)
+            stopped_by = stop.requested(accelerator)
+            if step in schedule or stopped_by:
+                accelerator.wait_for_everyone()
+                if main:
+                    rules = schedule.get(step, []) + (["signal"] if stopped_by and step not in schedule else [])
+                    progress = {**done, "epoch": epoch, "step_in_epoch": step - epoch * steps_per_epoch,
+                                "data": {"seed": cfg.train.seed, "shuffle": cfg.data.shuffle, "num_rows": len(data.train), "rows_per_step": rows_per_process * world},
+                                "lr_schedule": {"peak_lr": cfg.train.lr, "warmup_steps": res["warmup_steps"], "total_steps": total_steps, "kind": cfg.train.lr_schedule}}
+                    meta = {"epoch": step / steps_per_epoch, "total_steps": total_steps, "tokens_seen": done["tokens_seen"], "rules": rules,
+                            "metrics": {"loss": last_loss, "eval_loss": done["eval_loss"], "lr": lr, "grad_norm": grad_norm},
+                            "config_hash": config_hash(cfg), "config": effective_dump(cfg), "data_fingerprint": fingerprint}
+                    _save_checkpoint(run_dir, step, accelerator.unwrap_model(model), tokenizer, optimizer, progress, meta, cfg.checkpoint, uploader, out)
+            if stopped_by:
+                break
+        out.close()
+        accelerator.wait_for_everyone()
+        # still under the signal handlers: a second signal while uploads finish exits at once
+        not_uploaded = _finish_uploads(uploader, run_dir, cfg.checkpoint) if main else []
     accelerator.end_training()
-    return RunResult(run_dir, checkpoint.checkpoint_dir(run_dir, total_steps), total_steps, first_loss, last_loss, eval_loss)
+    final = checkpoint.checkpoint_dir(run_dir, done["step"])
+    if stopped_by and done["step"] < total_steps:
+        raise Interrupted(stopped_by, str(final))
+    return RunResult(run_dir, final, total_steps, done["first_loss"], last_loss, done["eval_loss"], saved["step"] if saved else 0, not_uploaded)
+
+
+def _save_checkpoint(run_dir: Path, step: int, model: nn.Module, tokenizer, optimizer, progress: dict, meta: dict, ck, uploader, out: MetricsLog) -> None:
+    """Write one checkpoint, hand it to the uploader, apply retention."""
+    path = checkpoint.save(run_dir, step, lambda d: save_weights(model, tokenizer, d), checkpoint.capture_state(optimizer, progress), meta)
+    out.say(f"checkpoint: {path} ({', '.join(meta['rules'])})")
+    if uploader:
+        uploader.submit(path)
+    for line in checkpoint.retain(run_dir, ck.keep_last, ck.keep_schedule, ck.keep_optimizer_state, uploader.busy() if uploader else set()):
+        out.say(f"retention: {line}")
+
+
+def _check_remote(url: str) -> None:
+    """A remote URL whose backend is missing or that carries credentials fails before any work is done."""
+    from . import storage
+
+    try:
+        storage.check_url(url)
+    except (ImportError, ValueError) as e:
+        raise ConfigError(f"checkpoint.remote: {e}") from None
+
+
+def _finish_uploads(uploader, run_dir: Path, ck) -> list[Path]:
+    """Wait for background uploads (training is over), then apply retention to what they held back."""
+    if not uploader:
+        return []
+    from . import storage
+
+    not_uploaded = uploader.wait()
+    if not_uploaded:
+        log.error("%d checkpoint(s) are NOT on %s: %s (they are complete locally; re-run the same command to retry the upload)",
+                  len(not_uploaded), storage.redact(ck.remote), ", ".join(p.name for p in not_uploaded))
+    for line in checkpoint.retain(run_dir, ck.keep_last, ck.keep_schedule, ck.keep_optimizer_state, set(not_uploaded)):
+        log.info("retention: %s", line)
+    return not_uploaded
 
 
 def _accumulate(model: nn.Module, batches: list[Batch], objective: Objective, accelerator) -> tuple[float, int, int, dict[str, float]]:
@@ -209,55 +292,7 @@ def evaluate_loss(
     return float(totals[0] / totals[1].clamp(min=1))
 
 
-class _Window:
-    """Token-weighted averages over the steps since the last log line (time spent in eval and
-    checkpoints is not training time and does not count in tokens_per_s)."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.loss_sum = self.targets = self.tokens = 0
-        self.grad_norm = 0.0
-        self.extra: dict[str, float] = {}
-
-    def add(self, loss_sum: float, targets: int, tokens: int, grad_norm: float, extra: dict[str, float], seconds: float) -> None:
-        self.seconds += seconds
-        self.loss_sum += loss_sum
-        self.targets += targets
-        self.tokens += tokens
-        self.grad_norm = grad_norm
-        self.extra = extra  # the objective's own metrics, from the latest step
-
-    def flush(self) -> dict:
-        out = {"loss": self.loss_sum / max(1, self.targets), "grad_norm": self.grad_norm, "target_tokens": self.targets, "tokens_per_s": round(self.tokens / max(self.seconds, 1e-9), 1), **self.extra}
-        self.__init__()
-        return out
-
-
 def _attn_tokens(model: nn.Module) -> int:
     """Packed-row width at which attention costs as much as the linear layers (~6 x hidden size)."""
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     return 6 * hidden if hidden else DEFAULT_ATTN_TOKENS
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory so far: CUDA max allocated, else the process's peak resident set size."""
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
-
-
-def _check_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(
-            f"output.dir={run_dir} already holds files; choose a new output.dir (output.dir=runs/NAME) or remove that directory"
-        )
-
-
-def _short(x: float) -> str:
-    return f"{x:.3g}" if isinstance(x, float) else str(x)
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)

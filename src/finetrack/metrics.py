@@ -1,0 +1,72 @@
+"""What a run says while it trains: metrics.jsonl lines and the progress bar, from the same figures."""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+
+import torch
+
+
+class Window:
+    """Token-weighted averages over the steps since the last log line (time spent in eval and
+    checkpoints is not training time and does not count in tokens_per_s)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.loss_sum = self.targets = self.tokens = 0
+        self.grad_norm = 0.0
+        self.extra: dict[str, float] = {}
+
+    def add(self, loss_sum: float, targets: int, tokens: int, grad_norm: float, extra: dict[str, float], seconds: float) -> None:
+        self.seconds += seconds
+        self.loss_sum += loss_sum
+        self.targets += targets
+        self.tokens += tokens
+        self.grad_norm = grad_norm
+        self.extra = extra  # the objective's own metrics, from the latest step
+
+    def flush(self) -> dict:
+        out = {"loss": self.loss_sum / max(1, self.targets), "grad_norm": self.grad_norm, "target_tokens": self.targets, "tokens_per_s": round(self.tokens / max(self.seconds, 1e-9), 1), **self.extra}
+        self.__init__()
+        return out
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA max allocated, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
+
+
+class MetricsLog:
+    """Appends records to metrics.jsonl and mirrors the headline figures on a tqdm bar (main process only)."""
+
+    SHOWN = ("loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb")
+
+    def __init__(self, path: Path, total_steps: int, done_steps: int, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.file = open(path, "a") if enabled else None
+        self.bar = tqdm(total=total_steps, initial=done_steps, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            self.bar.set_postfix({k: _short(record[k]) for k in self.SHOWN if k in record})
+
+    def say(self, text: str) -> None:
+        """A line above the bar (checkpoints, uploads) without breaking it."""
+        if self.file:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file:
+            self.file.close()
+
+
+def _short(x: float) -> str:
+    return f"{x:.3g}" if isinstance(x, float) else str(x)

@@ -1,0 +1,421 @@
+"""Remote checkpoint storage: mirror a run directory to any fsspec URL, and back.
+
+    URL/config.resolved.yaml  URL/data_report.json  URL/metrics.jsonl
+    URL/checkpoints/step-000047/<the files of the local checkpoint, MANIFEST.json uploaded last>
+
+The completeness rule is the local one: a remote checkpoint counts only once its MANIFEST.json is
+there, so it is uploaded after every other file and deleted before anything is replaced or removed.
+Downloads land in a hidden temporary folder, are verified in full, then renamed to `step-*`.
+
+URLs are anything fsspec opens: s3://bucket/prefix, gs://..., hf://..., file:///abs/path or a plain
+local path. Credentials come from each backend's usual environment variables and config files, never
+from the URL (refused where the backend would not take them), and every message passes URLs through
+`redact()`. The S3 endpoint (MinIO, R2, a test server) is set with AWS_ENDPOINT_URL, which botocore
+under s3fs reads when the filesystem is first created in a process; AWS_MAX_ATTEMPTS and
+AWS_RETRY_MODE set its retries the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from . import checkpoint
+from .checkpoint import MANIFEST, CheckpointError
+
+RUN_FILES = ("config.resolved.yaml", "data_report.json", "metrics.jsonl")
+_USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
+
+
+def redact(url: str) -> str:
+    """`url` (or any text holding URLs) without the `user:password@` part."""
+    return _USERINFO.sub("", url)
+
+
+def _short(error: BaseException, url: str) -> str:
+    """An exception's text on one line, safe to log: backends echo paths, and those may hold the URL's credentials."""
+    text = " ".join(str(error).split())[:300] or type(error).__name__
+    userinfo = match.group(0)[:-1] if (match := _USERINFO.search(url)) else ""
+    for secret in (userinfo, userinfo.partition(":")[2]):
+        text = text.replace(secret, "***") if secret else text
+    return redact(text)
+
+
+def check_url(url: str) -> None:
+    """Fail early on a backend that is not installed, or on credentials the backend would not take from the URL."""
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    fs_class = fsspec.get_filesystem_class(protocol)  # ImportError naming the package to install
+    if (match := _USERINFO.search(url)) and match.group(0) in fs_class._strip_protocol(url):
+        raise ValueError(f"{redact(url)}: {protocol}:// takes no credentials in the URL (they would end up in paths and messages); "
+                         "set them the backend's usual way, e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws/credentials for s3")
+
+
+def _open(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    check_url(url)
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs, root.rstrip("/")
+
+
+def _where(url: str, *parts: str) -> str:
+    """A remote location as messages show it: the redacted URL joined with `parts`."""
+    return "/".join([redact(url).rstrip("/"), *parts])
+
+
+def _put_file(fs: fsspec.AbstractFileSystem, rpath: str, lpath: Path | None = None, data: bytes = b"") -> None:
+    """Upload local file `lpath`, or `data`. Object stores need no folders and replace objects whole; a local mirror needs both."""
+    if isinstance(fs, LocalFileSystem):
+        parent, name = rpath.rsplit("/", 1)
+        fs.makedirs(parent, exist_ok=True)
+        if lpath is None:  # manifests and run files go through a rename: readers never see half of one
+            tmp = f"{parent}/.tmp-{name}-{os.getpid()}"
+            fs.pipe_file(tmp, data)
+            fs.mv(tmp, rpath)
+            return
+    if lpath is None:
+        fs.pipe_file(rpath, data)
+    else:
+        fs.put_file(str(lpath), rpath)
+
+
+def _remote_manifest(fs: fsspec.AbstractFileSystem, root: str, name: str, url: str) -> tuple[dict, bytes]:
+    """(parsed, raw bytes) of the MANIFEST.json of remote checkpoint `name`; CheckpointError naming it otherwise."""
+    where = _where(url, "checkpoints", name, MANIFEST)
+    try:
+        raw = fs.cat_file(f"{root}/checkpoints/{name}/{MANIFEST}")
+    except FileNotFoundError:
+        raise CheckpointError(f"{where}: missing (the upload did not finish)") from None
+    except Exception as e:  # every backend has its own error types
+        raise CheckpointError(f"{where}: download failed ({_short(e, url)})") from None
+    return checkpoint.parse_manifest(raw, where), raw
+
+
+# ------------------------------------------------------------------------------------- upload
+def push_checkpoint(folder: Path, url: str) -> bool:
+    """Upload one complete local checkpoint to URL/checkpoints/<folder name>/, MANIFEST.json last.
+
+    Returns False, uploading nothing, when the remote already holds an identical manifest.
+    """
+    folder = Path(folder)
+    manifest = checkpoint.verify(folder, full=False)
+    fs, root = _open(url)
+    rdir = f"{root}/checkpoints/{folder.name}"
+    try:
+        if _remote_manifest(fs, root, folder.name, url)[0] == manifest:
+            return False
+    except CheckpointError:
+        pass  # none yet, or unreadable: replaced like a different one
+    if fs.exists(f"{rdir}/{MANIFEST}"):  # first: a crash while files are replaced leaves an incomplete folder, never a mixed one
+        fs.rm_file(f"{rdir}/{MANIFEST}")
+    for rel in manifest["files"]:
+        _put_file(fs, f"{rdir}/{rel}", folder / rel)
+    _put_file(fs, f"{rdir}/{MANIFEST}", data=(folder / MANIFEST).read_bytes())
+    return True
+
+
+def push_run_files(run_dir: Path, url: str) -> None:
+    """Upload the run-level files that exist, so the remote copy is a usable run directory."""
+    fs, root = _open(url)
+    for name in RUN_FILES:
+        if (path := Path(run_dir) / name).is_file():
+            data = path.read_bytes()
+            if name.endswith(".jsonl"):  # the training loop may be mid-line: whole lines only
+                data = data[: data.rfind(b"\n") + 1]
+            _put_file(fs, f"{root}/{name}", data=data)
+
+
+# ------------------------------------------------------------------------------------ listing
+def remote_steps(url: str) -> list[int]:
+    """Steps of the remote checkpoints that have a MANIFEST.json, ascending."""
+    fs, root = _open(url)
+    fs.invalidate_cache(root)  # s3fs caches listings; polling must see new checkpoints
+    try:
+        paths = fs.find(f"{root}/checkpoints")  # one listing, not one request per checkpoint
+    except FileNotFoundError:
+        return []
+    steps = set()
+    for path in paths:
+        parts = path.rstrip("/").rsplit("/", 2)
+        if len(parts) == 3 and parts[2] == MANIFEST and (step := checkpoint.parse_step(parts[1])) is not None:
+            steps.add(step)
+    return sorted(steps)
+
+
+def delete_remote_checkpoints(url: str) -> int:
+    """Delete URL/checkpoints, each checkpoint's manifest first; returns how many checkpoint folders were deleted."""
+    fs, root = _open(url)
+    fs.invalidate_cache(root)
+    base, deleted = f"{root}/checkpoints", 0
+    for path in fs.ls(base, detail=False) if fs.exists(base) else []:
+        if checkpoint.parse_step(path.rstrip("/").rsplit("/", 1)[-1]) is not None:
+            if fs.exists(f"{path}/{MANIFEST}"):
+                fs.rm_file(f"{path}/{MANIFEST}")  # first, as locally: an interrupted delete leaves an incomplete folder
+            fs.rm(path, recursive=True)
+            deleted += 1
+    fs.invalidate_cache(root)
+    if fs.exists(base):  # leftovers that are not checkpoints (stray files, temporary names)
+        fs.rm(base, recursive=True)
+    return deleted
+
+
+# ----------------------------------------------------------------------------------- download
+def pull_checkpoint(url: str, step: int, run_dir: Path) -> Path:
+    """Download URL/checkpoints/step-NNNNNN into run_dir/checkpoints/, verified in full; returns its path.
+
+    A local copy that verifies is kept as it is; one that does not is replaced. Any failure raises
+    CheckpointError naming the remote file and leaves nothing under a `step-*` name.
+    """
+    fs, root = _open(url)
+    name = f"step-{step:06d}"
+    rdir, where = f"{root}/checkpoints/{name}", _where(url, "checkpoints", name)
+    final = checkpoint.checkpoint_dir(run_dir, step)
+    tmp = final.parent / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        manifest, raw = _remote_manifest(fs, root, name, url)
+        if manifest.get("step") != step:
+            raise CheckpointError(f"{where}/{MANIFEST}: says step {manifest.get('step')}, expected {step}")
+        for rel in manifest["files"]:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fs.get_file(f"{rdir}/{rel}", str(tmp / rel))
+            except FileNotFoundError:
+                raise CheckpointError(f"{where}/{rel}: missing on the remote (listed in {MANIFEST})") from None
+            except Exception as e:  # every backend has its own error types
+                raise CheckpointError(f"{where}/{rel}: download failed ({_short(e, url)})") from None
+        (tmp / MANIFEST).write_bytes(raw)
+        try:
+            checkpoint.verify(tmp, full=True)
+        except CheckpointError as e:
+            raise CheckpointError(str(e).replace(str(tmp), where)) from None
+        checkpoint.fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        try:
+            checkpoint.verify(final, full=True)
+            shutil.rmtree(tmp)
+            return final
+        except CheckpointError:
+            checkpoint.discard(final)
+    os.rename(tmp, final)
+    return final
+
+
+def pull_newest_resumable(url: str, run_dir: Path, warn: Callable[[str], None]) -> Path | None:
+    """The newest remote checkpoint with resume state, downloaded and verified; bad ones are named
+    through warn() and the previous one is tried. None if there is none."""
+    fs, root = _open(url)
+    for step in reversed(remote_steps(url)):
+        name = f"step-{step:06d}"
+        try:
+            if checkpoint.is_resumable(_remote_manifest(fs, root, name, url)[0]):
+                return pull_checkpoint(url, step, run_dir)
+            warn(f"skipping remote checkpoint {name}: weights only (its resume state was removed by checkpoint.keep_optimizer_state=last)")
+        except CheckpointError as e:
+            warn(f"skipping remote checkpoint {name}: {e}")
+    return None
+
+
+# ------------------------------------------------------------------------ background uploads
+class Uploader:
+    """Uploads checkpoints on one background thread so training never waits for the network.
+
+    A checkpoint still failing after `retries` attempts is logged, then retried with the next submit()
+    and once more by wait().
+    """
+
+    def __init__(self, url: str, run_dir: Path, retries: int = 3, backoff_s: float = 1.0, log: logging.Logger | None = None):
+        check_url(url)  # a wrong URL stops the run at its start, not after its first checkpoint
+        self.url, self.run_dir = url, Path(run_dir)
+        self.retries, self.backoff_s = max(1, retries), backoff_s
+        self.log = log or logging.getLogger("finetrack")
+        self._queue: queue.Queue[Path | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._pending: list[Path] = []  # queued or uploading
+        self._failed: list[Path] = []  # retried with the next submit()
+        self._broken: list[Path] = []  # no longer verify locally: retrying cannot help
+        self._stopped = False
+        self._thread = threading.Thread(target=self._work, name="finetrack-uploader", daemon=True)
+        self._thread.start()
+
+    def submit(self, folder: Path) -> None:
+        """Queue a complete checkpoint for upload, after re-queueing earlier failures."""
+        if self._stopped:
+            raise RuntimeError("Uploader.submit() after wait(): create a new Uploader")
+        with self._lock:
+            retry, self._failed = self._failed, []
+        for f in [*retry, Path(folder)]:
+            self._enqueue(f)
+
+    def catch_up(self) -> int:
+        """Queue the run's complete local checkpoints that the remote lacks (uploads an earlier attempt
+        of this run did not finish); returns how many."""
+        try:
+            on_remote = set(remote_steps(self.url))
+        except Exception as e:  # every backend has its own error types; the next checkpoint retries anyway
+            self.log.warning("could not list %s (%s): earlier checkpoints are not re-uploaded now", redact(self.url), _short(e, self.url))
+            return 0
+        missing = [f.path for f in checkpoint.complete_checkpoints(self.run_dir) if f.step not in on_remote]
+        for folder in missing:
+            self._enqueue(folder)
+        return len(missing)
+
+    def busy(self) -> set[Path]:
+        """Folders queued, uploading or failed: they must not be deleted yet."""
+        with self._lock:
+            return {*self._pending, *self._failed}
+
+    def wait(self) -> list[Path]:
+        """Retry failures once more, wait for every upload, stop the thread; returns the folders not uploaded."""
+        if not self._stopped:
+            with self._lock:
+                retry, self._failed = self._failed, []
+                waiting = len(self._pending) + len(retry)
+            if waiting:
+                self.log.info("waiting for %d checkpoint upload(s) to %s", waiting, redact(self.url))
+            for f in retry:
+                self._enqueue(f)
+            self._stopped = True
+            self._queue.put(None)
+            self._thread.join()
+        return [*self._failed, *self._broken]
+
+    def _enqueue(self, folder: Path) -> None:
+        with self._lock:
+            if folder in self._pending:
+                return
+            self._pending.append(folder)
+        self._queue.put(folder)
+
+    def _work(self) -> None:
+        while (folder := self._queue.get()) is not None:
+            outcome = self._upload(folder)
+            with self._lock:  # one critical section: busy() never misses a failed folder
+                self._pending.remove(folder)
+                if outcome != "done":
+                    (self._failed if outcome == "failed" else self._broken).append(folder)
+
+    def _upload(self, folder: Path) -> str:
+        """'done', 'failed' (retried later) or 'broken' (the local checkpoint no longer verifies)."""
+        for attempt in range(self.retries):
+            try:
+                push_checkpoint(folder, self.url)
+                push_run_files(self.run_dir, self.url)
+                return "done"
+            except CheckpointError as e:
+                self.log.warning("not uploading checkpoint %s: %s", folder.name, _short(e, self.url))
+                return "broken"
+            except Exception as e:  # network and backend errors of every kind: retried, then reported
+                if attempt + 1 < self.retries:
+                    time.sleep(self.backoff_s * 2**attempt)
+                    continue
+                self.log.warning("upload of checkpoint %s to %s failed after %d attempt(s): %s (retried with the next checkpoint)",
+                                 folder.name, redact(self.url), self.retries, _short(e, self.url))
+        return "failed"
+
+
+# --------------------------------------------------------------------------------------- sync
+def _size_text(num_bytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes} B"
+
+
+def _sync_once(src: str, dst: Path, out: Callable[[str], None], skipped: dict[str, bytes], quiet: bool) -> list[int]:
+    """One pass of sync(). `skipped` holds the remote manifests that failed, so that a watch retries a
+    checkpoint only once it changes; the summary line is left out when `quiet` and nothing was fetched."""
+    fs, root = _open(src)
+    fetched, total_bytes, present, failed = [], 0, 0, 0
+    for step in remote_steps(src):
+        name, local = f"step-{step:06d}", checkpoint.checkpoint_dir(dst, step)
+        try:
+            remote, raw = _remote_manifest(fs, root, name, src)
+        except CheckpointError as e:
+            out(f"skipped {name}: {e}")
+            failed += 1
+            continue
+        try:
+            mine = checkpoint.verify(local, full=False) if local.is_dir() else None
+        except CheckpointError:
+            mine = None  # a broken local copy: pull_checkpoint replaces it
+        if mine == remote:
+            present += 1
+            continue
+        if skipped.get(name) == raw:
+            failed += 1
+            continue
+        try:
+            if mine is not None:  # never overwrite a good checkpoint
+                raise CheckpointError(f"the local copy differs from {_where(src, 'checkpoints', name)}; delete it to fetch that one")
+            pull_checkpoint(src, step, dst)
+        except CheckpointError as e:
+            out(f"skipped {name}: {e}")
+            skipped[name] = raw
+            failed += 1
+            continue
+        size = sum(f["size"] for f in remote["files"].values()) + len(raw)
+        out(f"fetched {name} ({_size_text(size)})")
+        fetched.append(step)
+        total_bytes += size
+    for name in RUN_FILES:  # replaced whole: metrics.jsonl grows while the run trains
+        tmp = dst / f".tmp-{name}-{os.getpid()}"
+        try:
+            fs.get_file(f"{root}/{name}", str(tmp))
+            os.replace(tmp, dst / name)
+        except FileNotFoundError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    if fetched or not quiet:
+        out(f"{redact(src)} -> {dst}: fetched {len(fetched)} checkpoint(s) ({_size_text(total_bytes)}), {present} already present"
+            + (f", {failed} not fetched (see above)" if failed else ""))
+    return fetched
+
+
+def sync(
+    src: str, dst: Path, watch_seconds: float | None = None, out: Callable[[str], None] = print, stop: threading.Event | None = None
+) -> list[int]:
+    """Mirror the complete checkpoints and run files of a run (fsspec URL or local path) into run directory `dst`.
+
+    A checkpoint that fails verification is reported and skipped. With watch_seconds, poll until
+    Ctrl-C or `stop` is set. Returns the steps fetched.
+    """
+    dst = Path(dst)
+    fs, root = _open(src)
+    fs.invalidate_cache(root)
+    expected = "expected a finetrack run directory (holding checkpoints/step-NNNNNN/)"
+    if not fs.exists(root):
+        raise ValueError(f"sync: {redact(src)} does not exist; {expected}")
+    if not fs.isdir(f"{root}/checkpoints"):
+        raise ValueError(f"sync: {redact(src)} has no checkpoints/ folder; {expected}")
+    if isinstance(fs, LocalFileSystem) and Path(root).resolve() == dst.resolve():
+        raise ValueError(f"sync: source and destination are the same directory ({dst})")
+    (dst / "checkpoints").mkdir(parents=True, exist_ok=True)
+    skipped: dict[str, bytes] = {}
+    if watch_seconds is None:
+        return _sync_once(src, dst, out, skipped, quiet=False)
+    out(f"watching {redact(src)} every {watch_seconds:g} s (Ctrl-C to stop)")
+    stop, fetched = stop or threading.Event(), []
+    try:
+        while True:
+            try:
+                fetched += _sync_once(src, dst, out, skipped, quiet=True)
+            except OSError as e:  # a network hiccup must not end a long watch
+                out(f"poll of {redact(src)} failed: {_short(e, src)}; trying again in {watch_seconds:g} s")
+            if stop.wait(watch_seconds):
+                return fetched
+    except KeyboardInterrupt:
+        return fetched

@@ -1,0 +1,241 @@
+"""Checkpoint format, integrity, retention and the no-pickle rule, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_run
+from finetrack import checkpoint
+from finetrack.checkpoint import CheckpointError
+
+LORA_FILES = [
+    "MANIFEST.json", "README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "meta.json",
+    "tokenizer.json", "tokenizer_config.json", "trainer_state.json", "trainer_state.safetensors",
+]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model_dir, chat_file) -> Path:
+    """A 4-step LoRA run with checkpoints at steps 2 and 4 (dropout on, so RNG state matters)."""
+    tmp = tmp_path_factory.mktemp("lora-run")
+    result, _ = tiny_run(tmp, tiny_model_dir, chat_file, "checkpoint.every_steps=2", "model.lora.dropout=0.1")
+    return result.run_dir
+
+
+def test_lora_checkpoint_folder_is_self_describing(lora_run, tiny_model_dir):
+    folder = lora_run / "checkpoints/step-000004"
+    assert sorted(p.name for p in folder.iterdir()) == LORA_FILES
+    assert sorted(p.name for p in (lora_run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]  # no temp folders left
+
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    assert manifest["step"] == 4 and sorted(manifest["files"]) == [f for f in LORA_FILES if f != "MANIFEST.json"]
+    for name, entry in manifest["files"].items():
+        assert entry["size"] == (folder / name).stat().st_size and entry["sha256"] == checkpoint.sha256_file(folder / name)
+
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["step"] == 4 and meta["epoch"] == pytest.approx(4 / 12) and meta["rules"] == ["every_steps", "last"]
+    assert {"loss", "eval_loss", "lr", "grad_norm"} <= set(meta["metrics"]) and meta["tokens_seen"] > 0
+    assert len(meta["config_hash"]) == 16 and meta["config"]["model"]["method"] == "lora" and len(meta["data_fingerprint"]) == 16
+    assert {"torch", "transformers", "peft", "finetrack"} <= set(meta["versions"]) and "git_sha" in meta
+
+    state = json.loads((folder / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["epoch"] == 0 and state["step_in_epoch"] == 4
+    assert state["data"] == {"seed": 42, "shuffle": True, "num_rows": 48, "rows_per_step": 4}
+    assert set(state["rng"]) == {"python", "numpy", "torch_cpu", "cuda"} and state["lr_schedule"]["kind"] == "cosine"
+    tensors = load_file(folder / "trainer_state.safetensors")
+    assert "rng/torch_cpu" in tensors and any(k.endswith("exp_avg_sq") for k in tensors)
+
+    # usable with PEFT alone
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder)
+    saved = load_file(folder / "adapter_model.safetensors")
+    lora_b = next(k for k in saved if "lora_B" in k)
+    assert saved[lora_b].abs().sum() > 0  # trained, not the zero init
+    live = dict(model.named_parameters())
+    assert torch.equal(live[lora_b.replace(".weight", ".default.weight")], saved[lora_b])
+
+
+def test_full_checkpoint_loads_with_transformers_and_back_into_finetrack(tmp_path, tiny_model_dir, chat_file):
+    result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, "model.method=full", "train.max_steps=2")
+    folder = result.final_checkpoint
+    assert {"config.json", "model.safetensors", "trainer_state.safetensors", "MANIFEST.json"} <= {p.name for p in folder.iterdir()}
+    from transformers import AutoModelForCausalLM
+
+    from finetrack.config import Environment, load_config, resolve
+    from finetrack.models import build_model, load_weights
+
+    plain = AutoModelForCausalLM.from_pretrained(folder)
+    cfg, _ = resolve(load_config(None, [f"model.name={tiny_model_dir}", "model.method=full"]), Environment("cpu", False, 1, 100))
+    ours = build_model(cfg.model, torch.device("cpu"))
+    load_weights(ours, folder)
+    for (n, a), (_, b) in zip(plain.state_dict().items(), ours.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw_8bit"])
+def test_optimizer_and_rng_state_round_trip_exactly(tmp_path, name):
+    """capture -> safetensors/JSON -> restore gives the same next steps (8-bit state has tensors shared across params)."""
+    from finetrack.config import TrainConfig
+    from finetrack.optim import build_optimizer
+
+    def make():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(96, 96), torch.nn.Dropout(0.2), torch.nn.Linear(96, 96))
+        return net, build_optimizer(net, TrainConfig(optimizer=name, weight_decay=0.01), 1e-2)
+
+    def step(net, opt):
+        loss = net(torch.randn(8, 96)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return float(loss)
+
+    net, opt = make()
+    for _ in range(3):
+        step(net, opt)
+    weights_at_3 = {k: v.clone() for k, v in net.state_dict().items()}  # in a run these come from the weights files
+    checkpoint.save(tmp_path, 3, lambda d: (d / "w.json").write_text("{}"), checkpoint.capture_state(opt, {"step": 3}), {})
+    expected = [step(net, opt) for _ in range(3)]
+
+    net2, opt2 = make()
+    net2.load_state_dict(weights_at_3)
+    torch.manual_seed(123)  # scramble the RNG: restore_state must put it back (dropout and inputs depend on it)
+    assert checkpoint.restore_state(checkpoint.checkpoint_dir(tmp_path, 3), opt2)["step"] == 3
+    assert [step(net2, opt2) for _ in range(3)] == expected
+    assert all(torch.equal(a, b) for a, b in zip(net2.parameters(), net.parameters()))
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "delete":
+        path.unlink()
+    elif how == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:  # flip one byte in the middle
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip", "delete"])
+@pytest.mark.parametrize("name", [f for f in LORA_FILES if f != "README.md"])
+def test_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, lora_run, name, how):
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    _damage(run / "checkpoints/step-000004" / name, how)
+    warnings: list[str] = []
+    found = checkpoint.newest_resumable(run, warn=warnings.append)
+    assert found is not None and found.step == 2
+    assert len(warnings) == 1 and "step-000004" in warnings[0] and name in warnings[0], warnings
+
+
+def test_incomplete_and_weights_only_checkpoints_are_not_resumed(tmp_path, lora_run):
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    # a crash during a write leaves only a hidden temp folder: ignored without a word
+    shutil.copytree(run / "checkpoints/step-000004", run / "checkpoints/.tmp-step-000006-123")
+    checkpoint.drop_resume_state(run / "checkpoints/step-000004")
+    warnings: list[str] = []
+    assert checkpoint.newest_resumable(run, warn=warnings.append).step == 2
+    assert warnings == ["skipping checkpoint step-000004: weights only (its resume state was removed by checkpoint.keep_optimizer_state=last)"]
+    checkpoint.verify(run / "checkpoints/step-000004")  # still a valid (weights-only) checkpoint
+
+
+def test_resume_uses_previous_checkpoint_when_newest_is_corrupt(tmp_path, tiny_model_dir, chat_file, lora_run, caplog):
+    """Damage step 4 of a finished 4-step run, extend it to 6 steps: it continues from step 2 and the result
+    equals a 6-step run that was never interrupted."""
+    ref, ref_metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, "checkpoint.every_steps=2", "model.lora.dropout=0.1", "train.max_steps=6", name="ref")
+    run = tmp_path / "run"
+    shutil.copytree(ref.run_dir, run)
+    for step in (4, 6):
+        _damage(run / f"checkpoints/step-{step:06d}/adapter_model.safetensors", "flip")
+    with caplog.at_level("WARNING", logger="finetrack"):
+        result, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, "checkpoint.every_steps=2", "model.lora.dropout=0.1", "train.max_steps=6", name="run")
+    assert result.resumed_from_step == 2
+    assert "skipping checkpoint step-000006" in caplog.text and "adapter_model.safetensors: sha256 does not match" in caplog.text
+    assert [m["loss"] for m in metrics] == [m["loss"] for m in ref_metrics]
+    a, b = load_file(ref.final_checkpoint / "adapter_model.safetensors"), load_file(result.final_checkpoint / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _Payload:
+    """Unpickling this creates a marker file: proof that a pickle was executed."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_planted_pickles_are_never_executed(tmp_path, tiny_model_dir, chat_file, lora_run):
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    marker = tmp_path / "PWNED"
+    payload = pickle.dumps(_Payload(marker))
+    newest = run / "checkpoints/step-000004"
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin", "pytorch_model.bin", "trainer_state.pkl"):
+        (newest / name).write_bytes(payload)  # what other trainers would load; not in our manifest
+    result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, "checkpoint.every_steps=2", "model.lora.dropout=0.1", "train.max_steps=6", name="run")
+    assert result.resumed_from_step == 4 and not marker.exists()
+
+    # a payload in place of our own state file, with the manifest forged to match: refused, not executed
+    forged = tmp_path / "forged"
+    shutil.copytree(lora_run, forged)
+    newest = forged / "checkpoints/step-000004"
+    (newest / "trainer_state.safetensors").write_bytes(payload)
+    manifest = json.loads((newest / "MANIFEST.json").read_text())
+    manifest["files"]["trainer_state.safetensors"] = {"size": len(payload), "sha256": checkpoint.sha256_file(newest / "trainer_state.safetensors")}
+    (newest / "MANIFEST.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="trainer_state.safetensors: not a readable safetensors file"):
+        tiny_run(tmp_path, tiny_model_dir, chat_file, "checkpoint.every_steps=2", "model.lora.dropout=0.1", "train.max_steps=6", name="forged")
+    assert not marker.exists()
+
+
+def _is_pickle_or_torch_save(path: Path) -> bool:
+    head = path.read_bytes()[:4]
+    return (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or head.startswith(b"PK\x03\x04")
+
+
+def test_nothing_finetrack_writes_is_a_pickle(tmp_path, tiny_model_dir, chat_file):
+    for method in ("lora", "full"):
+        result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, f"model.method={method}", "checkpoint.every_steps=1", "train.max_steps=2",
+                             "train.optimizer=adamw_8bit", "data.eval_split=0.1", name=method)
+        files = [p for p in result.run_dir.rglob("*") if p.is_file()]
+        assert len(files) > 20
+        offenders = [p for p in files if _is_pickle_or_torch_save(p) or p.suffix in (".pt", ".pth", ".bin", ".pkl", ".pickle")]
+        assert offenders == []
+        for p in files:  # every file is JSON, YAML, text or safetensors
+            if p.suffix == ".safetensors":
+                load_file(p)
+            elif p.suffix in (".json",):
+                json.loads(p.read_text())
+            else:
+                p.read_text()
+
+
+def _steps(run: Path) -> list[int]:
+    return [int(p.name[5:]) for p in sorted((run / "checkpoints").glob("step-*"))]
+
+
+def test_retention_keeps_schedule_rolls_the_rest_and_drops_old_optimizer_state(tmp_path, tiny_model_dir, chat_file):
+    # 48 rows / 4 per step = 12 steps per epoch; first_epoch=2 -> steps 6 and 12; every step otherwise
+    common = ["checkpoint.every_steps=1", "checkpoint.first_epoch=2", "train.max_steps=9"]
+    r, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, "checkpoint.keep_last=2", name="keep")
+    assert _steps(r.run_dir) == [6, 8, 9]
+    r, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, "checkpoint.keep_last=1", "checkpoint.keep_schedule=false", name="roll")
+    assert _steps(r.run_dir) == [9]
+    r, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, "checkpoint.keep_optimizer_state=last", name="light")
+    assert _steps(r.run_dir) == list(range(1, 10))
+    with_state = [s for s in _steps(r.run_dir) if (checkpoint.checkpoint_dir(r.run_dir, s) / "trainer_state.safetensors").exists()]
+    assert with_state == [9]
+    for s in _steps(r.run_dir):  # every one still verifies: its manifest was rewritten before the files went
+        checkpoint.verify(checkpoint.checkpoint_dir(r.run_dir, s))

@@ -1,0 +1,127 @@
+"""Training with checkpoint.remote on a real S3 server (moto on 127.0.0.1): background push, resume on
+an empty machine, a killed uploader, --fresh and remote checkpoints."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import fsspec
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import tiny_run
+from finetrack import checkpoint, storage
+from finetrack.config import ConfigError
+from finetrack.resume import Request
+
+CONSTANT = ("train.lr_schedule=constant", "checkpoint.every_steps=3", "model.lora.dropout=0.1")  # lr independent of max_steps
+
+
+def same_weights(a, b) -> bool:
+    x, y = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    return all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_push_in_background_then_resume_on_an_empty_machine(tmp_path, tiny_model_dir, chat_file, s3, caplog):
+    ref, ref_metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *CONSTANT, "train.max_steps=9", name="ref")
+    first, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *CONSTANT, "train.max_steps=6", f"checkpoint.remote={s3}", name="first")
+    assert first.not_uploaded == [] and storage.remote_steps(s3) == [3, 6]
+    fs, root = fsspec.core.url_to_fs(s3)
+    assert {p.rsplit("/", 1)[-1] for p in fs.ls(root)} == {"checkpoints", "config.resolved.yaml", "data_report.json", "metrics.jsonl"}
+
+    # the job is resubmitted on a machine where the local run directory is gone
+    with caplog.at_level("INFO", logger="finetrack"):
+        again, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *CONSTANT, "train.max_steps=9", f"checkpoint.remote={s3}", name="elsewhere")
+    assert again.resumed_from_step == 6 and "resuming from the remote copy" in caplog.text and "testing" not in caplog.text
+    assert same_weights(ref.final_checkpoint, again.final_checkpoint)
+    assert [m["loss"] for m in metrics] == [m["loss"] for m in ref_metrics[6:]]  # this machine logged steps 7-9
+    assert storage.remote_steps(s3) == [3, 6, 9]
+
+
+def test_fresh_never_touches_remote_checkpoints_without_delete_remote(tmp_path, tiny_model_dir, chat_file, s3):
+    tiny_run(tmp_path, tiny_model_dir, chat_file, *CONSTANT, "train.max_steps=3", f"checkpoint.remote={s3}", name="run")
+    with pytest.raises(ConfigError, match="still holds the previous run's checkpoints.*--delete-remote"):
+        tiny_run(tmp_path, tiny_model_dir, chat_file, *CONSTANT, "train.max_steps=3", f"checkpoint.remote={s3}", name="run", request=Request(fresh=True))
+    assert storage.remote_steps(s3) == [3] and (tmp_path / "run/checkpoints/step-000003").is_dir()
+    result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *CONSTANT, "train.max_steps=3", f"checkpoint.remote={s3}", name="run",
+                         request=Request(fresh=True, delete_remote=True))
+    assert result.resumed_from_step == 0 and storage.remote_steps(s3) == [3]  # deleted, then the new run's own step 3
+    assert len(list((tmp_path / "run/superseded").iterdir())) == 1
+
+
+def test_killed_uploader_leaves_nothing_that_resume_or_sync_would_use(tmp_path, tiny_model_dir, chat_file, s3, proxy):
+    """kill -9 while step 6 is being uploaded (the proxy holds each of its PUTs): its files are partly on the
+    remote, its manifest is not, so sync and remote resume use step 3."""
+    cfg = {"model": {"name": str(tiny_model_dir), "lora": {"dropout": 0.1}}, "data": {"path": str(chat_file), "max_length": 512},
+           "train": {"micro_batch_size": 4, "max_steps": 6, "lr": 1e-2, "warmup_steps": 0},
+           "checkpoint": {"every_steps": 3, "remote": s3}, "output": {"dir": str(tmp_path / "job")}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    proxy.slow_puts(r"/step-000006/", 1.0)
+    proc = subprocess.Popen([sys.executable, "-m", "finetrack", "train", str(tmp_path / "job.yaml")], env={**os.environ},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while proxy.slow_forwarded < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    proc.kill()
+    proc.wait()
+    proxy.slow_puts(r"^$", 0)
+
+    fs, root = fsspec.core.url_to_fs(s3)
+    fs.invalidate_cache()
+    partial = [p for p in fs.find(f"{root}/checkpoints/step-000006")]
+    assert partial and not any(p.endswith("MANIFEST.json") for p in partial)  # half an upload is there, unlisted
+    assert storage.remote_steps(s3) == [3]
+
+    lines: list[str] = []
+    assert storage.sync(s3, tmp_path / "mirror", out=lines.append) == [3]
+    assert sorted(p.name for p in (tmp_path / "mirror/checkpoints").iterdir()) == ["step-000003"]
+
+    shutil.rmtree(tmp_path / "job")  # a new machine: resume comes from the remote, from step 3
+    result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, "model.lora.dropout=0.1", "train.max_steps=6", "checkpoint.every_steps=3",
+                         f"checkpoint.remote={s3}", name="job")
+    assert result.resumed_from_step == 3 and storage.remote_steps(s3) == [3, 6]
+    checkpoint.verify(result.final_checkpoint)
+
+
+def test_missing_backend_fails_before_any_work(tmp_path, tiny_model_dir, chat_file):
+    pytest.importorskip("fsspec")
+    try:
+        import gcsfs  # noqa: F401
+
+        pytest.skip("gcsfs is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ConfigError, match="checkpoint.remote: .*gcsfs"):
+        tiny_run(tmp_path, tiny_model_dir, chat_file, "checkpoint.remote=gs://bucket/run", name="gs")
+    assert not (tmp_path / "gs").exists()
+
+
+def test_sync_command_mirrors_once_and_watches_until_ctrl_c(tmp_path, tiny_model_dir, chat_file):
+    src, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, "checkpoint.every_steps=2", name="src")
+    cmd = [sys.executable, "-m", "finetrack", "sync", str(src.run_dir), str(tmp_path / "dst")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "fetched step-000002" in r.stdout and "fetched step-000004" in r.stdout and "fetched 2 checkpoint(s)" in r.stdout
+    for step in (2, 4):
+        checkpoint.verify(checkpoint.checkpoint_dir(tmp_path / "dst", step))
+    assert (tmp_path / "dst/metrics.jsonl").read_text() == (src.run_dir / "metrics.jsonl").read_text()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "fetched 0 checkpoint(s)" in r.stdout and "2 already present" in r.stdout, r.stdout
+
+    proc = subprocess.Popen([*cmd, "--watch", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    checkpoint.save(src.run_dir, 6, lambda d: (d / "w.json").write_text("{}"), None, {"rules": ["every_steps"]})  # a new one appears
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "dst/checkpoints/step-000006").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(2)  # Ctrl+C
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert (tmp_path / "dst/checkpoints/step-000006").is_dir() and "fetched step-000006" in out

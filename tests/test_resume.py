@@ -1,0 +1,132 @@
+"""Resume rules on the tiny model, in-process: same command continues, --fresh, --resume-from, config checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import chat_rows, tiny_run, write_chat_jsonl
+from finetrack import checkpoint
+from finetrack.config import ConfigError
+from finetrack.resume import Request
+
+COMMON = ("checkpoint.every_steps=3", "model.lora.dropout=0.1", "train.max_steps=16")  # 12 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_model_dir, chat_file) -> Path:
+    result, _ = tiny_run(tmp_path_factory.mktemp("ref"), tiny_model_dir, chat_file, *COMMON)
+    return result.run_dir
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    x, y = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def cut_after(src: Path, dst: Path, step: int) -> Path:
+    """A copy of a finished run as a crash after `step` would have left it (later checkpoints never written)."""
+    shutil.copytree(src, dst)
+    for d in (dst / "checkpoints").glob("step-*"):
+        if int(d.name[5:]) > step:
+            shutil.rmtree(d)
+    return dst
+
+
+def test_mid_epoch_resume_continues_the_same_data_order_and_is_bit_exact(tmp_path, tiny_model_dir, chat_file, full_run):
+    cut_after(full_run, tmp_path / "run", 9)  # step 9 of 12 in epoch 1: resume crosses the epoch boundary
+    state = json.loads((tmp_path / "run/checkpoints/step-000009/trainer_state.json").read_text())
+    assert (state["epoch"], state["step_in_epoch"]) == (0, 9)
+    result, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON, name="run")
+    assert result.resumed_from_step == 9
+    ref = [json.loads(x) for x in (full_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 17))  # lines after step 9 were replaced, not duplicated
+    assert [m["loss"] for m in metrics] == [m["loss"] for m in ref] and metrics[-1]["tokens"] == ref[-1]["tokens"]
+    assert same_weights(full_run / "checkpoints/step-000016", result.final_checkpoint)
+
+
+def test_harmless_changes_are_listed_others_refused(tmp_path, tiny_model_dir, chat_file, full_run, caplog):
+    cut_after(full_run, tmp_path / "run", 12)
+    with caplog.at_level("INFO", logger="finetrack"):
+        result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON[:2], "train.max_steps=14", "train.log_every_steps=2", name="run")
+    assert result.resumed_from_step == 12
+    assert "config change accepted on resume: train.log_every_steps: 1 -> 2" in caplog.text
+    assert "config change accepted on resume: train.max_steps: 16 -> 14" in caplog.text
+
+    cut_after(full_run, tmp_path / "run2", 12)
+    with pytest.raises(ConfigError) as e:
+        tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON, "train.lr=0.005", "model.lora.r=8", name="run2")
+    msg = str(e.value)
+    assert "cannot resume from" in msg and "train.lr: 0.01 -> 0.005" in msg and "model.lora.r: 16 -> 8" in msg and "--allow-config-change" in msg
+    result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON, "train.lr=0.005", name="run2", request=Request(allow_config_change=True))
+    assert result.resumed_from_step == 12
+
+    other = write_chat_jsonl(tmp_path / "other.jsonl", chat_rows(48, seed=1))
+    cut_after(full_run, tmp_path / "run3", 12)
+    with pytest.raises(ConfigError, match="training data \\(tokenized rows\\) fingerprint"):
+        tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON, f"data.path={other}", name="run3")
+
+
+def test_fresh_moves_the_old_run_aside(tmp_path, tiny_model_dir, chat_file, full_run, monkeypatch):
+    cut_after(full_run, tmp_path / "run", 6)
+    result, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON, "train.max_steps=3", name="run", request=Request(fresh=True))
+    assert result.resumed_from_step == 0 and [m["step"] for m in metrics] == [1, 2, 3]
+    (aside,) = (tmp_path / "run/superseded").iterdir()
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
+    assert (aside / "metrics.jsonl").is_file()
+    # the same through the environment, for job systems where only env vars change
+    monkeypatch.setenv("FINETRACK_FRESH", "1")
+    request = Request.from_env()
+    assert request.fresh
+    result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON, "train.max_steps=3", name="run", request=request)
+    assert result.resumed_from_step == 0 and len(list((tmp_path / "run/superseded").iterdir())) == 2
+
+
+def test_resume_from_another_runs_checkpoint_and_bad_paths(tmp_path, tiny_model_dir, chat_file, full_run):
+    result, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON, name="branch",
+                               request=Request(resume_from=str(full_run / "checkpoints/step-000012")))
+    assert result.resumed_from_step == 12 and [m["step"] for m in metrics] == [13, 14, 15, 16]
+    assert same_weights(full_run / "checkpoints/step-000016", result.final_checkpoint)
+    # a run directory means its newest resumable checkpoint
+    result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON, name="branch2", request=Request(resume_from=str(full_run)))
+    assert result.resumed_from_step == 16
+
+    with pytest.raises(ConfigError, match="no such checkpoint folder or run directory"):
+        tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON, name="bad", request=Request(resume_from=str(tmp_path / "nope")))
+    broken = tmp_path / "broken"
+    shutil.copytree(full_run / "checkpoints/step-000003", broken)
+    (broken / "trainer_state.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="trainer_state.safetensors: 0 bytes"):
+        tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON, name="bad", request=Request(resume_from=str(broken)))
+    assert not (tmp_path / "bad/checkpoints").exists()  # never a silent restart
+    with pytest.raises(ConfigError, match="--fresh and --resume-from"):
+        Request(fresh=True, resume_from="x")
+    with pytest.raises(ConfigError, match="--delete-remote only goes with --fresh"):
+        Request(delete_remote=True)
+
+
+def test_no_usable_checkpoint_is_an_error_not_a_restart(tmp_path, tiny_model_dir, chat_file, full_run):
+    cut_after(full_run, tmp_path / "run", 6)
+    for d in (tmp_path / "run/checkpoints").iterdir():
+        (d / "MANIFEST.json").unlink()
+    with pytest.raises(ConfigError, match="holds 2 checkpoint\\(s\\) but none can be resumed.*--fresh"):
+        tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON, name="run")
+    # only a crash before the first checkpoint finished (a temp folder): start again from step 0
+    shutil.rmtree(tmp_path / "run/checkpoints")
+    (tmp_path / "run/checkpoints/.tmp-step-000003-99").mkdir(parents=True)
+    result, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON, "train.max_steps=3", name="run")
+    assert result.resumed_from_step == 0 and [m["step"] for m in metrics] == [1, 2, 3]
+
+
+def test_already_finished_run_does_nothing(tmp_path, tiny_model_dir, chat_file, full_run):
+    shutil.copytree(full_run, tmp_path / "run")
+    before = (tmp_path / "run/metrics.jsonl").read_text()
+    result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON, name="run")
+    assert result.resumed_from_step == 16 and result.final_checkpoint == tmp_path / "run/checkpoints/step-000016"
+    assert (tmp_path / "run/metrics.jsonl").read_text() == before
+    assert checkpoint.newest_resumable(tmp_path / "run").step == 16
