@@ -130,3 +130,17 @@ def test_already_finished_run_does_nothing(tmp_path, tiny_model_dir, chat_file, 
     assert result.resumed_from_step == 16 and result.final_checkpoint == tmp_path / "run/checkpoints/step-000016"
     assert (tmp_path / "run/metrics.jsonl").read_text() == before
     assert checkpoint.newest_resumable(tmp_path / "run").step == 16
+
+
+@pytest.mark.parametrize("method, extra", [("full", ("train.optimizer=adamw_8bit", "train.grad_accum_steps=2", "train.micro_batch_size=2")),
+                                           ("qlora", ())])
+def test_every_method_resumes_bit_exactly(tmp_path, tiny_model_dir, chat_file, method, extra):
+    """N steps == N/2 + resume + N/2 for a full fine-tune (8-bit optimizer, accumulation) and QLoRA (4-bit base rebuilt)."""
+    common = (f"model.method={method}", "checkpoint.every_steps=3", "train.max_steps=6", *extra)
+    ref, ref_metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, name="ref")
+    cut_after(ref.run_dir, tmp_path / "cut", 3)
+    result, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, name="cut")
+    assert result.resumed_from_step == 3 and [m["loss"] for m in metrics] == [m["loss"] for m in ref_metrics]
+    weights = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    a, b = load_file(ref.final_checkpoint / weights), load_file(result.final_checkpoint / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
