@@ -231,6 +231,8 @@ def test_retention_keeps_schedule_rolls_the_rest_and_drops_old_optimizer_state(t
     common = ["checkpoint.every_steps=1", "checkpoint.first_epoch=2", "train.max_steps=9"]
     r, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, "checkpoint.keep_last=2", name="keep")
     assert _steps(r.run_dir) == [6, 8, 9]
+    r, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, "checkpoint.keep_last=20", name="many")
+    assert _steps(r.run_dir) == list(range(1, 10))  # fewer than keep_last: nothing deleted
     r, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, "checkpoint.keep_last=1", "checkpoint.keep_schedule=false", name="roll")
     assert _steps(r.run_dir) == [9]
     r, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, "checkpoint.keep_optimizer_state=last", name="light")

@@ -125,3 +125,28 @@ def test_sync_command_mirrors_once_and_watches_until_ctrl_c(tmp_path, tiny_model
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert (tmp_path / "dst/checkpoints/step-000006").is_dir() and "fetched step-000006" in out
+
+
+def test_remote_that_cannot_be_used_is_an_error_not_a_restart(tmp_path, tiny_model_dir, chat_file, s3, monkeypatch):
+    tiny_run(tmp_path, tiny_model_dir, chat_file, *CONSTANT, "train.max_steps=3", f"checkpoint.remote={s3}", name="run")
+    fs, root = fsspec.core.url_to_fs(s3)
+    fs.pipe_file(f"{root}/checkpoints/step-000003/adapter_model.safetensors", b"garbage")  # corrupted at rest
+    with pytest.raises(ConfigError, match="holds 1 checkpoint\\(s\\) but none could be downloaded and verified"):
+        tiny_run(tmp_path, tiny_model_dir, chat_file, *CONSTANT, "train.max_steps=6", f"checkpoint.remote={s3}", name="empty")
+    assert storage.remote_steps(s3) == [3]  # untouched
+
+    import socket
+
+    from conftest import use_endpoint
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there
+    use_endpoint(monkeypatch, f"http://127.0.0.1:{port}")
+    with pytest.raises(ConfigError, match="checkpoint.remote: cannot read s3://.*run the same command again"):
+        tiny_run(tmp_path, tiny_model_dir, chat_file, *CONSTANT, "train.max_steps=6", f"checkpoint.remote={s3}", name="empty2")
+
+
+def test_sync_errors_are_messages_not_tracebacks(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "finetrack", "sync", str(tmp_path / "nope"), str(tmp_path / "dst")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: sync: ") and "does not exist" in r.stderr and "Traceback" not in r.stderr

@@ -144,3 +144,54 @@ def test_every_method_resumes_bit_exactly(tmp_path, tiny_model_dir, chat_file, m
     weights = "model.safetensors" if method == "full" else "adapter_model.safetensors"
     a, b = load_file(ref.final_checkpoint / weights), load_file(result.final_checkpoint / weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unusable_newer_checkpoints_are_moved_aside_and_retention_keeps_the_new_line(tmp_path, tiny_model_dir, chat_file, full_run, caplog):
+    """A corrupt newest checkpoint is skipped on resume and moved to superseded/: it must not count as 'newest'
+    for retention (which would then delete every checkpoint the resumed run writes)."""
+    shutil.copytree(full_run, tmp_path / "run")
+    for step in (12, 15, 16):
+        data = bytearray((tmp_path / f"run/checkpoints/step-{step:06d}/adapter_model.safetensors").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (tmp_path / f"run/checkpoints/step-{step:06d}/adapter_model.safetensors").write_bytes(bytes(data))
+    with caplog.at_level("INFO", logger="finetrack"):
+        result, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON, "checkpoint.keep_last=1", name="run")
+    assert result.resumed_from_step == 9 and "moved 3 checkpoint(s) after step 9 that cannot be resumed" in caplog.text
+    assert [p.name for p in sorted((tmp_path / "run/checkpoints").iterdir())] == ["step-000016"]
+    assert same_weights(full_run / "checkpoints/step-000016", result.final_checkpoint)
+    (aside,) = (tmp_path / "run/superseded").iterdir()
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step-000012", "step-000015", "step-000016"]
+
+
+def test_rerunning_a_resume_from_command_continues_its_own_checkpoints(tmp_path, tiny_model_dir, chat_file, full_run, caplog):
+    request = Request(resume_from=str(full_run / "checkpoints/step-000006"))
+    first, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON[:2], "train.max_steps=12", name="branch", request=request)
+    assert first.resumed_from_step == 6
+    with caplog.at_level("INFO", logger="finetrack"):
+        again, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON, name="branch", request=request)
+    assert again.resumed_from_step == 12 and "--resume-from ignored" in caplog.text
+
+
+def test_logging_window_survives_resume(tmp_path, tiny_model_dir, chat_file):
+    common = ("checkpoint.every_steps=3", "train.max_steps=8", "train.log_every_steps=4")
+    ref, ref_metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, name="ref")
+    cut_after(ref.run_dir, tmp_path / "cut", 6)  # mid-window: steps 5-6 logged together with 7-8
+    _, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, name="cut")
+    assert [(m["step"], m["loss"], m["target_tokens"]) for m in metrics] == [(m["step"], m["loss"], m["target_tokens"]) for m in ref_metrics]
+
+
+def test_checkpoint_after_the_configured_end_is_an_error(tmp_path, tiny_model_dir, chat_file, full_run):
+    shutil.copytree(full_run, tmp_path / "run")
+    with pytest.raises(ConfigError, match="is at step 16, after the last step of this config \\(10\\)"):
+        tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON[:2], "train.max_steps=10", name="run")
+
+
+def test_a_different_global_batch_is_refused():
+    """A resume on another number of processes changes rows per step (and the data order position)."""
+    from finetrack.resume import check_config
+
+    with pytest.raises(ConfigError, match="resolved.global_batch_size: 8 -> 16"):
+        check_config({"resolved": {"global_batch_size": 8}}, {"resolved": {"global_batch_size": 16}}, "a", "a", False, Path("ck"))
+    assert check_config({"resolved": {"global_batch_size": 8}}, {"resolved": {"global_batch_size": 16}}, "a", "a", True, Path("ck")) == [
+        "resolved.global_batch_size: 8 -> 16 (allowed by --allow-config-change)"
+    ]

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from finetrack import checkpoint, storage
 from finetrack.checkpoint import MANIFEST, CheckpointError
 
-from conftest import BUCKET, SECRET
+from conftest import BUCKET, SECRET, use_endpoint as _use_endpoint
 
 
 # ------------------------------------------------------------------------------- checkpoints
@@ -226,22 +226,24 @@ def test_wait_returns_what_was_not_uploaded(proxy, s3, tmp_path, caplog):
         up.submit(folder)
 
 
-def test_credentials_are_never_shown(s3, tmp_path, caplog, capsys):
+def test_credentials_are_never_shown(s3, tmp_path, caplog, capsys, monkeypatch):
     caplog.set_level(logging.DEBUG, logger="finetrack")
-    # s3fs would read `user:password@bucket` as a bucket name, echoed in its errors: refused before any request
-    for call in (lambda u: storage.Uploader(u, tmp_path), storage.remote_steps, lambda u: storage.pull_checkpoint(u, 1, tmp_path)):
-        with pytest.raises(ValueError, match=rf"^s3://{BUCKET}/creds: s3:// takes no credentials in the URL") as e:
-            call(f"s3://AKIAUSER:hunter2pass@{BUCKET}/creds")
-        assert "hunter2pass" not in str(e.value)
+    # a URL is saved in config.resolved.yaml and meta.json: credentials in it are refused before any request
+    for url in (f"s3://AKIAUSER:hunter2pass@{BUCKET}/creds", "ftp://AKIAUSER:hunter2pass@127.0.0.1:21/run"):
+        for call in (lambda u: storage.Uploader(u, tmp_path), storage.remote_steps, lambda u: storage.pull_checkpoint(u, 1, tmp_path)):
+            with pytest.raises(ValueError, match="put no credentials in the URL") as e:
+                call(url)
+            assert "hunter2pass" not in str(e.value) and "AKIAUSER" not in str(e.value)
 
-    # ftp takes them from the URL: a failing upload names the server, never the password
+    # credentials from the environment: a failing upload names the server, never the secret
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again: nothing listens there
-    up = storage.Uploader(f"ftp://AKIAUSER:hunter2pass@127.0.0.1:{port}/run", tmp_path, retries=2, backoff_s=0.0)
+    _use_endpoint(monkeypatch, f"http://127.0.0.1:{port}")
+    up = storage.Uploader(s3, tmp_path, retries=2, backoff_s=0.0)
     up.submit(make_checkpoint(tmp_path, 1))
     assert len(up.wait()) == 1
-    assert f"to ftp://127.0.0.1:{port}/run failed after 2 attempt(s)" in caplog.text
+    assert f"to {s3} failed after 2 attempt(s)" in caplog.text
     text = caplog.text + "".join(capsys.readouterr())
     for secret in ("hunter2pass", "AKIAUSER", SECRET):
         assert secret not in text

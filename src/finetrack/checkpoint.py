@@ -194,7 +194,8 @@ def rng_state() -> dict:
         "python": list(random.getstate()),
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "torch_cpu": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # this process's own GPU only: every process seeds and consumes it alike, and the GPU count may differ on resume
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
     }
 
 
@@ -205,7 +206,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch_cpu"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"][0])
 
 
 def capture_state(optimizer: torch.optim.Optimizer, progress: dict) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -368,7 +369,7 @@ def retain(run_dir: Path, keep_last: int | None, keep_schedule: bool, keep_optim
     rolling = [f for f in older if not (keep_schedule and SCHEDULE_RULES & set(f.meta.get("rules", [])))]
     if keep_last is not None:
         keep_rolling = max(keep_last - 1, 0)  # the newest counts as one of the last N
-        doomed = rolling[: len(rolling) - keep_rolling] if keep_rolling else rolling
+        doomed = rolling[: max(0, len(rolling) - keep_rolling)]
         for f in doomed:
             if f.path not in busy:
                 discard(f.path)

@@ -55,15 +55,22 @@ def main(argv: list[str] | None = None) -> int:
 
             request = Request.from_env(fresh=args.fresh, delete_remote=args.delete_remote, resume_from=args.resume_from, allow_config_change=args.allow_config_change)
             result = run(load_config(config, overrides), request=request)
-            print(f"done: {result.total_steps} steps, loss {result.first_loss:.4f} -> {result.final_loss:.4f}; final checkpoint {result.final_checkpoint}")
+            if result.resumed_from_step == result.total_steps:
+                print(f"already complete: {result.total_steps} steps; final checkpoint {result.final_checkpoint}")
+            else:
+                print(f"done: {result.total_steps} steps, loss {result.first_loss:.4f} -> {result.final_loss:.4f}; final checkpoint {result.final_checkpoint}")
             if result.not_uploaded:
                 return 3
         elif args.verb == "sync":
             from pathlib import Path
 
-            from .storage import sync
+            from .storage import describe_error, sync
 
-            sync(args.src, Path(args.dst), watch_seconds=args.watch)
+            try:
+                sync(args.src, Path(args.dst), watch_seconds=args.watch)
+            except (ValueError, ImportError, OSError) as e:  # bad source, missing backend, network: no traceback
+                print(f"error: {describe_error(e, args.src)}", file=sys.stderr)
+                return 2
         elif args.verb == "demo":
             from .demo import demo
 

@@ -27,6 +27,13 @@ class Window:
         self.grad_norm = grad_norm
         self.extra = extra  # the objective's own metrics, from the latest step
 
+    def state(self) -> dict:
+        """Plain data for a checkpoint: a resume mid-window logs the same averages as an uninterrupted run."""
+        return dict(vars(self))
+
+    def restore(self, state: dict) -> None:
+        vars(self).update(state)
+
     def flush(self) -> dict:
         out = {"loss": self.loss_sum / max(1, self.targets), "grad_norm": self.grad_norm, "target_tokens": self.targets, "tokens_per_s": round(self.tokens / max(self.seconds, 1e-9), 1), **self.extra}
         self.__init__()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,29 +50,67 @@ class Request:
 
 
 def find_start(run_dir: Path, remote: str | None, request: Request, warn: Callable[[str], None] = log.warning) -> Path | None:
-    """The checkpoint folder to resume from, or None to start at step 0 (after --fresh has moved old files aside)."""
+    """The checkpoint folder to resume from, or None to start at step 0 (after --fresh has moved old files aside).
+
+    Order: the run directory's own newest verified checkpoint (so re-running a command that has
+    --resume-from continues where it got to), then --resume-from, then the remote copy. Local
+    checkpoints newer than the chosen one (unusable ones that were skipped) are moved aside, so
+    retention and later resumes only see the checkpoints of this line of training.
+    """
+    _sweep_temp_folders(run_dir)
     if request.fresh:
         _start_over(run_dir, remote, request.delete_remote)
         return None
-    if request.resume_from:
-        return _explicit(request.resume_from, run_dir)
     found = checkpoint.newest_resumable(run_dir, warn)
-    if found:
-        return found.path
-    if remote:
-        from . import storage
+    if found and request.resume_from:
+        log.info("--resume-from ignored: %s already has its own checkpoint %s (the same command run again continues from there)", run_dir, found.path.name)
+    start = found.path if found else _explicit(request.resume_from, run_dir) if request.resume_from else _from_remote(remote, run_dir, warn) if remote else None
+    if start is None:
+        leftovers = [d.name for d in (run_dir / "checkpoints").glob("step-*")] if (run_dir / "checkpoints").is_dir() else []
+        if leftovers:
+            raise ConfigError(
+                f"{run_dir}/checkpoints holds {len(leftovers)} checkpoint(s) but none can be resumed (see the warnings above): "
+                "fix or remove them, resume another one with --resume-from PATH, or start over with --fresh"
+            )
+        return None
+    _set_aside_newer(run_dir, checkpoint.read_meta(start)["step"])
+    return start
 
-        pulled = storage.pull_newest_resumable(remote, run_dir, warn)
-        if pulled:
-            log.info("resuming from the remote copy %s/checkpoints/%s", storage.redact(remote), pulled.name)
-            return pulled
-    leftovers = [d.name for d in (run_dir / "checkpoints").glob("step-*")] if (run_dir / "checkpoints").is_dir() else []
-    if leftovers:
-        raise ConfigError(
-            f"{run_dir}/checkpoints holds {len(leftovers)} checkpoint(s) but none can be resumed (see the warnings above): "
-            "fix or remove them, resume another one with --resume-from PATH, or start over with --fresh"
-        )
-    return None
+
+def _from_remote(remote: str, run_dir: Path, warn: Callable[[str], None]) -> Path | None:
+    """The newest complete remote checkpoint, downloaded; an error (never a restart from step 0) if the remote has
+    checkpoints but none could be used or the remote cannot be read."""
+    from . import storage
+
+    try:
+        steps = storage.remote_steps(remote)
+        pulled = storage.pull_newest_resumable(remote, run_dir, warn) if steps else None
+    except Exception as e:  # every fsspec backend has its own error types (network, credentials, permissions)
+        raise ConfigError(f"checkpoint.remote: cannot read {storage.redact(remote)}: {storage.describe_error(e, remote)}. "
+                          "Check the network and credentials and run the same command again") from None
+    if steps and not pulled:
+        raise ConfigError(f"checkpoint.remote: {storage.redact(remote)} holds {len(steps)} checkpoint(s) but none could be downloaded "
+                          "and verified (see the warnings above); run again to retry, or start over with --fresh --delete-remote")
+    if pulled:
+        log.info("resuming from the remote copy %s/checkpoints/%s", storage.redact(remote), pulled.name)
+    return pulled
+
+
+def _sweep_temp_folders(run_dir: Path) -> None:
+    """Temporary checkpoint folders are incomplete by construction (a crash mid-write): free their disk."""
+    for tmp in (run_dir / "checkpoints").glob(".tmp-step-*") if (run_dir / "checkpoints").is_dir() else []:
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("removed %s (a checkpoint write that never finished)", tmp)
+
+
+def _set_aside_newer(run_dir: Path, step: int) -> None:
+    newer = [d for d in (run_dir / "checkpoints").glob("step-*") if (checkpoint.parse_step(d.name) or 0) > step] if (run_dir / "checkpoints").is_dir() else []
+    if newer:
+        aside = _aside_dir(run_dir) / "checkpoints"
+        aside.mkdir(parents=True)
+        for d in newer:
+            d.rename(aside / d.name)
+        log.warning("moved %d checkpoint(s) after step %d that cannot be resumed to %s", len(newer), step, aside)
 
 
 def _explicit(spec: str, run_dir: Path) -> Path:
@@ -109,10 +148,14 @@ def _start_over(run_dir: Path, remote: str | None, delete_remote: bool) -> None:
     if remote:
         from . import storage
 
+        try:
+            n = storage.delete_remote_checkpoints(remote) if delete_remote else 0
+            remaining = [] if delete_remote else storage.remote_steps(remote)
+        except Exception as e:  # every fsspec backend has its own error types
+            raise ConfigError(f"--fresh: cannot read {storage.redact(remote)}: {storage.describe_error(e, remote)}") from None
         if delete_remote:
-            n = storage.delete_remote_checkpoints(remote)
             log.info("--fresh --delete-remote: deleted %d remote checkpoint(s) under %s", n, storage.redact(remote))
-        elif storage.remote_steps(remote):
+        elif remaining:
             raise ConfigError(
                 f"--fresh: {storage.redact(remote)} still holds the previous run's checkpoints, which a later resume would pick up. "
                 "Add --delete-remote to delete them, or set checkpoint.remote to a new URL"
@@ -120,15 +163,20 @@ def _start_over(run_dir: Path, remote: str | None, delete_remote: bool) -> None:
     old = [p for p in run_dir.iterdir() if p.name != "superseded"] if run_dir.is_dir() else []
     if not old:
         return
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside = run_dir / "superseded" / stamp
-    n = 1
-    while aside.exists():  # two --fresh starts in the same second
-        aside, n = run_dir / "superseded" / f"{stamp}-{n}", n + 1
+    aside = _aside_dir(run_dir)
     aside.mkdir(parents=True)
     for p in old:
         p.rename(aside / p.name)
     log.info("--fresh: moved the previous run's %d file(s)/folder(s) to %s", len(old), aside)
+
+
+def _aside_dir(run_dir: Path) -> Path:
+    """RUN_DIR/superseded/<time>: where files that are not deleted but no longer used go."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = run_dir / "superseded" / stamp, 1
+    while aside.exists():  # twice in the same second
+        aside, n = run_dir / "superseded" / f"{stamp}-{n}", n + 1
+    return aside
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -42,7 +42,7 @@ def redact(url: str) -> str:
     return _USERINFO.sub("", url)
 
 
-def _short(error: BaseException, url: str) -> str:
+def describe_error(error: BaseException, url: str) -> str:
     """An exception's text on one line, safe to log: backends echo paths, and those may hold the URL's credentials."""
     text = " ".join(str(error).split())[:300] or type(error).__name__
     userinfo = match.group(0)[:-1] if (match := _USERINFO.search(url)) else ""
@@ -54,9 +54,9 @@ def _short(error: BaseException, url: str) -> str:
 def check_url(url: str) -> None:
     """Fail early on a backend that is not installed, or on credentials the backend would not take from the URL."""
     protocol = fsspec.core.split_protocol(url)[0] or "file"
-    fs_class = fsspec.get_filesystem_class(protocol)  # ImportError naming the package to install
-    if (match := _USERINFO.search(url)) and match.group(0) in fs_class._strip_protocol(url):
-        raise ValueError(f"{redact(url)}: {protocol}:// takes no credentials in the URL (they would end up in paths and messages); "
+    fsspec.get_filesystem_class(protocol)  # ImportError naming the package to install
+    if _USERINFO.search(url):  # the URL is saved in config.resolved.yaml and meta.json: it must hold no secret
+        raise ValueError(f"{redact(url)}: put no credentials in the URL (it is saved with the run and shown in messages); "
                          "set them the backend's usual way, e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws/credentials for s3")
 
 
@@ -95,7 +95,7 @@ def _remote_manifest(fs: fsspec.AbstractFileSystem, root: str, name: str, url: s
     except FileNotFoundError:
         raise CheckpointError(f"{where}: missing (the upload did not finish)") from None
     except Exception as e:  # every backend has its own error types
-        raise CheckpointError(f"{where}: download failed ({_short(e, url)})") from None
+        raise CheckpointError(f"{where}: download failed ({describe_error(e, url)})") from None
     return checkpoint.parse_manifest(raw, where), raw
 
 
@@ -192,7 +192,7 @@ def pull_checkpoint(url: str, step: int, run_dir: Path) -> Path:
             except FileNotFoundError:
                 raise CheckpointError(f"{where}/{rel}: missing on the remote (listed in {MANIFEST})") from None
             except Exception as e:  # every backend has its own error types
-                raise CheckpointError(f"{where}/{rel}: download failed ({_short(e, url)})") from None
+                raise CheckpointError(f"{where}/{rel}: download failed ({describe_error(e, url)})") from None
         (tmp / MANIFEST).write_bytes(raw)
         try:
             checkpoint.verify(tmp, full=True)
@@ -205,10 +205,13 @@ def pull_checkpoint(url: str, step: int, run_dir: Path) -> Path:
     if final.exists():
         try:
             checkpoint.verify(final, full=True)
-            shutil.rmtree(tmp)
-            return final
         except CheckpointError:
-            checkpoint.discard(final)
+            checkpoint.discard(final)  # broken: the verified download replaces it
+        else:
+            shutil.rmtree(tmp)
+            if (final / MANIFEST).read_bytes() == raw:
+                return final
+            raise CheckpointError(f"{final} already holds a different checkpoint than {where}; move it away to fetch that one")
     os.rename(tmp, final)
     return final
 
@@ -265,7 +268,7 @@ class Uploader:
         try:
             on_remote = set(remote_steps(self.url))
         except Exception as e:  # every backend has its own error types; the next checkpoint retries anyway
-            self.log.warning("could not list %s (%s): earlier checkpoints are not re-uploaded now", redact(self.url), _short(e, self.url))
+            self.log.warning("could not list %s (%s): earlier checkpoints are not re-uploaded now", redact(self.url), describe_error(e, self.url))
             return 0
         missing = [f.path for f in checkpoint.complete_checkpoints(self.run_dir) if f.step not in on_remote]
         for folder in missing:
@@ -315,14 +318,14 @@ class Uploader:
                 push_run_files(self.run_dir, self.url)
                 return "done"
             except CheckpointError as e:
-                self.log.warning("not uploading checkpoint %s: %s", folder.name, _short(e, self.url))
+                self.log.warning("not uploading checkpoint %s: %s", folder.name, describe_error(e, self.url))
                 return "broken"
             except Exception as e:  # network and backend errors of every kind: retried, then reported
                 if attempt + 1 < self.retries:
                     time.sleep(self.backoff_s * 2**attempt)
                     continue
                 self.log.warning("upload of checkpoint %s to %s failed after %d attempt(s): %s (retried with the next checkpoint)",
-                                 folder.name, redact(self.url), self.retries, _short(e, self.url))
+                                 folder.name, redact(self.url), self.retries, describe_error(e, self.url))
         return "failed"
 
 
@@ -414,7 +417,7 @@ def sync(
             try:
                 fetched += _sync_once(src, dst, out, skipped, quiet=True)
             except OSError as e:  # a network hiccup must not end a long watch
-                out(f"poll of {redact(src)} failed: {_short(e, src)}; trying again in {watch_seconds:g} s")
+                out(f"poll of {redact(src)} failed: {describe_error(e, src)}; trying again in {watch_seconds:g} s")
             if stop.wait(watch_seconds):
                 return fetched
     except KeyboardInterrupt:

@@ -87,9 +87,7 @@ def run(cfg: Config, objective: Objective = causal_lm_objective, request: Reques
 
     # --- where to start: step 0 or a checkpoint (the main process may move files or download)
     start = resume.find_start(run_dir, cfg.checkpoint.remote, request) if main else None
-    accelerator.wait_for_everyone()
-    if not main:
-        start = resume.find_start(run_dir, None, Request(resume_from=request.resume_from if request.resume_from and "://" not in request.resume_from else None))
+    start = _share_path(accelerator, start)  # every process resumes from the folder the main process chose
     saved = checkpoint.read_meta(start) if start else None
 
     tokenizer = load_tokenizer(cfg.model)
@@ -106,9 +104,14 @@ def run(cfg: Config, objective: Objective = causal_lm_objective, request: Reques
     for key, reason in res.reasons.items():
         log.info("resolved %s = %s (%s)", key, list(res[key]) if key == "checkpoint_steps" else res[key], reason)
     fingerprint = data.fingerprint()
+    batch = {"global_batch_size": res["global_batch_size"]}  # includes the process count: rows per step
     if saved:
-        for line in resume.check_config(saved["config"], effective_dump(cfg), saved.get("data_fingerprint"), fingerprint, request.allow_config_change, start):
+        for line in resume.check_config({**saved["config"], "resolved": saved.get("resolved", {})}, {**effective_dump(cfg), "resolved": batch},
+                                        saved.get("data_fingerprint"), fingerprint, request.allow_config_change, start):
             log.info("config change accepted on resume: %s", line)
+        if saved["step"] > res["total_steps"]:
+            raise ConfigError(f"{start} is at step {saved['step']}, after the last step of this config ({res['total_steps']}): "
+                              "raise train.max_steps / train.num_epochs, or start over with --fresh")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.resolved.yaml").write_text(resolved_yaml(cfg, res))
@@ -135,10 +138,10 @@ def run(cfg: Config, objective: Objective = causal_lm_objective, request: Reques
     rows_per_process = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
     rank, world = accelerator.process_index, accelerator.num_processes
     # Progress of the run so far: what a checkpoint stores and a resume restores (RNG last, right before the loop).
-    done = {"step": 0, "tokens_seen": 0, "first_loss": float("nan"), "eval_loss": None}
+    done = {"step": 0, "tokens_seen": 0, "first_loss": float("nan"), "eval_loss": None, "window": Window().state()}
     if start:
         restored = checkpoint.restore_state(start, optimizer)
-        done.update({k: restored[k] for k in done})
+        done.update({k: restored[k] for k in done if k in restored})
         log.info("resuming from %s: step %d of %d, %s tokens seen", start, done["step"], total_steps, f"{done['tokens_seen']:,}")
     if main:
         dropped = resume.trim_metrics(run_dir / "metrics.jsonl", done["step"])
@@ -154,6 +157,7 @@ def run(cfg: Config, objective: Objective = causal_lm_objective, request: Reques
             log.info("uploading checkpoints an earlier attempt did not finish uploading")
     out = MetricsLog(run_dir / "metrics.jsonl", total_steps, done["step"], main)
     window = Window()
+    window.restore(done["window"])
     last_loss = float("nan")
     stopped_by = None
 
@@ -189,13 +193,14 @@ def run(cfg: Config, objective: Objective = causal_lm_objective, request: Reques
                 accelerator.wait_for_everyone()
                 if main:
                     rules = schedule.get(step, []) + (["signal"] if stopped_by and step not in schedule else [])
-                    progress = {**done, "epoch": epoch, "step_in_epoch": step - epoch * steps_per_epoch,
+                    progress = {**done, "window": window.state(), "epoch": epoch, "step_in_epoch": step - epoch * steps_per_epoch,
                                 "data": {"seed": cfg.train.seed, "shuffle": cfg.data.shuffle, "num_rows": len(data.train), "rows_per_step": rows_per_process * world},
                                 "lr_schedule": {"peak_lr": cfg.train.lr, "warmup_steps": res["warmup_steps"], "total_steps": total_steps, "kind": cfg.train.lr_schedule}}
                     meta = {"epoch": step / steps_per_epoch, "total_steps": total_steps, "tokens_seen": done["tokens_seen"], "rules": rules,
                             "metrics": {"loss": last_loss, "eval_loss": done["eval_loss"], "lr": lr, "grad_norm": grad_norm},
-                            "config_hash": config_hash(cfg), "config": effective_dump(cfg), "data_fingerprint": fingerprint}
+                            "config_hash": config_hash(cfg), "config": effective_dump(cfg), "resolved": batch, "data_fingerprint": fingerprint}
                     _save_checkpoint(run_dir, step, accelerator.unwrap_model(model), tokenizer, optimizer, progress, meta, cfg.checkpoint, uploader, out)
+                stopped_by = stopped_by or stop.requested(accelerator)  # a signal during the save: the checkpoint is already there
             if stopped_by:
                 break
         out.close()
@@ -217,6 +222,21 @@ def _save_checkpoint(run_dir: Path, step: int, model: nn.Module, tokenizer, opti
         uploader.submit(path)
     for line in checkpoint.retain(run_dir, ck.keep_last, ck.keep_schedule, ck.keep_optimizer_state, uploader.busy() if uploader else set()):
         out.say(f"retention: {line}")
+
+
+def _share_path(accelerator, path: Path | None) -> Path | None:
+    """The main process's choice, sent to every process as bytes in a tensor (no pickle between processes either)."""
+    if accelerator.num_processes == 1:
+        return path
+    from accelerate.utils import broadcast
+
+    buf = torch.zeros(4096, dtype=torch.uint8, device=accelerator.device)
+    if accelerator.is_main_process and path is not None:
+        raw = str(path).encode()
+        assert len(raw) < len(buf), "checkpoint path too long to share"
+        buf[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    raw = bytes(broadcast(buf, from_process=0).cpu().tolist()).rstrip(b"\0")
+    return Path(raw.decode()) if raw else None
 
 
 def _check_remote(url: str) -> None:
