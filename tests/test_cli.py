@@ -82,6 +82,16 @@ def test_train_cli_embedded_model_run_directory(tmp_path):
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
 
+    # evaluate step 0 (the base model) and both checkpoints, then gate on the result
+    r = finetrack("eval", str(out), 'eval.suites=[{"name": "heldout", "kind": "loss"}]', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = r.stdout.splitlines()
+    assert table[0].split() == ["step", "phase", "heldout.loss", "heldout.ppl"] and [x.split()[0] for x in table[2:]] == ["0", "2", "3"]
+    r = finetrack("gate", str(out), "--metric", "heldout.loss", "--min-improvement=-100%", cwd=tmp_path)
+    assert r.returncode == 0 and "GO" in r.stdout, r.stdout + r.stderr
+    r = finetrack("gate", str(out), "--metric", "heldout.loss", "--min-improvement", "1000%", cwd=tmp_path)
+    assert r.returncode == 1 and "NO-GO" in r.stdout
+
 
 @pytest.mark.e2e
 def test_demo_cli(tmp_path):

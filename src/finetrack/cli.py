@@ -31,6 +31,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("src", help="run directory: fsspec URL (s3://bucket/run, gs://, hf://, file://) or local path")
     s.add_argument("dst", help="local run directory to mirror into")
     s.add_argument("--watch", type=float, metavar="SECONDS", help="keep polling every SECONDS until Ctrl+C")
+    e = sub.add_parser(
+        "eval", help="evaluate the base model (step 0) and every checkpoint of a run with its eval suites",
+        description="finetrack eval RUN_DIR [--steps all|latest|0,47,94] [--suite NAME ...] [eval.key=value ...]",
+    )
+    e.add_argument("run_dir", help="run directory (holding config.resolved.yaml and checkpoints/)")
+    e.add_argument("overrides", nargs="*", help="eval.key=value applied to the run's eval section")
+    e.add_argument("--steps", default="all", help="all (default), latest, or a comma-separated list such as 0,47,94 (0 = the base model)")
+    e.add_argument("--suite", action="append", metavar="NAME", help="only these suites (repeatable); default: all of eval.suites")
+    g = sub.add_parser("gate", help="GO / NO-GO on an eval metric vs the base model: exit 0 GO, 1 NO-GO, 2 missing data")
+    from . import gate
+
+    gate.add_arguments(g)
     d = sub.add_parser("demo", help="fine-tune the embedded model on the demo chat set and show what changed")
     d.add_argument("overrides", nargs="*", help="section.key=value applied to the demo config, e.g. train.max_steps=20")
     return p
@@ -71,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
             except (ValueError, ImportError, OSError) as e:  # bad source, missing backend, network: no traceback
                 print(f"error: {describe_error(e, args.src)}", file=sys.stderr)
                 return 2
+        elif args.verb == "eval":
+            from .evaluate.runner import evaluate_run
+
+            evaluate_run(args.run_dir, steps=args.steps, suite_names=args.suite, overrides=list(args.overrides))
+        elif args.verb == "gate":
+            from . import gate
+
+            return gate.main(args)
         elif args.verb == "demo":
             from .demo import demo
 

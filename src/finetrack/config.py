@@ -15,17 +15,13 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from .evaluate.spec import SuiteConfig
 from .schedule import ScheduleError, checkpoint_steps, describe
+from .schema import ConfigError, Section
 
 
-class ConfigError(ValueError):
-    """A config problem the user must fix; the message says what to do."""
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -183,6 +179,16 @@ class EvalConfig(Section):
         None, gt=0, description="Held-out loss every N optimizer steps (needs data.eval_split); always computed at the end."
     )
     micro_batch_size: int | None = Field(None, gt=0, description="Rows per eval forward; default train.micro_batch_size.")
+    suites: list[SuiteConfig] = Field(
+        default_factory=list, description="What `finetrack eval` measures at step 0 (the base model) and every checkpoint (see the README)."
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "EvalConfig":
+        names = [s.name for s in self.suites]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval.suites: names must be unique (got {names})")
+        return self
 
 
 class OutputConfig(Section):

@@ -93,6 +93,11 @@ def load_tokenizer(cfg: ModelConfig):
 
 def build_model(cfg: ModelConfig, device: torch.device) -> nn.Module:
     """Load the base model for cfg.method, put it on `device`, choose trainable parameters."""
+    return _apply_method(load_base_model(cfg, device), cfg)
+
+
+def load_base_model(cfg: ModelConfig, device: torch.device) -> nn.Module:
+    """The base model as cfg.method trains it (4-bit for qlora), without adapters, on `device`."""
     from transformers import AutoModelForCausalLM
 
     dtype = _DTYPES[cfg.dtype]
@@ -111,7 +116,7 @@ def build_model(cfg: ModelConfig, device: torch.device) -> nn.Module:
     if cfg.method != "qlora":
         model.to(device)
     model.config.use_cache = False  # a KV cache during training silently contaminates packed forwards
-    return _apply_method(model, cfg)
+    return model
 
 
 def _apply_method(model: nn.Module, cfg: ModelConfig) -> nn.Module:

@@ -1,0 +1,89 @@
+"""The `judge` suite: free-form answers to a question set, scored by judges, aggregated per step.
+
+Every answer is kept (eval/responses/step-NNNNNN.jsonl) with its scores. Per step: the mean of each
+metric over scored answers, the number of unscored answers, and each named rate twice: over all
+answers scored on the rate's metrics, and over those that pass the rate's filter (the conditions after
+the first) — the two conventions found in the literature.
+"""
+
+from __future__ import annotations
+
+import operator
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from .generate import generate
+from .spec import JudgeConfig, JudgeSuite, parse_rate
+
+_OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+
+
+def conversations(questions: list, samples: int | None) -> list[dict]:
+    """One entry per answer to produce: question id, paraphrase index, sample index, the chat messages."""
+    out = []
+    for q in questions:
+        for p_index, text in enumerate(q.paraphrases):
+            for s in range(samples or q.samples_per_paraphrase):
+                messages = ([{"role": "system", "content": q.system}] if q.system else []) + [{"role": "user", "content": text}]
+                out.append({"question_id": q.id, "paraphrase": p_index, "sample": s, "question": text, "messages": messages})
+    return out
+
+
+def run(
+    suite: JudgeSuite, model: nn.Module, tokenizer, questions: list, judge_for: Callable[[JudgeConfig, str], object], on_answers: Callable[[int], None]
+) -> dict:
+    """Generate, judge, aggregate. judge_for(judge config, template) returns an object with .score(pairs)."""
+    items = conversations(questions, suite.generation.samples)
+    answers = generate(model, tokenizer, [it["messages"] for it in items], suite.generation, on_answers)
+    records = [{**{k: v for k, v in it.items() if k != "messages"}, "answer": a, "scores": {}} for it, a in zip(items, answers)]
+    by_question: dict[str, list[dict]] = {}
+    for r in records:
+        by_question.setdefault(r["question_id"], []).append(r)
+    for judge in suite.judges:
+        if judge.kind == "local":  # one judge prompt per metric, per question (the question file carries them)
+            for q in questions:
+                rows = by_question.get(q.id, [])
+                for metric, template in q.judge_prompts.items():
+                    scores = judge_for(judge, template).score([(r["question"], r["answer"]) for r in rows])
+                    for r, s in zip(rows, scores):
+                        r["scores"][metric] = s
+        else:
+            scores = judge_for(judge, "").score([(r["question"], r["answer"]) for r in records])
+            for r, s in zip(records, scores):
+                r["scores"][judge.metric] = s
+    metrics, counts = aggregate(records, suite.rates)
+    return {"metrics": metrics, "counts": counts, "responses": records}
+
+
+def aggregate(records: list[dict], rates: dict[str, str]) -> tuple[dict[str, float | None], dict[str, int]]:
+    """Means, unscored counts and both conventions of every rate whose metrics were scored."""
+    names = sorted({m for r in records for m in r["scores"]})
+    metrics: dict[str, float | None] = {}
+    counts: dict[str, int] = {"answers": len(records)}
+    for m in names:
+        vals = [r["scores"][m] for r in records if r["scores"].get(m) is not None]
+        metrics[m] = sum(vals) / len(vals) if vals else None
+        counts[f"{m}_unscored"] = len(records) - len(vals)
+    for rate, expr in rates.items():
+        conditions = parse_rate(expr)
+        if any(m not in names for m, _, _ in conditions):
+            continue  # this question set does not score those metrics
+        scored = [r for r in records if all(r["scores"].get(m) is not None for m, _, _ in conditions)]
+        passes = [[_OPS[op](r["scores"][m], v) for m, op, v in conditions] for r in scored]
+        hits = sum(all(p) for p in passes)
+        filtered = sum(all(p[1:]) for p in passes)
+        metrics[f"{rate}_rate"] = hits / len(scored) if scored else None
+        metrics[f"{rate}_rate_filtered"] = hits / filtered if filtered else None
+        counts[f"{rate}_scored"] = len(scored)
+        counts[f"{rate}_filter_passed"] = filtered
+        counts[f"{rate}_hits"] = hits
+    return metrics, counts
+
+
+def question_files_digest(suite: JudgeSuite) -> str:
+    """sha256 of the question file: part of the cache key (an edited question set is evaluated again)."""
+    import hashlib
+
+    return hashlib.sha256(Path(suite.questions).read_bytes()).hexdigest()[:16]

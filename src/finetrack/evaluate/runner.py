@@ -1,0 +1,299 @@
+"""`finetrack eval RUN_DIR`: the base model (step 0) and every selected checkpoint, through every suite.
+
+The base weights are loaded once; LoRA / QLoRA checkpoints are adapters swapped in and out of one
+PEFT model; full fine-tune checkpoints are loaded one at a time. Results are cached in the step
+files themselves: a (step, suite) pair whose key (checkpoint manifest hash + suite settings hash) is
+unchanged is not computed again.
+
+    eval/step-000047.json           metrics and counts per suite, with their cache keys
+    eval/responses/step-000047.jsonl  every generated answer with its scores (judge suites)
+    eval/summary.csv                one row per step, one column per metric
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import checkpoint
+from ..checkpoint import write_atomic
+from ..config import Config, ConfigError, load_config
+from ..models import load_base_model, load_tokenizer, model_source
+from .spec import JudgeConfig, JudgeSuite, LossSuite, PythonSuite
+
+log = logging.getLogger("finetrack")
+
+
+def select_steps(run_dir: Path, spec: str) -> list[tuple[int, Path | None]]:
+    """'all' | 'latest' | '0,47,94' -> [(step, checkpoint folder or None for the base model)]."""
+    found = {f.step: f.path for f in checkpoint.complete_checkpoints(run_dir)}
+    available = {0: None, **found}
+    if spec == "all":
+        return sorted(available.items())
+    if spec == "latest":
+        return [(0, None)] + ([max(found.items())] if found else [])
+    try:
+        wanted = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise ConfigError(f"--steps {spec}: use all, latest, or a comma-separated list of steps such as 0,47,94") from None
+    missing = [s for s in wanted if s not in available]
+    if missing:
+        raise ConfigError(f"--steps: no complete checkpoint for step(s) {missing} in {run_dir}; available: {sorted(available)}")
+    return [(s, available[s]) for s in wanted]
+
+
+def suite_key(suite, checkpoint_id: str) -> str:
+    """Cache key of one (step, suite) result."""
+    blob = json.dumps(suite.model_dump(mode="json"), sort_keys=True)
+    if isinstance(suite, JudgeSuite):
+        blob += Path(suite.questions).read_bytes().decode("utf-8", "replace")
+    return hashlib.sha256(f"{checkpoint_id}\n{blob}".encode()).hexdigest()[:16]
+
+
+def checkpoint_id(cfg: Config, folder: Path | None) -> str:
+    if folder is None:
+        return f"base:{cfg.model.name}@{cfg.model.revision or ''}:{cfg.model.method}:{cfg.model.dtype}"
+    return hashlib.sha256((folder / checkpoint.MANIFEST).read_bytes()).hexdigest()
+
+
+class Models:
+    """Yields the model at each step; the base model is loaded once."""
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        self.base = load_base_model(cfg.model, device)
+        self.base.eval()
+        self.peft = None
+
+    def at(self, folder: Path | None):
+        if folder is None:
+            return self.base if self.peft is None else _AdaptersOff(self.peft)
+        if self.cfg.model.method == "full":
+            from transformers import AutoModelForCausalLM
+
+            return AutoModelForCausalLM.from_pretrained(folder, dtype=self.base.dtype).to(self.device).eval()
+        from peft import PeftModel
+
+        name = folder.name
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.base, folder, adapter_name=name, is_trainable=False)
+        else:
+            self.peft.load_adapter(folder, adapter_name=name, is_trainable=False)
+        self.peft.set_adapter(name)
+        return self.peft.eval()
+
+    def done(self, folder: Path | None) -> None:
+        """Free what `at` loaded for this step (an adapter, or a full model)."""
+        if folder is not None and self.peft is not None and folder.name in self.peft.peft_config and len(self.peft.peft_config) > 1:
+            self.peft.delete_adapter(folder.name)
+
+
+class _AdaptersOff:
+    """The base model through a PEFT wrapper (step 0 after adapters were loaded)."""
+
+    def __init__(self, peft) -> None:
+        self.peft = peft
+
+    def __enter__(self):
+        self._ctx = self.peft.disable_adapter()
+        self._ctx.__enter__()
+        return self.peft
+
+    def __exit__(self, *exc) -> None:
+        self._ctx.__exit__(*exc)
+
+
+def evaluate_run(run_dir: Path, steps: str = "all", suite_names: list[str] | None = None, overrides: list[str] = (), out: Callable[[str], None] = print) -> list[dict]:
+    """Evaluate the selected steps of a run with its eval suites; returns the step records (also written to RUN_DIR/eval)."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.resolved.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a finetrack run directory (no config.resolved.yaml)")
+    bad = [o for o in overrides if not o.startswith("eval.")]
+    if bad:
+        raise ConfigError(f"{bad}: finetrack eval takes eval.* overrides only (the rest of the run's config is what it was trained with)")
+    cfg = load_config(run_dir / "config.resolved.yaml", list(overrides))
+    suites = [s for s in cfg.eval.suites if not suite_names or s.name in suite_names]
+    unknown = sorted(set(suite_names or []) - {s.name for s in cfg.eval.suites})
+    if unknown or not suites:
+        raise ConfigError(f"eval suites {unknown or '(none configured)'}: the run config defines {[s.name for s in cfg.eval.suites] or 'none'}; "
+                          "add them under eval.suites in the config")
+    selected = select_steps(run_dir, steps)
+    accelerator = Accelerator()
+    tokenizer = load_tokenizer(cfg.model)
+    meta = {s: checkpoint.read_meta(f) for s, f in selected if f is not None}
+    total_steps = max([m.get("total_steps", 0) for m in meta.values()] + [1])
+
+    todo = {}  # step -> [suite]
+    records = {}
+    for step, folder in selected:
+        records[step] = _read_step(run_dir, step) or {"step": step, "checkpoint": str(folder.relative_to(run_dir)) if folder else None, "suites": {}}
+        records[step].update(epoch=meta[step]["epoch"] if step in meta else 0.0, fraction=step / total_steps)
+        key_base = checkpoint_id(cfg, folder)
+        todo[step] = [s for s in suites if records[step]["suites"].get(s.name, {}).get("key") != suite_key(s, key_base)]
+    units = sum(_units(s, cfg, tokenizer) for step in todo for s in todo[step])
+    cached = sum(len(suites) - len(todo[s]) for s in todo)
+    if cached:
+        out(f"cached: {cached} (step, suite) result(s) unchanged since the last eval")
+    if units:
+        models = Models(cfg, accelerator.device)
+        judges = _Judges(cfg, accelerator.device)
+        bar = tqdm(total=units, desc="eval", unit="answer")
+        for step, folder in selected:
+            if not todo[step]:
+                continue
+            bar.set_postfix(step=step)
+            model = models.at(folder)
+            with model if isinstance(model, _AdaptersOff) else _Same(model) as m:
+                for suite in todo[step]:
+                    result = _run_suite(suite, m, tokenizer, cfg, accelerator, judges, bar)
+                    _write_responses(run_dir, step, suite.name, result.pop("responses", None))
+                    records[step]["suites"][suite.name] = {"key": suite_key(suite, checkpoint_id(cfg, folder)), **result}
+            models.done(folder)
+            _write_step(run_dir, records[step])
+        bar.close()
+    for record in records.values():
+        record["metrics"] = {f"{name}.{k}": v for name, r in sorted(record["suites"].items()) for k, v in r["metrics"].items()}
+        record["counts"] = {f"{name}.{k}": v for name, r in sorted(record["suites"].items()) for k, v in r.get("counts", {}).items()}
+        _write_step(run_dir, record)
+    rows = write_summary(run_dir)
+    out(trajectory_table(rows))
+    return [records[s] for s, _ in selected]
+
+
+class _Same:
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __enter__(self):
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+class _Judges:
+    """Judge objects, their models loaded once per eval."""
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.cfg, self.device, self.models = cfg, device, {}
+
+    def __call__(self, judge: JudgeConfig, template: str):
+        from . import judges
+
+        if judge.kind == "pattern":
+            return judges.PatternJudge(judge.pattern)
+        if judge.kind == "python":
+            return judges.PythonJudge(judge.function)
+        name = judge.model or model_source(self.cfg.model)
+        if name not in self.models:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            source = model_source(self.cfg.model.model_copy(update={"name": name}))
+            self.models[name] = (AutoModelForCausalLM.from_pretrained(source).to(self.device).eval(), AutoTokenizer.from_pretrained(source))
+        model, tokenizer = self.models[name]
+        return judges.LocalJudge.from_model(model, tokenizer, template, min_total=judge.min_total_prob)
+
+
+def _units(suite, cfg: Config, tokenizer) -> int:
+    if isinstance(suite, JudgeSuite):
+        from .freeform import conversations
+        from .questions import load_questions
+
+        return len(conversations(load_questions(Path(suite.questions)), suite.generation.samples))
+    return 1
+
+
+def _run_suite(suite, model, tokenizer, cfg: Config, accelerator, judges: _Judges, bar) -> dict:
+    if isinstance(suite, LossSuite):
+        from . import loss
+
+        result = loss.run(suite, model, tokenizer, loss.load_rows(suite, cfg, tokenizer), cfg, accelerator)
+        bar.update(1)
+        return result
+    if isinstance(suite, JudgeSuite):
+        from . import freeform
+        from .questions import load_questions
+
+        return freeform.run(suite, model, tokenizer, load_questions(Path(suite.questions)), judges, bar.update)
+    assert isinstance(suite, PythonSuite)
+    module, _, attr = suite.function.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"eval suite '{suite.name}': cannot import {suite.function} ({e})") from None
+    metrics = fn(model, tokenizer, dict(suite.options))
+    bar.update(1)
+    if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) or v is None for v in metrics.values()):
+        raise ConfigError(f"eval suite '{suite.name}': {suite.function} must return {{metric: number or None}}, got {metrics!r:.200}")
+    return {"metrics": metrics, "counts": {}}
+
+
+# ----------------------------------------------------------------------------------- files
+def _step_path(run_dir: Path, step: int) -> Path:
+    return run_dir / "eval" / f"step-{step:06d}.json"
+
+
+def _read_step(run_dir: Path, step: int) -> dict | None:
+    path = _step_path(run_dir, step)
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        log.warning("%s is unreadable: evaluating that step again", path)
+        return None
+
+
+def _write_step(run_dir: Path, record: dict) -> None:
+    path = _step_path(run_dir, record["step"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(record, indent=2) + "\n")
+
+
+def _write_responses(run_dir: Path, step: int, suite: str, responses: list[dict] | None) -> None:
+    """Replace this suite's answers in the step's responses file (other suites' lines stay)."""
+    if responses is None:
+        return
+    path = run_dir / "eval" / "responses" / f"step-{step:06d}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = [line for line in (path.read_text().splitlines() if path.is_file() else []) if json.loads(line).get("suite") != suite]
+    write_atomic(path, "".join(x + "\n" for x in kept) + "".join(json.dumps({"suite": suite, **r}) + "\n" for r in responses))
+
+
+def write_summary(run_dir: Path) -> list[dict]:
+    """eval/summary.csv from every step file: one row per step, one column per metric."""
+    rows = [json.loads(p.read_text()) for p in sorted((run_dir / "eval").glob("step-*.json"))]
+    names = sorted({m for r in rows for m in r.get("metrics", {})})
+    with open(run_dir / "eval" / "summary.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "epoch", "fraction", *names])
+        for r in rows:
+            w.writerow([r["step"], round(r.get("epoch", 0.0), 4), round(r.get("fraction", 0.0), 4), *("" if r["metrics"].get(n) is None else r["metrics"][n] for n in names)])
+    return rows
+
+
+def trajectory_table(rows: list[dict]) -> str:
+    """Step, where in training, each metric and its change vs step 0."""
+    names = sorted({m for r in rows for m in r.get("metrics", {})})
+    base = next((r["metrics"] for r in rows if r["step"] == 0), {})
+
+    def cell(r: dict, n: str) -> str:
+        v, b = r["metrics"].get(n), base.get(n)
+        if v is None:
+            return "-"
+        delta = "" if r["step"] == 0 or b is None else f" ({v - b:+.3g})"
+        return f"{v:.4g}{delta}"
+
+    header = ["step", "phase", *names]
+    body = [[str(r["step"]), "base" if r["step"] == 0 else f"epoch {r.get('epoch', 0):.2f} ({100 * r.get('fraction', 0):.0f}%)", *(cell(r, n) for n in names)] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(header, *body)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, body)])

@@ -1,0 +1,227 @@
+"""`finetrack gate`: GO / NO-GO on one metric, read from the eval files of a run.
+
+Reads RUN_DIR/eval/step-NNNNNN.json (written by `finetrack eval`; step 0 is the base model) and nothing
+else, so it can sit between two commands in a shell pipeline:
+
+    finetrack gate runs/x --metric heldout.loss --min-improvement 5% && finetrack train long.yaml
+
+Exit status: 0 GO, 1 NO-GO, 2 missing data (no run, no eval file, metric absent or null).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+# A leaf metric name containing any of these is lower-is-better; every other metric is higher-is-better.
+LOWER_IS_BETTER = ("loss", "ppl", "perplexity", "wasserstein", "mae", "error", "misaligned", "unscored")
+DIRECTIONS = ("lower", "higher")
+_EVAL_FILE = re.compile(r"step-(\d+)\.json")
+# Float round-off must not turn an exact hit into NO-GO: (0.3 - 0.285) / 0.3 is 0.04999999999999999.
+_TOLERANCE = 1e-9
+
+GO, NO_GO, MISSING = 0, 1, 2
+
+
+class _Missing(Exception):
+    """Data the gate needs is not there; the message says what and how to get it."""
+
+
+def parse_min_improvement(text: str) -> float:
+    """Parse a threshold as a fraction: "5%" -> 0.05, "0.05" -> 0.05, "-2%" -> -0.02 (tolerate a 2% regression)."""
+    raw = text.strip()
+    is_percent = raw.endswith("%")
+    try:
+        value = float(raw[:-1] if is_percent else raw)
+    except ValueError:
+        raise ValueError(f"min_improvement {text!r} is not a number: write a percentage like '5%' or '-2%', or a fraction like '0.05'") from None
+    if not math.isfinite(value):
+        raise ValueError(f"min_improvement {text!r} must be a finite number, e.g. '5%' or '0.05'")
+    if is_percent:
+        return value / 100
+    # A bare "5" is far more likely to mean 5% than a 500% improvement; make the user say which.
+    if abs(value) >= 1:
+        raise ValueError(f"min_improvement {text!r} is ambiguous: write '{raw}%' for {raw} percent, or a fraction below 1 such as '{value / 100:g}'")
+    return value
+
+
+def infer_direction(metric: str) -> tuple[str, str | None]:
+    """Which way is better for `metric`: ("lower", word that decided it) or ("higher", None).
+
+    Only the leaf name (after the last ".") counts, so a suite called "loss_probe" does not flip its accuracy metrics.
+    """
+    leaf = metric.rsplit(".", 1)[-1].lower()
+    for word in LOWER_IS_BETTER:
+        if word in leaf:
+            return "lower", word
+    return "higher", None
+
+
+def _eval_files(run_dir: Path) -> dict[int, Path]:
+    """Step -> eval file for every eval/step-N.json of the run; anything else in eval/ is ignored."""
+    if not run_dir.is_dir():
+        raise _Missing(f"run directory {run_dir} does not exist")
+    eval_dir = run_dir / "eval"
+    if not eval_dir.is_dir():
+        raise _Missing(f"{run_dir} has no eval/ folder: run `finetrack eval {run_dir}` first")
+    files = {}
+    for path in eval_dir.iterdir():
+        match = _EVAL_FILE.fullmatch(path.name)
+        if match and path.is_file():
+            files[int(match.group(1))] = path
+    if not files:
+        raise _Missing(f"{eval_dir} holds no step-NNNNNN.json eval files: run `finetrack eval {run_dir}` first")
+    return files
+
+
+def _list_steps(steps: list[int]) -> str:
+    steps = sorted(steps)
+    if len(steps) > 12:  # a long run can have hundreds of evals; the ends are what tells the user where to look
+        return ", ".join(map(str, steps[:5])) + f", ... ({len(steps) - 10} more), " + ", ".join(map(str, steps[-5:]))
+    return ", ".join(map(str, steps))
+
+
+def _read_metric(files: dict[int, Path], step: int, metric: str, role: str, run_dir: Path) -> float:
+    """The value of `metric` at `step`; raises _Missing naming the file and the metrics it does hold."""
+    path = files.get(step)
+    if path is None:
+        hint = " (step 0 is the base model)" if step == 0 else ""
+        raise _Missing(
+            f"no eval file for {role} step {step}{hint} in {run_dir / 'eval'}; evaluated steps: {_list_steps(list(files))}. "
+            f"Pick one of those or run `finetrack eval {run_dir}`"
+        )
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise _Missing(f"cannot read {path}: {e}; re-run `finetrack eval {run_dir}` to rewrite it") from None
+    metrics = record.get("metrics") if isinstance(record, dict) else None
+    if not isinstance(metrics, dict):
+        raise _Missing(f"{path} has no 'metrics' object; re-run `finetrack eval {run_dir}` to rewrite it")
+
+    def is_number(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    available = [name for name, v in metrics.items() if is_number(v)]
+    # Every metric, closest to what was asked first, so a typo's fix is at the front of the list.
+    ranked = difflib.get_close_matches(metric, available, n=len(available), cutoff=0.0)
+    listing = ", ".join(ranked) if ranked else "none"
+    if metric not in metrics:
+        close = difflib.get_close_matches(metric, available, n=1)
+        guess = f" Did you mean {close[0]!r}?" if close else ""
+        raise _Missing(f"metric {metric!r} is not in {path} ({role} step {step}).{guess} Metrics there: {listing}")
+    value = metrics[metric]
+    if not is_number(value):
+        what = "null (nothing could be scored)" if value is None else f"not a finite number ({value!r})"
+        raise _Missing(f"metric {metric!r} is {what} in {path} ({role} step {step}). Metrics with values there: {listing}")
+    return float(value)
+
+
+def gate(
+    run_dir: Path,
+    metric: str,
+    step: str = "latest",
+    baseline: int = 0,
+    min_improvement: str = "5%",
+    direction: str | None = None,
+    out: Callable[[str], None] = print,
+) -> int:
+    """Compare `metric` at `step` with `baseline` and say GO (0), NO-GO (1) or missing data (2).
+
+    step: "latest" (the highest step with an eval file) or a step number. min_improvement: "5%" or "0.05";
+    negative tolerates that much regression. direction: "lower" / "higher" is better; None infers it from the
+    metric name and says so. The improvement is relative to |baseline value|, or absolute when that is exactly 0.
+    Raises ValueError for a malformed step, threshold or direction.
+    """
+    threshold = parse_min_improvement(min_improvement)
+    if direction is not None and direction not in DIRECTIONS:
+        raise ValueError(f"direction {direction!r} must be 'lower' or 'higher' (which way is better for {metric})")
+    step_text = str(step).strip()
+    if step_text != "latest" and not step_text.isdigit():
+        raise ValueError(f"step {step!r} must be 'latest' or a step number such as 47")
+
+    run_dir = Path(run_dir)
+    try:
+        files = _eval_files(run_dir)
+        step_num = max(files) if step_text == "latest" else int(step_text)
+        if step_num == baseline:
+            only = " (it is the only step evaluated so far)" if len(files) == 1 else ""
+            raise _Missing(f"evaluated step {step_num} is the baseline step{only}: evaluate a checkpoint with `finetrack eval {run_dir}` or pick --step")
+        base_value = _read_metric(files, baseline, metric, "baseline", run_dir)
+        value = _read_metric(files, step_num, metric, "evaluated", run_dir)
+    except _Missing as e:
+        out(f"error: {e}")
+        return MISSING
+
+    if direction is None:
+        direction, word = infer_direction(metric)
+        other = "higher" if direction == "lower" else "lower"
+        why = f"its name contains {word!r}" if word else f"its name contains none of {', '.join(LOWER_IS_BETTER)}"
+        how = f"assumed because {why}; pass --direction {other} if not"
+    else:
+        how = "as given"
+    improvement = value - base_value if direction == "higher" else base_value - value
+    if base_value == 0:
+        # A relative change from 0 is undefined; the difference itself, in the metric's units, is the honest figure.
+        change, shown, needed = improvement, f"{improvement:+.6g}", f"{threshold:+.6g}"
+        change_text = f"{shown} (absolute difference: the baseline is exactly 0, so there is no relative change)"
+        threshold_text = f"at least {needed} (absolute, since the baseline is 0)"
+    else:
+        change, shown, needed = improvement / abs(base_value), f"{improvement / abs(base_value) * 100:+.2f}%", f"{threshold * 100:+.2f}%"
+        change_text = f"{shown} ({'improvement' if change > 0 else 'regression' if change < 0 else 'no change'})"
+        threshold_text = f"at least {needed}" + (f" (a regression of up to {-threshold * 100:.2f}% is tolerated)" if threshold < 0 else "")
+
+    out(f"metric:    {metric} ({direction} is better; {how})")
+    out(f"baseline:  step {baseline}: {base_value:.6g}")
+    out(f"evaluated: step {step_num}: {value:.6g}")
+    out(f"change:    {change_text}")
+    out(f"threshold: {threshold_text}")
+    moved = f"{metric} went {base_value:.6g} -> {value:.6g} (step {baseline} -> {step_num}), a change of {shown}"
+    if change >= threshold - _TOLERANCE:
+        out(f"GO: {moved}, meeting the required {needed}")
+        return GO
+    out(f"NO-GO: {moved}, short of the required {needed}")
+    return NO_GO
+
+
+def _threshold_arg(text: str) -> str:
+    """argparse type: reject a bad --min-improvement before anything is read, with the fix in the message."""
+    try:
+        parse_min_improvement(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _step_arg(text: str) -> str:
+    if text != "latest" and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'latest' or a step number such as 47")
+    return text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `finetrack gate` arguments to `parser` (the CLI wires the verb to `main`)."""
+    parser.add_argument("run_dir", help="run directory holding eval/step-NNNNNN.json files (from `finetrack eval`)")
+    parser.add_argument("--metric", required=True, help="metric to gate on, '<suite>.<metric>', e.g. heldout.loss or em.aligned")
+    parser.add_argument("--step", default="latest", type=_step_arg, help="step to judge: a step number, or 'latest' (default): the highest evaluated step")
+    parser.add_argument("--baseline", default=0, type=int, help="step to compare against (default 0: the base model)")
+    parser.add_argument(
+        "--min-improvement", default="5%", type=_threshold_arg, metavar="X",
+        # argparse reads a bare "-2%" as an unknown option (only plain numbers like -0.02 pass), hence the "=" form in the help.
+        help="required improvement over the baseline: '5%%' or '0.05' (default 5%%); negative tolerates a regression: --min-improvement=-2%%",
+    )
+    parser.add_argument("--direction", choices=DIRECTIONS, help="which way is better for the metric (default: inferred from its name)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the gate from parsed arguments; returns the exit status (0 GO, 1 NO-GO, 2 missing data or bad input)."""
+    try:
+        return gate(Path(args.run_dir), args.metric, step=args.step, baseline=args.baseline, min_improvement=args.min_improvement, direction=args.direction)
+    except ValueError as e:  # only reachable when args did not come through add_arguments' validation
+        print(f"error: {e}", file=sys.stderr)
+        return MISSING
