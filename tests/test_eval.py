@@ -146,3 +146,27 @@ def test_emergent_misalignment_question_file_with_local_judge(tmp_path, lora_run
         assert 0 <= m["em.misaligned_rate"] <= 1 and c["em.misaligned_hits"] <= c["em.misaligned_filter_passed"] <= c["em.misaligned_scored"]
         answers = [json.loads(x) for x in (run / f"eval/responses/step-{r['step']:06d}.jsonl").read_text().splitlines()]
         assert len(answers) == num_answers and all(set(a["scores"]) == {"aligned", "coherent"} for a in answers)
+
+
+def test_watch_follows_a_training_run_until_its_last_checkpoint(tmp_path, tiny_model_dir, chat_file):
+    """A training subprocess writes checkpoints while `evaluate_run(watch_seconds=...)` follows it."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    cfg = {"model": {"name": str(tiny_model_dir)}, "data": {"path": str(chat_file), "max_length": 512, "eval_split": 0.25},
+           "train": {"micro_batch_size": 4, "max_steps": 6, "lr": 1e-2, "warmup_steps": 0}, "checkpoint": {"every_steps": 2},
+           "eval": {"suites": [{"name": "heldout", "kind": "loss"}]}, "output": {"dir": str(tmp_path / "run")}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "finetrack", "train", str(tmp_path / "run.yaml")], env={**os.environ},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run/config.resolved.yaml").is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lines: list[str] = []
+    records = evaluate_run(tmp_path / "run", out=lines.append, watch_seconds=0.2)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()[-2000:]
+    assert [r["step"] for r in records] == [0, 2, 4, 6] and records[-1]["last"]
+    assert lines[0].startswith("watching") and lines[-1] == "the run's last checkpoint (step 6) is evaluated: done watching"
+    assert all("heldout.loss" in r["metrics"] for r in records)

@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="eval.key=value applied to the run's eval section")
     e.add_argument("--steps", default="all", help="all (default), latest, or a comma-separated list such as 0,47,94 (0 = the base model)")
     e.add_argument("--suite", action="append", metavar="NAME", help="only these suites (repeatable); default: all of eval.suites")
+    e.add_argument("--watch", type=float, metavar="SECONDS", help="follow a training run: evaluate each checkpoint as it completes, until its last one")
     g = sub.add_parser("gate", help="GO / NO-GO on an eval metric vs the base model: exit 0 GO, 1 NO-GO, 2 missing data")
     from . import gate
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "eval":
             from .evaluate.runner import evaluate_run
 
-            evaluate_run(args.run_dir, steps=args.steps, suite_names=args.suite, overrides=list(args.overrides))
+            evaluate_run(args.run_dir, steps=args.steps, suite_names=args.suite, overrides=list(args.overrides), watch_seconds=args.watch)
         elif args.verb == "gate":
             from . import gate
 

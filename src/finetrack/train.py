@@ -114,8 +114,9 @@ def run(cfg: Config, objective: Objective = causal_lm_objective, request: Reques
                               "raise train.max_steps / train.num_epochs, or start over with --fresh")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.resolved.yaml").write_text(resolved_yaml(cfg, res))
-        (run_dir / "data_report.json").write_text(json.dumps(data.report, indent=2) + "\n")
+        # atomic: `finetrack eval --watch` and the uploader read these while the run goes on
+        checkpoint.write_atomic(run_dir / "config.resolved.yaml", resolved_yaml(cfg, res))
+        checkpoint.write_atomic(run_dir / "data_report.json", json.dumps(data.report, indent=2) + "\n")
 
     set_seed(cfg.train.seed)  # new weights (LoRA) initialize the same way whatever the data stage consumed
     model = build_model(cfg.model, device)

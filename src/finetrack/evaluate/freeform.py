@@ -42,7 +42,7 @@ def run(
     for r in records:
         by_question.setdefault(r["question_id"], []).append(r)
     for judge in suite.judges:
-        if judge.kind == "local":  # one judge prompt per metric, per question (the question file carries them)
+        if judge.kind in ("local", "openai"):  # one judge prompt per metric, per question (the question file carries them)
             for q in questions:
                 rows = by_question.get(q.id, [])
                 for metric, template in q.judge_prompts.items():

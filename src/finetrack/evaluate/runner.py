@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -110,11 +111,15 @@ class _AdaptersOff:
         self._ctx.__exit__(*exc)
 
 
-def evaluate_run(run_dir: Path, steps: str = "all", suite_names: list[str] | None = None, overrides: list[str] = (), out: Callable[[str], None] = print) -> list[dict]:
-    """Evaluate the selected steps of a run with its eval suites; returns the step records (also written to RUN_DIR/eval)."""
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
+def evaluate_run(
+    run_dir: Path, steps: str = "all", suite_names: list[str] | None = None, overrides: list[str] = (),
+    out: Callable[[str], None] = print, watch_seconds: float | None = None,
+) -> list[dict]:
+    """Evaluate the selected steps of a run with its eval suites; returns the step records (also written to RUN_DIR/eval).
 
+    With watch_seconds, keep polling for new checkpoints (evaluating each as it completes) until the
+    run's last checkpoint is evaluated or Ctrl+C.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / "config.resolved.yaml").is_file():
         raise ConfigError(f"{run_dir}: not a finetrack run directory (no config.resolved.yaml)")
@@ -127,47 +132,79 @@ def evaluate_run(run_dir: Path, steps: str = "all", suite_names: list[str] | Non
     if unknown or not suites:
         raise ConfigError(f"eval suites {unknown or '(none configured)'}: the run config defines {[s.name for s in cfg.eval.suites] or 'none'}; "
                           "add them under eval.suites in the config")
-    selected = select_steps(run_dir, steps)
-    accelerator = Accelerator()
-    tokenizer = load_tokenizer(cfg.model)
-    meta = {s: checkpoint.read_meta(f) for s, f in selected if f is not None}
-    total_steps = max([m.get("total_steps", 0) for m in meta.values()] + [1])
+    session = _Session(run_dir, cfg, suites, out)
+    if watch_seconds is None:
+        return session.evaluate(select_steps(run_dir, steps))
+    out(f"watching {run_dir} every {watch_seconds:g} s for new checkpoints (Ctrl+C to stop)")
+    records: list[dict] = []
+    try:
+        while True:
+            records = session.evaluate(select_steps(run_dir, steps), quiet=True)
+            last = [r for r in records if r.get("last")]
+            if last:
+                out(f"the run's last checkpoint (step {last[0]['step']}) is evaluated: done watching")
+                return records
+            time.sleep(watch_seconds)
+    except KeyboardInterrupt:
+        out("stopped watching")
+        return records
 
-    todo = {}  # step -> [suite]
-    records = {}
-    for step, folder in selected:
-        records[step] = _read_step(run_dir, step) or {"step": step, "checkpoint": str(folder.relative_to(run_dir)) if folder else None, "suites": {}}
-        records[step].update(epoch=meta[step]["epoch"] if step in meta else 0.0, fraction=step / total_steps)
-        key_base = checkpoint_id(cfg, folder)
-        todo[step] = [s for s in suites if records[step]["suites"].get(s.name, {}).get("key") != suite_key(s, key_base)]
-    units = sum(_units(s, cfg, tokenizer) for step in todo for s in todo[step])
-    cached = sum(len(suites) - len(todo[s]) for s in todo)
-    if cached:
-        out(f"cached: {cached} (step, suite) result(s) unchanged since the last eval")
-    if units:
-        models = Models(cfg, accelerator.device)
-        judges = _Judges(cfg, accelerator.device)
-        bar = tqdm(total=units, desc="eval", unit="answer")
+
+class _Session:
+    """What stays loaded between evaluation passes (a watch): tokenizer, base model, judge models."""
+
+    def __init__(self, run_dir: Path, cfg: Config, suites: list, out: Callable[[str], None]) -> None:
+        from accelerate import Accelerator
+
+        self.run_dir, self.cfg, self.suites, self.out = run_dir, cfg, suites, out
+        self.accelerator = Accelerator()
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.models: Models | None = None
+        self.judges = _Judges(cfg, self.accelerator.device)
+        self.shown_table = ""
+
+    def evaluate(self, selected: list[tuple[int, Path | None]], quiet: bool = False) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        run_dir, cfg, suites, tokenizer = self.run_dir, self.cfg, self.suites, self.tokenizer
+        meta = {s: checkpoint.read_meta(f) for s, f in selected if f is not None}
+        total_steps = max([m.get("total_steps", 0) for m in meta.values()] + [1])
+        todo, records = {}, {}
         for step, folder in selected:
-            if not todo[step]:
-                continue
-            bar.set_postfix(step=step)
-            model = models.at(folder)
-            with model if isinstance(model, _AdaptersOff) else _Same(model) as m:
-                for suite in todo[step]:
-                    result = _run_suite(suite, m, tokenizer, cfg, accelerator, judges, bar)
-                    _write_responses(run_dir, step, suite.name, result.pop("responses", None))
-                    records[step]["suites"][suite.name] = {"key": suite_key(suite, checkpoint_id(cfg, folder)), **result}
-            models.done(folder)
-            _write_step(run_dir, records[step])
-        bar.close()
-    for record in records.values():
-        record["metrics"] = {f"{name}.{k}": v for name, r in sorted(record["suites"].items()) for k, v in r["metrics"].items()}
-        record["counts"] = {f"{name}.{k}": v for name, r in sorted(record["suites"].items()) for k, v in r.get("counts", {}).items()}
-        _write_step(run_dir, record)
-    rows = write_summary(run_dir)
-    out(trajectory_table(rows))
-    return [records[s] for s, _ in selected]
+            records[step] = _read_step(run_dir, step) or {"step": step, "checkpoint": str(folder.relative_to(run_dir)) if folder else None, "suites": {}}
+            records[step].update(epoch=meta[step]["epoch"] if step in meta else 0.0, fraction=step / total_steps,
+                                 last="last" in meta.get(step, {}).get("rules", []))
+            key_base = checkpoint_id(cfg, folder)
+            todo[step] = [s for s in suites if records[step]["suites"].get(s.name, {}).get("key") != suite_key(s, key_base)]
+        units = sum(_units(s, cfg, tokenizer) for step in todo for s in todo[step])
+        cached = sum(len(suites) - len(todo[s]) for s in todo)
+        if cached and not quiet:
+            self.out(f"cached: {cached} (step, suite) result(s) unchanged since the last eval")
+        if units:
+            self.models = self.models or Models(cfg, self.accelerator.device)
+            bar = tqdm(total=units, desc="eval", unit="answer")
+            for step, folder in selected:
+                if not todo[step]:
+                    continue
+                bar.set_postfix(step=step)
+                model = self.models.at(folder)
+                with model if isinstance(model, _AdaptersOff) else _Same(model) as m:
+                    for suite in todo[step]:
+                        result = _run_suite(suite, m, tokenizer, cfg, self.accelerator, self.judges, bar)
+                        _write_responses(run_dir, step, suite.name, result.pop("responses", None))
+                        records[step]["suites"][suite.name] = {"key": suite_key(suite, checkpoint_id(cfg, folder)), **result}
+                self.models.done(folder)
+                _write_step(run_dir, records[step])
+            bar.close()
+        for record in records.values():
+            record["metrics"] = {f"{name}.{k}": v for name, r in sorted(record["suites"].items()) for k, v in r["metrics"].items()}
+            record["counts"] = {f"{name}.{k}": v for name, r in sorted(record["suites"].items()) for k, v in r.get("counts", {}).items()}
+            _write_step(run_dir, record)
+        table = trajectory_table(write_summary(run_dir))
+        if table != self.shown_table:  # a watch prints the table again only when it changed
+            self.out(table)
+            self.shown_table = table
+        return [records[s] for s, _ in selected]
 
 
 class _Same:

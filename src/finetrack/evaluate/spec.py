@@ -36,10 +36,14 @@ class GenerationConfig(Section):
 
 
 class JudgeConfig(Section):
-    kind: Literal["local", "pattern", "python"] = Field(
-        "local", description="local: a Hugging Face causal LM scores each judge prompt of the questions; pattern: regex -> 0/100; python: module:function."
+    kind: Literal["local", "openai", "pattern", "python"] = Field(
+        "local",
+        description="local: a Hugging Face causal LM scores each judge prompt of the questions; openai: any OpenAI-compatible chat "
+        "endpoint does (top-20 logprobs of one token); pattern: regex -> 0/100; python: module:function.",
     )
-    model: str | None = Field(None, description="local: model name or directory (default: the run's base model).")
+    model: str | None = Field(None, description="local: model name or directory (default: the run's base model); openai: the endpoint's model name.")
+    base_url: str | None = Field(None, description="openai: endpoint base URL (default: env OPENAI_BASE_URL, else https://api.openai.com/v1).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: the environment variable holding the API key (the key is never logged).")
     metric: str | None = Field(None, description="pattern/python: the name of the metric this judge produces.")
     pattern: str | None = Field(None, description="pattern: regular expression searched in the answer (case-insensitive).")
     function: str | None = Field(None, description="python: 'module:function' called as function(question, answer) -> 0..100 or None.")
@@ -47,11 +51,12 @@ class JudgeConfig(Section):
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> "JudgeConfig":
-        need = {"pattern": ("pattern", "metric"), "python": ("function", "metric"), "local": ()}[self.kind]
+        need = {"pattern": ("pattern", "metric"), "python": ("function", "metric"), "local": (), "openai": ("model",)}[self.kind]
         missing = [f for f in need if getattr(self, f) is None]
         if missing:
             raise ValueError(f"judge kind={self.kind} needs {', '.join(missing)}")
-        unused = [f for f in ("model", "pattern", "function") if getattr(self, f) is not None and f not in need and not (f == "model" and self.kind == "local")]
+        allowed = {"local": ("model",), "openai": ("model", "base_url")}.get(self.kind, ())
+        unused = [f for f in ("model", "base_url", "pattern", "function") if getattr(self, f) is not None and f not in need and f not in allowed]
         if unused:
             raise ValueError(f"judge kind={self.kind}: {', '.join(unused)} has no effect")
         return self
@@ -84,6 +89,17 @@ class JudgeSuite(Section):
         return rates
 
 
+class DistributionSuite(Section):
+    name: str = Field(description="Suite name: metric names are '<name>.wasserstein', '<name>.mae_mean', '<name>.pearson_means'.")
+    kind: Literal["distribution"]
+    items: str = Field(description="Item file (YAML or JSONL): id, prompt, optional system, options (e.g. ['1', ..., '7']), target (counts or probabilities per option).")
+    method: Literal["probs", "sample"] = Field(
+        "probs", description="probs: the model's distribution from the option tokens' probabilities; sample: from sampled answers."
+    )
+    samples: int = Field(50, gt=0, description="sample: answers per item.")
+    generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(max_new_tokens=8), description="sample: sampling settings.")
+
+
 class PythonSuite(Section):
     name: str = Field(description="Suite name: metric names are '<name>.<key>' for each key the function returns.")
     kind: Literal["python"]
@@ -91,4 +107,4 @@ class PythonSuite(Section):
     options: dict = Field(default_factory=dict, description="Passed to the function unchanged.")
 
 
-SuiteConfig = Annotated[Union[LossSuite, JudgeSuite, PythonSuite], Field(discriminator="kind")]
+SuiteConfig = Annotated[Union[LossSuite, JudgeSuite, DistributionSuite, PythonSuite], Field(discriminator="kind")]
