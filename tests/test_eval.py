@@ -170,3 +170,21 @@ def test_watch_follows_a_training_run_until_its_last_checkpoint(tmp_path, tiny_m
     assert [r["step"] for r in records] == [0, 2, 4, 6] and records[-1]["last"]
     assert lines[0].startswith("watching") and lines[-1] == "the run's last checkpoint (step 6) is evaluated: done watching"
     assert all("heldout.loss" in r["metrics"] for r in records)
+
+
+def test_plain_adapter_and_model_folders(tmp_path, lora_run, tiny_model_dir, chat_file):
+    from finetrack.evaluate.runner import evaluate_model
+
+    suites = json.dumps([{"name": "rows", "kind": "loss", "data": str(chat_file)}])
+    adapter = lora_run / "checkpoints/step-000004"
+    records = evaluate_model(adapter, tmp_path / "out", overrides=[f"eval.suites={suites}", "data.max_length=512"], out=lambda s: None)
+    assert [r["step"] for r in records] == [0, 1] and (tmp_path / "out/eval/summary.csv").is_file()
+    # the same adapter through the run directory gives the same loss
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    through_run = evaluate_run(run, steps="0,4", overrides=[f"eval.suites={suites}"], out=lambda s: None)
+    assert records[1]["metrics"]["rows.loss"] == pytest.approx(through_run[1]["metrics"]["rows.loss"], abs=1e-5)
+    assert records[0]["metrics"]["rows.loss"] == pytest.approx(through_run[0]["metrics"]["rows.loss"], abs=1e-5)
+
+    plain = evaluate_model(tiny_model_dir, tmp_path / "plain", overrides=[f"eval.suites={suites}", "data.max_length=512"], out=lambda s: None)
+    assert [r["step"] for r in plain] == [0] and plain[0]["metrics"]["rows.loss"] == pytest.approx(records[0]["metrics"]["rows.loss"], abs=1e-5)

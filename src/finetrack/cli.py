@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, help_config, load_config
@@ -35,10 +36,12 @@ def _parser() -> argparse.ArgumentParser:
         "eval", help="evaluate the base model (step 0) and every checkpoint of a run with its eval suites",
         description="finetrack eval RUN_DIR [--steps all|latest|0,47,94] [--suite NAME ...] [eval.key=value ...]",
     )
-    e.add_argument("run_dir", help="run directory (holding config.resolved.yaml and checkpoints/)")
+    e.add_argument("run_dir", help="run directory (holding config.resolved.yaml and checkpoints/), or a model or adapter folder")
     e.add_argument("overrides", nargs="*", help="eval.key=value applied to the run's eval section")
     e.add_argument("--steps", default="all", help="all (default), latest, or a comma-separated list such as 0,47,94 (0 = the base model)")
     e.add_argument("--suite", action="append", metavar="NAME", help="only these suites (repeatable); default: all of eval.suites")
+    e.add_argument("--config", help="a model or adapter folder: the config whose eval.suites (and model settings) to use")
+    e.add_argument("--output", help="a model or adapter folder: where results go (default ./eval-<folder name>)")
     e.add_argument("--watch", type=float, metavar="SECONDS", help="follow a training run: evaluate each checkpoint as it completes, until its last one")
     g = sub.add_parser("gate", help="GO / NO-GO on an eval metric vs the base model: exit 0 GO, 1 NO-GO, 2 missing data")
     from . import gate
@@ -75,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
             if result.not_uploaded:
                 return 3
         elif args.verb == "sync":
-            from pathlib import Path
-
             from .storage import describe_error, sync
 
             try:
@@ -85,8 +86,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {describe_error(e, args.src)}", file=sys.stderr)
                 return 2
         elif args.verb == "eval":
-            from .evaluate.runner import evaluate_run
+            from .evaluate.runner import evaluate_model, evaluate_run
 
+            if not (Path(args.run_dir) / "config.resolved.yaml").is_file() and Path(args.run_dir).is_dir():
+                evaluate_model(Path(args.run_dir), args.output and Path(args.output), args.config and Path(args.config), list(args.overrides))
+                return 0
             evaluate_run(args.run_dir, steps=args.steps, suite_names=args.suite, overrides=list(args.overrides), watch_seconds=args.watch)
         elif args.verb == "gate":
             from . import gate

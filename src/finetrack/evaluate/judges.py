@@ -8,9 +8,9 @@ Every judge has the same interface, `score(pairs: list[tuple[str, str]]) -> list
 - `PatternJudge`: a regular expression found in the answer -> 100, else 0.
 - `PythonJudge`: "module:function" called as function(question, answer).
 
-An OpenAI-compatible API judge will be one more class here with the same `score`: it fills the same
-template, asks the endpoint for the top logprobs of the first answer token, and hands the numbers it
-finds to `number_distribution_score`, as the emergent-misalignment evaluation does.
+- `OpenAIJudge` (in `openai_judge.py`): an OpenAI-compatible endpoint; it fills the same template, asks
+  for the top logprobs of the first answer token, and hands the numbers it finds to
+  `number_distribution_score`, as the emergent-misalignment evaluation does.
 """
 
 from __future__ import annotations

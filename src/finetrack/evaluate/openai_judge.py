@@ -155,7 +155,8 @@ class OpenAIJudge:
         try:
             return json.loads(raw)
         except ValueError:
-            raise JudgeError(f"openai judge: POST {url} answered with something that is not JSON: {self._short(raw.decode(errors='replace'))}") from None
+            text = self._short(raw.decode(errors="replace"))
+            raise JudgeError(f"openai judge: POST {url} answered with something that is not JSON: {text}") from None
 
     def _short(self, text: str) -> str:
         """Error text cut short and with the key blanked, should a server echo it back."""

@@ -59,9 +59,19 @@ def suite_key(suite, checkpoint_id: str) -> str:
 
 
 def checkpoint_id(cfg: Config, folder: Path | None) -> str:
+    """What the result of a step depends on: the base model settings, or the checkpoint's manifest (its files' hashes)."""
     if folder is None:
         return f"base:{cfg.model.name}@{cfg.model.revision or ''}:{cfg.model.method}:{cfg.model.dtype}"
-    return hashlib.sha256((folder / checkpoint.MANIFEST).read_bytes()).hexdigest()
+    if (folder / checkpoint.MANIFEST).is_file():
+        return hashlib.sha256((folder / checkpoint.MANIFEST).read_bytes()).hexdigest()
+    h = hashlib.sha256()  # a plain adapter folder (finetrack eval ADAPTER_DIR): hash its weights
+    for f in sorted(folder.glob("*.safetensors")):
+        h.update(f.name.encode() + checkpoint.sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def _meta(folder: Path | None) -> dict:
+    return checkpoint.read_meta(folder) if folder is not None and (folder / "meta.json").is_file() else {}
 
 
 class Models:
@@ -150,6 +160,43 @@ def evaluate_run(
         return records
 
 
+def evaluate_model(
+    path: Path, output: Path | None = None, config: Path | None = None, overrides: list[str] = (), out: Callable[[str], None] = print
+) -> list[dict]:
+    """`finetrack eval MODEL_OR_ADAPTER_DIR`: a plain model (step 0) or an adapter (step 0 = its base model,
+    step 1 = the adapter), with the suites of `config` and/or `eval.*` overrides; results go to `output`
+    (default ./eval-<folder name>), laid out like a run directory's eval/."""
+    import yaml
+
+    from ..config import effective_dump
+
+    path = Path(path)
+    adapter = (path / "adapter_config.json").is_file()
+    if not adapter and not (path / "config.json").is_file():
+        raise ConfigError(f"{path}: not a run directory (config.resolved.yaml), a model (config.json) or an adapter (adapter_config.json)")
+    cfg = load_config(config, list(overrides))
+    if adapter:
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ConfigError(f"{path}/adapter_config.json: no base_model_name_or_path; evaluate it from a config with model.name set")
+        update = {"name": cfg.model.name if config else base, "method": cfg.model.method if cfg.model.method != "full" else "lora"}
+    else:
+        update = {"name": str(path), "method": "full"}
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=update)})
+    if cfg.model.dtype == "auto" or cfg.model.attn_implementation == "auto":
+        cfg.model = cfg.model.model_copy(update={"dtype": "float32" if cfg.model.dtype == "auto" else cfg.model.dtype,
+                                                 "attn_implementation": "sdpa" if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation})
+    if cfg.data.pack == "auto":
+        cfg.data = cfg.data.model_copy(update={"pack": True})
+    if not cfg.eval.suites:
+        raise ConfigError("no eval suites: give --config CONFIG.yaml with eval.suites, or eval.suites=[...] on the command line")
+    output = Path(output or f"eval-{path.resolve().name}")
+    output.mkdir(parents=True, exist_ok=True)
+    write_atomic(output / "config.resolved.yaml", yaml.safe_dump(effective_dump(cfg), sort_keys=False))
+    selected = [(0, None)] + ([(1, path.resolve())] if adapter else [])
+    return _Session(output, cfg, cfg.eval.suites, out).evaluate(selected)
+
+
 class _Session:
     """What stays loaded between evaluation passes (a watch): tokenizer, base model, judge models."""
 
@@ -167,12 +214,13 @@ class _Session:
         from tqdm.auto import tqdm
 
         run_dir, cfg, suites, tokenizer = self.run_dir, self.cfg, self.suites, self.tokenizer
-        meta = {s: checkpoint.read_meta(f) for s, f in selected if f is not None}
+        meta = {s: _meta(f) for s, f in selected if f is not None}
         total_steps = max([m.get("total_steps", 0) for m in meta.values()] + [1])
         todo, records = {}, {}
         for step, folder in selected:
-            records[step] = _read_step(run_dir, step) or {"step": step, "checkpoint": str(folder.relative_to(run_dir)) if folder else None, "suites": {}}
-            records[step].update(epoch=meta[step]["epoch"] if step in meta else 0.0, fraction=step / total_steps,
+            where = None if folder is None else str(folder.relative_to(run_dir)) if folder.is_relative_to(run_dir) else str(folder)
+            records[step] = _read_step(run_dir, step) or {"step": step, "checkpoint": where, "suites": {}}
+            records[step].update(epoch=meta.get(step, {}).get("epoch", 0.0), fraction=min(step / total_steps, 1.0),
                                  last="last" in meta.get(step, {}).get("rules", []))
             key_base = checkpoint_id(cfg, folder)
             todo[step] = [s for s in suites if records[step]["suites"].get(s.name, {}).get("key") != suite_key(s, key_base)]
