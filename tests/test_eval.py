@@ -188,3 +188,17 @@ def test_plain_adapter_and_model_folders(tmp_path, lora_run, tiny_model_dir, cha
 
     plain = evaluate_model(tiny_model_dir, tmp_path / "plain", overrides=[f"eval.suites={suites}", "data.max_length=512"], out=lambda s: None)
     assert [r["step"] for r in plain] == [0] and plain[0]["metrics"]["rows.loss"] == pytest.approx(records[0]["metrics"]["rows.loss"], abs=1e-5)
+
+
+def test_distribution_suite_through_eval(tmp_path, lora_run):
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    items = Path(__file__).parent / "data/distribution_items.yaml"
+    suites = [{"name": "survey", "kind": "distribution", "items": str(items)}]
+    records = evaluate_run(run, steps="0,4", overrides=[f"eval.suites={json.dumps(suites)}"], out=lambda s: None)
+    for r in records:
+        assert 0 <= r["metrics"]["survey.wasserstein"] <= 1 and 0 <= r["metrics"]["survey.mae_mean"] <= 1
+        assert r["counts"]["survey.items"] == 3
+    assert records[0]["metrics"]["survey.wasserstein"] != records[1]["metrics"]["survey.wasserstein"]
+    lines = (run / "eval/responses/step-000004.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(x)["suite"] == "survey" for x in lines)

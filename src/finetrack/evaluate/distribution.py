@@ -12,10 +12,9 @@ distribution over the options comes from one of two methods (`method` in the sui
   option are counted (counts["unparsed"]), never dropped silently; distribution = option counts / parsed.
 
 Each option has a value in [0, 1] (`option_values`). Per item: the Wasserstein-1 distance between the
-two distributions over those values, each distribution's mean value, and the absolute error of the
-means. Per suite: `wasserstein` (mean W1), `mae_mean` (mean absolute error of the means) and
-`pearson_means` (Pearson correlation of model means with target means across items: do the items the
-target rates high get high answers from the model?).
+two distributions over those values, each one's mean value, and the absolute error of the means. Per
+suite: `wasserstein` (mean W1), `mae_mean` (mean absolute error of the means), `pearson_means` (Pearson
+correlation of model and target means across items: are the items rated high rated high by the model?).
 
 Item file: YAML (a list of items) or JSONL (one object per line) with `id` (optional: "item<n>", n the
 YAML item number or JSONL line), `prompt`, optional `system`, `options` (2+ distinct texts; YAML
@@ -29,9 +28,10 @@ import json
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -314,26 +314,17 @@ def parse_answer(answer: str, options: list[str]) -> int | None:
     "Agree"; "50", "5x", "Agreed", "I'd say 5" do not). Case matters. When several options match
     ("1" and "1.5" on "1.5 stars"), the longest wins.
     """
-    text, best = answer.strip(), None
-    for i, option in enumerate(options):
-        if text == option or (text.startswith(option) and not text[len(option)].isalnum()):
-            if best is None or len(option) > len(options[best]):
-                best = i
-    return best
+    text = answer.strip()
+    matches = [i for i, o in enumerate(options) if text == o or (text.startswith(o) and not text[len(o)].isalnum())]
+    return max(matches, key=lambda i: len(options[i]), default=None)
 
 
 def _tally(item: Item, answers: list[str]) -> tuple[list[float] | None, list[int], int]:
     """(distribution over the options or None when nothing parsed, count per option, unparsed answers)."""
-    counts = [0] * len(item.options)
-    unparsed = 0
-    for a in answers:
-        i = parse_answer(a, item.options)
-        if i is None:
-            unparsed += 1
-        else:
-            counts[i] += 1
+    picks = [parse_answer(a, item.options) for a in answers]
+    counts = [picks.count(i) for i in range(len(item.options))]
     parsed = sum(counts)
-    return ([c / parsed for c in counts] if parsed else None), counts, unparsed
+    return ([c / parsed for c in counts] if parsed else None), counts, len(answers) - parsed
 
 
 def _sample_answers(
@@ -414,7 +405,7 @@ def run(suite: DistributionSuite, model: nn.Module, tokenizer, on_progress: Call
         if low:
             log.warning(
                 "distribution suite '%s': on %d item(s) (%s) the model puts less than %.2f probability on the options themselves; "
-                "their distributions are renormalized from little mass. Ask for the bare option in the prompt, or use method: sample",
+                "their distributions are renormalized from little mass. Ask for the bare option (e.g. 'Reply with the number only')",
                 suite.name, len(low), ", ".join(low[:5]) + (", ..." if len(low) > 5 else ""), LOW_MASS,
             )
     else:

@@ -27,7 +27,7 @@ from .. import checkpoint
 from ..checkpoint import write_atomic
 from ..config import Config, ConfigError, load_config
 from ..models import load_base_model, load_tokenizer, model_source
-from .spec import JudgeConfig, JudgeSuite, LossSuite, PythonSuite
+from .spec import DistributionSuite, JudgeConfig, JudgeSuite, LossSuite, PythonSuite
 
 log = logging.getLogger("finetrack")
 
@@ -53,8 +53,8 @@ def select_steps(run_dir: Path, spec: str) -> list[tuple[int, Path | None]]:
 def suite_key(suite, checkpoint_id: str) -> str:
     """Cache key of one (step, suite) result."""
     blob = json.dumps(suite.model_dump(mode="json"), sort_keys=True)
-    if isinstance(suite, JudgeSuite):
-        blob += Path(suite.questions).read_bytes().decode("utf-8", "replace")
+    if isinstance(suite, (JudgeSuite, DistributionSuite)):  # an edited question or item file is evaluated again
+        blob += Path(suite.questions if isinstance(suite, JudgeSuite) else suite.items).read_bytes().decode("utf-8", "replace")
     return hashlib.sha256(f"{checkpoint_id}\n{blob}".encode()).hexdigest()[:16]
 
 
@@ -279,6 +279,10 @@ class _Judges:
             return judges.PatternJudge(judge.pattern)
         if judge.kind == "python":
             return judges.PythonJudge(judge.function)
+        if judge.kind == "openai":
+            from .openai_judge import OpenAIJudge
+
+            return OpenAIJudge(template, model=judge.model, base_url=judge.base_url, api_key_env=judge.api_key_env, min_total=judge.min_total_prob)
         name = judge.model or model_source(self.cfg.model)
         if name not in self.models:
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -295,6 +299,10 @@ def _units(suite, cfg: Config, tokenizer) -> int:
         from .questions import load_questions
 
         return len(conversations(load_questions(Path(suite.questions)), suite.generation.samples))
+    if isinstance(suite, DistributionSuite):
+        from .distribution import load_items
+
+        return len(load_items(Path(suite.items)))
     return 1
 
 
@@ -310,6 +318,10 @@ def _run_suite(suite, model, tokenizer, cfg: Config, accelerator, judges: _Judge
         from .questions import load_questions
 
         return freeform.run(suite, model, tokenizer, load_questions(Path(suite.questions)), judges, bar.update)
+    if isinstance(suite, DistributionSuite):
+        from . import distribution
+
+        return distribution.run(suite, model, tokenizer, bar.update)
     assert isinstance(suite, PythonSuite)
     module, _, attr = suite.function.partition(":")
     try:

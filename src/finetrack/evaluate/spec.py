@@ -99,6 +99,14 @@ class DistributionSuite(Section):
     samples: int = Field(50, gt=0, description="sample: answers per item.")
     generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(max_new_tokens=8), description="sample: sampling settings.")
 
+    @model_validator(mode="after")
+    def _no_effect(self) -> "DistributionSuite":
+        if self.generation.samples is not None:
+            raise ValueError(f"suite '{self.name}': set the number of answers with samples, not generation.samples")
+        if self.method == "probs" and {"samples", "generation"} & self.model_fields_set:
+            raise ValueError(f"suite '{self.name}': samples and generation have no effect with method=probs (set method: sample)")
+        return self
+
 
 class PythonSuite(Section):
     name: str = Field(description="Suite name: metric names are '<name>.<key>' for each key the function returns.")
