@@ -89,8 +89,15 @@ def main() -> None:
         print(f"training {args.checkpoints} LoRA checkpoints of the embedded model ...", file=sys.stderr)
         train(run_dir, args.checkpoints)
         shutil.rmtree(run_dir / "eval", ignore_errors=True)
-        scratch_s, scratch_answers = from_scratch(run_dir)
+        # imports (peft alone takes ~5 s here) are paid before either engine is timed
+        import accelerate  # noqa: F401
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+
+        from finetrack.evaluate import freeform, generate, judges, questions, runner  # noqa: F401
+
         ours_s, our_answers = with_finetrack(run_dir)
+        scratch_s, scratch_answers = from_scratch(run_dir)
     same = scratch_answers == our_answers
     print(f"steps evaluated: {len(our_answers)} (base model + {len(our_answers) - 1} checkpoints), "
           f"{len(next(iter(our_answers.values())))} answers each; identical answers: {same}")

@@ -24,8 +24,10 @@ from finetrack.evaluate.openai_judge import OpenAIJudge, number_probs_from_respo
 MODEL = "smollm2"  # llama-cpp-python's server answers whatever model name it is asked for
 KEY_ENV = "FT_TEST_JUDGE_KEY"
 KEY = "sk-ft-test-0123456789-never-logged"
-# The embedded 135M model will not rate answers, but it does repeat a number: "95" scores about 90, "3" about 20.
-REPEAT = "Repeat this number exactly and say nothing else: {answer}"
+# The embedded 135M model will not rate answers, but asked to write a number it starts with its first digit, with
+# 0.43 of the first token's probability on digits for "95" (score about 8.3) and 0.31 for "7" (about 6.6). Its
+# tokenizer writes every digit as its own token, so from one token an endpoint serving it can only say 0..9.
+WRITE = "Write the number {answer}. Reply with the number only, in digits."
 RATE = "Question: {question}\nAnswer: {answer}\nRate the answer from 0 to 100. Reply with the number only."
 SERVER_START_S = 120
 
@@ -107,7 +109,7 @@ def api_key(monkeypatch) -> str:
 # ------------------------------------------------------------------------------------------ the server itself
 def test_server_returns_top_logprobs(llama_server):
     body = {
-        "model": MODEL, "messages": [{"role": "user", "content": "Repeat this number exactly and say nothing else: 95"}],
+        "model": MODEL, "messages": [{"role": "user", "content": WRITE.format(answer="95")}],
         "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 20,
     }
     first = _post(f"{llama_server}/chat/completions", body)["choices"][0]["logprobs"]["content"][0]
@@ -126,9 +128,9 @@ def test_scores_are_none_or_in_range(llama_server):
 
 
 def test_a_higher_number_scores_higher_and_order_is_kept(llama_server):
-    pairs = [("", "95"), ("", "3"), ("", "95"), ("", "3"), ("", "60")]
-    parallel = OpenAIJudge(REPEAT, MODEL, base_url=llama_server, max_concurrency=4).score(pairs)
-    serial = OpenAIJudge(REPEAT, MODEL, base_url=llama_server, max_concurrency=1).score(pairs)
+    pairs = [("", "95"), ("", "7"), ("", "95"), ("", "7"), ("", "42")]
+    parallel = OpenAIJudge(WRITE, MODEL, base_url=llama_server, max_concurrency=4).score(pairs)
+    serial = OpenAIJudge(WRITE, MODEL, base_url=llama_server, max_concurrency=1).score(pairs)
     high, low = parallel[0], parallel[1]
     assert high is not None and low is not None
     assert high > low
@@ -138,14 +140,14 @@ def test_a_higher_number_scores_higher_and_order_is_kept(llama_server):
 
 def test_min_total(llama_server):
     pairs = [("", "95")]
-    judge = OpenAIJudge(REPEAT, MODEL, base_url=llama_server, min_total=0.0)
+    judge = OpenAIJudge(WRITE, MODEL, base_url=llama_server, min_total=0.0)
     probs = judge.number_probs(pairs)[0]
     total = sum(probs.values())
     assert 0.25 < total <= 1 and all(0 <= n <= 100 for n in probs)
     score = judge.score(pairs)[0]
     assert score == pytest.approx(sum(n * p for n, p in probs.items()) / total)
-    assert OpenAIJudge(REPEAT, MODEL, base_url=llama_server, min_total=total * 0.99).score(pairs)[0] == pytest.approx(score)
-    assert OpenAIJudge(REPEAT, MODEL, base_url=llama_server, min_total=min(1.0, total * 1.01)).score(pairs) == [None]
+    assert OpenAIJudge(WRITE, MODEL, base_url=llama_server, min_total=total * 0.99).score(pairs)[0] == pytest.approx(score)
+    assert OpenAIJudge(WRITE, MODEL, base_url=llama_server, min_total=min(1.0, total * 1.01)).score(pairs) == [None]
 
 
 def test_no_number_in_the_top_logprobs_scores_none(llama_server):
@@ -158,7 +160,7 @@ def test_no_number_in_the_top_logprobs_scores_none(llama_server):
 # ------------------------------------------------------------------------------------------ the key stays secret
 def test_the_key_is_sent_but_never_logged(llama_server, api_key, caplog):
     caplog.set_level(logging.DEBUG)
-    judge = OpenAIJudge(REPEAT, MODEL, base_url=llama_server, api_key_env=KEY_ENV)
+    judge = OpenAIJudge(WRITE, MODEL, base_url=llama_server, api_key_env=KEY_ENV)
     assert judge.score([("", "95")])[0] is not None  # the llama server accepts (ignores) the bearer key
     assert api_key not in repr(judge)
     assert api_key not in caplog.text
@@ -167,7 +169,7 @@ def test_the_key_is_sent_but_never_logged(llama_server, api_key, caplog):
 def test_errors_name_the_url_never_the_key(api_key, caplog, fast_retries):
     caplog.set_level(logging.DEBUG)
     base_url = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
-    judge = OpenAIJudge(REPEAT, MODEL, base_url=base_url, api_key_env=KEY_ENV, retries=2, timeout_s=5)
+    judge = OpenAIJudge(WRITE, MODEL, base_url=base_url, api_key_env=KEY_ENV, retries=2, timeout_s=5)
     with pytest.raises(JudgeError) as info:
         judge.score([("", "95"), ("", "3")])
     message = str(info.value)
@@ -181,7 +183,7 @@ def test_an_http_error_is_not_retried_and_names_the_status(llama_server, api_key
     caplog.set_level(logging.DEBUG)
     base_url = llama_server.removesuffix("/v1") + "/no-such-api"  # the real server answers 404
     with pytest.raises(JudgeError, match="HTTP 404") as info:
-        OpenAIJudge(REPEAT, MODEL, base_url=base_url, api_key_env=KEY_ENV).score([("", "95")])
+        OpenAIJudge(WRITE, MODEL, base_url=base_url, api_key_env=KEY_ENV).score([("", "95")])
     assert base_url in str(info.value) and api_key not in str(info.value)
     assert not [r for r in caplog.records if "retry" in r.getMessage()]
 
@@ -198,13 +200,13 @@ def test_a_server_error_is_retried(llama_server, api_key, caplog, fast_retries):
     proxy = _PostFaultProxy(llama_server.removesuffix("/v1"))
     try:
         base_url = f"{proxy.url}/v1"
-        expected = OpenAIJudge(REPEAT, MODEL, base_url=llama_server).score([("", "95")])
+        expected = OpenAIJudge(WRITE, MODEL, base_url=llama_server).score([("", "95")])
         proxy.fail_puts("/chat/completions", 2)  # two 500s, then the real answer
-        assert OpenAIJudge(REPEAT, MODEL, base_url=base_url, api_key_env=KEY_ENV, retries=2).score([("", "95")]) == pytest.approx(expected)
+        assert OpenAIJudge(WRITE, MODEL, base_url=base_url, api_key_env=KEY_ENV, retries=2).score([("", "95")]) == pytest.approx(expected)
         assert proxy.served == 2
         proxy.fail_puts("/chat/completions", 3)  # one more than the retries
         with pytest.raises(JudgeError, match="HTTP 500") as info:
-            OpenAIJudge(REPEAT, MODEL, base_url=base_url, api_key_env=KEY_ENV, retries=2).score([("", "95")])
+            OpenAIJudge(WRITE, MODEL, base_url=base_url, api_key_env=KEY_ENV, retries=2).score([("", "95")])
         assert base_url in str(info.value) and "injected by the test proxy" in str(info.value)
         assert api_key not in str(info.value) and api_key not in caplog.text
     finally:
@@ -243,12 +245,12 @@ def test_number_tokens_are_parsed_and_merged():
 )
 def test_bad_settings_are_errors(kwargs, match):
     with pytest.raises(JudgeError, match=match):
-        OpenAIJudge(**{"template": REPEAT, "model": MODEL, **kwargs})
+        OpenAIJudge(**{"template": WRITE, "model": MODEL, **kwargs})
 
 
 def test_base_url_from_the_environment(monkeypatch):
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1/")
-    assert OpenAIJudge(REPEAT, MODEL).base_url == "http://127.0.0.1:9/v1"
+    assert OpenAIJudge(WRITE, MODEL).base_url == "http://127.0.0.1:9/v1"
     monkeypatch.delenv("OPENAI_BASE_URL")
-    assert OpenAIJudge(REPEAT, MODEL).base_url == openai_judge.DEFAULT_BASE_URL
-    assert OpenAIJudge(REPEAT, MODEL, base_url="http://127.0.0.1:9/v1").base_url == "http://127.0.0.1:9/v1"
+    assert OpenAIJudge(WRITE, MODEL).base_url == openai_judge.DEFAULT_BASE_URL
+    assert OpenAIJudge(WRITE, MODEL, base_url="http://127.0.0.1:9/v1").base_url == "http://127.0.0.1:9/v1"

@@ -31,9 +31,9 @@ def generate(
             texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chunk]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             torch.manual_seed(gen.seed + k // gen.batch_size)
-            sampling = {"do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p} if gen.temperature > 0 else {"do_sample": False}
+            sampling = {"do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p, "top_k": 0} if gen.temperature > 0 else {"do_sample": False}
             out = model.generate(
-                **enc, max_new_tokens=gen.max_new_tokens, use_cache=True, pad_token_id=tokenizer.pad_token_id, top_k=0, **sampling
+                **enc, max_new_tokens=gen.max_new_tokens, use_cache=True, pad_token_id=tokenizer.pad_token_id, **sampling
             )  # (B, prompt + new)
             new = out[:, enc["input_ids"].shape[1] :]
             answers.extend(tokenizer.batch_decode(new, skip_special_tokens=True))

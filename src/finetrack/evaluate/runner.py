@@ -26,7 +26,7 @@ import torch
 from .. import checkpoint
 from ..checkpoint import write_atomic
 from ..config import Config, ConfigError, load_config
-from ..models import load_base_model, load_tokenizer, model_source
+from ..models import load_base_model, load_tokenizer, load_weights, model_source
 from .spec import DistributionSuite, JudgeConfig, JudgeSuite, LossSuite, PythonSuite
 
 log = logging.getLogger("finetrack")
@@ -92,18 +92,18 @@ class Models:
             return AutoModelForCausalLM.from_pretrained(folder, dtype=self.base.dtype).to(self.device).eval()
         from peft import PeftModel
 
-        name = folder.name
+        adapter_config = json.loads((folder / "adapter_config.json").read_text())
         if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.base, folder, adapter_name=name, is_trainable=False)
+            self.peft = PeftModel.from_pretrained(self.base, folder, is_trainable=False)
+            self.adapter_config = adapter_config
+        elif adapter_config == self.adapter_config:
+            # same LoRA layout (one run): overwrite the adapter's tensors in place. Loading each checkpoint
+            # as one more named adapter slows every later forward (measured: 1.9 s -> 4.4 s for the same
+            # generation after three load/delete cycles), so one adapter slot is reused.
+            load_weights(self.peft, folder)
         else:
-            self.peft.load_adapter(folder, adapter_name=name, is_trainable=False)
-        self.peft.set_adapter(name)
+            raise ConfigError(f"{folder}: its adapter_config.json differs from the first checkpoint's; evaluate it separately")
         return self.peft.eval()
-
-    def done(self, folder: Path | None) -> None:
-        """Free what `at` loaded for this step (an adapter, or a full model)."""
-        if folder is not None and self.peft is not None and folder.name in self.peft.peft_config and len(self.peft.peft_config) > 1:
-            self.peft.delete_adapter(folder.name)
 
 
 class _AdaptersOff:
@@ -241,7 +241,6 @@ class _Session:
                         result = _run_suite(suite, m, tokenizer, cfg, self.accelerator, self.judges, bar)
                         _write_responses(run_dir, step, suite.name, result.pop("responses", None))
                         records[step]["suites"][suite.name] = {"key": suite_key(suite, checkpoint_id(cfg, folder)), **result}
-                self.models.done(folder)
                 _write_step(run_dir, records[step])
             bar.close()
         for record in records.values():
