@@ -400,8 +400,7 @@ def test_run_sample_on_tiny_model(tiny_model, tiny_tokenizer):
 
 
 def test_generation_samples_is_refused(tmp_path):
-    suite = DistributionSuite(
-        name="d", kind="distribution", items=str(DATA / "distribution_items.yaml"), method="sample", generation=GenerationConfig(samples=3)
-    )
-    with pytest.raises(DistributionError, match="generation.samples has no effect here; set the suite's samples"):
-        distribution.run(suite, object(), None, lambda n: None)
+    with pytest.raises(ValueError, match="set the number of answers with samples, not generation.samples"):
+        DistributionSuite(
+            name="d", kind="distribution", items=str(DATA / "distribution_items.yaml"), method="sample", generation=GenerationConfig(samples=3)
+        )

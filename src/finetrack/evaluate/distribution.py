@@ -409,10 +409,6 @@ def run(suite: DistributionSuite, model: nn.Module, tokenizer, on_progress: Call
                 suite.name, len(low), ", ".join(low[:5]) + (", ..." if len(low) > 5 else ""), LOW_MASS,
             )
     else:
-        if suite.generation.samples is not None:
-            raise DistributionError(
-                f"distribution suite '{suite.name}': generation.samples has no effect here; set the suite's samples (answers per item) instead"
-            )
         if suite.generation.temperature == 0 and suite.samples > 1:
             log.warning("distribution suite '%s': temperature 0 repeats one answer %d times per item; sample with temperature > 0", suite.name, suite.samples)
         for item, answers in zip(items, _sample_answers(model, tokenizer, items, suite.generation, suite.samples, on_progress)):

@@ -92,7 +92,8 @@ class Models:
             return AutoModelForCausalLM.from_pretrained(folder, dtype=self.base.dtype).to(self.device).eval()
         from peft import PeftModel
 
-        adapter_config = json.loads((folder / "adapter_config.json").read_text())
+        # target_modules is saved from a set: its order differs between checkpoints of one run
+        adapter_config = {k: sorted(v) if isinstance(v, list) else v for k, v in json.loads((folder / "adapter_config.json").read_text()).items()}
         if self.peft is None:
             self.peft = PeftModel.from_pretrained(self.base, folder, is_trainable=False)
             self.adapter_config = adapter_config
