@@ -233,7 +233,7 @@ def test_file_errors(tmp_path, name, text, fragments):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(DistributionError, match="distribution item file not found: .*nope.yaml"):
+    with pytest.raises(DistributionError, match="item file not found: .*nope.yaml"):
         load_items(tmp_path / "nope.yaml")
 
 

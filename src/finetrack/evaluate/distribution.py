@@ -24,7 +24,6 @@ Every error is a `DistributionError` naming the file, the item or line, the fiel
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -35,17 +34,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from .generate import generate
 from .judges import end_of_turn_id
+from .questions import read_items
 from .spec import DistributionSuite, GenerationConfig
 
 log = logging.getLogger("finetrack")
 
 _KNOWN_KEYS = ("id", "prompt", "system", "options", "target")
-_YAML_SUFFIXES = (".yaml", ".yml")
 # a plain decimal number; float() alone would also take "nan", "inf" and "1_000"
 _NUMBER = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?$")
 LOW_MASS = 0.25  # probs: below this raw probability on the options an item is counted in low_mass_items (the judge's default min_total)
@@ -133,17 +131,7 @@ def pearson(xs: list[float], ys: list[float]) -> float | None:
 def load_items(path: Path) -> list[Item]:
     """Read an item file (.yaml/.yml: a list of items; .jsonl: one object per line), validating every item."""
     path = Path(path)
-    if not path.is_file():
-        raise DistributionError(f"distribution item file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix in _YAML_SUFFIXES:
-        located = _read_yaml(path)
-    elif suffix == ".jsonl":
-        located = _read_jsonl(path)
-    else:
-        raise DistributionError(f"{path}: unknown item file type '{path.suffix}'; use .yaml / .yml (a list of items) or .jsonl (one object per line)")
-    if not located:
-        raise DistributionError(f"{path}: holds no items; add at least one (prompt, options, target)")
+    located = read_items(path, DistributionError, "item", "item", "- prompt: ...")
     items: list[Item] = []
     seen: dict[str, str] = {}  # id -> where it was first defined
     for where, default_id, raw in located:
@@ -153,38 +141,6 @@ def load_items(path: Path) -> list[Item]:
         seen[item.id] = where
         items.append(item)
     return items
-
-
-def _read_yaml(path: Path) -> list[tuple[str, str, Any]]:
-    """(where, default id, raw item) per item; `where` is 'file:line: item #n' (1-based)."""
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)  # again, only for each item's line (safe_load drops positions)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise DistributionError(f"{at}: not valid YAML ({getattr(e, 'problem', None) or e}); fix the syntax there (indentation, quotes, ':' inside text)") from None
-    if data is None:
-        return []
-    if not isinstance(data, list):
-        raise DistributionError(f"{path}: a YAML item file must be a list of items ('- prompt: ...'), got {type(data).__name__}")
-    lines = [n.start_mark.line + 1 for n in node.value] if isinstance(node, yaml.SequenceNode) else [0] * len(data)
-    return [(f"{path}:{line}: item #{i + 1}", f"item{i + 1}", raw) for i, (line, raw) in enumerate(zip(lines, data))]
-
-
-def _read_jsonl(path: Path) -> list[tuple[str, str, Any]]:
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DistributionError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from None
-            out.append((f"{path}:{lineno}", f"item{lineno}", raw))
-    return out
 
 
 def _parse_item(raw: Any, where: str, default_id: str) -> Item:

@@ -84,17 +84,7 @@ def load_questions(path: Path, default_samples: int = 1) -> list[Question]:
     path = Path(path)
     if isinstance(default_samples, bool) or not isinstance(default_samples, int) or default_samples < 1:
         raise QuestionError(f"default_samples must be an integer >= 1, got {default_samples!r}")
-    if not path.is_file():
-        raise QuestionError(f"question file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix in _YAML_SUFFIXES:
-        located = _read_yaml(path)
-    elif suffix == ".jsonl":
-        located = _read_jsonl(path)
-    else:
-        raise QuestionError(f"{path}: unknown question file type '{path.suffix}'; use .yaml / .yml (a list of items) or .jsonl (one object per line)")
-    if not located:
-        raise QuestionError(f"{path}: holds no questions; add at least one item")
+    located = read_items(path, QuestionError, "question", "q", "- id: ...")
 
     questions: list[Question] = []
     seen: dict[str, str] = {}  # id -> where it was first defined
@@ -111,8 +101,28 @@ def load_questions(path: Path, default_samples: int = 1) -> list[Question]:
 
 
 # ------------------------------------------------------------------------------------------ reading
-def _read_yaml(path: Path) -> list[tuple[str, str, Any]]:
-    """(where, default id, raw item) per item; `where` is 'file:line: item #n' (1-based)."""
+def read_items(path: Path, error: type[ValueError], kind: str, id_prefix: str, example: str) -> list[tuple[str, str, Any]]:
+    """(where, default id, raw item) for every item of a .yaml/.yml list or .jsonl file, for the question and
+    distribution-item loaders: `error` is the loader's exception type, `kind` names the file in messages."""
+    if not path.is_file():
+        raise error(f"{kind} file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in _YAML_SUFFIXES:
+        located = read_yaml_items(path, error, id_prefix, example)
+    elif suffix == ".jsonl":
+        located = read_jsonl_items(path, error, id_prefix)
+    else:
+        raise error(f"{path}: unknown {kind} file type '{path.suffix}'; use .yaml / .yml (a list of items) or .jsonl (one object per line)")
+    if not located:
+        raise error(f"{path}: holds no {kind}s; add at least one item")
+    return located
+
+
+def read_yaml_items(path: Path, error: type[ValueError], id_prefix: str, example: str) -> list[tuple[str, str, Any]]:
+    """(where, default id, raw item) per item of a YAML list; `where` is 'file:line: item #n' (1-based).
+
+    Shared by the question and distribution-item loaders; `error` is the loader's exception type and
+    `example` shows the start of an item in the message for a file that is not a list."""
     text = path.read_text(encoding="utf-8")
     try:
         data = yaml.safe_load(text)
@@ -122,16 +132,17 @@ def _read_yaml(path: Path) -> list[tuple[str, str, Any]]:
         mark = getattr(e, "problem_mark", None)
         at = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(e, "problem", None) or str(e)
-        raise QuestionError(f"{at}: not valid YAML ({problem}); fix the syntax there (indentation, quotes, ':' inside text)") from None
+        raise error(f"{at}: not valid YAML ({problem}); fix the syntax there (indentation, quotes, ':' inside text)") from None
     if data is None:
         return []
     if not isinstance(data, list):
-        raise QuestionError(f"{path}: a YAML question file must be a list of items ('- id: ...'), got {type(data).__name__}")
+        raise error(f"{path}: the YAML file must be a list of items ('{example}'), got {type(data).__name__}")
     lines = [n.start_mark.line + 1 for n in node.value] if isinstance(node, yaml.SequenceNode) else [0] * len(data)
-    return [(f"{path}:{line}: item #{i + 1}", f"q{i + 1}", item) for i, (line, item) in enumerate(zip(lines, data))]
+    return [(f"{path}:{line}: item #{i + 1}", f"{id_prefix}{i + 1}", item) for i, (line, item) in enumerate(zip(lines, data))]
 
 
-def _read_jsonl(path: Path) -> list[tuple[str, str, Any]]:
+def read_jsonl_items(path: Path, error: type[ValueError], id_prefix: str) -> list[tuple[str, str, Any]]:
+    """(where, default id, raw item) per non-blank line of a JSONL file."""
     out = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -140,8 +151,8 @@ def _read_jsonl(path: Path) -> list[tuple[str, str, Any]]:
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as e:
-                raise QuestionError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from None
-            out.append((f"{path}:{lineno}", f"q{lineno}", item))
+                raise error(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from None
+            out.append((f"{path}:{lineno}", f"{id_prefix}{lineno}", item))
     return out
 
 
