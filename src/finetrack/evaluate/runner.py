@@ -18,6 +18,7 @@ import importlib
 import json
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -83,9 +84,18 @@ class Models:
         self.base.eval()
         self.peft = None
 
+    @contextmanager
     def at(self, folder: Path | None):
+        """The model at one step (None = the base model: adapters switched off once a PEFT wrapper exists)."""
+        if folder is None and self.peft is not None:
+            with self.peft.disable_adapter():
+                yield self.peft
+        else:
+            yield self._load(folder)
+
+    def _load(self, folder: Path | None):
         if folder is None:
-            return self.base if self.peft is None else _AdaptersOff(self.peft)
+            return self.base
         if self.cfg.model.method == "full":
             from transformers import AutoModelForCausalLM
 
@@ -105,21 +115,6 @@ class Models:
         else:
             raise ConfigError(f"{folder}: its adapter_config.json differs from the first checkpoint's; evaluate it separately")
         return self.peft.eval()
-
-
-class _AdaptersOff:
-    """The base model through a PEFT wrapper (step 0 after adapters were loaded)."""
-
-    def __init__(self, peft) -> None:
-        self.peft = peft
-
-    def __enter__(self):
-        self._ctx = self.peft.disable_adapter()
-        self._ctx.__enter__()
-        return self.peft
-
-    def __exit__(self, *exc) -> None:
-        self._ctx.__exit__(*exc)
 
 
 def evaluate_run(
@@ -236,8 +231,7 @@ class _Session:
                 if not todo[step]:
                     continue
                 bar.set_postfix(step=step)
-                model = self.models.at(folder)
-                with model if isinstance(model, _AdaptersOff) else _Same(model) as m:
+                with self.models.at(folder) as m:
                     for suite in todo[step]:
                         result = _run_suite(suite, m, tokenizer, cfg, self.accelerator, self.judges, bar)
                         _write_responses(run_dir, step, suite.name, result.pop("responses", None))
@@ -253,17 +247,6 @@ class _Session:
             self.out(table)
             self.shown_table = table
         return [records[s] for s, _ in selected]
-
-
-class _Same:
-    def __init__(self, model) -> None:
-        self.model = model
-
-    def __enter__(self):
-        return self.model
-
-    def __exit__(self, *exc) -> None:
-        pass
 
 
 class _Judges:
