@@ -91,7 +91,6 @@ def test_killed_uploader_leaves_nothing_that_resume_or_sync_would_use(tmp_path, 
 
 
 def test_missing_backend_fails_before_any_work(tmp_path, tiny_model_dir, chat_file):
-    pytest.importorskip("fsspec")
     try:
         import gcsfs  # noqa: F401
 

@@ -121,6 +121,7 @@ def test_no_usable_checkpoint_is_an_error_not_a_restart(tmp_path, tiny_model_dir
     (tmp_path / "run/checkpoints/.tmp-step-000003-99").mkdir(parents=True)
     result, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON, "train.max_steps=3", name="run")
     assert result.resumed_from_step == 0 and [m["step"] for m in metrics] == [1, 2, 3]
+    assert not (tmp_path / "run/checkpoints/.tmp-step-000003-99").exists()  # its disk was freed
 
 
 def test_already_finished_run_does_nothing(tmp_path, tiny_model_dir, chat_file, full_run):

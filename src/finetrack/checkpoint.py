@@ -318,35 +318,31 @@ def read_meta(folder: Path) -> dict:
         raise CheckpointError(f"{Path(folder) / 'meta.json'}: unreadable ({e})") from None
 
 
-def complete_checkpoints(run_dir: Path, full: bool = False, warn: Callable[[str], None] = log.warning) -> list[Found]:
-    """Checkpoints of a run whose manifest verifies (size only unless full), oldest first; the others are named through warn()."""
-    root = Path(run_dir) / "checkpoints"
+def step_folders(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every `checkpoints/step-*` folder, complete or not, by step."""
+    found = ((parse_step(d.name), d) for d in (Path(run_dir) / "checkpoints").glob("step-*") if d.is_dir())
+    return sorted((step, d) for step, d in found if step is not None)
+
+
+def complete_checkpoints(run_dir: Path, warn: Callable[[str], None] = log.warning) -> list[Found]:
+    """Checkpoints of a run whose manifest verifies (sizes: cheap enough to list often), oldest first; the others are named through warn()."""
     found = []
-    for d in sorted(root.iterdir()) if root.is_dir() else []:
-        step = parse_step(d.name)
-        if step is None or not d.is_dir():
-            continue
+    for step, d in step_folders(run_dir):
         try:
-            verify(d, full=full)
+            verify(d, full=False)
             found.append(Found(step, d, read_meta(d)))
         except CheckpointError as e:
             warn(f"skipping checkpoint {d.name}: {e}")
-    return sorted(found, key=lambda f: f.step)
+    return found
 
 
 def newest_resumable(run_dir: Path, warn: Callable[[str], None] = log.warning) -> Found | None:
-    """The newest checkpoint that fully verifies and holds resume state; bad ones are named and skipped."""
-    root = Path(run_dir) / "checkpoints"
-    candidates = sorted(((parse_step(d.name), d) for d in root.iterdir() if d.is_dir()), key=lambda x: x[0] or -1) if root.is_dir() else []
-    for step, d in reversed(candidates):
-        if step is None:
-            continue
+    """The newest checkpoint that fully verifies (sha256) and holds resume state; bad ones are named and skipped."""
+    for step, d in reversed(step_folders(run_dir)):
         try:
-            manifest = verify(d, full=True)
-            if not is_resumable(manifest):
-                warn(f"skipping checkpoint {d.name}: weights only (its resume state was removed by checkpoint.keep_optimizer_state=last)")
-                continue
-            return Found(step, d, read_meta(d))
+            if is_resumable(verify(d, full=True)):
+                return Found(step, d, read_meta(d))
+            warn(f"skipping checkpoint {d.name}: weights only (its resume state was removed by checkpoint.keep_optimizer_state=last)")
         except CheckpointError as e:
             warn(f"skipping checkpoint {d.name}: {e}")
     return None

@@ -367,12 +367,11 @@ class Environment:
     num_train_rows: int
 
 
-def resolve(cfg: Config, env: Environment) -> tuple[Config, Resolved]:
-    """Fill every 'auto' value and derive step counts. Returns the concrete config and the reasons."""
+def resolve_model(cfg: Config, env: Environment) -> tuple[Config, Resolved]:
+    """The 'auto' values of the model and data sections (what loading a model for training or eval needs)."""
     res = Resolved()
     cfg = cfg.model_copy(deep=True)
-    m, d, t = cfg.model, cfg.data, cfg.train
-
+    m, d = cfg.model, cfg.data
     if m.dtype == "auto":
         if env.device_type == "cuda" and env.bf16_supported:
             res.set("model.dtype", "bfloat16", "auto: the GPU supports bfloat16")
@@ -392,6 +391,13 @@ def resolve(cfg: Config, env: Environment) -> tuple[Config, Resolved]:
         ok = m.attn_implementation in ("sdpa", "eager", "flash_attention_2")
         res.set("data.pack", ok, f"auto: attn_implementation={m.attn_implementation} " + ("supports" if ok else "does not support") + " padding-free packing")
         d.pack = ok
+    return cfg, res
+
+
+def resolve(cfg: Config, env: Environment) -> tuple[Config, Resolved]:
+    """Fill every 'auto' value and derive step counts. Returns the concrete config and the reasons."""
+    cfg, res = resolve_model(cfg, env)
+    m, t = cfg.model, cfg.train
     if t.optimizer.startswith("paged") and env.device_type != "cuda":
         raise ConfigError(f"train.optimizer={t.optimizer} pages optimizer state to CPU memory and needs a CUDA GPU; use adamw or adamw_8bit")
     if t.lr == "auto":

@@ -66,7 +66,7 @@ def find_start(run_dir: Path, remote: str | None, request: Request, warn: Callab
         log.info("--resume-from ignored: %s already has its own checkpoint %s (the same command run again continues from there)", run_dir, found.path.name)
     start = found.path if found else _explicit(request.resume_from, run_dir) if request.resume_from else _from_remote(remote, run_dir, warn) if remote else None
     if start is None:
-        leftovers = [d.name for d in (run_dir / "checkpoints").glob("step-*")] if (run_dir / "checkpoints").is_dir() else []
+        leftovers = checkpoint.step_folders(run_dir)
         if leftovers:
             raise ConfigError(
                 f"{run_dir}/checkpoints holds {len(leftovers)} checkpoint(s) but none can be resumed (see the warnings above): "
@@ -98,13 +98,13 @@ def _from_remote(remote: str, run_dir: Path, warn: Callable[[str], None]) -> Pat
 
 def _sweep_temp_folders(run_dir: Path) -> None:
     """Temporary checkpoint folders are incomplete by construction (a crash mid-write): free their disk."""
-    for tmp in (run_dir / "checkpoints").glob(".tmp-step-*") if (run_dir / "checkpoints").is_dir() else []:
+    for tmp in (run_dir / "checkpoints").glob(".tmp-step-*"):
         shutil.rmtree(tmp, ignore_errors=True)
         log.info("removed %s (a checkpoint write that never finished)", tmp)
 
 
 def _set_aside_newer(run_dir: Path, step: int) -> None:
-    newer = [d for d in (run_dir / "checkpoints").glob("step-*") if (checkpoint.parse_step(d.name) or 0) > step] if (run_dir / "checkpoints").is_dir() else []
+    newer = [d for s, d in checkpoint.step_folders(run_dir) if s > step]
     if newer:
         aside = _aside_dir(run_dir) / "checkpoints"
         aside.mkdir(parents=True)

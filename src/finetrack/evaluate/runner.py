@@ -26,7 +26,7 @@ import torch
 
 from .. import checkpoint
 from ..checkpoint import write_atomic
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, Environment, load_config, resolve_model
 from ..models import load_base_model, load_tokenizer, load_weights, model_source
 from .spec import DistributionSuite, JudgeConfig, JudgeSuite, LossSuite, PythonSuite
 
@@ -179,11 +179,8 @@ def evaluate_model(
     else:
         update = {"name": str(path), "method": "full"}
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=update)})
-    if cfg.model.dtype == "auto" or cfg.model.attn_implementation == "auto":
-        cfg.model = cfg.model.model_copy(update={"dtype": "float32" if cfg.model.dtype == "auto" else cfg.model.dtype,
-                                                 "attn_implementation": "sdpa" if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation})
-    if cfg.data.pack == "auto":
-        cfg.data = cfg.data.model_copy(update={"pack": True})
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, _ = resolve_model(cfg, Environment(device.type, device.type == "cuda" and torch.cuda.is_bf16_supported(), 1, 0))
     if not cfg.eval.suites:
         raise ConfigError("no eval suites: give --config CONFIG.yaml with eval.suites, or eval.suites=[...] on the command line")
     output = Path(output or f"eval-{path.resolve().name}")
@@ -218,9 +215,10 @@ class _Session:
             records[step] = _read_step(run_dir, step) or {"step": step, "checkpoint": where, "suites": {}}
             records[step].update(epoch=meta.get(step, {}).get("epoch", 0.0), fraction=min(step / total_steps, 1.0),
                                  last="last" in meta.get(step, {}).get("rules", []))
-            key_base = checkpoint_id(cfg, folder)
-            todo[step] = [s for s in suites if records[step]["suites"].get(s.name, {}).get("key") != suite_key(s, key_base)]
-        units = sum(_units(s, cfg, tokenizer) for step in todo for s in todo[step])
+            keys = {s.name: suite_key(s, checkpoint_id(cfg, folder)) for s in suites}
+            todo[step] = [(s, keys[s.name]) for s in suites if records[step]["suites"].get(s.name, {}).get("key") != keys[s.name]]
+        units_per_step = {s.name: _units(s) for s in suites}  # answers (judge), items (distribution), 1 otherwise
+        units = sum(units_per_step[s.name] for step in todo for s, _ in todo[step])
         cached = sum(len(suites) - len(todo[s]) for s in todo)
         if cached and not quiet:
             self.out(f"cached: {cached} (step, suite) result(s) unchanged since the last eval")
@@ -232,10 +230,10 @@ class _Session:
                     continue
                 bar.set_postfix(step=step)
                 with self.models.at(folder) as m:
-                    for suite in todo[step]:
+                    for suite, key in todo[step]:
                         result = _run_suite(suite, m, tokenizer, cfg, self.accelerator, self.judges, bar)
                         _write_responses(run_dir, step, suite.name, result.pop("responses", None))
-                        records[step]["suites"][suite.name] = {"key": suite_key(suite, checkpoint_id(cfg, folder)), **result}
+                        records[step]["suites"][suite.name] = {"key": key, **result}
                 _write_step(run_dir, records[step])
             bar.close()
         for record in records.values():
@@ -276,7 +274,7 @@ class _Judges:
         return judges.LocalJudge.from_model(model, tokenizer, template, min_total=judge.min_total_prob)
 
 
-def _units(suite, cfg: Config, tokenizer) -> int:
+def _units(suite) -> int:
     if isinstance(suite, JudgeSuite):
         from .freeform import conversations
         from .questions import load_questions
