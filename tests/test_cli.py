@@ -95,7 +95,7 @@ def test_train_cli_embedded_model_run_directory(tmp_path):
 
 @pytest.mark.e2e
 def test_demo_cli(tmp_path):
-    r = finetrack("demo", "train.max_steps=3", "eval.loss_every_steps=3", cwd=tmp_path)
+    r = finetrack("demo", "train.max_steps=3", "eval.loss_every_steps=3", "checkpoint.steps=[2]", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "checkpoints/step-000003/adapter_model.safetensors").is_file()
@@ -103,6 +103,11 @@ def test_demo_cli(tmp_path):
     assert any(x.startswith("loss: ") and "over 3 steps" in x for x in lines)
     answers = [x.split(":", 1)[1].strip() for x in lines if x.strip().startswith(("before:", "after:"))]
     assert len(answers) == 2 and all(answers)
+    # the trajectory is evaluated (base model + the checkpoints) and the report written, its path printed last
+    assert sorted(p.name for p in (runs[0] / "eval").glob("step-*.json")) == ["step-000000.json", "step-000002.json", "step-000003.json"]
+    assert lines[-1] == f"report: {(runs[0] / 'report.html').resolve()}"
+    html = (runs[0] / "report.html").read_text()
+    assert "pirate.pirate_rate" in html and "heldout.loss" in html and "samples during training" in html
 
 
 @pytest.mark.parametrize(

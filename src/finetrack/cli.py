@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     from . import gate
 
     gate.add_arguments(g)
+    r = sub.add_parser(
+        "report", help="write a self-contained HTML report (curves, trajectory, sample answers, run facts) of one or more runs",
+        description="finetrack report RUN_DIR [RUN_DIR ...] [-o report.html]: several runs are overlaid, one colour per run.",
+    )
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (holding config.resolved.yaml)")
+    r.add_argument("-o", "--output", help="HTML file to write (default: RUN_DIR/report.html for one run, ./report.html for several)")
     d = sub.add_parser("demo", help="fine-tune the embedded model on the demo chat set and show what changed")
     d.add_argument("overrides", nargs="*", help="section.key=value applied to the demo config, e.g. train.max_steps=20")
     return p
@@ -96,6 +102,15 @@ def main(argv: list[str] | None = None) -> int:
             from . import gate
 
             return gate.main(args)
+        elif args.verb == "report":
+            from .report import write_report
+
+            try:
+                path = write_report([Path(d) for d in args.run_dirs], args.output and Path(args.output))
+            except FileNotFoundError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            print(f"report: {path.resolve()}")
         elif args.verb == "demo":
             from .demo import demo
 

@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from .evaluate.spec import SuiteConfig
+from .evaluate.spec import GenerationConfig, SuiteConfig
 from .schedule import ScheduleError, checkpoint_steps, describe
 from .schema import ConfigError, Section
 
@@ -119,6 +119,20 @@ class DataConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------- train
+class SampleGenerationConfig(GenerationConfig):
+    """GenerationConfig with defaults for answers watched during training: short and greedy, so a change
+    between steps is the weights' doing, not the sampler's."""
+
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature (0 = greedy, the default here).")
+    max_new_tokens: int = Field(64, gt=0, description="Longest answer in tokens.")
+
+    @model_validator(mode="after")
+    def _one_answer(self) -> SampleGenerationConfig:
+        if self.samples is not None:
+            raise ValueError("train.sample_generation.samples: samples.jsonl holds one answer per prompt and step; remove it")
+        return self
+
+
 class TrainConfig(Section):
     seed: int = Field(42, description="Seed for data order, initialisation of new weights and dropout.")
     micro_batch_size: int = Field(8, gt=0, description="Rows per forward pass on one device.")
@@ -137,11 +151,42 @@ class TrainConfig(Section):
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float | None = Field(1.0, description="Clip the global gradient norm to this value (None = no clipping).")
     log_every_steps: int = Field(1, gt=0, description="Write a metrics.jsonl line every N optimizer steps.")
+    sample_every_steps: int | None = Field(
+        None, gt=0, description="Answer the sample prompts at step 0 (base model, fresh runs), every N optimizer steps and at the "
+        "last step, into samples.jsonl (main process; the training random stream is left untouched).",
+    )
+    sample_prompts: list[str] = Field(default_factory=list, description="Fixed user prompts answered every sample_every_steps.")
+    sample_prompts_file: str | None = Field(
+        None, description="More sample prompts: a .txt file (one prompt per line, blank lines skipped), or a question file "
+        "(.yaml / .jsonl: each item's question / paraphrases).",
+    )
+    sample_generation: SampleGenerationConfig = Field(
+        default_factory=SampleGenerationConfig, description="How samples are generated (greedy, 64 new tokens by default)."
+    )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Experiment trackers (through accelerate) that receive every metrics.jsonl record and the "
+        "samples; each needs its extra: pip install 'finetrack[tensorboard]' (or [wandb], [mlflow]).",
+    )
+    report_project: str = Field(
+        "finetrack", min_length=1, description="Tracker project: the W&B project, the MLflow experiment, the folder under "
+        "RUN_DIR/tensorboard/. The tracker run is named after output.dir.",
+    )
 
     @model_validator(mode="after")
     def _checks(self) -> "TrainConfig":
         if self.warmup_steps is not None and "warmup_ratio" in self.model_fields_set:
             raise ValueError("train.warmup_ratio has no effect when train.warmup_steps is set: remove one of them")
+        sample_settings = [f"train.{k}" for k in ("sample_prompts", "sample_prompts_file", "sample_generation") if k in self.model_fields_set]
+        if self.sample_every_steps is None and sample_settings:
+            raise ValueError(f"{', '.join(sample_settings)} has no effect without train.sample_every_steps: set it (e.g. train.sample_every_steps=50)")
+        if self.sample_every_steps is not None and not self.sample_prompts and self.sample_prompts_file is None:
+            raise ValueError("train.sample_every_steps needs prompts: set train.sample_prompts (a list) or train.sample_prompts_file")
+        if any(not p.strip() for p in self.sample_prompts):
+            raise ValueError("train.sample_prompts: a prompt is empty; remove it")
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ValueError(f"train.report_to={self.report_to}: a tracker is listed twice")
+        if "report_project" in self.model_fields_set and not self.report_to:
+            raise ValueError("train.report_project has no effect without train.report_to: set train.report_to=[tensorboard] (or wandb, mlflow)")
         return self
 
 
@@ -462,6 +507,11 @@ def effective_dump(cfg: Config) -> dict:
         del tree["train"]["warmup_ratio"]
     if cfg.checkpoint.keep_last is None:
         del tree["checkpoint"]["keep_schedule"]
+    if cfg.train.sample_every_steps is None:
+        for key in ("sample_prompts", "sample_prompts_file", "sample_generation"):
+            del tree["train"][key]
+    if not cfg.train.report_to:
+        del tree["train"]["report_project"]
     return tree
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import resource
+import time
 from pathlib import Path
 
 import torch
@@ -60,6 +61,7 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.file:
+            record = {**record, "time": round(time.time(), 1)}  # wall clock: the report's run duration
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
             self.bar.set_postfix({k: _short(record[k]) for k in self.SHOWN if k in record})

@@ -24,7 +24,8 @@ from .config import ConfigError
 log = logging.getLogger("finetrack")
 
 # Config keys that may change between the run that wrote a checkpoint and the run that resumes it.
-HARMLESS_PREFIXES = ("train.max_steps", "train.num_epochs", "train.log_every_steps", "eval.", "checkpoint.", "output.")
+# Samples and trackers only watch the training: they never change its numbers.
+HARMLESS_PREFIXES = ("train.max_steps", "train.num_epochs", "train.log_every_steps", "train.sample_", "train.report_", "eval.", "checkpoint.", "output.")
 FRESH_ENV = "FINETRACK_FRESH"
 
 
@@ -207,8 +208,9 @@ def check_config(saved: dict, current: dict, saved_data: str | None, current_dat
     return harmless + [f"{line} (allowed by --allow-config-change)" for line in blocking]
 
 
-def trim_metrics(path: Path, last_step: int) -> int:
-    """Drop metrics.jsonl lines written after the checkpoint we resume from (they will be logged again); returns how many."""
+def trim_log(path: Path, last_step: int) -> int:
+    """Drop the lines of a run's JSONL log (metrics.jsonl, samples.jsonl) whose "step" is after `last_step`, the
+    step we resume from (those steps run and are logged again; -1 on a fresh start drops step 0 too); returns how many."""
     if not path.is_file():
         return 0
     lines = path.read_text().splitlines()

@@ -29,6 +29,7 @@ def log_spaced(total_steps: int, n: int) -> list[int]:
     spacing is below one step) each is pushed to the next free step, keeping exactly n steps and the
     last one at total_steps.
     """
+    assert 1 <= n <= total_steps, "config validation keeps log_spaced within the run"
     if n == 1:
         return [total_steps]
     raw = [math.floor(math.exp(math.log(total_steps) * i / (n - 1)) + 0.5) for i in range(n)]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, resume
+from . import checkpoint, resume, sampling, tracking
 from .batches import DEFAULT_ATTN_TOKENS, IGNORE, Batch, collate, micro_batches, packing_is_exact, step_rows
 from .config import Config, ConfigError, Environment, config_hash, effective_dump, resolve, resolved_yaml
 from .data import Example, prepare, report_line
@@ -72,7 +72,7 @@ def run(cfg: Config, objective: Objective = causal_lm_objective, request: Reques
     from accelerate.utils import set_seed
 
     run_dir = Path(cfg.output.dir)
-    accelerator = Accelerator()
+    accelerator = Accelerator(**tracking.accelerator_kwargs(cfg.train.report_to, run_dir))
     main = accelerator.is_main_process
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
@@ -84,6 +84,7 @@ def run(cfg: Config, objective: Objective = causal_lm_objective, request: Reques
     set_seed(cfg.train.seed)
     if cfg.checkpoint.remote:
         _check_remote(cfg.checkpoint.remote)
+    prompts = sampling.load_prompts(cfg.train)  # a bad prompt file fails before any work
 
     # --- where to start: step 0 or a checkpoint (the main process may move files or download)
     start = resume.find_start(run_dir, cfg.checkpoint.remote, request) if main else None
@@ -144,10 +145,13 @@ def run(cfg: Config, objective: Objective = causal_lm_objective, request: Reques
         restored = checkpoint.restore_state(start, optimizer)
         done.update({k: restored[k] for k in done if k in restored})
         log.info("resuming from %s: step %d of %d, %s tokens seen", start, done["step"], total_steps, f"{done['tokens_seen']:,}")
+    kept_through = done["step"] if start else -1  # what an earlier attempt logged after this is logged again (a fresh start: step 0 too)
     if main:
-        dropped = resume.trim_metrics(run_dir / "metrics.jsonl", done["step"])
-        if dropped:
-            log.info("metrics.jsonl: dropped %d line(s) logged after step %d (those steps run again)", dropped, done["step"])
+        for name in ("metrics.jsonl", sampling.SAMPLES_FILE):
+            dropped = resume.trim_log(run_dir / name, kept_through)
+            if dropped:
+                log.info("%s: dropped %d line(s) an earlier attempt logged after step %d (those steps run again)", name, dropped, done["step"])
+    trackers = tracking.start(accelerator, cfg, res, run_dir, kept_through)
     trainable = [p for p in model.parameters() if p.requires_grad]
     uploader = None
     if cfg.checkpoint.remote and main:
@@ -157,6 +161,9 @@ def run(cfg: Config, objective: Objective = causal_lm_objective, request: Reques
         if uploader.catch_up():
             log.info("uploading checkpoints an earlier attempt did not finish uploading")
     out = MetricsLog(run_dir / "metrics.jsonl", total_steps, done["step"], main)
+    sampler = sampling.Sampler(prompts, cfg.train, tokenizer, run_dir, total_steps, steps_per_epoch, out, trackers, main)
+    if not start:
+        sampler.sample_if_due(0, accelerator.unwrap_model(model))  # the starting weights' answers
     window = Window()
     window.restore(done["window"])
     last_loss = float("nan")
@@ -188,7 +195,9 @@ def run(cfg: Config, objective: Objective = causal_lm_objective, request: Reques
                 record = {**(record or {"step": step}), "eval_loss": done["eval_loss"], "eval_ppl": math.exp(min(done["eval_loss"], 50))}
             if record:
                 out.write(record)
+                trackers.log_metrics(record)
             out.bar.update(1)
+            sampler.sample_if_due(step, accelerator.unwrap_model(model))  # before the checkpoint: a checkpoint implies its samples
             stopped_by = stop.requested(accelerator)
             if step in schedule or stopped_by:
                 accelerator.wait_for_everyone()

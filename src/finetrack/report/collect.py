@@ -1,0 +1,150 @@
+"""Everything the report shows, read from one run directory (the run-directory contract, nothing else).
+
+Unreadable lines and files are not skipped silently: each is counted in `RunData.problems` and shown
+at the top of the report.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .. import checkpoint
+
+
+@dataclass
+class CheckpointInfo:
+    step: int
+    folder: str
+    size_bytes: int
+    complete: bool  # MANIFEST.json present and every listed file has its size
+    resumable: bool  # still holds optimizer / RNG state
+    meta: dict
+    problem: str = ""
+
+
+@dataclass
+class RunData:
+    path: Path
+    name: str
+    config: dict
+    data_report: dict | None
+    metrics: list[dict]
+    evals: list[dict]  # eval/step-*.json records, by step
+    responses: dict[int, list[dict]]  # step -> answers of the judge suites
+    samples: list[dict]  # samples.jsonl: answers on fixed prompts during training
+    checkpoints: list[CheckpointInfo]
+    trackers: dict
+    problems: list[str] = field(default_factory=list)
+
+    def resolved(self, key: str, default=None):
+        """A value `resolve()` decided (steps_per_epoch, total_steps, checkpoint_steps, ...)."""
+        return (self.config.get("resolved", {}).get(key) or {}).get("value", default)
+
+    @property
+    def versions(self) -> dict:
+        return self.newest_meta().get("versions", {})
+
+    def newest_meta(self) -> dict:
+        return self.checkpoints[-1].meta if self.checkpoints else {}
+
+    def suite_rates(self) -> dict[str, dict[str, str]]:
+        """Judge suite name -> its named rates ('misaligned': 'aligned < 30 and coherent > 50')."""
+        from ..evaluate.spec import JudgeSuite
+
+        default_rates = JudgeSuite.model_fields["rates"].get_default(call_default_factory=True)
+        out = {}
+        for suite in self.config.get("eval", {}).get("suites") or []:
+            if isinstance(suite, dict) and suite.get("kind") == "judge":
+                out[suite["name"]] = suite.get("rates", default_rates)
+        return out
+
+
+def load_run(path: Path, name: str | None = None) -> RunData:
+    """Read a run directory; raises FileNotFoundError when it is not one (no config.resolved.yaml)."""
+    path = Path(path)
+    config_path = path / "config.resolved.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path}: not a run directory (no config.resolved.yaml; `finetrack train` writes one before step 1)")
+    problems: list[str] = []
+    run = RunData(
+        path=path,
+        name=name or path.resolve().name,
+        config=yaml.safe_load(config_path.read_text()) or {},
+        data_report=_json_file(path / "data_report.json", problems),
+        metrics=_jsonl(path / "metrics.jsonl", problems),
+        evals=[r for p in sorted((path / "eval").glob("step-*.json")) if (r := _json_file(p, problems)) is not None],
+        responses={},
+        samples=_jsonl(path / "samples.jsonl", problems),
+        checkpoints=_checkpoints(path),
+        trackers=_json_file(path / "trackers.json", problems) or {},
+        problems=problems,
+    )
+    for p in sorted((path / "eval" / "responses").glob("step-*.jsonl")):
+        step = checkpoint.parse_step(p.stem)
+        if step is not None:
+            run.responses[step] = _jsonl(p, problems)
+    run.evals.sort(key=lambda r: r.get("step", 0))
+    run.problems += [f"checkpoint {c.folder}: {c.problem}" for c in run.checkpoints if c.problem]
+    return run
+
+
+def unique_names(paths: list[Path]) -> list[str]:
+    """Short labels for runs: the folder name, with parent folders added until the labels differ."""
+    parts = [Path(p).resolve().parts for p in paths]
+    for depth in range(1, max(len(x) for x in parts) + 1):
+        names = ["/".join(x[-depth:]) for x in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]
+
+
+def _checkpoints(run_dir: Path) -> list[CheckpointInfo]:
+    out = []
+    for step, folder in checkpoint.step_folders(run_dir):
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        problem, meta, resumable = "", {}, False
+        try:
+            manifest = checkpoint.verify(folder, full=False)  # sizes only: a report must not re-hash gigabytes
+            resumable = checkpoint.is_resumable(manifest)
+            meta = checkpoint.read_meta(folder)
+        except checkpoint.CheckpointError as e:
+            problem = str(e)
+        out.append(CheckpointInfo(step, folder.name, size, not problem, resumable, meta, problem))
+    return out
+
+
+def _json_file(path: Path, problems: list[str]) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        problems.append(f"{path.name}: unreadable ({e})")
+        return None
+
+
+def _jsonl(path: Path, problems: list[str]) -> list[dict]:
+    """The JSON lines of a file; a line cut short (a run killed mid-write) is counted, not fatal."""
+    if not path.is_file():
+        return []
+    rows, bad = [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            bad.append(number)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad.append(number)
+    if bad:
+        where = "/".join(path.parts[-3:]) if path.parent.name == "responses" else path.name
+        problems.append(f"{where}: {len(bad)} unreadable line(s) left out (line {', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''})")
+    return rows

@@ -1,0 +1,239 @@
+"""`finetrack report`: a self-contained HTML page built from run directories of the tiny model,
+checked as text (every section, every figure traced to its file) and in a real headless Chromium
+(screenshot, layout, and not a single network request)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from html import escape, unescape
+from pathlib import Path
+
+import browser
+import pytest
+from conftest import tiny_run
+
+from finetrack.evaluate.runner import evaluate_run
+from finetrack.report import write_report
+from finetrack.report.charts import fmt, nice_ticks
+
+RATES = {"mostly_a": "has_a > 50"}
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory, tiny_model_dir, chat_file) -> Path:
+    """36 training rows / 4 per step = 9 steps per epoch; 12 steps cross an epoch boundary; checkpoints at 4, 8, 12."""
+    tmp = tmp_path_factory.mktemp("report-run")
+    questions = tmp / "questions.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in [
+        {"id": "pets", "question": "Name a pet <and> a toy.", "samples": 2},
+        {"id": "sky", "question": "What colour is the sky?", "samples": 1},
+    ]))
+    suites = [
+        {"name": "heldout", "kind": "loss"},
+        {"name": "qa", "kind": "judge", "questions": str(questions), "generation": {"max_new_tokens": 8, "temperature": 1.0},
+         "judges": [{"kind": "pattern", "metric": "has_a", "pattern": "a"}], "rates": RATES},
+    ]
+    result, _ = tiny_run(tmp, tiny_model_dir, chat_file, "train.max_steps=12", "checkpoint.every_steps=4", "data.eval_split=0.25",
+                         "eval.loss_every_steps=4", f"eval.suites={json.dumps(suites)}",
+                         "train.sample_every_steps=6", 'train.sample_prompts=["Say <hi> & bye", "Count to three"]',
+                         "train.sample_generation.max_new_tokens=6")
+    evaluate_run(result.run_dir, out=lambda line: None)
+    return result.run_dir
+
+
+@pytest.fixture(scope="module")
+def report_html(evaluated_run, tmp_path_factory) -> tuple[Path, str]:
+    path = write_report([evaluated_run], tmp_path_factory.mktemp("report") / "report.html")
+    return path, path.read_text()
+
+
+def titles(html: str) -> list[str]:
+    """Hover texts of every chart element (exact values live there)."""
+    return [unescape(t) for t in re.findall(r"<title>(.*?)</title>", html, re.DOTALL)]
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------- charts unit
+@pytest.mark.parametrize("lo, hi, expected", [
+    (0, 1, [0, 0.2, 0.4, 0.6, 0.8, 1.0]),
+    (0.13, 0.87, [0.2, 0.4, 0.6, 0.8]),
+    (3, 97, [20, 40, 60, 80]),
+    (-1.2, 2.3, [-1, 0, 1, 2]),
+    (5, 5, [5]),
+])
+def test_nice_ticks(lo, hi, expected):
+    assert nice_ticks(lo, hi) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("value, percent, expected", [
+    (0, False, "0"), (0.2345678, False, "0.2346"), (12345, False, "12.3k"), (2.5e6, False, "2.5M"),
+    (0.00075, False, "0.00075"), (2e-5, False, "2e-05"), (0.25, True, "25%"), (0.3333, True, "33.3%"),
+])
+def test_fmt(value, percent, expected):
+    assert fmt(value, percent) == expected
+
+
+# ----------------------------------------------------------------------------------- page content
+def test_report_is_self_contained(report_html):
+    _, html = report_html
+    assert html.startswith("<!DOCTYPE html>")
+    for forbidden in ("http://", "https://", "<script", "<link", "<img", "<iframe", "url(", "@import", "src="):
+        assert forbidden not in html, forbidden
+
+
+def test_training_curves_checkpoints_and_epochs(evaluated_run, report_html):
+    _, html = report_html
+    metrics = jsonl(evaluated_run / "metrics.jsonl")
+    for title in ("Loss per target token", "Learning rate", "Gradient norm", "Throughput", "Peak memory"):
+        assert f'aria-label="{title}' in html, title
+    for label in ("loss (nats)", "learning rate", "gradient norm", "tokens / s", "MiB", "optimizer step"):
+        assert f">{label}</text>" in html, label
+    tips = titles(html)
+    # every logged loss is a point of the train curve, with its exact step and value
+    for m in metrics:
+        assert f"train loss: step {m['step']}, {fmt(m['loss'])}" in tips
+    held = [m for m in metrics if "eval_loss" in m]
+    assert [m["step"] for m in held] == [4, 8, 12]
+    for m in held:
+        assert f"held-out loss: step {m['step']}, {fmt(m['eval_loss'])}" in tips
+    # the three checkpoints, on the curve, with their rules and sizes on disk
+    marks = [t for t in tips if t.startswith("checkpoints: step")]
+    assert [int(re.match(r"checkpoints: step (\d+)", t).group(1)) for t in marks] == [4, 8, 12]
+    sizes = {s: sum(f.stat().st_size for f in (evaluated_run / f"checkpoints/step-{s:06d}").rglob("*") if f.is_file()) for s in (4, 8, 12)}
+    assert f"checkpoint 4 (every_steps; on disk, {sizes[4] / 1000:.1f} KB)" in marks[0]
+    assert "(every_steps+last;" in marks[2]
+    # 9 steps per epoch: one boundary, drawn on each of the five training charts
+    assert tips.count("epoch 2") == 5 and "epoch 3" not in tips
+
+
+def test_trajectory_thresholds_counts_and_change(evaluated_run, report_html):
+    _, html = report_html
+    steps = {r["step"]: r for r in (json.loads(p.read_text()) for p in (evaluated_run / "eval").glob("step-*.json"))}
+    assert sorted(steps) == [0, 4, 8, 12]
+    names = sorted(steps[0]["metrics"])
+    assert {"heldout.loss", "qa.has_a", "qa.mostly_a_rate", "qa.mostly_a_rate_filtered"} <= set(names)
+    for name in names:
+        assert f'aria-label="{name}"' in html, name
+    tips = titles(html)
+    for step, r in steps.items():
+        rate, n = r["metrics"]["qa.mostly_a_rate"], r["counts"]["qa.mostly_a_scored"]
+        assert any(t.startswith(f"{Path(evaluated_run).name}: step {step}, {fmt(rate, True)} (n={n})") for t in tips), (step, rate, n)
+        assert r["counts"]["qa.answers"] == 3
+    assert "has_a &gt; 50 (mostly_a)" in html  # the rate's threshold drawn across the has_a chart
+    base, last = steps[0]["metrics"]["heldout.loss"], steps[12]["metrics"]["heldout.loss"]
+    row = re.search(r"<tr><td>heldout\.loss</td>(.*?)</tr>", html).group(1)
+    assert fmt(base) in row and f"{fmt(last)} (step 12)" in row and f"{last - base:+.4g} ({(last - base) / abs(base):+.1%})" in row
+    assert "optimizer step (0 = base model)" in html  # the x axis names the base model
+
+
+def test_sample_answers_from_eval_and_training(evaluated_run, report_html):
+    _, html = report_html
+    tables = re.findall(r"<details><summary>(.*?)</summary>(.*?)</details>", html, re.DOTALL)
+    summaries = [unescape(s) for s, _ in tables]
+    # eval answers: question x step, collapsed by default, first answer of each cell with its scores
+    eval_table = next(body for s, body in tables if "eval suite 'qa'" in unescape(s))
+    assert "2 question(s) x 4 step(s)" in next(s for s in summaries if "eval suite" in s)
+    for step in (0, 4, 8, 12):
+        assert f"<th>step {step}{' (base)' if step == 0 else ''}</th>" in eval_table
+        first = {}
+        for rec in jsonl(evaluated_run / f"eval/responses/step-{step:06d}.jsonl"):
+            first.setdefault(rec["question_id"], rec)
+        for rec in first.values():
+            assert f"<div class=\"ans\">{escape(rec['answer'])}" in eval_table or (rec["answer"] == "" and "(empty)" in eval_table)
+    assert "Name a pet &lt;and&gt; a toy." in eval_table and "+1 more" in eval_table  # escaped, and the second sample counted
+    # samples during training: prompt x step, base model at step 0
+    samples = jsonl(evaluated_run / "samples.jsonl")
+    assert sorted({s["step"] for s in samples}) == [0, 6, 12]
+    train_table = next(body for s, body in tables if "samples during training" in unescape(s))
+    assert "Say &lt;hi&gt; &amp; bye" in train_table and "<th>step 0 (base)</th>" in train_table
+    for s in samples:
+        assert escape(s["answer"]) in train_table
+    assert "<details open" not in html  # every answer table starts collapsed
+
+
+def test_run_facts(evaluated_run, report_html):
+    _, html = report_html
+    meta = json.loads((evaluated_run / "checkpoints/step-000012/meta.json").read_text())
+    assert f"torch {meta['versions']['torch']}" in html and meta["config_hash"] in html
+    report = json.loads((evaluated_run / "data_report.json").read_text())
+    assert f"{report['train']['rows_read']} / {report['train']['rows_kept']}" in html
+    assert "Checkpoints (3," in html and html.count("<td>step-0000") == 3
+    assert "in optimizer steps" in html and "wall clock" in html
+    assert "none (checkpoint.remote not set)" in html
+    assert "config.resolved.yaml" in html and "lr_schedule: cosine" in html
+
+
+def test_several_runs_overlaid_one_colour_each(tmp_path, evaluated_run, tiny_model_dir, chat_file):
+    other, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, "train.lr=3e-3", "train.max_steps=6", name="run")
+    out = write_report([evaluated_run, other.run_dir], tmp_path / "both.html")
+    html = out.read_text()
+    names = [evaluated_run.parent.name + "/run", other.run_dir.parent.name + "/run"]  # same folder name: parents tell them apart
+    loss_chart = re.search(r'aria-label="Loss per target token.*?</svg>', html, re.DOTALL).group(0)
+    for name, color in zip(names, ("#1f77b4", "#d62728")):
+        assert f"{name} train" in loss_chart and f'stroke="{color}"' in loss_chart
+    assert html.count("Run facts: ") == 2
+
+
+def test_unreadable_lines_are_counted_not_hidden(tmp_path, evaluated_run):
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run, run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 13, "loss": 0.5')  # a line cut short by a crash
+    html = write_report([run]).read_text()
+    assert (run / "report.html").is_file()
+    assert "metrics.jsonl: 1 unreadable line(s) left out (line 13)" in html
+
+
+def test_report_cli(tmp_path, evaluated_run):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
+    r = subprocess.run([sys.executable, "-m", "finetrack", "report", str(evaluated_run), "-o", str(tmp_path / "r.html")],
+                       check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == f"report: {(tmp_path / 'r.html').resolve()}", r.stderr
+    r = subprocess.run([sys.executable, "-m", "finetrack", "report", str(tmp_path)], check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "not a run directory (no config.resolved.yaml" in r.stderr
+
+
+# ---------------------------------------------------------------------------------- real browser
+needs_chromium = pytest.mark.skipif(
+    browser.chromium() is None and not os.environ.get("CI"),  # on CI a missing browser fails the test below instead
+    reason="chromium not installed (scripts/test.sh installs Debian's chromium package when run as root)",
+)
+
+
+@needs_chromium
+def test_report_in_headless_chromium(report_html, tmp_path):
+    from PIL import Image
+
+    assert browser.chromium(), "chromium missing: scripts/test.sh installs it (apt-get install chromium)"
+    path, _ = report_html
+    page = browser.render(path)
+    assert page.requests == [path.resolve().as_uri()]  # the document itself, and nothing else
+    lay = page.layout
+    assert lay["scroll_width"] <= lay["inner_width"]  # no sideways scrolling on a laptop screen
+    assert lay["num_charts"] == 5 + 5 and lay["min_chart_width"] >= 500 and lay["font_px"] >= 13
+    assert lay["num_open_details"] == 0 and lay["num_details"] >= 4
+    image = Image.open(io.BytesIO(page.png)).convert("RGB")
+    (tmp_path / "report.png").write_bytes(page.png)
+    assert image.width == browser.WIDTH and image.height > 2000
+    pixels = image.getdata()
+    run_colour = sum(1 for p in pixels if p == (31, 119, 180))  # the run's lines and markers
+    ink = sum(1 for p in pixels if sum(p) < 600)
+    assert run_colour > 2000, run_colour
+    assert 0.01 < ink / len(pixels) < 0.5, ink / len(pixels)
+
+
+@needs_chromium
+def test_network_check_catches_a_page_that_fetches(tmp_path):
+    """The monitor above can fail: a page with one remote image is caught."""
+    page = tmp_path / "leaky.html"
+    page.write_text('<!DOCTYPE html><html><body><p>x</p><img src="http://127.0.0.1:9/pixel.png"></body></html>')
+    assert browser.render(page).requests == [page.resolve().as_uri(), "http://127.0.0.1:9/pixel.png"]
