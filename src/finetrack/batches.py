@@ -80,21 +80,34 @@ def collate(examples: list[Example], pad_id: int, pack: bool, pack_row_tokens: i
 
 
 def _pack(examples: list[Example], row_tokens: int | None, attn_tokens: int) -> list[tuple[list[int], list[int], list[int]]]:
-    """Place the samples into rows (first-fit decreasing) of the width that computes least.
+    """(ids, position ids, targets) of each packed row."""
+    out = []
+    for members in pack_rows([len(e.input_ids) for e in examples], row_tokens, attn_tokens):
+        ids, pos, tgt = [], [], []
+        for i in members:
+            ids.extend(examples[i].input_ids)
+            pos.extend(range(len(examples[i].input_ids)))
+            tgt.extend(_shifted(examples[i]))
+        out.append((ids, pos, tgt))
+    return out
+
+
+def pack_rows(lengths: list[int], row_tokens: int | None, attn_tokens: int = DEFAULT_ATTN_TOKENS) -> list[list[int]]:
+    """Place samples of these lengths into rows (first-fit decreasing) of the width that computes least;
+    returns the sample indices of each row, in their original order.
 
     A batch of R rows of width W costs about R * W * (1 + W / attn_tokens): the linear layers grow
     with W, attention with W^2 (SDPA applies the block-diagonal mask to a dense score matrix), and
     attn_tokens (~6 x hidden size) is the width at which both cost the same. Candidate widths are
     multiples of the longest sample, or exactly row_tokens when the user set it.
     """
-    lengths = [len(e.input_ids) for e in examples]
     longest = max(lengths)
     widths = [row_tokens] if row_tokens else sorted({min(int(longest * f), sum(lengths)) for f in (1, 1.25, 1.5, 2, 3, 4)})
     best_cost, best_rows = math.inf, []
     for width in widths:
         rows: list[list[int]] = []
         totals: list[int] = []
-        for i in sorted(range(len(examples)), key=lambda i: -lengths[i]):
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
             r = next((r for r, t in enumerate(totals) if t + lengths[i] <= width), None)
             if r is None:
                 rows.append([])
@@ -106,15 +119,20 @@ def _pack(examples: list[Example], row_tokens: int | None, attn_tokens: int) -> 
         cost = len(rows) * used * (1 + used / attn_tokens)
         if cost < best_cost:
             best_cost, best_rows = cost, rows
-    out = []
-    for members in best_rows:
-        ids, pos, tgt = [], [], []
-        for i in sorted(members):  # keep the original order inside a row
-            ids.extend(examples[i].input_ids)
-            pos.extend(range(lengths[i]))
-            tgt.extend(_shifted(examples[i]))
-        out.append((ids, pos, tgt))
-    return out
+    return [sorted(members) for members in best_rows]
+
+
+def micro_batch_shape(lengths: list[int], pack: bool, pack_row_tokens: int | None, attn_tokens: int = DEFAULT_ATTN_TOKENS) -> tuple[int, int]:
+    """(rows, width) of the input tensor `collate` builds for samples of these lengths (padding included)."""
+    if not pack:
+        return len(lengths), max(lengths)
+    rows = pack_rows(lengths, pack_row_tokens, attn_tokens)
+    return len(rows), max(sum(lengths[i] for i in r) for r in rows)
+
+
+def attn_tokens_for(hidden_size: int | None) -> int:
+    """Packed-row width at which attention costs as much as the linear layers (~6 x hidden size)."""
+    return 6 * hidden_size if hidden_size else DEFAULT_ATTN_TOKENS
 
 
 def micro_batches(examples: list[Example], rows: list[int], micro_batch_size: int) -> list[list[Example]]:

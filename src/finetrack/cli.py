@@ -53,9 +53,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (holding config.resolved.yaml)")
     r.add_argument("-o", "--output", help="HTML file to write (default: RUN_DIR/report.html for one run, ./report.html for several)")
+    pl = sub.add_parser(
+        "plan", help="before training: data report, schedule, memory fit, time and cost (nothing is trained without --measure)",
+        description="finetrack plan CONFIG.yaml [section.key=value ...] [--device-memory 24GB] [--gpu H100] [--price-per-hour 3.80] [--measure]",
+    )
+    pl.add_argument("config", nargs="?", help="YAML config file (omit to use defaults)")
+    pl.add_argument("overrides", nargs="*", help="section.key=value, as for train")
+    pl.add_argument("--device-memory", metavar="SIZE", help="memory of the target device, e.g. 24GB (read as GiB), 80GiB, 16000MB")
+    pl.add_argument("--gpu", metavar="NAME", help="plan for this GPU (its peak FLOP/s and memory), e.g. H100, A100-80GB, L4; an unknown name lists the known ones")
+    pl.add_argument("--num-processes", type=int, default=1, metavar="N", help="data-parallel processes (accelerate launch)")
+    pl.add_argument("--price-per-hour", type=float, metavar="PRICE", help="machine price per hour: prints the cost")
+    pl.add_argument("--measure", nargs="?", type=int, const=5, metavar="STEPS", help="run STEPS (default 5) real optimizer steps here for tokens/s and peak memory")
+    pl.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
     d = sub.add_parser("demo", help="fine-tune the embedded model on the demo chat set and show what changed")
     d.add_argument("overrides", nargs="*", help="section.key=value applied to the demo config, e.g. train.max_steps=20")
     return p
+
+
+def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """`train k=v` without a config file: the first override landed in the config slot."""
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not config.endswith((".yaml", ".yml")):
+        return None, [config, *overrides]
+    return config, overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.help_config:
                 print(help_config())
                 return 0
-            config, overrides = args.config, list(args.overrides)
-            if config and "=" in config and not config.endswith((".yaml", ".yml")):
-                config, overrides = None, [config, *overrides]
+            config, overrides = _config_and_overrides(args)
             from .resume import Request
             from .train import run
 
@@ -111,6 +129,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
             print(f"report: {path.resolve()}")
+        elif args.verb == "plan":
+            import dataclasses
+            import json
+
+            from .plan import make_plan, render, target_for
+
+            config, overrides = _config_and_overrides(args)
+            plan = make_plan(load_config(config, overrides), target_for(args.gpu, args.device_memory, args.num_processes), args.price_per_hour, args.measure)
+            print(render(plan))
+            if args.json:
+                Path(args.json).write_text(json.dumps(dataclasses.asdict(plan), indent=2) + "\n")
+                print(f"plan written to {args.json}")
         elif args.verb == "demo":
             from .demo import demo
 

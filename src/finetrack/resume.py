@@ -20,6 +20,7 @@ from typing import Callable
 from . import checkpoint
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from .schema import flatten
 
 log = logging.getLogger("finetrack")
 
@@ -180,20 +181,10 @@ def _aside_dir(run_dir: Path) -> Path:
     return aside
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_config(saved: dict, current: dict, saved_data: str | None, current_data: str, allow_change: bool, source: Path) -> list[str]:
     """Compare the checkpoint's config with this run's. Returns the accepted changes, one line each;
     raises ConfigError listing the others unless allow_change (then they are returned too)."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = flatten(saved), flatten(current)
     changes = [(k, old.get(k, "(unset)"), new.get(k, "(unset)")) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     harmless = [f"{k}: {a} -> {b}" for k, a, b in changes if k.startswith(HARMLESS_PREFIXES)]
     blocking = [f"{k}: {a} -> {b}" for k, a, b in changes if not k.startswith(HARMLESS_PREFIXES)]

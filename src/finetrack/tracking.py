@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 from .config import Config, ConfigError, Resolved, effective_dump
+from .schema import flatten
 
 log = logging.getLogger("finetrack")
 
@@ -118,7 +119,7 @@ def config_params(cfg: Config, res: Resolved) -> dict[str, bool | int | float | 
     None as JSON text, as TensorBoard's hparams and MLflow's params take no others), URLs without credentials."""
     from .storage import redact
 
-    flat = _flatten(effective_dump(cfg))
+    flat = flatten(effective_dump(cfg))
     flat.update({f"resolved.{k}": v for k, v in res.values.items() if not isinstance(v, (dict, list))})
     out: dict[str, bool | int | float | str] = {}
     for k, v in flat.items():
@@ -200,13 +201,3 @@ def _write_ids(run_dir: Path, ids: dict) -> None:
     from .checkpoint import write_atomic
 
     write_atomic(run_dir / IDS_FILE, json.dumps(ids, indent=2) + "\n")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out: dict = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint, resume, sampling, tracking
-from .batches import DEFAULT_ATTN_TOKENS, IGNORE, Batch, collate, micro_batches, packing_is_exact, step_rows
+from .batches import IGNORE, Batch, attn_tokens_for, collate, micro_batches, packing_is_exact, step_rows
 from .config import Config, ConfigError, Environment, config_hash, effective_dump, resolve, resolved_yaml
 from .data import Example, prepare, report_line
 from .interrupt import Interrupted, StopFlag
@@ -323,6 +323,4 @@ def evaluate_loss(
 
 
 def _attn_tokens(model: nn.Module) -> int:
-    """Packed-row width at which attention costs as much as the linear layers (~6 x hidden size)."""
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    return 6 * hidden if hidden else DEFAULT_ATTN_TOKENS
+    return attn_tokens_for(getattr(getattr(model, "config", None), "hidden_size", None))

@@ -1,0 +1,358 @@
+"""`finetrack plan CONFIG`: what a run will need before it runs — data, schedule, memory fit, time and cost.
+
+data (the same preparation as train) -> schedule (the same resolve() as train) -> workload (the real
+data order: the largest micro-batch, tokens to train) -> memory (memory.py) -> time and cost (a FLOPs
+estimate with its assumptions stated, or --measure: a few real optimizer steps on this machine).
+Nothing is trained and no weights are loaded unless --measure is given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+
+from . import memory
+from .batches import attn_tokens_for, epoch_order, micro_batch_shape
+from .config import Config, ConfigError, Environment, resolve
+from .data import Example, prepare
+
+log = logging.getLogger("finetrack")
+
+# Peak dense tensor throughput (bf16; fp16 for T4, which has no bf16) and memory, from vendor datasheets.
+GPUS: dict[str, tuple[float, float, bool]] = {  # name: (TFLOP/s, GiB, bf16)
+    "H200": (989.0, 141, True), "H100": (989.0, 80, True), "A100-80GB": (312.0, 80, True), "A100-40GB": (312.0, 40, True),
+    "L40S": (362.0, 48, True), "A10": (125.0, 24, True), "L4": (121.0, 24, True), "T4": (65.0, 16, False),
+}
+GPU_UTILIZATION = 0.40  # share of peak a fine-tuning step reaches on a GPU (typical model FLOPs utilization)
+CPU_UTILIZATION = 0.50  # share of the probed fp32 matmul rate a training step reaches on a CPU
+CHECKPOINT_WRITE_BYTES_PER_S = 500e6  # local disk, written with fsync
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KIB|MB|MIB|GB|GIB|TB|TIB)?\s*$", re.IGNORECASE)
+
+
+@dataclass
+class Target:
+    """The machine the run is planned for."""
+
+    device_type: str  # "cuda" | "cpu"
+    name: str
+    peak_flops_per_s: float | None  # None: probe this CPU
+    memory_bytes: int | None
+    bf16: bool
+    num_processes: int = 1
+
+
+def parse_bytes(text: str) -> int:
+    """'24GB' -> 24 GiB: memory sizes are read in binary units (a '24 GB' GPU has 24 GiB), '1.5TB' too."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ConfigError(f"--device-memory {text!r}: write a size such as 24GB, 80GiB or 16000MB")
+    unit = (m.group(2) or "B").upper().replace("I", "")
+    return int(float(m.group(1)) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}[unit])
+
+
+def target_for(gpu: str | None, device_memory: str | None, num_processes: int = 1) -> Target:
+    """--gpu NAME, else this machine's CUDA device, else its CPU; --device-memory overrides the memory."""
+    import torch
+
+    mem = parse_bytes(device_memory) if device_memory else None
+    if gpu:
+        key = next((k for k in GPUS if k.lower() == gpu.lower()), None)
+        if key is None:
+            raise ConfigError(f"--gpu {gpu}: known GPUs are {', '.join(GPUS)} (or leave it out to plan for this machine)")
+        tflops, gib, bf16 = GPUS[key]
+        return Target("cuda", key, tflops * 1e12, mem or int(gib * 2**30), bf16, num_processes)
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        key = next((k for k in GPUS if k.split("-")[0].lower() in name.lower()), None)
+        total = torch.cuda.get_device_properties(0).total_memory
+        return Target("cuda", name, GPUS[key][0] * 1e12 if key else None, mem or total, torch.cuda.is_bf16_supported(), num_processes)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # a CPU run's memory is the machine's RAM
+    return Target("cpu", "this CPU", None, mem or ram, False, num_processes)
+
+
+# ---------------------------------------------------------------------------------------- workload
+@dataclass
+class Workload:
+    """What the run computes, from the real data order (process 0's share on several processes)."""
+
+    largest: memory.Workload  # the micro-batch with the most tokens (padding included)
+    train_tokens: int = 0  # real tokens over all optimizer steps (all processes)
+    computed_tokens: int = 0  # tokens including padding
+    target_tokens: int = 0
+    attention_cells: int = 0  # sum over micro-batches of rows x width^2 (dense attention scores)
+    steps: int = 0
+
+
+def workload(examples: list[Example], cfg: Config, total_steps: int, num_processes: int, attn_tokens: int) -> Workload:
+    """Walk the run's optimizer steps in their real order (the same epoch_order as train) and measure the micro-batches."""
+    rows_per_process = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+    rows_per_step = rows_per_process * num_processes
+    steps_per_epoch = len(examples) // rows_per_step
+    lengths = [len(e.input_ids) for e in examples]
+    targets = [e.num_trainable_tokens for e in examples]
+    out = Workload(memory.Workload(0, 0, 0, 0))
+    order: list[int] = []
+    for step in range(total_steps):
+        epoch, k = divmod(step, steps_per_epoch)
+        if k == 0 or not order:
+            order = epoch_order(len(examples), cfg.train.seed, epoch, cfg.data.shuffle)
+        rows = order[k * rows_per_step : (k + 1) * rows_per_step]
+        out.train_tokens += sum(lengths[i] for i in rows)
+        for j in range(0, rows_per_process, cfg.train.micro_batch_size):  # process 0's micro-batches
+            mb = rows[j : j + cfg.train.micro_batch_size]
+            num_rows, width = micro_batch_shape([lengths[i] for i in mb], cfg.data.pack, cfg.data.pack_row_tokens, attn_tokens)
+            tokens, tgt = num_rows * width, sum(targets[i] for i in mb)
+            out.computed_tokens += tokens * num_processes
+            out.target_tokens += tgt * num_processes
+            out.attention_cells += num_rows * width * width * num_processes
+            if tokens > out.largest.micro_batch_tokens:
+                out.largest = memory.Workload(micro_batch_tokens=tokens, longest_row_tokens=width, target_tokens=tgt, num_rows=num_rows)
+        out.steps += 1
+    return out
+
+
+def capped(examples: list[Example], cfg: Config) -> list[Example]:
+    """The examples as data.max_length would leave them (truncated or dropped), without tokenizing again."""
+    n = cfg.data.max_length
+    if cfg.data.on_overflow == "drop":
+        return [e for e in examples if len(e.input_ids) <= n]
+    return [e if len(e.input_ids) <= n else Example(e.input_ids[:n], e.labels[:n], e.source, e.line) for e in examples]
+
+
+# ------------------------------------------------------------------------------------------- FLOPs
+def flops_per_micro_batch_tokens(arch: memory.Architecture, method: str, gradient_checkpointing: bool) -> tuple[float, float, float]:
+    """(FLOPs per computed token, per target token, per attention score cell) of one training step.
+
+    Forward: 2 x the decoder's linear parameters per token, 2 x vocab x hidden per target token (logits
+    are computed only there), 4 x layers x heads x head_dim per attention score cell (QK^T and AV, dense).
+    Backward: 2 x forward for a full fine-tune (activation and weight gradients), 1 x forward when the
+    base is frozen (LoRA / QLoRA: activation gradients only; the adapters are negligible).
+    Gradient checkpointing runs the forward once more."""
+    multiplier = (3 if method == "full" else 2) + (1 if gradient_checkpointing else 0)
+    per_token = 2 * decoder_linear_params(arch) * multiplier
+    per_target = 2 * arch.vocab_size * arch.hidden_size * multiplier
+    per_cell = 4 * arch.num_layers * arch.num_heads * arch.head_dim * multiplier
+    return per_token, per_target, per_cell
+
+
+def probe_cpu_flops(seconds: float = 0.5) -> float:
+    """fp32 matmul FLOP/s this CPU sustains (a 1024^3 product repeated for about `seconds`)."""
+    import torch
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b  # warm-up
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return 2 * 1024**3 * n / (time.perf_counter() - start)
+
+
+# -------------------------------------------------------------------------------------------- plan
+@dataclass
+class Plan:
+    target: dict
+    data: dict
+    schedule: dict
+    memory: dict
+    time: dict
+    assumptions: list[str] = field(default_factory=list)
+
+
+def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, measure_steps: int | None = None) -> Plan:
+    """Everything `finetrack plan` prints, as plain data."""
+    from transformers import AutoConfig
+
+    from .models import load_tokenizer, model_source
+
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare(cfg.data, tokenizer, cfg.train.seed)
+    env = Environment(device_type=target.device_type, bf16_supported=target.bf16, num_processes=target.num_processes, num_train_rows=len(data.train))
+    cfg, res = resolve(cfg, env)
+    arch = memory.Architecture.from_hf_config(
+        AutoConfig.from_pretrained(model_source(cfg.model), revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code).to_dict()
+    )
+    attn = attn_tokens_for(arch.hidden_size)
+    total_steps = res["total_steps"]
+    work = workload(data.train, cfg, total_steps, target.num_processes, attn)
+    assumptions: list[str] = []
+
+    # --- schedule
+    every_eval = cfg.eval.loss_every_steps
+    eval_steps = sorted({s for s in range(1, total_steps + 1) if every_eval and s % every_eval == 0} | {total_steps}) if data.eval else []
+    schedule = {"steps_per_epoch": res["steps_per_epoch"], "total_steps": total_steps, "global_batch_size": res["global_batch_size"],
+                "warmup_steps": res["warmup_steps"], "checkpoint_steps": res["checkpoint_steps"], "eval_loss_steps": eval_steps,
+                "reasons": {k: res.reasons[k] for k in ("steps_per_epoch", "total_steps", "checkpoint_steps") if k in res.reasons}}
+
+    # --- memory
+    terms = memory.breakdown(cfg, arch, work.largest, target.device_type)
+    peak = memory.peak_bytes(terms)
+    mem = {"largest_micro_batch": vars(work.largest), "terms": [vars(t) for t in terms], "peak_bytes": peak,
+           "device_bytes": target.memory_bytes, "fits": None if target.memory_bytes is None else peak <= target.memory_bytes, "changes": []}
+    if target.memory_bytes is not None and peak > target.memory_bytes:
+        def work_for(changed: Config) -> memory.Workload:
+            examples = capped(data.train, changed)
+            steps = min(total_steps, max(1, len(examples) // (changed.train.micro_batch_size * changed.train.grad_accum_steps * target.num_processes)))
+            return workload(examples, changed, steps, target.num_processes, attn).largest
+
+        mem["changes"] = [vars(c) for c in memory.ranked_changes(cfg, arch, work_for, target.device_type, target.memory_bytes)]
+
+    # --- time and cost
+    per_token, per_target, per_cell = flops_per_micro_batch_tokens(arch, cfg.model.method, cfg.model.gradient_checkpointing)
+    train_flops = per_token * work.computed_tokens + per_target * work.target_tokens + per_cell * work.attention_cells
+    eval_tokens = sum(len(e.input_ids) for e in data.eval)
+    eval_targets = sum(e.num_trainable_tokens for e in data.eval)
+    eval_flops = len(eval_steps) * 2 * (decoder_linear_params(arch) * eval_tokens + arch.vocab_size * arch.hidden_size * eval_targets)  # forward only
+    if target.peak_flops_per_s:
+        util, rate = GPU_UTILIZATION, target.peak_flops_per_s * GPU_UTILIZATION
+        assumptions.append(f"{target.name}: {target.peak_flops_per_s / 1e12:.0f} TFLOP/s peak dense tensor throughput x {util:.0%} utilization")
+    else:
+        probed = probe_cpu_flops()
+        rate = probed * CPU_UTILIZATION
+        assumptions.append(f"this CPU sustains {probed / 1e9:.1f} GFLOP/s in an fp32 matmul (probed); training reaches {CPU_UTILIZATION:.0%} of it")
+    if cfg.model.method == "qlora":
+        assumptions.append("QLoRA's 4-bit dequantization is not counted (it adds time, mostly on small batches)")
+    train_s = train_flops / rate
+    eval_s = eval_flops / rate
+    ckpt_bytes = checkpoint_bytes(cfg, arch)
+    ckpt_s = len(res["checkpoint_steps"]) * ckpt_bytes / CHECKPOINT_WRITE_BYTES_PER_S
+    assumptions.append(f"checkpoints written at {CHECKPOINT_WRITE_BYTES_PER_S / 1e6:.0f} MB/s; model loading and `finetrack eval` suites not counted")
+    timing = {"train_tokens": work.train_tokens, "computed_tokens": work.computed_tokens, "target_tokens": work.target_tokens,
+              "train_flops": train_flops, "flops_per_s": rate, "train_s": train_s, "eval_loss_s": eval_s,
+              "checkpoint_bytes": ckpt_bytes, "num_checkpoints": len(res["checkpoint_steps"]), "checkpoint_s": ckpt_s, "measured": None}
+    if measure_steps:
+        timing["measured"] = measure(cfg, measure_steps)
+        tps = timing["measured"]["tokens_per_s"]
+        timing["train_s"] = work.train_tokens / tps
+        timing["eval_loss_s"] = len(eval_steps) * eval_tokens / (3 * tps)
+        assumptions.append(f"measured: {tps:,.0f} tokens/s over {measure_steps} real optimizer steps on this machine ({timing['measured']['device']}); "
+                           "held-out loss evaluates 3x as many tokens per second (forward only)")
+    timing["total_s"] = timing["train_s"] + timing["eval_loss_s"] + timing["checkpoint_s"]
+    timing["hours"] = timing["total_s"] / 3600
+    timing["cost"] = None if price_per_hour is None else timing["hours"] * price_per_hour
+    timing["price_per_hour"] = price_per_hour
+
+    sources: dict[str, dict] = {}
+    for e in data.train:
+        s = sources.setdefault(e.source, {"rows": 0, "tokens": 0, "trainable_tokens": 0})
+        s["rows"] += 1
+        s["tokens"] += len(e.input_ids)
+        s["trainable_tokens"] += e.num_trainable_tokens
+    histogram = length_histogram([len(e.input_ids) for e in data.train])
+    target_info = {"device_type": target.device_type, "name": target.name, "memory_bytes": target.memory_bytes, "num_processes": target.num_processes}
+    return Plan(target_info, {**data.report, "per_source": sources, "length_histogram": histogram}, schedule, mem, timing, assumptions)
+
+
+def length_histogram(lengths: list[int]) -> list[tuple[int, int]]:
+    """(upper bound, rows) per power-of-two bucket of row length in tokens: (64, 10) = 10 rows of 33-64 tokens."""
+    counts: dict[int, int] = {}
+    for n in lengths:
+        bound = 1 << max(0, (n - 1).bit_length())
+        counts[bound] = counts.get(bound, 0) + 1
+    return sorted(counts.items())
+
+
+def checkpoint_bytes(cfg: Config, arch: memory.Architecture) -> int:
+    """Size of one checkpoint: the trained weights (the adapter, or the whole model) and the AdamW state
+    (two values per trained parameter: float32, or 1 byte each for the 8-bit optimizers)."""
+    if cfg.model.method == "full":
+        trained, weight_bytes = arch.num_params, memory.DTYPE_BYTES[cfg.model.dtype]
+    else:
+        trained, weight_bytes = memory.num_adapter_params(cfg, arch), memory.ADAPTER_BYTES
+    state_bytes = 2 if "8bit" in cfg.train.optimizer else 8
+    return trained * (weight_bytes + state_bytes)
+
+
+def decoder_linear_params(arch: memory.Architecture) -> int:
+    """Parameters of the decoder's linear layers (q, k, v, o, gate, up, down): what a forward pass multiplies each token by."""
+    q_out, kv_out = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    return arch.num_layers * (arch.hidden_size * (2 * q_out + 2 * kv_out) + 3 * arch.hidden_size * arch.intermediate_size)
+
+
+def measure(cfg: Config, steps: int) -> dict:
+    """Run `steps` real optimizer steps of this config on this machine (a scratch run directory) and read
+    back what train logged: tokens/s (steps after the first) and peak memory."""
+    from .train import run
+
+    with tempfile.TemporaryDirectory(prefix="finetrack-plan-") as tmp:
+        trial = cfg.model_copy(deep=True)
+        trial.output.dir = tmp
+        trial.train.max_steps, trial.train.num_epochs, trial.train.log_every_steps = steps, None, 1
+        trial.train.sample_every_steps, trial.train.report_to = None, []
+        trial.checkpoint.remote = None
+        trial.eval.loss_every_steps = None
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        run(trial)
+        records = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    # steps after the first (which includes warm-up): each record's tokens over its tokens/s is its time
+    timed = [(b["tokens"] - a["tokens"], b["tokens_per_s"]) for a, b in pairwise(records)] or [(records[0]["tokens"], records[0]["tokens_per_s"])]
+    tokens_per_s = sum(t for t, _ in timed) / sum(t / r for t, r in timed)
+    return {"steps": steps, "tokens_per_s": tokens_per_s, "peak_mem_mb": max(r["peak_mem_mb"] for r in records), "device": device}
+
+
+# ------------------------------------------------------------------------------------------ output
+def render(plan: Plan) -> str:
+    """The plan as the text `finetrack plan` prints."""
+    from .data import report_line
+    from .schedule import describe
+
+    s, m, t = plan.schedule, plan.memory, plan.time
+    lines = [f"data: {report_line(plan.data)}"]
+    for source, c in plan.data["per_source"].items():
+        lines.append(f"  {source}: {c['rows']:,} rows, {c['tokens']:,} tokens, {c['trainable_tokens']:,} trainable")
+    most = max(n for _, n in plan.data["length_histogram"])
+    for bound, n in plan.data["length_histogram"]:
+        lines.append(f"  rows of <= {bound:>6} tokens: {n:>7,}  {'#' * max(1, round(40 * n / most))}")
+    reasons = s["reasons"]
+    lines += ["", (f"schedule: {s['total_steps']} optimizer steps ({reasons.get('total_steps', '')}); {s['steps_per_epoch']} per epoch "
+                   f"({reasons.get('steps_per_epoch', '')}); global batch {s['global_batch_size']} rows; warmup {s['warmup_steps']} steps")]
+    lines.append("  " + describe({step: rules.split("+") for step, rules in s["checkpoint_steps"].items()}))
+    lines.append(f"  held-out loss at steps {_list(s['eval_loss_steps'])}" if s["eval_loss_steps"] else "  no held-out loss (data.eval_split not set)")
+    w = m["largest_micro_batch"]
+    lines += ["", (f"memory on {plan.target['name']} ({plan.target['device_type']}); largest micro-batch: {w['num_rows']} row(s) x "
+                   f"{w['longest_row_tokens']} tokens = {w['micro_batch_tokens']:,} tokens, {w['target_tokens']:,} carrying loss")]
+    width = max(len(term["name"]) for term in m["terms"])
+    for term in m["terms"]:
+        lines.append(f"  {term['name']:<{width}}  {_mib(term['bytes']):>10}  {term['detail']}")
+    verdict = ""
+    if m["device_bytes"] is not None:
+        share = m["peak_bytes"] / m["device_bytes"]
+        verdict = f" of {_mib(m['device_bytes'])}: " + ("fits" if m["fits"] else "DOES NOT FIT") + f" ({share:.0%})"
+    lines.append(f"  {'predicted peak':<{width}}  {_mib(m['peak_bytes']):>10}{verdict}")
+    if m["changes"]:
+        lines.append("  changes, best first (predicted peak with each):")
+        for c in m["changes"]:
+            fits = c["peak_bytes"] <= m["device_bytes"]
+            lines.append(f"    {_mib(c['peak_bytes']):>10}  {'fits' if fits else 'still too big'}  {c['description']}  ({' '.join(c['overrides'])})")
+    how = "measured" if t["measured"] else "estimated from FLOPs"
+    cost = "" if t["cost"] is None else f"; at {t['price_per_hour']:.2f}/h: {t['cost']:.2f}"
+    lines += ["", (f"time and cost ({how}): {t['train_tokens']:,} tokens to train ({t['computed_tokens']:,} computed with padding, "
+                   f"{t['target_tokens']:,} carrying loss)")]
+    lines.append(f"  training {_hours(t['train_s'])} + held-out loss {_hours(t['eval_loss_s'])} + {t['num_checkpoints']} checkpoint(s) of "
+                 f"{_mib(t['checkpoint_bytes'])} {_hours(t['checkpoint_s'])} = {_hours(t['total_s'])}{cost}")
+    if t["measured"]:
+        lines.append(f"  measured peak memory on this machine: {t['measured']['peak_mem_mb']:,.0f} MiB ({t['measured']['device']})")
+    lines += ["", "assumptions:", *(f"  - {a}" for a in plan.assumptions)]
+    return "\n".join(lines)
+
+
+def _list(steps: list[int], max_listed: int = 20) -> str:
+    shown = steps if len(steps) <= max_listed else [*steps[: max_listed // 2], "...", *steps[-max_listed // 2 :]]
+    return ", ".join(map(str, shown))
+
+
+def _mib(num_bytes: float) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
