@@ -17,7 +17,7 @@ Each config runs in a fresh subprocess, because RSS peaks are high-water marks:
 
 The final checkpoint write is not part of the memory model; its own peak is printed when it is higher.
 
-    .venv/bin/python benchmarks/memory_model.py                    # 12 configs on the CPU, ~8 min on 2 cores
+    .venv/bin/python benchmarks/memory_model.py                    # 12 configs on the CPU, ~7 min on 2 cores
     .venv/bin/python benchmarks/memory_model.py --methods lora --lengths 64 --verbose
 """
 
@@ -166,8 +166,11 @@ def predict(overrides: list[str], device: str, model_dir: Path, num_rows: int, v
 
 def spawn(device: str, overrides: list[str], fixed_threshold: bool) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", "--device", device, "--", *overrides]
-    # any of the MALLOC_*_ tuning variables turns glibc's dynamic mmap threshold off: it stays at 128 KiB
-    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "131072"} if fixed_threshold else None
+    env = dict(os.environ)
+    if device == "cpu":  # accelerate would take a GPU if it saw one
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    if fixed_threshold:  # any of the MALLOC_*_ tuning variables turns glibc's dynamic mmap threshold off: it stays at 128 KiB
+        env["MALLOC_TRIM_THRESHOLD_"] = "131072"
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     found = [json.loads(x[len(RESULT_PREFIX):]) for x in proc.stdout.splitlines() if x.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not found:

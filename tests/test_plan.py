@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import tiny_run
+
 from finetrack.config import ConfigError, load_config
 from finetrack.memory import Architecture
 from finetrack.plan import GPUS, flops_per_micro_batch_tokens, make_plan, parse_bytes, target_for
@@ -41,6 +41,18 @@ def test_length_histogram():
     from finetrack.plan import length_histogram
 
     assert length_histogram([1, 2, 3, 4, 5, 64, 65, 600]) == [(1, 1), (2, 1), (4, 2), (8, 1), (64, 1), (128, 1), (1024, 1)]
+
+
+@pytest.mark.parametrize("lengths, pack, expected", [
+    ([3, 3], False, (2, 3, False)),  # equal rows: no padding, no mask
+    ([3, 2], False, (2, 3, True)),  # padded
+    ([6], True, (1, 6, False)),  # one sample, one row
+    ([3, 3], True, (1, 6, True)),  # two samples share a row: attention keeps them apart with a mask
+])
+def test_micro_batch_shape(lengths, pack, expected):
+    from finetrack.batches import micro_batch_shape
+
+    assert micro_batch_shape(lengths, pack, 6 if pack else None) == expected
 
 
 def test_targets():

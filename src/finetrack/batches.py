@@ -122,12 +122,15 @@ def pack_rows(lengths: list[int], row_tokens: int | None, attn_tokens: int = DEF
     return [sorted(members) for members in best_rows]
 
 
-def micro_batch_shape(lengths: list[int], pack: bool, pack_row_tokens: int | None, attn_tokens: int = DEFAULT_ATTN_TOKENS) -> tuple[int, int]:
-    """(rows, width) of the input tensor `collate` builds for samples of these lengths (padding included)."""
+def micro_batch_shape(lengths: list[int], pack: bool, pack_row_tokens: int | None, attn_tokens: int = DEFAULT_ATTN_TOKENS) -> tuple[int, int, bool]:
+    """(rows, width, masked) of the input tensor `collate` builds for samples of these lengths (padding included);
+    masked: attention needs a mask (some row is padded, or holds several samples)."""
     if not pack:
-        return len(lengths), max(lengths)
+        return len(lengths), max(lengths), min(lengths) < max(lengths)
     rows = pack_rows(lengths, pack_row_tokens, attn_tokens)
-    return len(rows), max(sum(lengths[i] for i in r) for r in rows)
+    totals = [sum(lengths[i] for i in r) for r in rows]
+    width = max(totals)
+    return len(rows), width, len(rows) < len(lengths) or min(totals) < width
 
 
 def attn_tokens_for(hidden_size: int | None) -> int:

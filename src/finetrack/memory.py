@@ -55,10 +55,11 @@ CPU_RUNTIME_BYTES = 444 * 2**20
 CPU_RUN_OBJECTS_BYTES = 70 * 2**20
 # CPU, glibc malloc: after the first large free glibc raises its mmap threshold to 32 MiB, so from then on
 # activations and temporaries come from the heap, and the holes freed temporaries leave between live
-# tensors stay resident. Measured as (default RSS peak - RSS peak with the threshold fixed by
-# MALLOC_TRIM_THRESHOLD_=131072) / activations one forward saves without checkpointing (a forward
-# allocates the same tensors checkpointed or not): 0.34-0.45 full, 0.63-0.86 LoRA / QLoRA; one value for
-# all. With the threshold fixed the peaks match the other terms alone within 4%.
+# tensors stay resident. Modeled as a fraction of the activations one forward saves without
+# checkpointing (a forward allocates the same tensors checkpointed or not), in the loss / layer phases.
+# Measured (default RSS peak - peak with the threshold fixed by MALLOC_TRIM_THRESHOLD_=131072) / those
+# activations: 0.3-0.9 (LoRA 0.6-0.9, full 0.3-0.4); one value for all. With the threshold fixed, the
+# measured peaks match the other terms alone within 3%, so this term carries the CPU model's uncertainty.
 CPU_HEAP_SLACK_PER_FORWARD_BYTE = 0.65
 # CPU, QLoRA: quantizing on the CPU leaves bitsandbytes' temporaries as heap holes between the small
 # 4-bit tensors: RSS after building the model exceeds its tensors by 0.62-0.68 of the bytes quantized

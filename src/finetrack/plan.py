@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import memory
 from .batches import attn_tokens_for, epoch_order, micro_batch_shape
-from .config import Config, ConfigError, Environment, resolve
+from .config import Config, ConfigError, Environment, effective_dump, resolve
 from .data import Example, prepare
 
 log = logging.getLogger("finetrack")
@@ -31,7 +31,9 @@ GPUS: dict[str, tuple[float, float, bool]] = {  # name: (TFLOP/s, GiB, bf16)
     "L40S": (362.0, 48, True), "A10": (125.0, 24, True), "L4": (121.0, 24, True), "T4": (65.0, 16, False),
 }
 GPU_UTILIZATION = 0.40  # share of peak a fine-tuning step reaches on a GPU (typical model FLOPs utilization)
-CPU_UTILIZATION = 0.50  # share of the probed fp32 matmul rate a training step reaches on a CPU
+# share of the probed fp32 matmul rate a training step reaches on a CPU: the demo config (LoRA on the 135M
+# model) trained at 165 tokens/s = ~1.0 x the probed rate on the 2-core development machine
+CPU_UTILIZATION = 0.90
 CHECKPOINT_WRITE_BYTES_PER_S = 500e6  # local disk, written with fsync
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KIB|MB|MIB|GB|GIB|TB|TIB)?\s*$", re.IGNORECASE)
 
@@ -107,13 +109,13 @@ def workload(examples: list[Example], cfg: Config, total_steps: int, num_process
         out.train_tokens += sum(lengths[i] for i in rows)
         for j in range(0, rows_per_process, cfg.train.micro_batch_size):  # process 0's micro-batches
             mb = rows[j : j + cfg.train.micro_batch_size]
-            num_rows, width = micro_batch_shape([lengths[i] for i in mb], cfg.data.pack, cfg.data.pack_row_tokens, attn_tokens)
+            num_rows, width, masked = micro_batch_shape([lengths[i] for i in mb], cfg.data.pack, cfg.data.pack_row_tokens, attn_tokens)
             tokens, tgt = num_rows * width, sum(targets[i] for i in mb)
             out.computed_tokens += tokens * num_processes
             out.target_tokens += tgt * num_processes
             out.attention_cells += num_rows * width * width * num_processes
             if tokens > out.largest.micro_batch_tokens:
-                out.largest = memory.Workload(micro_batch_tokens=tokens, longest_row_tokens=width, target_tokens=tgt, num_rows=num_rows)
+                out.largest = memory.Workload(micro_batch_tokens=tokens, longest_row_tokens=width, target_tokens=tgt, num_rows=num_rows, masked=masked)
         out.steps += 1
     return out
 
@@ -136,7 +138,7 @@ def flops_per_micro_batch_tokens(arch: memory.Architecture, method: str, gradien
     base is frozen (LoRA / QLoRA: activation gradients only; the adapters are negligible).
     Gradient checkpointing runs the forward once more."""
     multiplier = (3 if method == "full" else 2) + (1 if gradient_checkpointing else 0)
-    per_token = 2 * decoder_linear_params(arch) * multiplier
+    per_token = 2 * arch.num_layers * arch.num_layer_linear_params * multiplier
     per_target = 2 * arch.vocab_size * arch.hidden_size * multiplier
     per_cell = 4 * arch.num_layers * arch.num_heads * arch.head_dim * multiplier
     return per_token, per_target, per_cell
@@ -174,6 +176,7 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
 
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg.data, tokenizer, cfg.train.seed)
+    as_given = cfg  # --measure resolves it again for this machine
     env = Environment(device_type=target.device_type, bf16_supported=target.bf16, num_processes=target.num_processes, num_train_rows=len(data.train))
     cfg, res = resolve(cfg, env)
     arch = memory.Architecture.from_hf_config(
@@ -194,7 +197,7 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     # --- memory
     terms = memory.breakdown(cfg, arch, work.largest, target.device_type)
     peak = memory.peak_bytes(terms)
-    mem = {"largest_micro_batch": vars(work.largest), "terms": [vars(t) for t in terms], "peak_bytes": peak,
+    mem = {"largest_micro_batch": vars(work.largest), "terms": [vars(t) for t in terms], "peak_bytes": peak, "peak_phase": memory.peak_phase(terms),
            "device_bytes": target.memory_bytes, "fits": None if target.memory_bytes is None else peak <= target.memory_bytes, "changes": []}
     if target.memory_bytes is not None and peak > target.memory_bytes:
         def work_for(changed: Config) -> memory.Workload:
@@ -209,7 +212,7 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     train_flops = per_token * work.computed_tokens + per_target * work.target_tokens + per_cell * work.attention_cells
     eval_tokens = sum(len(e.input_ids) for e in data.eval)
     eval_targets = sum(e.num_trainable_tokens for e in data.eval)
-    eval_flops = len(eval_steps) * 2 * (decoder_linear_params(arch) * eval_tokens + arch.vocab_size * arch.hidden_size * eval_targets)  # forward only
+    eval_flops = len(eval_steps) * 2 * (arch.num_layers * arch.num_layer_linear_params * eval_tokens + arch.vocab_size * arch.hidden_size * eval_targets)  # forward only
     if target.peak_flops_per_s:
         util, rate = GPU_UTILIZATION, target.peak_flops_per_s * GPU_UTILIZATION
         assumptions.append(f"{target.name}: {target.peak_flops_per_s / 1e12:.0f} TFLOP/s peak dense tensor throughput x {util:.0%} utilization")
@@ -228,7 +231,7 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
               "train_flops": train_flops, "flops_per_s": rate, "train_s": train_s, "eval_loss_s": eval_s,
               "checkpoint_bytes": ckpt_bytes, "num_checkpoints": len(res["checkpoint_steps"]), "checkpoint_s": ckpt_s, "measured": None}
     if measure_steps:
-        timing["measured"] = measure(cfg, measure_steps)
+        timing["measured"] = measure(as_given, measure_steps)
         tps = timing["measured"]["tokens_per_s"]
         timing["train_s"] = work.train_tokens / tps
         timing["eval_loss_s"] = len(eval_steps) * eval_tokens / (3 * tps)
@@ -270,28 +273,23 @@ def checkpoint_bytes(cfg: Config, arch: memory.Architecture) -> int:
     return trained * (weight_bytes + state_bytes)
 
 
-def decoder_linear_params(arch: memory.Architecture) -> int:
-    """Parameters of the decoder's linear layers (q, k, v, o, gate, up, down): what a forward pass multiplies each token by."""
-    q_out, kv_out = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
-    return arch.num_layers * (arch.hidden_size * (2 * q_out + 2 * kv_out) + 3 * arch.hidden_size * arch.intermediate_size)
-
-
 def measure(cfg: Config, steps: int) -> dict:
     """Run `steps` real optimizer steps of this config on this machine (a scratch run directory) and read
     back what train logged: tokens/s (steps after the first) and peak memory."""
+    import torch
+
     from .train import run
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory(prefix="finetrack-plan-") as tmp:
-        trial = cfg.model_copy(deep=True)
-        trial.output.dir = tmp
-        trial.train.max_steps, trial.train.num_epochs, trial.train.log_every_steps = steps, None, 1
-        trial.train.sample_every_steps, trial.train.report_to = None, []
-        trial.checkpoint.remote = None
-        trial.eval.loss_every_steps = None
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        run(trial)
+        tree = effective_dump(cfg)  # the trial: these steps only, nothing but metrics and one checkpoint written
+        for key in [k for k in tree["train"] if k.startswith(("sample_", "report_"))]:
+            del tree["train"][key]
+        tree["train"].update(max_steps=steps, num_epochs=None, log_every_steps=1)
+        tree["checkpoint"] = {}
+        tree["eval"] = {**tree["eval"], "loss_every_steps": None, "suites": []}
+        tree["output"] = {"dir": tmp}
+        run(Config.model_validate(tree))
         records = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     # steps after the first (which includes warm-up): each record's tokens over its tokens/s is its time
     timed = [(b["tokens"] - a["tokens"], b["tokens_per_s"]) for a, b in pairwise(records)] or [(records[0]["tokens"], records[0]["tokens_per_s"])]
@@ -322,12 +320,14 @@ def render(plan: Plan) -> str:
                    f"{w['longest_row_tokens']} tokens = {w['micro_batch_tokens']:,} tokens, {w['target_tokens']:,} carrying loss")]
     width = max(len(term["name"]) for term in m["terms"])
     for term in m["terms"]:
-        lines.append(f"  {term['name']:<{width}}  {_mib(term['bytes']):>10}  {term['detail']}")
+        alive = ",".join(term["phases"]) or "always"
+        lines.append(f"  {term['name']:<{width}}  {_mib(term['bytes']):>10}  [{alive}]  {term['detail']}")
     verdict = ""
     if m["device_bytes"] is not None:
         share = m["peak_bytes"] / m["device_bytes"]
         verdict = f" of {_mib(m['device_bytes'])}: " + ("fits" if m["fits"] else "DOES NOT FIT") + f" ({share:.0%})"
-    lines.append(f"  {'predicted peak':<{width}}  {_mib(m['peak_bytes']):>10}{verdict}")
+    during = f"  during '{m['peak_phase']}' (the terms alive then)" if m["peak_phase"] else ""
+    lines.append(f"  {'predicted peak':<{width}}  {_mib(m['peak_bytes']):>10}{during}{verdict}")
     if m["changes"]:
         lines.append("  changes, best first (predicted peak with each):")
         for c in m["changes"]:
