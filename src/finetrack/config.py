@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from .evaluate.spec import GenerationConfig, SuiteConfig
+from .evaluate.spec import SampleGenerationConfig, SuiteConfig
 from .schedule import ScheduleError, checkpoint_steps, describe
 from .schema import ConfigError, Section
 
@@ -119,20 +119,6 @@ class DataConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------- train
-class SampleGenerationConfig(GenerationConfig):
-    """GenerationConfig with defaults for answers watched during training: short and greedy, so a change
-    between steps is the weights' doing, not the sampler's."""
-
-    temperature: float = Field(0.0, ge=0, description="Sampling temperature (0 = greedy, the default here).")
-    max_new_tokens: int = Field(64, gt=0, description="Longest answer in tokens.")
-
-    @model_validator(mode="after")
-    def _one_answer(self) -> SampleGenerationConfig:
-        if self.samples is not None:
-            raise ValueError("train.sample_generation.samples: samples.jsonl holds one answer per prompt and step; remove it")
-        return self
-
-
 class TrainConfig(Section):
     seed: int = Field(42, description="Seed for data order, initialisation of new weights and dropout.")
     micro_batch_size: int = Field(8, gt=0, description="Rows per forward pass on one device.")

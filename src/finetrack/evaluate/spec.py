@@ -35,6 +35,20 @@ class GenerationConfig(Section):
     batch_size: int = Field(16, gt=0, description="Prompts generated together (KV cache, left padding).")
 
 
+class SampleGenerationConfig(GenerationConfig):
+    """GenerationConfig with defaults for answers watched during training: short and greedy, so a change
+    between steps is the weights' doing, not the sampler's."""
+
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature (0 = greedy, the default here).")
+    max_new_tokens: int = Field(64, gt=0, description="Longest answer in tokens.")
+
+    @model_validator(mode="after")
+    def _one_answer(self) -> SampleGenerationConfig:
+        if self.samples is not None:
+            raise ValueError("train.sample_generation.samples: samples.jsonl holds one answer per prompt and step; remove it")
+        return self
+
+
 class JudgeConfig(Section):
     kind: Literal["local", "openai", "pattern", "python"] = Field(
         "local",
