@@ -10,6 +10,7 @@ token of the next sample.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -23,18 +24,23 @@ DEFAULT_ATTN_TOKENS = 4096  # used when the model does not say its hidden size (
 
 def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
     """Row indices for one epoch; the same (seed, epoch) always gives the same order."""
+    return list(_epoch_order(num_rows, seed, epoch, shuffle))
+
+
+@functools.lru_cache(maxsize=2)  # every step of an epoch slices the same order: permute once per epoch
+def _epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> tuple[int, ...]:
     if not shuffle:
-        return list(range(num_rows))
+        return tuple(range(num_rows))
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(num_rows, generator=g).tolist()
+    return tuple(torch.randperm(num_rows, generator=g).tolist())
 
 
 def step_rows(num_rows: int, rows_per_step: int, seed: int, step: int, shuffle: bool) -> tuple[int, list[int]]:
     """(epoch, row indices) of optimizer step `step` (0-based). Trailing rows of an epoch that do not fill a step are skipped."""
     steps_per_epoch = num_rows // rows_per_step
     epoch, k = divmod(step, steps_per_epoch)
-    order = epoch_order(num_rows, seed, epoch, shuffle)
-    return epoch, order[k * rows_per_step : (k + 1) * rows_per_step]
+    order = _epoch_order(num_rows, seed, epoch, shuffle)
+    return epoch, list(order[k * rows_per_step : (k + 1) * rows_per_step])
 
 
 @dataclass

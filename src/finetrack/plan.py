@@ -19,7 +19,7 @@ from itertools import pairwise
 from pathlib import Path
 
 from . import memory
-from .batches import attn_tokens_for, epoch_order, micro_batch_shape
+from .batches import attn_tokens_for, micro_batch_shape, step_rows
 from .config import Config, ConfigError, Environment, effective_dump, resolve
 from .data import Example, prepare
 
@@ -89,23 +89,16 @@ class Workload:
     computed_tokens: int = 0  # tokens including padding
     target_tokens: int = 0
     attention_cells: int = 0  # sum over micro-batches of rows x width^2 (dense attention scores)
-    steps: int = 0
 
 
 def workload(examples: list[Example], cfg: Config, total_steps: int, num_processes: int, attn_tokens: int) -> Workload:
-    """Walk the run's optimizer steps in their real order (the same epoch_order as train) and measure the micro-batches."""
+    """Walk the run's optimizer steps in their real order (train's step_rows) and measure the micro-batches."""
     rows_per_process = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
-    rows_per_step = rows_per_process * num_processes
-    steps_per_epoch = len(examples) // rows_per_step
     lengths = [len(e.input_ids) for e in examples]
     targets = [e.num_trainable_tokens for e in examples]
     out = Workload(memory.Workload(0, 0, 0, 0))
-    order: list[int] = []
     for step in range(total_steps):
-        epoch, k = divmod(step, steps_per_epoch)
-        if k == 0 or not order:
-            order = epoch_order(len(examples), cfg.train.seed, epoch, cfg.data.shuffle)
-        rows = order[k * rows_per_step : (k + 1) * rows_per_step]
+        _, rows = step_rows(len(examples), rows_per_process * num_processes, cfg.train.seed, step, cfg.data.shuffle)
         out.train_tokens += sum(lengths[i] for i in rows)
         for j in range(0, rows_per_process, cfg.train.micro_batch_size):  # process 0's micro-batches
             mb = rows[j : j + cfg.train.micro_batch_size]
@@ -116,7 +109,6 @@ def workload(examples: list[Example], cfg: Config, total_steps: int, num_process
             out.attention_cells += num_rows * width * width * num_processes
             if tokens > out.largest.micro_batch_tokens:
                 out.largest = memory.Workload(micro_batch_tokens=tokens, longest_row_tokens=width, target_tokens=tgt, num_rows=num_rows, masked=masked)
-        out.steps += 1
     return out
 
 
