@@ -4,7 +4,9 @@ The matrix: full / LoRA / QLoRA x two row lengths x gradient checkpointing off /
 SmolLM2-135M-Instruct (30 layers, hidden 576, vocab 49,152, tied embeddings), trained for a few optimizer
 steps through `finetrack.train.run` itself (AdamW, micro batch 4, no accumulation, data.pack=false) on
 generated chat rows that are all truncated to exactly the row length (so every micro-batch is the same
-shape; about 1/8 of each row is the user prompt, the rest assistant tokens that carry loss).
+shape; about 1/8 of each row is the user prompt, the rest assistant tokens that carry loss). Then the
+HELD_OUT configs (row length 128, micro batch 2), which the calibration constants were not fitted on,
+marked "(held out)" and counted apart.
 
 Each config runs in a fresh subprocess, because RSS peaks are high-water marks:
 - CPU: the resident set after `import torch, transformers, peft, accelerate, bitsandbytes, finetrack.train`
@@ -17,7 +19,7 @@ Each config runs in a fresh subprocess, because RSS peaks are high-water marks:
 
 The final checkpoint write is not part of the memory model; its own peak is printed when it is higher.
 
-    .venv/bin/python benchmarks/memory_model.py                    # 12 configs on the CPU, ~7 min on 2 cores
+    .venv/bin/python benchmarks/memory_model.py                    # 12 configs + 2 held out on the CPU, ~8 min on 2 cores
     .venv/bin/python benchmarks/memory_model.py --methods lora --lengths 64 --verbose
 """
 
@@ -40,6 +42,12 @@ RESULT_PREFIX = "MEMORY_RESULT "
 WORDS = ["alpha", "beta", "gamma", "delta", "echo", "fox", "golf", "hotel", "india", "juliet", "kilo", "lima", "mike", "oscar"]
 TOLERANCE = 0.15
 GLIBC_TERMS = ("CPU heap slack", "quantization leftovers (CPU heap)")  # what a fixed mmap threshold removes
+# The calibration constants (memory.CPU_*) were fitted on the 12 configs of the matrix; these configs were
+# not part of that fit (another row length, another micro batch), so they check the model on unseen shapes.
+HELD_OUT = (  # (method, row tokens, micro batch size, gradient checkpointing)
+    ("lora", 128, 2, "false"),
+    ("full", 128, 2, "true"),
+)
 
 
 # ------------------------------------------------------------------------------------------- child
@@ -188,6 +196,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="optimizer steps (AdamW state exists from step 2)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--verbose", action="store_true", help="print every term of every prediction")
+    p.add_argument("--no-held-out", action="store_true", help="leave out the held-out configs (HELD_OUT: not used to fit the constants)")
     p.add_argument("--fixed-mmap-threshold", action="store_true",
                    help="CPU: run the children with glibc's mmap threshold fixed at 128 KiB (no heap slack; slower) and "
                    "compare with the prediction without the glibc terms: checks the tensor arithmetic alone")
@@ -202,46 +211,50 @@ def main() -> None:
 
     devices = ["cpu", "cuda"] if a.device == "auto" and torch.cuda.is_available() else ["cpu" if a.device == "auto" else a.device]
     model_dir = embedded_model_dir()  # converted once per user, outside any measurement
-    num_rows = a.micro_batch_size * a.steps
+    matrix = [(method, length, a.micro_batch_size, ckpt, False) for length in [int(x) for x in a.lengths.split(",")]
+              for method in a.methods.split(",") for ckpt in a.checkpointing.split(",")]
+    matrix += [] if a.no_held_out else [(*config, True) for config in HELD_OUT]
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         for device in devices:
-            for length in [int(x) for x in a.lengths.split(",")]:
-                data = Path(tmp) / f"rows-{length}.jsonl"
+            for method, length, micro_batch_size, ckpt, held_out in matrix:
+                num_rows = micro_batch_size * a.steps
+                data = Path(tmp) / f"rows-{length}-{num_rows}.jsonl"
                 write_rows(data, num_rows, length, seed=0)
-                for method in a.methods.split(","):
-                    for ckpt in a.checkpointing.split(","):
-                        name = f"{device} {method:5s} S={length:<4d} gc={'on ' if ckpt == 'true' else 'off'}"
-                        overrides = [
-                            f"model.name={model_dir}", f"model.method={method}", f"model.gradient_checkpointing={ckpt}",
-                            f"data.path={data}", f"data.max_length={length}", "data.pack=false",
-                            f"train.micro_batch_size={a.micro_batch_size}", f"train.max_steps={a.steps}", "train.warmup_steps=0",
-                            f"output.dir={Path(tmp) / 'run'}",
-                        ]
-                        if device == "cpu":
-                            overrides.append("model.dtype=float32")
-                        predicted, text = predict(overrides, device, model_dir, num_rows, a.verbose, a.fixed_mmap_threshold)
-                        print(f"--- {name}: predicted {predicted:,.0f} MiB, running ...", file=sys.stderr, flush=True)
-                        measured = spawn(device, overrides, a.fixed_mmap_threshold)
-                        results.append((name, predicted, measured, text))
-                        shutil.rmtree(Path(tmp) / "run", ignore_errors=True)
-    print(f"\nSmolLM2-135M-Instruct, AdamW, micro batch {a.micro_batch_size}, {a.steps} steps, rows truncated to S tokens, "
+                name = f"{device} {method:5s} S={length:<4d} mb={micro_batch_size} gc={'on ' if ckpt == 'true' else 'off'}"
+                overrides = [
+                    f"model.name={model_dir}", f"model.method={method}", f"model.gradient_checkpointing={ckpt}",
+                    f"data.path={data}", f"data.max_length={length}", "data.pack=false",
+                    f"train.micro_batch_size={micro_batch_size}", f"train.max_steps={a.steps}", "train.warmup_steps=0",
+                    f"output.dir={Path(tmp) / 'run'}",
+                ]
+                if device == "cpu":
+                    overrides.append("model.dtype=float32")
+                predicted, text = predict(overrides, device, model_dir, num_rows, a.verbose, a.fixed_mmap_threshold)
+                print(f"--- {name}: predicted {predicted:,.0f} MiB, running ...", file=sys.stderr, flush=True)
+                measured = spawn(device, overrides, a.fixed_mmap_threshold)
+                results.append((name, predicted, measured, text, held_out))
+                shutil.rmtree(Path(tmp) / "run", ignore_errors=True)
+    print(f"\nSmolLM2-135M-Instruct, AdamW, micro batch mb, {a.steps} steps, rows truncated to S tokens, "
           f"data.pack=false; CPU: peak RSS growth over the post-import baseline; CUDA: max_memory_allocated"
           + ("; glibc mmap threshold fixed (MALLOC_TRIM_THRESHOLD_=131072), glibc heap terms left out" if a.fixed_mmap_threshold else ""))
-    head = f"{'config':32s} {'predicted MiB':>13s} {'measured MiB':>12s} {'ratio':>6s}  within 15%"
+    head = f"{'config':37s} {'predicted MiB':>13s} {'measured MiB':>12s} {'ratio':>6s}  within 15%"
     print(head + "\n" + "-" * len(head))
-    within = 0
-    for name, predicted, measured, text in results:
+    within = {False: [0, 0], True: [0, 0]}  # held out -> [within tolerance, configs]
+    for name, predicted, measured, text, held_out in results:
         ratio = predicted / measured["peak_mib"]
         ok = abs(ratio - 1) <= TOLERANCE
-        within += ok
+        within[held_out][0] += ok
+        within[held_out][1] += 1
         note = f"  (checkpoint write peak {measured['save_peak_mib']:,.0f})" if measured["save_peak_mib"] > 1.02 * measured["peak_mib"] else ""
-        print(f"{name:32s} {predicted:13,.0f} {measured['peak_mib']:12,.0f} {ratio:6.2f}  {'yes' if ok else 'NO'}{note}")
+        print(f"{name:37s} {predicted:13,.0f} {measured['peak_mib']:12,.0f} {ratio:6.2f}  {'yes' if ok else 'NO'}{note}"
+              + ("  (held out)" if held_out else ""))
         if a.verbose:
             print(text)
-    baselines = sorted({round(m['baseline_rss_mib']) for _, _, m, _ in results if m.get("baseline_rss_mib")})
-    print(f"{within} of {len(results)} within {TOLERANCE:.0%}; post-import RSS baselines: {baselines} MiB; "
-          f"run seconds: {sum(m['run_s'] for _, _, m, _ in results):.0f}")
+    baselines = sorted({round(m['baseline_rss_mib']) for _, _, m, _, _ in results if m.get("baseline_rss_mib")})
+    print(f"{within[False][0]} of {within[False][1]} within {TOLERANCE:.0%} (the configs the constants were fitted on); "
+          f"held out: {within[True][0]} of {within[True][1]}; post-import RSS baselines: {baselines} MiB; "
+          f"run seconds: {sum(m['run_s'] for _, _, m, _, _ in results):.0f}")
 
 
 if __name__ == "__main__":

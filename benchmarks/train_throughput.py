@@ -3,12 +3,15 @@
 Held equal: the embedded SmolLM2-135M-Instruct in fp32 with sdpa attention, LoRA (r=16, alpha=32, dropout 0, all
 linear layers), the same synthetic chat rows (seeded, written to a temp JSONL, ~40-600 tokens each), optimizer
 steps, rows per step (one micro batch, no accumulation), AdamW, lr, cosine schedule, seed, grad clipping at 1.0,
-no gradient checkpointing (finetrack's default; TRL turns it on by default, so it is turned off here). Warmup
+no gradient checkpointing. That last one is NOT TRL's default: SFTConfig turns gradient checkpointing on by default
+(trl 1.16), which recomputes activations in backward (less memory, more compute); this script sets
+gradient_checkpointing=False so both engines do the same work (finetrack's default is off). Warmup
 defaults to 0 steps: only then are the schedules identical (HF's warmup starts at lr 0, finetrack's at lr/warmup).
 
-Different, on purpose: each tool's default data handling. finetrack packs each micro batch into rows of up to
-data.pack_row_tokens=2048 tokens (position_ids restart per sample; a second packed row is padded to the first
-one's width) and computes loss on assistant tokens only. TRL pads each batch to its longest row and, since this
+Different, on purpose: each tool's default data handling. finetrack packs each micro batch (data.pack auto,
+data.pack_row_tokens unset: the row width is chosen per micro batch to compute least, a multiple of 1-4x its
+longest sample; position_ids restart per sample; shorter packed rows are padded to the widest) and computes
+loss on assistant tokens only. TRL pads each batch to its longest row and, since this
 model's chat template has no `{% generation %}` markers (and is not one TRL can patch), trains on all tokens. So
 losses are not comparable; the output says which tokens each covers. Both compute logits only where a label is.
 

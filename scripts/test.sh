@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Bootstrap if needed, then run the whole test suite (extra arguments go to pytest).
 set -euo pipefail
+BOOTSTRAP_EXTRAS="test"  # no test imports trl, so the bench extra is not needed here
 source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
 cd "$ROOT"
 # The report's test opens it in a real headless browser: Debian's chromium package, installed here when

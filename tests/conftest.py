@@ -91,18 +91,18 @@ def chat_file(tmp_path_factory) -> Path:
     return write_chat_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_rows(48))
 
 
-def tiny_run(tmp_path: Path, model_dir: Path, data: Path, *overrides: str, name: str = "run", request=None):
+def tiny_run(tmp_path: Path, model_dir: Path, data: Path, *overrides: str, name: str = "run", request=None, objective=None):
     """Train the tiny model in-process; returns (RunResult, metrics.jsonl records)."""
     from finetrack.config import load_config
     from finetrack.resume import Request
-    from finetrack.train import run
+    from finetrack.train import causal_lm_objective, run
 
     cfg = load_config(None, [
         f"model.name={model_dir}", f"data.path={data}", f"output.dir={tmp_path / name}",
         "data.max_length=512", "train.micro_batch_size=4", "train.max_steps=4", "train.lr=1e-2", "train.warmup_steps=0",
         *overrides,
     ])
-    result = run(cfg, request=request or Request())
+    result = run(cfg, objective=objective or causal_lm_objective, request=request or Request())
     metrics = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     return result, metrics
 

@@ -1,4 +1,5 @@
-"""Scoring functions that tests/test_judges.py loads through PythonJudge("judge_helpers:<name>")."""
+"""Scoring functions that tests/test_judges.py loads through PythonJudge("judge_helpers:<name>"), and custom
+eval suites that tests/test_eval.py loads through a `kind: python` suite ("judge_helpers:<name>")."""
 
 from __future__ import annotations
 
@@ -32,3 +33,18 @@ class Scorers:
     @staticmethod
     def mentions_question(question: str, answer: str) -> float:
         return 100.0 if question.lower() in answer.lower() else 0.0
+
+
+# ------------------------------------------------------------------ custom eval suites: function(model, tokenizer, options)
+def logit_probe(model, tokenizer, options: dict) -> dict:
+    """Mean next-token logit on a fixed prompt (differs between checkpoints), and an option passed through."""
+    import torch
+
+    enc = tokenizer(options["prompt"], return_tensors="pt").to(next(model.parameters()).device)
+    with torch.no_grad():
+        logits = model(**enc).logits  # (1, T, V)
+    return {"mean_logit": float(logits.float().mean()), "scale": options["scale"]}
+
+
+def returns_a_list(model, tokenizer, options: dict) -> list:
+    return [1.0, 2.0]

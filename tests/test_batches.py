@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from finetrack.batches import IGNORE, collate, epoch_order, packing_is_exact, step_rows
 from finetrack.data import Example, tokenize_chat
-from conftest import build_tiny_model, chat_rows
+from conftest import build_tiny_model, chat_rows, tiny_run
 
 
 def _examples(tokenizer, n: int) -> list[Example]:
@@ -101,18 +102,52 @@ def test_packed_equals_one_by_one(tiny_tokenizer, attn):
         torch.testing.assert_close(torch.tensor(lu), torch.tensor(la), atol=1e-4, rtol=1e-4)
 
 
+class IgnoresPositions(torch.nn.Module):
+    """A real model behind a wrapper that drops position_ids: it attends across the whole flattened row (what packing
+    must never do). Everything else (config, save_pretrained, ...) is the inner model's."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, position_ids=None, **kw):
+        return self.inner(input_ids=input_ids, **kw)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("inner"), name)
+
+
 def test_packing_check_detects_a_model_that_mixes_sequences(tiny_tokenizer):
     model = build_tiny_model(tiny_tokenizer, seed=0)
     assert packing_is_exact(model, torch.device("cpu"), len(tiny_tokenizer))
-
-    class IgnoresPositions(torch.nn.Module):
-        """A model that attends across the whole flattened row (what packing must never do)."""
-
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, position_ids=None, **kw):
-            return self.inner(input_ids=input_ids, **kw)
-
     assert not packing_is_exact(IgnoresPositions(model), torch.device("cpu"), len(tiny_tokenizer))
+
+
+def test_pack_auto_falls_back_to_padded_batches_where_packing_is_not_exact(tmp_path, tiny_model_dir, chat_file, monkeypatch, caplog):
+    """`data.pack: auto` on a model whose attention mixes packed sequences: padded batches, a logged reason, the same
+    reason in config.resolved.yaml. An explicit `data.pack: true` on that model stays an error."""
+    from finetrack import train
+    from finetrack.config import ConfigError
+
+    build = train.build_model
+    monkeypatch.setattr(train, "build_model", lambda cfg, device: IgnoresPositions(build(cfg, device)))
+    layouts = []
+
+    def objective(model, batch):
+        layouts.append(sorted(batch.inputs))
+        return train.causal_lm_objective(model, batch)
+
+    with caplog.at_level("WARNING", logger="finetrack"):
+        result, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, "model.method=full", "train.max_steps=2", objective=objective)
+    assert len(metrics) == 2 and all(m["loss"] == m["loss"] for m in metrics)
+    assert layouts and all(keys == ["attention_mask", "input_ids"] for keys in layouts)  # padded, never packed
+    resolved = yaml.safe_load((result.run_dir / "config.resolved.yaml").read_text())
+    reason = resolved["resolved"]["data.pack"]
+    assert resolved["data"]["pack"] is False and reason["value"] is False
+    assert reason["reason"].startswith("auto: this model's attention (sdpa) does not keep packed sequences apart")
+    assert any(r.levelname == "WARNING" and reason["reason"] in r.getMessage() for r in caplog.records)
+    with pytest.raises(ConfigError, match=r"data.pack: this model's attention \(sdpa\) does not keep packed sequences apart"):
+        tiny_run(tmp_path, tiny_model_dir, chat_file, "model.method=full", "data.pack=true", name="explicit")

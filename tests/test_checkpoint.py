@@ -19,6 +19,10 @@ LORA_FILES = [
     "MANIFEST.json", "README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "meta.json",
     "tokenizer.json", "tokenizer_config.json", "trainer_state.json", "trainer_state.safetensors",
 ]
+FULL_FILES = [
+    "MANIFEST.json", "chat_template.jinja", "config.json", "generation_config.json", "meta.json", "model.safetensors",
+    "tokenizer.json", "tokenizer_config.json", "trainer_state.json", "trainer_state.safetensors",
+]
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +129,21 @@ def _damage(path: Path, how: str) -> None:
         path.write_bytes(bytes(data))
 
 
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_model_dir, chat_file) -> Path:
+    """A 4-step full fine-tune with checkpoints at steps 2 and 4."""
+    result, _ = tiny_run(tmp_path_factory.mktemp("full-run"), tiny_model_dir, chat_file, "model.method=full", "checkpoint.every_steps=2")
+    return result.run_dir
+
+
 @pytest.mark.parametrize("how", ["truncate", "flip", "delete"])
-@pytest.mark.parametrize("name", [f for f in LORA_FILES if f != "README.md"])
-def test_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, lora_run, name, how):
+@pytest.mark.parametrize("method, name", [*(("lora", f) for f in LORA_FILES), *(("full", f) for f in FULL_FILES)])
+def test_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, request, method, name, how):
+    source = request.getfixturevalue(f"{method}_run")
+    files = sorted(p.name for p in (source / "checkpoints/step-000004").iterdir())
+    assert files == (LORA_FILES if method == "lora" else FULL_FILES)  # the matrix covers every file a checkpoint has
     run = tmp_path / "run"
-    shutil.copytree(lora_run, run)
+    shutil.copytree(source, run)
     _damage(run / "checkpoints/step-000004" / name, how)
     warnings: list[str] = []
     found = checkpoint.newest_resumable(run, warn=warnings.append)
@@ -241,3 +255,64 @@ def test_retention_keeps_schedule_rolls_the_rest_and_drops_old_optimizer_state(t
     assert with_state == [9]
     for s in _steps(r.run_dir):  # every one still verifies: its manifest was rewritten before the files went
         checkpoint.verify(checkpoint.checkpoint_dir(r.run_dir, s))
+
+
+# ------------------------------------------------------------------------ retention, rule by rule
+def fake_checkpoint(run: Path, step: int, rules: list[str]) -> Path:
+    """A small complete checkpoint written by checkpoint.save: weights, resume state, meta.json naming its rules."""
+    from safetensors.torch import save_file
+
+    param = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([param], lr=0.1, momentum=0.9)
+    param.grad = torch.ones(4)
+    opt.step()
+    return checkpoint.save(run, step, lambda d: save_file({"w": torch.full((4,), float(step))}, d / "adapter_model.safetensors"),
+                           checkpoint.capture_state(opt, {"step": step}), {"rules": rules})
+
+
+RULES = {1: ["every_steps"], 2: ["every_steps", "per_epoch"], 3: ["every_steps"], 4: ["steps"], 5: ["log_spaced"],
+         6: ["first_epoch"], 7: ["signal"], 8: ["every_steps"]}
+
+
+@pytest.fixture
+def fake_run(tmp_path) -> Path:
+    for step, rules in RULES.items():
+        fake_checkpoint(tmp_path / "run", step, rules)
+    return tmp_path / "run"
+
+
+def test_retain_keeps_scheduled_checkpoints_and_rolls_the_others(fake_run):
+    done = checkpoint.retain(fake_run, keep_last=2, keep_schedule=True, keep_optimizer_state="all")
+    # rolling: 1, 3, 7 and the newest (8), which counts as one of the last 2; per_epoch/steps/log_spaced/first_epoch stay
+    assert _steps(fake_run) == [2, 4, 5, 6, 7, 8]
+    assert done == ["deleted step-000001 (checkpoint.keep_last=2)", "deleted step-000003 (checkpoint.keep_last=2)"]
+    assert checkpoint.retain(fake_run, keep_last=2, keep_schedule=True, keep_optimizer_state="all") == []  # idempotent
+
+
+def test_retain_without_keep_schedule_rolls_every_checkpoint(fake_run):
+    checkpoint.retain(fake_run, keep_last=2, keep_schedule=False, keep_optimizer_state="all")
+    assert _steps(fake_run) == [7, 8]
+
+
+def test_retain_keeps_a_checkpoint_still_uploading_until_it_is_done(fake_run):
+    busy = {checkpoint.checkpoint_dir(fake_run, 3)}
+    checkpoint.retain(fake_run, keep_last=1, keep_schedule=False, keep_optimizer_state="last", busy=busy)
+    assert _steps(fake_run) == [3, 8]
+    assert (checkpoint.checkpoint_dir(fake_run, 3) / checkpoint.STATE_TENSORS).exists()  # not even its resume state is touched
+    assert checkpoint.retain(fake_run, keep_last=1, keep_schedule=False, keep_optimizer_state="last") == ["deleted step-000003 (checkpoint.keep_last=1)"]
+    assert _steps(fake_run) == [8]
+
+
+def test_retain_never_touches_the_newest_complete_checkpoint(fake_run):
+    (checkpoint.checkpoint_dir(fake_run, 8) / checkpoint.MANIFEST).unlink()  # a newer folder that is incomplete does not count
+    done = checkpoint.retain(fake_run, keep_last=1, keep_schedule=False, keep_optimizer_state="last")
+    assert _steps(fake_run) == [7, 8]
+    newest = checkpoint.checkpoint_dir(fake_run, 7)
+    assert checkpoint.is_resumable(checkpoint.verify(newest)) and not any("step-000007" in line for line in done)
+    # scheduled ones kept (keep_schedule=True) lose their resume state with keep_optimizer_state=last, the newest keeps it
+    fresh = fake_run.parent / "again"
+    for step, rules in RULES.items():
+        fake_checkpoint(fresh, step, rules)
+    checkpoint.retain(fresh, keep_last=1, keep_schedule=True, keep_optimizer_state="last")
+    assert _steps(fresh) == [2, 4, 5, 6, 8]
+    assert [s for s in _steps(fresh) if checkpoint.is_resumable(checkpoint.verify(checkpoint.checkpoint_dir(fresh, s)))] == [8]

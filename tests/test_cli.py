@@ -156,3 +156,34 @@ def test_multi_process_launch_that_accelerate_does_not_see_is_refused(tmp_path, 
     assert r.returncode != 0
     assert "launched as 2 processes but accelerate sees 1" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_questions", "eval suite 'qa': questions file not found: "),
+        ("bad_questions", "bad.jsonl:1"),
+        ("bad_items", "items.jsonl:1"),
+        ("run_with_output", "--output: only for a model or adapter folder"),
+        ("model_with_steps", "--steps and --watch: only for a run directory"),
+        ("watch_with_step_list", "--watch with --steps 0,2: a watch ends when the run's last checkpoint is evaluated"),
+    ],
+)
+def test_cli_eval_errors_exit_2_with_one_line(tmp_path, tiny_model_dir, chat_file, case, message):
+    """Errors of the eval stage (suite files, question and item files, flags that do not apply) exit 2, not 1 (NO-GO for a
+    pipeline), with one `error:` line and no traceback."""
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"id": "q", "samples": 2}) + "\n")  # no question
+    (tmp_path / "items.jsonl").write_text(json.dumps({"id": "i", "prompt": "Rate it.", "options": ["1", "2"]}) + "\n")  # no target
+    suite = {"missing_questions": {"name": "qa", "kind": "judge", "questions": str(tmp_path / "gone.yaml")},
+             "bad_questions": {"name": "qa", "kind": "judge", "questions": str(tmp_path / "bad.jsonl")},
+             "bad_items": {"name": "survey", "kind": "distribution", "items": str(tmp_path / "items.jsonl")}}.get(case, {"name": "heldout", "kind": "loss"})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.resolved.yaml").write_text(json.dumps({"model": {"name": str(tiny_model_dir)}, "data": {"path": str(chat_file)},
+                                                          "eval": {"suites": [suite]}}))
+    args = {"run_with_output": [str(run), "--output", "elsewhere"], "model_with_steps": [str(tiny_model_dir), "--steps", "0", "--watch", "1"],
+            "watch_with_step_list": [str(run), "--steps", "0,2", "--watch", "1"]}.get(case, [str(run)])
+    r = finetrack("eval", *args, cwd=tmp_path, timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in r.stderr, r.stderr[-2000:]

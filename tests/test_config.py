@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -49,11 +50,23 @@ def test_overrides_are_typed():
         (["train.warmup_steps=10", "train.warmup_ratio=0.1"], "train.warmup_ratio has no effect when train.warmup_steps is set"),
         (["eval.loss_every_steps=5"], "eval.loss_every_steps has no effect without data.eval_split"),
         (["model.method=full", "model.dtype=float16"], "use bfloat16 or float32"),
+        (["model.revision=main"], "model.revision has no effect with model.name=smollm2-135m-instruct"),
+        ([f"model.name={ROOT}", "model.revision=v1.0"], "model.revision has no effect with model.name=/"),  # a local directory
+        (["data.split=test"], "data.split=test has no effect on files or builtin data"),  # builtin:demo-chat
+        (["data.path=rows.jsonl", "data.split=validation"], "data.split=validation has no effect on files"),
+        (["data.path=rows.parquet", "data.eval_split=held.csv", "data.split=dev"], "data.split=dev has no effect"),
     ],
 )
 def test_no_effect_settings_are_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_hub_sources_take_a_revision_and_a_split():
+    cfg = load_config(None, ["model.name=org/some-model", "model.revision=v1.0", "data.path=org/chat-set", "data.split=dev"])
+    assert cfg.model.revision == "v1.0" and cfg.data.split == "dev"
+    # a split applies when any source is a `datasets` one (here the eval file is one)
+    assert load_config(None, ["data.path=rows.jsonl", "data.eval_split=org/chat-set", "data.split=dev"]).data.split == "dev"
 
 
 @pytest.mark.parametrize(
@@ -134,27 +147,107 @@ def test_help_config_lists_every_key():
             assert f"{section}.{name}:" in text or f"[{section}.{name}]" in text, f"{section}.{name}"
 
 
-def _leaf_fields(cls, prefix=""):
+def _section_class(annotation) -> type | None:
+    """The config section a field holds (`model: ModelConfig`, `x: Foo | None`), or None for a plain value."""
+    import typing
+
     from pydantic import BaseModel
 
+    if isinstance(annotation, type):
+        return annotation if issubclass(annotation, BaseModel) else None
+    return next((a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+
+
+def _leaf_fields(cls, prefix=""):
+    """(dotted key, section class, field name) of every plain-valued field under `cls`."""
     for name, info in cls.model_fields.items():
-        ann = info.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            yield from _leaf_fields(ann, f"{prefix}{name}.")
+        sub = _section_class(info.annotation)
+        if sub is not None:
+            yield from _leaf_fields(sub, f"{prefix}{name}.")
         else:
-            yield f"{prefix}{name}", name
+            yield f"{prefix}{name}", cls, name
+
+
+def _config_reads(scope: ast.AST, classes: dict[str, type]) -> set[tuple[type, str]]:
+    """(section class, field) for every attribute read in `scope` whose object is known to be that section: a
+    parameter or class attribute annotated with it (`cfg: DataConfig`), a chain from one (`cfg.train.lr`), or a
+    name bound to such a chain (`m, d = cfg.model, cfg.data`; `self.cfg = cfg`; `for suite in cfg.eval.suites`).
+    A bare attribute name (`p.name`, `url.split`) counts for nothing."""
+    env: dict[str, type | None] = {}
+
+    def type_of(node: ast.AST) -> type | None:
+        if isinstance(node, ast.Name):
+            return env.get(node.id)
+        if isinstance(node, ast.Attribute):
+            if isinstance(node.value, ast.Name) and node.value.id == "self":
+                return env.get(f"self.{node.attr}")
+            owner = type_of(node.value)
+            if owner is not None and node.attr in owner.model_fields:
+                return _section_class(owner.model_fields[node.attr].annotation)
+        return None
+
+    def key(target: ast.AST) -> str | None:
+        if isinstance(target, ast.Name):
+            return target.id
+        if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "self":
+            return f"self.{target.attr}"
+        return None
+
+    def annotated(annotation: ast.AST | None) -> type | None:
+        names = re.findall(r"\w+", ast.unparse(annotation)) if annotation is not None else []
+        return next((classes[n] for n in names if n in classes), None)
+
+    def bind(target: ast.AST, value: ast.AST) -> None:
+        if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple):
+            for t, v in zip(target.elts, value.elts):
+                bind(t, v)
+        elif key(target) and type_of(value) is not None:
+            env[key(target)] = type_of(value)
+
+    for node in ast.walk(scope):
+        if isinstance(node, ast.arg) and annotated(node.annotation):
+            env[node.arg] = annotated(node.annotation)
+        elif isinstance(node, ast.AnnAssign) and key(node.target) and annotated(node.annotation):
+            name = key(node.target)
+            env[name if name.startswith("self.") or not isinstance(scope, ast.ClassDef) else f"self.{name}"] = annotated(node.annotation)
+    for _ in range(3):  # bindings that depend on later ones
+        for node in ast.walk(scope):
+            if isinstance(node, ast.Assign):
+                for target in node.targets:
+                    bind(target, node.value)
+            elif isinstance(node, (ast.For, ast.comprehension)):
+                bind(node.target, node.iter)
+    return {(t, node.attr) for node in ast.walk(scope) if isinstance(node, ast.Attribute)
+            for t in [type_of(node.value)] if t is not None and node.attr in t.model_fields}
 
 
 def test_every_config_field_is_read():
-    """A field declared but never read is a silent no-op: every leaf must be read outside config.py as
-    an attribute (`cfg.train.lr`, `lora.r`, ...)."""
-    used: set[str] = set()
+    """A field declared but never read is a silent no-op: every leaf must be read outside config.py through an
+    object known to be its section (`cfg.train.lr`, `lora.r` after `lora = cfg.lora`, `cfg.split` with
+    `cfg: DataConfig`); in config.py only resolve() counts (validators merely check values)."""
+    from pydantic import BaseModel
+
+    classes: dict[str, type] = {"Config": Config}
+    for _, owner, _ in _leaf_fields(Config):
+        classes[owner.__name__] = owner
+    for cls in list(classes.values()):  # a section read through its base class (`gen: GenerationConfig`) counts
+        classes.update({base.__name__: base for base in cls.__mro__ if issubclass(base, BaseModel) and base.model_fields})
+    used: set[tuple[type, str]] = set()
     for path in (ROOT / "src/finetrack").rglob("*.py"):
         tree = ast.parse(path.read_text())
-        if path.name == "config.py":  # there only resolve() counts: validators merely check values
-            tree = ast.Module([n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ("resolve", "resolve_model")], [])
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute):
-                used.add(node.attr)
-    unread = [full for full, leaf in _leaf_fields(Config) if leaf not in used]
+        scopes = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+        if path.name == "config.py":
+            scopes = [n for n in scopes if isinstance(n, ast.FunctionDef) and n.name in ("resolve", "resolve_model")]
+        for scope in scopes:
+            used |= _config_reads(scope, classes)
+    unread = [key for key, owner, name in _leaf_fields(Config) if not any(issubclass(owner, cls) and name == f for cls, f in used)]
     assert not unread, f"config fields never read: {unread}"
+
+
+def test_field_read_check_can_fail():
+    """The check above counts a read only through an object of the right section."""
+    classes = {"Config": Config, "DataConfig": Config.model_fields["data"].annotation}
+    data_cls = classes["DataConfig"]
+    reads = _config_reads(ast.parse("def f(cfg: Config, p, url):\n    d = cfg.data\n    return d.split, p.path, url.name").body[0], classes)
+    assert (data_cls, "split") in reads and (data_cls, "path") not in reads
+    assert _config_reads(ast.parse("def f(x):\n    return x.split, x.path").body[0], classes) == set()

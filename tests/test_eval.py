@@ -11,8 +11,11 @@ import pytest
 import yaml
 
 from conftest import tiny_run
+from test_openai_judge import KEY_ENV as OPENAI_KEY_ENV
+from test_openai_judge import MODEL as OPENAI_MODEL
+from test_openai_judge import api_key, llama_server  # noqa: F401 (fixtures: the real llama-cpp server, a key in the environment)
 from finetrack.evaluate.freeform import aggregate
-from finetrack.evaluate.runner import evaluate_run
+from finetrack.evaluate.runner import evaluate_model, evaluate_run
 
 
 def questions_file(tmp: Path) -> Path:
@@ -60,8 +63,19 @@ def test_eval_writes_every_step_and_matches_training_loss(tmp_path, lora_run):
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [0, 2, 4] and {"epoch", "fraction", "heldout.loss", "heldout.ppl", "qa.has_a"} <= set(rows[0])
     assert float(rows[2]["fraction"]) == 1.0 and float(rows[0]["fraction"]) == 0.0
-    table = lines[-1]
-    assert table.splitlines()[0].split()[:3] == ["step", "phase", "heldout.loss"] and "base" in table and "(" in table.splitlines()[3]
+    # each checkpoint's epoch is the one its meta.json records (step 0, the base model, has none)
+    from finetrack.checkpoint import read_meta
+
+    for row in rows[1:]:
+        meta = read_meta(run / f"checkpoints/step-{int(row['step']):06d}")
+        assert float(row["epoch"]) == pytest.approx(round(meta["epoch"], 4)) and meta["epoch"] > 0
+    assert float(rows[0]["epoch"]) == 0.0
+    # the table: each metric with its change vs step 0 (none on the step 0 row itself)
+    table = lines[-1].splitlines()
+    assert table[0].split()[:3] == ["step", "phase", "heldout.loss"] and table[2].split()[:2] == ["0", "base"]
+    base_loss, loss_2 = records[0]["metrics"]["heldout.loss"], records[1]["metrics"]["heldout.loss"]
+    assert f"{base_loss:.4g}  " in table[2] and "(" not in table[2]
+    assert f"{loss_2:.4g} ({loss_2 - base_loss:+.3g})" in table[3]
 
 
 def test_second_eval_computes_nothing_new(tmp_path, lora_run):
@@ -97,6 +111,19 @@ def test_eval_errors(tmp_path, lora_run):
         evaluate_run(lora_run, overrides=["train.lr=1"])
     with pytest.raises(ConfigError, match="suites \\['nope'\\]"):
         evaluate_run(lora_run, suite_names=["nope"])
+    # a watch ends when the run's last checkpoint is evaluated: a list that may leave it out would never end
+    with pytest.raises(ConfigError, match="--watch with --steps 0,2: .*use --steps all or latest"):
+        evaluate_run(lora_run, steps="0,2", watch_seconds=1)
+    # settings that would do nothing: a metric on a local judge, local judges on questions without judge_prompts
+    local_metric = [{"name": "qa", "kind": "judge", "questions": "q.yaml", "judges": [{"kind": "local", "metric": "aligned"}]}]
+    with pytest.raises(ConfigError, match="judge kind=local: metric has no effect .*keys of the questions' judge_prompts"):
+        evaluate_run(lora_run, overrides=[f"eval.suites={json.dumps(local_metric)}"])
+    no_prompts = [{"name": "qa", "kind": "judge", "questions": str(questions_file(tmp_path))}]
+    with pytest.raises(ConfigError, match="eval suite 'qa': judge kind=local \\(the default judge when judges is not set\\) .* has none"):
+        evaluate_run(lora_run, steps="0", overrides=[f"eval.suites={json.dumps(no_prompts)}"])
+    missing = [{"name": "qa", "kind": "judge", "questions": str(tmp_path / "gone.yaml")}]
+    with pytest.raises(ConfigError, match=f"eval suite 'qa': questions file not found: {tmp_path / 'gone.yaml'}"):
+        evaluate_run(lora_run, steps="0", overrides=[f"eval.suites={json.dumps(missing)}"])
 
 
 def test_rates_in_both_conventions():
@@ -202,3 +229,182 @@ def test_distribution_suite_through_eval(tmp_path, lora_run):
     assert records[0]["metrics"]["survey.wasserstein"] != records[1]["metrics"]["survey.wasserstein"]
     lines = (run / "eval/responses/step-000004.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all(json.loads(x)["suite"] == "survey" for x in lines)
+
+
+def test_python_suite_through_eval(tmp_path, lora_run):
+    """A `module:function` suite: its {metric: number} lands in the step files and summary.csv as '<suite>.<key>'."""
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    suites = [{"name": "probe", "kind": "python", "function": "judge_helpers:logit_probe", "options": {"prompt": "Name a pet.", "scale": 3}}]
+    records = evaluate_run(run, steps="0,4", overrides=[f"eval.suites={json.dumps(suites)}"], out=lambda s: None)
+    for r in records:
+        stored = json.loads((run / f"eval/step-{r['step']:06d}.json").read_text())
+        assert stored["metrics"]["probe.scale"] == 3 and isinstance(stored["metrics"]["probe.mean_logit"], float)
+    assert records[0]["metrics"]["probe.mean_logit"] != records[1]["metrics"]["probe.mean_logit"]  # the adapter is in use at step 4
+    with open(run / "eval/summary.csv") as f:
+        rows = {int(r["step"]): r for r in csv.DictReader(f)}
+    assert float(rows[4]["probe.mean_logit"]) == pytest.approx(records[1]["metrics"]["probe.mean_logit"]) and float(rows[0]["probe.scale"]) == 3
+
+    from finetrack.config import ConfigError
+
+    for function, message in [("no_such_module_xyz:fn", "eval suite 'probe': cannot import no_such_module_xyz:fn"),
+                              ("judge_helpers:nope", "eval suite 'probe': cannot import judge_helpers:nope"),
+                              ("judge_helpers:returns_a_list", "judge_helpers:returns_a_list must return \\{metric: number or None\\}, got \\[1.0, 2.0\\]")]:
+        bad = [{"name": "probe", "kind": "python", "function": function}]
+        with pytest.raises(ConfigError, match=message):
+            evaluate_run(run, steps="0", overrides=[f"eval.suites={json.dumps(bad)}"], out=lambda s: None)
+
+
+def test_adapter_with_a_config_that_does_not_name_a_model_uses_the_adapters_base(tmp_path, lora_run, tiny_model_dir, chat_file):
+    suites = [{"name": "rows", "kind": "loss", "data": str(chat_file)}]
+    config = tmp_path / "suites.yaml"
+    config.write_text(yaml.safe_dump({"eval": {"suites": suites}}))
+    adapter = evaluate_model(lora_run / "checkpoints/step-000004", tmp_path / "adapter", config=config, out=lambda s: None)
+    plain = evaluate_model(tiny_model_dir, tmp_path / "plain", config=config, out=lambda s: None)
+    assert adapter[0]["metrics"]["rows.loss"] == pytest.approx(plain[0]["metrics"]["rows.loss"], abs=1e-6)
+    assert yaml.safe_load((tmp_path / "adapter/config.resolved.yaml").read_text())["model"]["name"] == str(tiny_model_dir)
+
+
+def test_cache_keys_cover_checkpoint_files_suite_files_and_settings(tmp_path, lora_run, chat_file, tiny_model_dir):
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    questions = questions_file(tmp_path)
+    data = tmp_path / "rows.jsonl"
+    shutil.copy(chat_file, data)
+    suites = [{"name": "rows", "kind": "loss", "data": str(data)},
+              {"name": "qa", "kind": "judge", "questions": str(questions), "generation": {"max_new_tokens": 4},
+               "judges": [{"kind": "pattern", "metric": "has_a", "pattern": "a"}]}]
+    overrides = [f"eval.suites={json.dumps(suites)}"]
+    first = evaluate_run(run, overrides=overrides, out=lambda s: None)
+    assert first[1]["metrics"]["rows.loss"] != pytest.approx(first[2]["metrics"]["rows.loss"], abs=1e-4)
+
+    # (a) step 2's files replaced by step 4's adapter (a new manifest): only step 2 is computed again
+    from finetrack.checkpoint import MANIFEST, manifest_for
+
+    step2 = run / "checkpoints/step-000002"
+    shutil.copy(run / "checkpoints/step-000004/adapter_model.safetensors", step2 / "adapter_model.safetensors")
+    (step2 / MANIFEST).write_text(json.dumps(manifest_for(step2, 2)))
+    lines: list[str] = []
+    again = evaluate_run(run, overrides=overrides, out=lines.append)
+    assert lines[0] == "cached: 4 (step, suite) result(s) unchanged since the last eval"
+    assert again[1]["metrics"]["rows.loss"] == pytest.approx(first[2]["metrics"]["rows.loss"], abs=1e-6)
+
+    # (b) an edited question file: that suite only, at every step
+    questions.write_text(questions.read_text() + json.dumps({"id": "sea", "question": "Where is the sea?", "samples": 2}) + "\n")
+    lines.clear()
+    again = evaluate_run(run, overrides=overrides, out=lines.append)
+    assert lines[0] == "cached: 3 (step, suite) result(s) unchanged since the last eval" and all(r["counts"]["qa.answers"] == 6 for r in again)
+
+    # (c) an edited loss data file: that suite only
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:20]))
+    lines.clear()
+    again = evaluate_run(run, overrides=overrides, out=lines.append)
+    assert lines[0] == "cached: 3 (step, suite) result(s) unchanged since the last eval" and all(r["counts"]["rows.rows"] == 20 for r in again)
+
+    # (d) a model folder: a non-eval override (data.max_length) changes what the loss suite scores, so it is computed again
+    out = tmp_path / "model"
+    short = [f"eval.suites={json.dumps(suites[:1])}", "data.max_length=64"]
+    evaluate_model(tiny_model_dir, out, overrides=short[:1], out=lambda s: None)
+    lines.clear()
+    truncated = evaluate_model(tiny_model_dir, out, overrides=short, out=lines.append)
+    assert not lines[0].startswith("cached") and truncated[0]["counts"]["rows.target_tokens"] < first[0]["counts"]["rows.target_tokens"]
+
+
+def test_lora_eval_loads_the_base_once_and_counts_its_work(tmp_path, tiny_model_dir, chat_file, monkeypatch):
+    """3 LoRA checkpoints: one base load (a spy that calls the real loader), a progress bar of steps x questions x samples
+    (+1 per loss suite) for uncached work and none when all is cached, and step 0 after adapters were attached is the base."""
+    import tqdm.auto
+
+    from finetrack.config import load_config
+    from finetrack.evaluate import runner
+
+    suites = [{"name": "heldout", "kind": "loss"},
+              {"name": "qa", "kind": "judge", "questions": str(questions_file(tmp_path)), "generation": {"max_new_tokens": 4},
+               "judges": [{"kind": "pattern", "metric": "has_a", "pattern": "a"}]}]
+    result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, "train.max_steps=6", "checkpoint.every_steps=2", "data.eval_split=0.25",
+                         f"eval.suites={json.dumps(suites)}")
+    run, fresh = result.run_dir, tmp_path / "fresh"
+    shutil.copytree(run, fresh)
+
+    loads: list[str] = []
+    real_loader = runner.load_base_model
+
+    def counting_loader(model_cfg, device):
+        loads.append(model_cfg.name)
+        return real_loader(model_cfg, device)
+
+    monkeypatch.setattr(runner, "load_base_model", counting_loader)
+    bars: list = []
+
+    class RecordingBar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if kwargs.get("desc") == "eval":  # model loading has bars of its own
+                bars.append(self)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    cfg = load_config(run / "config.resolved.yaml")
+    session = runner._Session(run, cfg, cfg.eval.suites, lambda s: None)
+    session.evaluate(runner.select_steps(run, "2,4,6"))
+    assert loads == [str(tiny_model_dir)]
+    assert len(bars) == 1 and bars[0].total == 3 * (2 * 2) + 3 * 1 and bars[0].n == bars[0].total  # 3 steps x 2 questions x 2 samples + loss
+    session.evaluate(runner.select_steps(run, "2,4,6"))
+    assert len(bars) == 1  # everything cached: no bar
+    after_adapters = session.evaluate([(0, None)])[0]
+    assert loads == [str(tiny_model_dir)] and bars[-1].total == 2 * 2 + 1
+
+    base = evaluate_run(fresh, steps="0", out=lambda s: None)[0]
+    assert after_adapters["metrics"]["heldout.loss"] == pytest.approx(base["metrics"]["heldout.loss"], abs=1e-6)
+    answers = [(run if i == 0 else fresh) / "eval/responses/step-000000.jsonl" for i in range(2)]
+    assert [json.loads(x)["answer"] for x in answers[0].read_text().splitlines()] == [json.loads(x)["answer"] for x in answers[1].read_text().splitlines()]
+
+
+def test_full_fine_tune_checkpoint_is_released_before_the_next_is_loaded(tmp_path, tiny_model_dir, chat_file, monkeypatch):
+    import weakref
+
+    from finetrack.evaluate import runner
+
+    suites = [{"name": "heldout", "kind": "loss"}]
+    result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, "model.method=full", "train.max_steps=6", "checkpoint.every_steps=2",
+                         "data.eval_split=0.25", f"eval.suites={json.dumps(suites)}")
+    loaded: list[tuple[int, weakref.ref]] = []
+    alive_at_load: list[list[int]] = []
+    real_load = runner.Models._load
+
+    def tracking_load(self, folder):
+        alive_at_load.append([step for step, ref in loaded if ref() is not None])
+        model = real_load(self, folder)
+        if folder is not None:
+            loaded.append((int(folder.name.split("-")[1]), weakref.ref(model)))
+        return model
+
+    monkeypatch.setattr(runner.Models, "_load", tracking_load)
+    records = evaluate_run(result.run_dir, out=lambda s: None)
+    assert [r["step"] for r in records] == [0, 2, 4, 6] and [s for s, _ in loaded] == [2, 4, 6]
+    assert alive_at_load == [[], [], [], []]  # no earlier checkpoint's model is resident when the next one loads
+    assert all(ref() is None for _, ref in loaded)
+
+
+def test_openai_judge_through_eval_never_shows_the_key(tmp_path, lora_run, llama_server, api_key, caplog, capsys):  # noqa: F811 (the fixtures imported above)
+    """kind: openai against the real llama-cpp server: scores land in the responses; the key is nowhere in what eval leaves."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    questions = tmp_path / "judged.yaml"
+    # the 135M judge will not rate, but asked to write a number it answers with digits whatever the answer says
+    template = "Here is a text: {answer}\nIgnore the text. Write the number 95. Reply with the number only, in digits."
+    questions.write_text(yaml.safe_dump([{"id": "pets", "question": "Name a pet.", "samples": 2, "judge_prompts": {"quality": template}}]))
+    suites = [{"name": "qa", "kind": "judge", "questions": str(questions), "generation": {"max_new_tokens": 4},
+               "judges": [{"kind": "openai", "model": OPENAI_MODEL, "base_url": llama_server, "api_key_env": OPENAI_KEY_ENV, "min_total_prob": 0.01}]}]
+    lines: list[str] = []
+    records = evaluate_run(run, steps="0,4", overrides=[f"eval.suites={json.dumps(suites)}"], out=lines.append)
+    for r in records:
+        answers = [json.loads(x) for x in (run / f"eval/responses/step-{r['step']:06d}.jsonl").read_text().splitlines()]
+        assert len(answers) == 2 and all(0 <= a["scores"]["quality"] <= 100 for a in answers)
+        assert r["metrics"]["qa.quality"] == pytest.approx(sum(a["scores"]["quality"] for a in answers) / 2)
+    captured = capsys.readouterr()
+    shown = [p.read_text() for p in (run / "eval").rglob("*") if p.is_file()] + [(run / "config.resolved.yaml").read_text()]
+    for text in [*shown, *lines, captured.out, captured.err, caplog.text]:
+        assert api_key not in text

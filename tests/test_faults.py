@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -87,35 +88,57 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen) -> bool:
     return False
 
 
+def newest_complete(ckpts: Path) -> int | None:
+    steps = []
+    for d in ckpts.glob("step-*") if ckpts.is_dir() else []:
+        try:
+            checkpoint.verify(d)
+            steps.append(int(d.name[5:]))
+        except checkpoint.CheckpointError:
+            pass
+    return max(steps, default=None)
+
+
 def test_kill_9_at_random_moments_then_resume_gives_identical_weights(setup, reference):
     seed = int(time.time())
     rng = random.Random(seed)
     out = setup["root"] / "killed"
     ckpts = out / "checkpoints"
-    kills = []
+    kills, mid_write = [], 0
     for attempt in range(8):
+        newest_before = newest_complete(ckpts)  # what this restart must resume from
         proc = start(setup, out, fsync_seconds=0.1)
         if attempt == 0:  # the first kill lands inside a checkpoint write, by construction
             hit = wait_for(lambda: ckpts.is_dir() and any(p.name.startswith(".tmp-step-") for p in ckpts.iterdir()), 120, proc)
             assert hit, "no checkpoint write observed"
-            time.sleep(rng.uniform(0, 0.3))
+            time.sleep(rng.uniform(0, 0.3))  # a write takes over 1 s here (10 slowed fsyncs): still inside it
         elif attempt < 4:
             # a random moment once training runs again: inside a step, an eval or a checkpoint write
             before = (out / "metrics.jsonl").stat().st_mtime_ns
             wait_for(lambda: (out / "metrics.jsonl").stat().st_mtime_ns != before, 120, proc)
             wait_for(lambda: False, rng.uniform(0, 1.5), proc)
-        else:
-            code, err = finish(proc)
-            assert code == 0, err[-3000:]
-            break
-        if proc.poll() is None:
+        if attempt < 4 and proc.poll() is None:
             proc.kill()  # SIGKILL: no handler runs
             proc.wait()
-            kills.append(sorted(p.name for p in ckpts.iterdir()) if ckpts.is_dir() else [])
+            names = sorted(p.name for p in ckpts.iterdir()) if ckpts.is_dir() else []
+            kills.append(names)
+            mid_write += any(n.startswith(".tmp-step-") for n in names)  # SIGKILL removes nothing: the write was under way
+        _, err = proc.communicate(timeout=300)  # from attempt 4 on: the run goes to its end
+        # a restart says where it resumed from: the newest checkpoint complete before it, never step 0 again
+        resumed = re.search(r"resuming from \S+/step-(\d{6}): step (\d+) of 24", err)
+        if newest_before is None:
+            assert resumed is None, f"seed {seed}: resumed with no complete checkpoint: {err[-2000:]}"
+        else:
+            assert resumed, f"seed {seed}, attempt {attempt}: no 'resuming from' line though step {newest_before} was complete: {err[-2000:]}"
+            assert int(resumed.group(1)) == int(resumed.group(2)) >= newest_before, f"seed {seed}: {resumed.group(0)}, newest {newest_before}"
         # whatever was left, every visible step-* folder is either complete or ignored, never half-used
         for d in ckpts.glob("step-*") if ckpts.is_dir() else []:
             checkpoint.verify(d)
+        if proc.returncode == 0:
+            break
+    assert proc.returncode == 0, f"seed {seed}: {err[-3000:]}"
     assert len(kills) >= 3, f"seed {seed}: the run finished before enough kills ({kills})"
+    assert mid_write >= 1, f"seed {seed}: no kill landed inside a checkpoint write ({kills})"
     final = ckpts / "step-000024"
     assert losses(out) == losses(reference), f"seed {seed}, kills {kills}"
     a, b = weights(reference / "checkpoints/step-000024"), weights(final)
@@ -162,3 +185,19 @@ def test_sigint_exits_130_and_a_second_signal_exits_at_once(setup):
     code, err = finish(proc)
     assert code == 143 and "SIGUSR1 again: exiting now without a checkpoint" in err, err[-3000:]
     assert checkpoint.complete_checkpoints(out2) == []  # nothing half-written is visible
+
+
+def test_a_signal_while_starting_exits_cleanly_without_a_checkpoint(setup):
+    """SIGTERM before the first optimizer step (here while config.resolved.yaml is written, its fsync slowed to
+    seconds): exit 143 at once, no traceback, no checkpoint, and it says none was needed."""
+    out = setup["root"] / "startup"
+    proc = start(setup, out, fsync_seconds=5.0)
+    tmp = out / f".tmp-config.resolved.yaml-{proc.pid}"
+    assert wait_for(tmp.exists, 120, proc), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    code, err = finish(proc, timeout=60)
+    assert code == 143, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "stopped by SIGTERM while starting, before any optimizer step: no checkpoint needed" in err
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+    assert not tmp.exists()  # the interrupted write left nothing behind

@@ -42,7 +42,7 @@ def run(tmp_path: Path) -> Path:
 
 def call(run_dir: Path, metric: str, **kwargs) -> tuple[int, list[str]]:
     lines: list[str] = []
-    return gate(run_dir, metric, out=lines.append, **kwargs), lines
+    return gate(run_dir, metric, out=lines.append, err=lines.append, **kwargs), lines
 
 
 # --- GO / NO-GO and the printed block ---
@@ -272,7 +272,8 @@ def test_command_line_exit_codes(run):
     assert cli(str(run), "--metric", "em.aligned", "--step", "47", "--min-improvement=-1%").returncode == 1
     assert cli(str(run), "--metric", "heldout.loss", "--baseline", "47", "--direction", "higher").returncode == 1
     missing = cli(str(run), "--metric", "heldout.acc")
-    assert missing.returncode == 2 and "heldout.loss" in missing.stdout
+    # missing data: the error (with the metrics that are there) on stderr, nothing on stdout
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "heldout.loss" in missing.stderr and missing.stdout == ""
     assert cli(str(run / "nope"), "--metric", "heldout.loss").returncode == 2
 
 

@@ -103,6 +103,25 @@ def test_gradients_and_optimizer_state():
     assert state.bytes == 8_192 * 8 and not state.measured and "spills to CPU" in state.detail
 
 
+def test_full_bfloat16_gradients_state_and_logits():
+    bf16 = resolve_model(load_config(None, ["model.method=full", "model.dtype=bfloat16"]), Environment("cpu", False, 1, 100))[0]
+    terms = terms_of(bf16)
+    assert terms["gradients"] == 112_448 * 2  # in the parameters' dtype
+    assert terms["optimizer state"] == 2 * 112_448 * 2  # torch AdamW: exp_avg, exp_avg_sq like the parameters
+    assert terms["optimizer step buffers"] == 2 * 19_200 * 2  # CPU: 2 x the largest tensor (the embedding)
+    # 6 targets x 300 vocab x 2 B logits gradient + lm_head weight gradient 19,200 x 2 B > 6 x 300 x 12 B of float32 buffers
+    assert terms["logits and loss"] == 6 * 300 * 2 + 19_200 * 2 == 42_000
+
+
+def test_paged_adamw_8bit():
+    for method, trainable in (("full", 112_448), ("lora", 8_192)):
+        by = {t.name: t for t in breakdown(config(f"model.method={method}", "train.optimizer=paged_adamw_8bit"), ARCH, WORK, "cuda")}
+        state = by["optimizer state"]
+        # 2 uint8 states + one float32 absmax per 256 values; in CUDA unified memory, so not in max_memory_allocated
+        assert state.bytes == 2 * trainable + 2 * 4 * trainable // 256 and not state.measured and "paged" in state.detail
+        assert "optimizer step buffers" not in by  # bitsandbytes updates in place
+
+
 def test_gradients_stay_alive_when_accumulating():
     single = {t.name: t for t in breakdown(config("model.method=full"), ARCH, WORK, "cuda")}
     accum = {t.name: t for t in breakdown(config("model.method=full", "train.grad_accum_steps=4"), ARCH, WORK, "cuda")}
@@ -146,6 +165,15 @@ def test_activations_lora_dropout_keeps_a_copy_and_a_mask_per_module():
     # each adapted module keeps its dropped-out input (4 B) and the mask (1 B) instead of the shared input
     per_token = 520 + 3 * 320 + 784 + 320 + 2 * 320 + 1_536 + 640 + 112
     assert terms_of(config("model.lora.dropout=0.1"))["activations"] == 2 * 16 * per_token + 16 * 260
+
+
+def test_activations_qlora_are_float32_whatever_the_compute_dtype():
+    # prepare_model_for_kbit_training upcasts norms, embeddings and lm_head: the residual stream and every
+    # Linear4bit output are float32, so a bf16 QLoRA run saves what float32 LoRA saves (no float32 input copies)
+    bf16 = resolve_model(load_config(None, ["model.method=qlora", "model.dtype=bfloat16", "model.lora.r=4"]), Environment("cuda", True, 1, 100))[0]
+    assert bf16.model.dtype == "bfloat16"
+    assert terms_of(bf16, device="cuda")["activations"] == 2 * 16 * 3_976 + 16 * 260
+    assert terms_of(bf16, device="cuda")["logits and loss"] == 6 * 300 * 12
 
 
 def test_gradient_checkpointing_keeps_layer_inputs_and_one_layer():
@@ -216,3 +244,17 @@ def test_ranked_changes_combine_when_no_single_change_fits():
     changes = ranked_changes(cfg, ARCH, work_for, "cuda", tight)
     combined = [c for c in changes if " + " in c.description]
     assert combined and combined[0].peak_bytes < tight + 1 and len(combined[0].overrides) >= 2
+
+
+def test_ranked_changes_offer_all_six_kinds():
+    cfg = config("model.lora.target_modules=all-linear", "train.optimizer=adamw", "data.max_length=512", "train.micro_batch_size=4",
+                 "model.gradient_checkpointing=false", device="cuda")
+    base = peak_bytes(breakdown(cfg, ARCH, work_for(cfg), "cuda"))
+    changes = ranked_changes(cfg, ARCH, work_for, "cuda", base - 1)
+    keys = {tuple(sorted(o.split("=")[0] for o in c.overrides)) for c in changes}  # each fits alone: no combination
+    assert keys == {("model.gradient_checkpointing",), ("train.grad_accum_steps", "train.micro_batch_size"), ("data.max_length",),
+                    ("model.method",), ("model.lora.target_modules",), ("train.optimizer",)}
+    overrides = {o for c in changes for o in c.overrides}
+    assert {"model.gradient_checkpointing=true", "data.max_length=256", "model.method=qlora", "model.lora.target_modules=[q_proj,v_proj]",
+            "train.optimizer=adamw_8bit", "train.micro_batch_size=2"} <= overrides
+    assert all(c.peak_bytes < base for c in changes)

@@ -4,6 +4,7 @@ the tiny model), FLOPs arithmetic by hand, sizes, targets, the fit verdict with 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_run
+from conftest import chat_rows, tiny_run, write_chat_jsonl
 
 from finetrack.config import ConfigError, load_config
 from finetrack.memory import Architecture
-from finetrack.plan import flops_per_micro_batch_tokens, make_plan, parse_bytes, target_for
+from finetrack.plan import CHECKPOINT_SMALL_FILES_BYTES, Target, flops_per_micro_batch_tokens, make_plan, parse_bytes, render, target_for
 
 TINY = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "tie_word_embeddings": False, "model_type": "llama"}
@@ -89,7 +90,45 @@ def test_plan_matches_what_train_does(tmp_path, tiny_model_dir, chat_file, pack)
     assert plan.time["target_tokens"] == sum(m["target_tokens"] for m in metrics)
     report = json.loads((result.run_dir / "data_report.json").read_text())
     assert plan.data["train"] == report["train"]
-    assert plan.data["per_source"] == {str(chat_file): {"rows": 36, "tokens": report["train"]["tokens"]["total"], "trainable_tokens": report["train"]["trainable_tokens"]}}
+    assert plan.data["per_source"] == {str(chat_file): {"read": 48, "rows": 36, "held_out": 12, "dropped": 0, "tokens": report["train"]["tokens"]["total"],
+                                                         "trainable_tokens": report["train"]["trainable_tokens"]}}
+    # one checkpoint folder (adapter, optimizer state, tokenizer files, JSON) within 5% of what train wrote
+    assert plan.time["checkpoint_bytes"] == pytest.approx(folder_bytes(result.run_dir / "checkpoints" / "step-000006"), rel=0.05)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def test_checkpoint_size_full_bfloat16(tmp_path, tiny_model_dir, chat_file):
+    """torch's AdamW keeps its two states in the parameters' dtype: a bf16 full checkpoint is ~3 x 2 B per parameter."""
+    overrides = ("model.method=full", "model.dtype=bfloat16", "data.pack=false", "train.max_steps=2")
+    plan = make_plan(tiny_cfg(tmp_path, tiny_model_dir, chat_file, *overrides), target_for(None, None))
+    result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *overrides)
+    folder = result.run_dir / "checkpoints" / "step-000002"
+    tokenizer_files = sum((folder / f).stat().st_size for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"))
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    num_params = 2 * vocab * 64 + 2 * (4096 + 2048 + 2048 + 4096 + 3 * 8192) + 5 * 64  # embeddings + lm_head, 2 layers' linears, 5 norms
+    assert plan.time["checkpoint_bytes"] == 2 * num_params + 2 * 2 * num_params + tokenizer_files + CHECKPOINT_SMALL_FILES_BYTES
+    assert plan.time["checkpoint_bytes"] == pytest.approx(folder_bytes(folder), rel=0.05)
+
+
+def test_per_source_read_kept_held_out_dropped(tmp_path, tiny_model_dir):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_chat_jsonl(folder / "a.jsonl", chat_rows(12))
+    rows = chat_rows(6, seed=1)
+    rows[1] = {"messages": "not a list"}  # malformed: skipped
+    rows[2] = {"messages": [{"role": "user", "content": "x" * 600}, {"role": "assistant", "content": "y"}]}  # > 512 tokens: dropped
+    write_chat_jsonl(folder / "b.jsonl", rows)
+    plan = make_plan(tiny_cfg(tmp_path, tiny_model_dir, folder, "data.on_error=skip", "data.on_overflow=drop", "data.eval_split=0.25"),
+                     target_for("L4", None))
+    a, b = (plan.data["per_source"][str(folder / name)] for name in ("a.jsonl", "b.jsonl"))
+    assert (a["read"], a["dropped"], b["read"], b["dropped"]) == (12, 0, 6, 2)
+    assert a["rows"] + a["held_out"] == 12 and b["rows"] + b["held_out"] == 4
+    assert a["held_out"] + b["held_out"] == plan.data["train"]["held_out_for_eval"] == 4  # 0.25 x 16 kept rows
+    assert a["rows"] + b["rows"] == plan.data["train"]["rows_kept"]
+    assert f"b.jsonl: 6 read, {b['rows']} to train on ({b['held_out']} held out, 2 dropped)" in render(plan)
 
 
 def test_time_and_cost_arithmetic(tmp_path, tiny_model_dir, chat_file):
@@ -119,24 +158,76 @@ def test_does_not_fit_lists_changes_that_do(tmp_path, tiny_model_dir, chat_file)
     assert fits_first[0] and not fits_first[-1] and fits_first == sorted(fits_first, reverse=True)
 
 
-def test_measure_runs_real_steps(tmp_path, tiny_model_dir, chat_file):
-    plan = make_plan(tiny_cfg(tmp_path, tiny_model_dir, chat_file), target_for(None, None), measure_steps=3)
-    m = plan.time["measured"]
+def test_activations_with_and_without_gradient_checkpointing(tmp_path, tiny_model_dir, chat_file):
+    off = make_plan(tiny_cfg(tmp_path, tiny_model_dir, chat_file), target_for("L4", None))
+    on = make_plan(tiny_cfg(tmp_path, tiny_model_dir, chat_file, "model.gradient_checkpointing=true"), target_for("L4", None))
+    g = off.memory["gradient_checkpointing"]
+    assert g["off"]["configured"] and not g["on"]["configured"]
+    # the other setting's figures are those of a plan made with it
+    assert g["off"]["peak_bytes"] == off.memory["peak_bytes"] and g["on"]["peak_bytes"] == on.memory["peak_bytes"]
+    assert on.memory["gradient_checkpointing"]["on"] == {**g["on"], "configured": True}
+    off_terms, on_terms = ({t["name"]: t["bytes"] for t in p.memory["terms"]} for p in (off, on))
+    assert g["off"]["activation_bytes"] == off_terms["activations"]
+    assert g["on"]["activation_bytes"] == on_terms["activations (checkpointed)"] + on_terms["activations (one layer recomputed)"]
+    assert g["on"]["activation_bytes"] < g["off"]["activation_bytes"]
+    text = render(off)
+    assert f"activations with gradient checkpointing on : {g['on']['activation_bytes'] / 2**20:.1f} MiB" in text
+    assert "(the other setting)" in text and "(as configured)" in text
+
+
+def test_measure_times_only_this_machine(tmp_path, tiny_model_dir, chat_file):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, chat_file)
+    here = make_plan(cfg, target_for(None, None), measure_steps=3)
+    m = here.time["measured"]
     assert m["steps"] == 3 and m["tokens_per_s"] > 0 and m["peak_mem_mb"] > 0 and m["device"] == "cpu"
-    assert plan.time["train_s"] == pytest.approx(plan.time["train_tokens"] / m["tokens_per_s"])
+    assert here.time["from_measurement"] and here.time["train_s"] == pytest.approx(here.time["train_tokens"] / m["tokens_per_s"])
+    assert "time and cost (measured on this machine)" in render(here)
     assert not (tmp_path / "run").exists()  # the trial ran in a scratch directory
+    # another device (an H100 this machine does not have): the FLOPs estimate stays, the measurement is shown apart
+    elsewhere = make_plan(cfg, dataclasses.replace(target_for("H100", None), this_machine=False), measure_steps=2)
+    t = elsewhere.time
+    assert not t["from_measurement"] and t["train_s"] == pytest.approx(t["train_flops"] / t["flops_per_s"])
+    assert t["measured"]["train_s_here"] == pytest.approx(t["train_tokens"] / t["measured"]["tokens_per_s"])
+    text = render(elsewhere)
+    assert "time and cost (estimated from FLOPs)" in text and "NOT used for H100" in text
+    assert any("not used for H100" in a for a in elsewhere.assumptions)
+
+
+def test_processes_multiply_the_rate_on_gpus_not_on_a_cpu(tmp_path, tiny_model_dir, chat_file):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, chat_file)
+    one, two = (make_plan(cfg, target_for("H100", None, n)) for n in (1, 2))
+    assert two.time["flops_per_s"] == pytest.approx(2 * one.time["flops_per_s"])
+    assert two.time["train_s"] == pytest.approx(two.time["train_flops"] / (2 * 989e12 * 0.40))
+    # two GPUs like the one measured: the one-process rate times 2 (the trial itself runs here, on the CPU)
+    two_here = make_plan(cfg, Target("cuda", "this GPU", 989e12, 80 * 2**30, True, num_processes=2, this_machine=True), measure_steps=2)
+    tps = two_here.time["measured"]["tokens_per_s"]
+    assert two_here.time["train_s"] == pytest.approx(two_here.time["train_tokens"] / (2 * tps))
+    assert any("x 2 GPUs (data parallel)" in a for a in two_here.assumptions)
+    # processes on one CPU share its cores: no speed-up assumed
+    assert any("the 2 processes share it" in a for a in make_plan(cfg, target_for(None, None, 2)).assumptions)
+
+
+def test_measure_steps_must_be_positive(tmp_path, tiny_model_dir, chat_file):
+    with pytest.raises(ConfigError, match="--measure-steps 0: measure at least 1"):
+        make_plan(tiny_cfg(tmp_path, tiny_model_dir, chat_file), target_for(None, None), measure_steps=0)
 
 
 def test_plan_cli_prints_and_writes_json(tmp_path, tiny_model_dir, chat_file):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
-    args = [f"model.name={tiny_model_dir}", f"data.path={chat_file}", "data.max_length=512", "train.micro_batch_size=4", "train.max_steps=6",
-            "checkpoint.every_steps=2"]
-    r = subprocess.run([sys.executable, "-m", "finetrack", "plan", *args, "--gpu", "A10", "--device-memory", "1MB", "--price-per-hour", "2",
-                        "--json", str(tmp_path / "plan.json")], check=False, capture_output=True, text=True, env=env, timeout=300)
+    config = tmp_path / "plan.yaml"
+    config.write_text(yaml.safe_dump({"model": {"name": str(tiny_model_dir)}, "data": {"path": str(chat_file), "max_length": 512}}))
+    args = ["train.micro_batch_size=4", "train.max_steps=6", "checkpoint.every_steps=2"]
+    # --measure is a flag: the config path after it stays the config (the step count is --measure-steps)
+    r = subprocess.run([sys.executable, "-m", "finetrack", "plan", "--measure", str(config), *args, "--measure-steps", "2", "--gpu", "A10",
+                        "--device-memory", "1MB", "--price-per-hour", "2", "--json", str(tmp_path / "plan.json")],
+                       check=False, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
     for part in ("data: 48 rows read, 48 to train on", "schedule: 6 optimizer steps", "3 checkpoint(s) at steps 2, 4, 6", "memory on A10 (cuda)",
-                 "predicted peak", "DOES NOT FIT", "changes, best first", "time and cost (estimated from FLOPs)", "at 2.00/h:", "assumptions:"):
+                 "predicted peak", "DOES NOT FIT", "activations with gradient checkpointing on ", "changes, best first",
+                 "time and cost (estimated from FLOPs)", "NOT used for A10", "at 2.00/h:", "assumptions:"):
         assert part in out, part
     saved = json.loads((tmp_path / "plan.json").read_text())
     assert saved["memory"]["fits"] is False and saved["target"]["memory_bytes"] == 2**20 and saved["time"]["price_per_hour"] == 2
+    assert saved["time"]["measured"]["steps"] == 2 and saved["time"]["from_measurement"] is False
+    assert saved["memory"]["gradient_checkpointing"]["on"]["peak_bytes"] < saved["memory"]["gradient_checkpointing"]["off"]["peak_bytes"]

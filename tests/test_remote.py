@@ -3,10 +3,12 @@ an empty machine, a killed uploader, --fresh and remote checkpoints."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import fsspec
@@ -40,8 +42,14 @@ def test_push_in_background_then_resume_on_an_empty_machine(tmp_path, tiny_model
         again, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *CONSTANT, "train.max_steps=9", f"checkpoint.remote={s3}", name="elsewhere")
     assert again.resumed_from_step == 6 and "resuming from the remote copy" in caplog.text and "testing" not in caplog.text
     assert same_weights(ref.final_checkpoint, again.final_checkpoint)
-    assert [m["loss"] for m in metrics] == [m["loss"] for m in ref_metrics[6:]]  # this machine logged steps 7-9
+    # this machine logged steps 7-9 after the history it fetched: the whole run, each step once, here and on the remote
+    assert [(m["step"], m["loss"]) for m in metrics] == [(m["step"], m["loss"]) for m in ref_metrics]
+    remote_metrics = [json.loads(x) for x in fs.cat_file(f"{root}/metrics.jsonl").decode().splitlines()]
+    assert [m["step"] for m in remote_metrics] == list(range(1, 10)) and remote_metrics == metrics
     assert storage.remote_steps(s3) == [3, 6, 9]
+    # the record the report reads: where the checkpoints went and which are there (step 3 and 6 found by catch_up)
+    assert json.loads((again.run_dir / "remote.json").read_text()) == {"url": s3, "uploaded_steps": [3, 6, 9], "failed_steps": []}
+    assert not fs.exists(f"{root}/remote.json")  # local knowledge only: never uploaded
 
 
 def test_fresh_never_touches_remote_checkpoints_without_delete_remote(tmp_path, tiny_model_dir, chat_file, s3):
@@ -52,7 +60,9 @@ def test_fresh_never_touches_remote_checkpoints_without_delete_remote(tmp_path, 
     result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *CONSTANT, "train.max_steps=3", f"checkpoint.remote={s3}", name="run",
                          request=Request(fresh=True, delete_remote=True))
     assert result.resumed_from_step == 0 and storage.remote_steps(s3) == [3]  # deleted, then the new run's own step 3
-    assert len(list((tmp_path / "run/superseded").iterdir())) == 1
+    (aside,) = (tmp_path / "run/superseded").iterdir()
+    assert json.loads((aside / "remote.json").read_text())["uploaded_steps"] == [3]  # moved aside with the other run files
+    assert json.loads((result.run_dir / "remote.json").read_text()) == {"url": s3, "uploaded_steps": [3], "failed_steps": []}
 
 
 def test_killed_uploader_leaves_nothing_that_resume_or_sync_would_use(tmp_path, tiny_model_dir, chat_file, s3, proxy):
@@ -149,3 +159,67 @@ def test_remote_that_cannot_be_used_is_an_error_not_a_restart(tmp_path, tiny_mod
 def test_sync_errors_are_messages_not_tracebacks(tmp_path):
     r = subprocess.run([sys.executable, "-m", "finetrack", "sync", str(tmp_path / "nope"), str(tmp_path / "dst")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: sync: ") and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_training_goes_on_while_a_checkpoint_uploads(tmp_path, tiny_model_dir, chat_file, s3, proxy):
+    """The proxy holds every PUT of step 3's files: training reaches step 6 and writes its checkpoint while step 3
+    is still uploading (its manifest, the last PUT, not yet through); the run waits for both uploads at its end."""
+    proxy.slow_puts(r"/checkpoints/step-000003/", 1.0)
+    step6, seen, stop = tmp_path / "run/checkpoints/step-000006/MANIFEST.json", {}, threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set() and "forwarded" not in seen:
+            if step6.exists():
+                seen["forwarded"] = proxy.slow_forwarded  # step 3's PUTs through the proxy when step 6 was complete here
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *CONSTANT, "train.max_steps=6", f"checkpoint.remote={s3}", name="run")
+    finally:
+        stop.set()
+        watcher.join()
+    puts_of_step_3 = len(checkpoint.read_manifest(checkpoint.checkpoint_dir(result.run_dir, 3))["files"]) + 1  # + its manifest
+    assert "forwarded" in seen and seen["forwarded"] < puts_of_step_3, (seen, puts_of_step_3)
+    assert proxy.slow_forwarded == puts_of_step_3 and result.not_uploaded == [] and storage.remote_steps(s3) == [3, 6]
+
+
+def test_resume_from_a_remote_checkpoint_url(tmp_path, tiny_model_dir, chat_file, s3):
+    first, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *CONSTANT, "train.max_steps=6", f"checkpoint.remote={s3}", name="first")
+    branch, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *CONSTANT, "train.max_steps=6", name="branch",
+                               request=Request(resume_from=f"{s3}/checkpoints/step-000003"))
+    assert branch.resumed_from_step == 3 and [m["step"] for m in metrics] == [4, 5, 6]
+    assert same_weights(first.final_checkpoint, branch.final_checkpoint)  # continued exactly
+    checkpoint.verify(checkpoint.checkpoint_dir(branch.run_dir, 3))  # the verified download it started from
+
+    with pytest.raises(ConfigError, match="a remote path must end in /checkpoints/step-NNNNNN"):
+        tiny_run(tmp_path, tiny_model_dir, chat_file, *CONSTANT, name="bad", request=Request(resume_from=f"{s3}/step-000003"))
+    with pytest.raises(ConfigError, match=r"--resume-from s3://.*/checkpoints/step-000009: .*MANIFEST.json: missing"):
+        tiny_run(tmp_path, tiny_model_dir, chat_file, *CONSTANT, name="bad", request=Request(resume_from=f"{s3}/checkpoints/step-000009"))
+    assert not list((tmp_path / "bad").rglob("step-*"))  # never a silent restart, nothing half-downloaded
+
+
+def test_failed_uploads_exit_3_then_the_same_command_uploads_them(tmp_path, tiny_model_dir, chat_file, s3, proxy):
+    """README: exit code 3 when checkpoints could not be uploaded (complete locally); the same command run again
+    uploads them (Uploader.catch_up), and remote.json says which are where."""
+    cfg = {"model": {"name": str(tiny_model_dir)}, "data": {"path": str(chat_file), "max_length": 512},
+           "train": {"micro_batch_size": 4, "max_steps": 3, "lr": 1e-2, "warmup_steps": 0},
+           "checkpoint": {"every_steps": 3, "remote": s3}, "output": {"dir": str(tmp_path / "job")}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "finetrack", "train", str(tmp_path / "job.yaml")]
+    proxy.fail_puts(r"/checkpoints/step-000003/", 10**6)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert f"1 checkpoint(s) are NOT on {s3}: step-000003" in r.stderr and "re-run the same command" in r.stderr
+    checkpoint.verify(tmp_path / "job/checkpoints/step-000003")
+    assert storage.remote_steps(s3) == []
+    record = tmp_path / "job/remote.json"
+    assert json.loads(record.read_text()) == {"url": s3, "uploaded_steps": [], "failed_steps": [3]}
+
+    proxy.fail_puts(r"^$", 0)  # the network is back
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "already complete" in r.stdout and "uploading checkpoints an earlier attempt did not finish uploading" in r.stderr
+    assert storage.remote_steps(s3) == [3]
+    assert json.loads(record.read_text()) == {"url": s3, "uploaded_steps": [3], "failed_steps": []}

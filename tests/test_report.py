@@ -16,11 +16,13 @@ from pathlib import Path
 
 import browser
 import pytest
+import yaml
 from conftest import tiny_run
 
 from finetrack.evaluate.runner import evaluate_run
 from finetrack.report import write_report
 from finetrack.report.charts import fmt, nice_ticks
+from finetrack.report.page import TRAIN_CURVES
 
 RATES = {"mostly_a": "has_a > 50"}
 
@@ -56,6 +58,11 @@ def report_html(evaluated_run, tmp_path_factory) -> tuple[Path, str]:
 def titles(html: str) -> list[str]:
     """Hover texts of every chart element (exact values live there)."""
     return [unescape(t) for t in re.findall(r"<title>(.*?)</title>", html, re.DOTALL)]
+
+
+def chart(html: str, title: str) -> str:
+    """The SVG of the chart whose title starts with `title`."""
+    return re.search(rf'aria-label="{re.escape(title)}.*?</svg>', html, re.DOTALL).group(0)
 
 
 def jsonl(path: Path) -> list[dict]:
@@ -113,6 +120,13 @@ def test_training_curves_checkpoints_and_epochs(evaluated_run, report_html):
     assert "(every_steps+last;" in marks[2]
     # 9 steps per epoch: one boundary, drawn on each of the five training charts
     assert tips.count("epoch 2") == 5 and "epoch 3" not in tips
+    # every logged value of every other training curve is a point of its own chart, with its step
+    for key, title, _ in TRAIN_CURVES:
+        chart_tips = titles(chart(html, title))
+        logged = [m for m in metrics if key in m]
+        assert len(logged) == 12, key
+        for m in logged:
+            assert f"{evaluated_run.name}: step {m['step']}, {fmt(float(m[key]))}" in chart_tips, (key, m["step"])
 
 
 def test_trajectory_thresholds_counts_and_change(evaluated_run, report_html):
@@ -128,6 +142,10 @@ def test_trajectory_thresholds_counts_and_change(evaluated_run, report_html):
         rate, n = r["metrics"]["qa.mostly_a_rate"], r["counts"]["qa.mostly_a_scored"]
         assert any(t.startswith(f"{Path(evaluated_run).name}: step {step}, {fmt(rate, True)} (n={n})") for t in tips), (step, rate, n)
         assert r["counts"]["qa.answers"] == 3
+        # a mean judge score: how many answers were scored (and how many not) stand behind it
+        score, unscored = r["metrics"]["qa.has_a"], r["counts"]["qa.has_a_unscored"]
+        note = f"n={3 - unscored}" + (f", {unscored} unscored" if unscored else "")
+        assert f"{Path(evaluated_run).name}: step {step}, {fmt(score)} ({note})" in tips, (step, note)
     assert "has_a &gt; 50 (mostly_a)" in html  # the rate's threshold drawn across the has_a chart
     base, last = steps[0]["metrics"]["heldout.loss"], steps[12]["metrics"]["heldout.loss"]
     row = re.search(r"<tr><td>heldout\.loss</td>(.*?)</tr>", html).group(1)
@@ -173,14 +191,69 @@ def test_run_facts(evaluated_run, report_html):
 
 
 def test_several_runs_overlaid_one_colour_each(tmp_path, evaluated_run, tiny_model_dir, chat_file):
-    other, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, "train.lr=3e-3", "train.max_steps=6", name="run")
-    out = write_report([evaluated_run, other.run_dir], tmp_path / "both.html")
+    other, other_metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, "train.lr=3e-3", "train.max_steps=6", name="run")
+    copy = tmp_path / "copy" / "run"  # a second evaluated run: its trajectory is overlaid too
+    shutil.copytree(evaluated_run, copy)
+    out = write_report([evaluated_run, other.run_dir, copy], tmp_path / "both.html")
     html = out.read_text()
-    names = [evaluated_run.parent.name + "/run", other.run_dir.parent.name + "/run"]  # same folder name: parents tell them apart
-    loss_chart = re.search(r'aria-label="Loss per target token.*?</svg>', html, re.DOTALL).group(0)
-    for name, color in zip(names, ("#1f77b4", "#d62728")):
+    names = [evaluated_run.parent.name + "/run", other.run_dir.parent.name + "/run", "copy/run"]  # same folder name: parents tell them apart
+    colors = ("#1f77b4", "#d62728", "#2ca02c")
+    loss_chart = chart(html, "Loss per target token")
+    for name, color in zip(names, colors):
         assert f"{name} train" in loss_chart and f'stroke="{color}"' in loss_chart
-    assert html.count("Run facts: ") == 2
+    # the learning rate: each run's own values, in its own colour
+    lr_chart = chart(html, "Learning rate")
+    lr_tips = titles(lr_chart)
+    for name, color, metrics in zip(names, colors, (jsonl(evaluated_run / "metrics.jsonl"), other_metrics, jsonl(copy / "metrics.jsonl"))):
+        assert re.search(f'<path d="M[^"]*" stroke="{color}" class="ln"', lr_chart), name  # the run's line, in its colour
+        for m in metrics:
+            assert f"{name}: step {m['step']}, {fmt(m['lr'])}" in lr_tips, (name, m["step"])
+    assert fmt(3e-3) != fmt(1e-2) and f"{names[1]}: step 1, {fmt(3e-3)}" in lr_tips  # the second run's own peak lr
+    # trajectory: both evaluated runs' points on each metric's chart; the unevaluated run has none
+    trajectory = chart(html, "qa.has_a")
+    steps = {r["step"]: r["metrics"]["qa.has_a"] for r in (json.loads(p.read_text()) for p in (evaluated_run / "eval").glob("step-*.json"))}
+    for name, color in ((names[0], colors[0]), (names[2], colors[2])):
+        assert f'fill="{color}"' in trajectory
+        for step, value in steps.items():
+            assert any(t.startswith(f"{name}: step {step}, {fmt(value)}") for t in titles(trajectory)), (name, step)
+    assert not any(t.startswith(f"{names[1]}: step") for t in titles(trajectory))
+    assert html.count("Run facts: ") == 3
+
+
+def test_remote_copies_per_checkpoint(tmp_path, evaluated_run):
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run, run)
+    # what the uploader writes (storage.Uploader): checkpoint 4 uploaded, 8 failed, 12 not yet
+    (run / "remote.json").write_text(json.dumps({"url": "s3://bucket/runs/a", "uploaded_steps": [4], "failed_steps": [8]}))
+    html = write_report([run]).read_text()
+    assert "s3://bucket/runs/a/checkpoints/ · 1 uploaded, 1 failed (remote.json" in html
+    remote = {step: re.search(rf"<tr><td>step-{step:06d}</td>.*?</tr>", html).group(0) for step in (4, 8, 12)}
+    assert remote[4].endswith("<td>uploaded</td></tr>")
+    assert remote[8].endswith('<td><span class="bad">failed</span></td></tr>')
+    assert remote[12].endswith("<td>not yet</td></tr>")
+    assert "<th>remote</th>" in html
+    # checkpoint.remote set but no record: said so, never guessed
+    (run / "remote.json").unlink()
+    config = yaml.safe_load((run / "config.resolved.yaml").read_text())
+    config["checkpoint"]["remote"] = "s3://key:s3cr3t@bucket/runs/a"
+    (run / "config.resolved.yaml").write_text(yaml.safe_dump(config))
+    html = write_report([run]).read_text()
+    assert "s3://bucket/runs/a/checkpoints/ · no upload record" in html and html.count("<td>no upload record</td>") == 3
+    assert "s3cr3t" not in html  # nor in the resolved config shown below
+    # a record of another shape is reported, not trusted
+    (run / "remote.json").write_text(json.dumps({"url": "s3://bucket/runs/a", "uploaded_steps": "4"}))
+    html = write_report([run]).read_text()
+    assert "remote.json: expected" in html and html.count("<td>no upload record</td>") == 3
+
+
+def test_mean_score_note_counts_unscored_answers(tmp_path, evaluated_run):
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run, run)
+    step4 = json.loads((run / "eval/step-000004.json").read_text())
+    step4["counts"]["qa.has_a_unscored"] = 1  # as if a judge could not score one of the three answers
+    (run / "eval/step-000004.json").write_text(json.dumps(step4))
+    tips = titles(chart(write_report([run]).read_text(), "qa.has_a"))
+    assert any(t.startswith(f"run: step 4, {fmt(step4['metrics']['qa.has_a'])} (n=2, 1 unscored)") for t in tips)
 
 
 def test_unreadable_lines_are_counted_not_hidden(tmp_path, evaluated_run):

@@ -196,3 +196,60 @@ def test_a_different_global_batch_is_refused():
     assert check_config({"resolved": {"global_batch_size": 8}}, {"resolved": {"global_batch_size": 16}}, "a", "a", True, Path("ck")) == [
         "resolved.global_batch_size: 8 -> 16 (allowed by --allow-config-change)"
     ]
+
+
+BASE = ("data.eval_split=0.1", "checkpoint.keep_last=2", "train.max_steps=10", "train.lr=0.0001")
+
+
+@pytest.mark.parametrize("key, value, harmless", [
+    ("train.num_epochs", "3", True),
+    ("train.max_steps", "20", True),
+    ("eval.loss_every_steps", "5", True),
+    ("checkpoint.keep_last", "4", True),
+    ("train.log_every_steps", "5", True),
+    ("model.name", "someone/another-model", False),
+    ("model.method", "full", False),
+    ("train.micro_batch_size", "2", False),
+    ("train.lr", "0.0002", False),
+    ("data.path", "other.jsonl", False),
+])
+def test_check_config_accepts_harmless_changes_and_refuses_the_others(key, value, harmless):
+    """The rule by itself, on real config dumps: each change alone, listed as `key: old -> new`."""
+    from finetrack.config import effective_dump, load_config
+    from finetrack.resume import check_config
+    from finetrack.schema import flatten
+
+    saved = effective_dump(load_config(None, list(BASE)))
+    current = effective_dump(load_config(None, [*BASE, f"{key}={value}"]))
+    line = f"{key}: {flatten(saved).get(key, '(unset)')} -> {flatten(current)[key]}"
+    assert flatten(saved).get(key) != flatten(current)[key]
+    if harmless:
+        assert check_config(saved, current, "fp", "fp", False, Path("ck")) == [line]
+        return
+    with pytest.raises(ConfigError, match="cannot resume from ck") as e:
+        check_config(saved, current, "fp", "fp", False, Path("ck"))
+    assert line in str(e.value) and "--allow-config-change" in str(e.value)
+    assert f"{line} (allowed by --allow-config-change)" in check_config(saved, current, "fp", "fp", True, Path("ck"))
+
+
+def test_fresh_through_the_command_line_and_the_environment(tmp_path, tiny_model_dir, chat_file):
+    """`--fresh`, and FINETRACK_FRESH=1 for job systems where only env vars change: each run starts over at step 0
+    (not "already complete") and moves the previous run's files to superseded/."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "finetrack", "train", f"model.name={tiny_model_dir}", f"data.path={chat_file}", f"output.dir={out}",
+           "data.max_length=512", "train.micro_batch_size=4", "train.max_steps=2", "checkpoint.every_steps=1"]
+    env = {k: v for k, v in os.environ.items() if k != "FINETRACK_FRESH"}
+    for extra, fresh_env, moved in (([], None, 0), (["--fresh"], None, 1), ([], "1", 2)):
+        r = subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=600, env={**env, "FINETRACK_FRESH": fresh_env} if fresh_env else env)
+        assert r.returncode == 0 and "\ndone: 2 steps" in r.stdout, r.stderr[-3000:]  # not "already complete"
+        assert ("--fresh: moved the previous run's" in r.stderr) == bool(moved)
+        asides = sorted((out / "superseded").iterdir()) if moved else []
+        assert len(asides) == moved
+        for aside in asides:
+            assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+            assert [json.loads(x)["step"] for x in (aside / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+        assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]

@@ -6,6 +6,7 @@ Failed uploads come from a small reverse proxy in front of moto that answers HTT
 from __future__ import annotations
 
 import json
+import os
 import logging
 import re
 import socket
@@ -192,6 +193,9 @@ def test_upload_that_keeps_failing_is_never_used_then_retried(proxy, s3, tmp_pat
     wait_until(lambda: "failed after 2 attempt(s)" in caplog.text)
     assert up.busy() == {c2}  # the caller must keep it
     assert proxy.served == 2
+    record = tmp_path / "run" / storage.REMOTE_RECORD  # what the report shows
+    wait_until(lambda: record.is_file() and json.loads(record.read_text())["failed_steps"] == [2])
+    assert json.loads(record.read_text()) == {"url": s3, "uploaded_steps": [1], "failed_steps": [2]}
 
     # the other files of step 2 are there, its manifest is not: nothing reads it as a checkpoint
     fs, root = remote_fs(s3)
@@ -206,6 +210,7 @@ def test_upload_that_keeps_failing_is_never_used_then_retried(proxy, s3, tmp_pat
     up.submit(c3)  # re-queues step 2 first
     assert up.wait() == []
     assert storage.remote_steps(s3) == [1, 2, 3]
+    assert json.loads(record.read_text()) == {"url": s3, "uploaded_steps": [1, 2, 3], "failed_steps": []}
     warning = next(r.getMessage() for r in caplog.records if "failed after" in r.getMessage())
     assert f"s3://{BUCKET}/" in warning and "step-000002" in warning and "injected by the test proxy" in warning
     assert SECRET not in caplog.text
@@ -337,3 +342,26 @@ def test_delete_remote_checkpoints(s3, tmp_path):
     assert fs.find(f"{root}/checkpoints") == []
     assert fs.exists(f"{root}/config.resolved.yaml")  # the run's record stays
     assert storage.delete_remote_checkpoints(s3) == 0
+
+
+def test_sync_sweeps_the_temporary_downloads_of_a_killed_sync(tmp_path):
+    """A sync killed mid-download leaves `.tmp-step-*-PID` (and `.tmp-<run file>-PID`): the next sync removes those of
+    processes that are gone, and leaves those of a live process (a sync still running) alone."""
+    import subprocess
+    import sys
+
+    src, dst = tmp_path / "run", tmp_path / "mirror"
+    make_checkpoint(src, 1)
+    write_run_files(src)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead, alive = int(gone.stdout), os.getppid()
+    for pid in (dead, alive):
+        (dst / "checkpoints" / f".tmp-step-000001-{pid}").mkdir(parents=True)
+        (dst / "checkpoints" / f".tmp-step-000001-{pid}" / "model.safetensors").write_bytes(b"half")
+        (dst / f".tmp-metrics.jsonl-{pid}").write_text('{"step": 1')
+    lines: list[str] = []
+    assert storage.sync(str(src), dst, out=lines.append) == [1]
+    left = sorted(p.name for p in [*dst.glob(".tmp-*"), *(dst / "checkpoints").glob(".tmp-*")])
+    assert left == [f".tmp-metrics.jsonl-{alive}", f".tmp-step-000001-{alive}"]
+    assert sum(line.startswith("removed ") and str(dead) in line for line in lines) == 2, lines
+    checkpoint.verify(dst / "checkpoints" / "step-000001")

@@ -84,11 +84,15 @@ def fsync_tree(folder: Path) -> None:
 def write_atomic(path: Path, text: str) -> None:
     """Replace a small file so that readers see the old or the new content, never a mix."""
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, or a signal while starting: leave no stray temporary file
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_path(path.parent)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .config import ConfigError, help_config, load_config
 from .data import DataError
+from .evaluate.spec import EvalError
 from .interrupt import Interrupted
 
 
@@ -38,11 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("run_dir", help="run directory (holding config.resolved.yaml and checkpoints/), or a model or adapter folder")
     e.add_argument("overrides", nargs="*", help="eval.key=value applied to the run's eval section")
-    e.add_argument("--steps", default="all", help="all (default), latest, or a comma-separated list such as 0,47,94 (0 = the base model)")
+    e.add_argument("--steps", help="a run: all (default), latest, or a comma-separated list such as 0,47,94 (0 = the base model)")
     e.add_argument("--suite", action="append", metavar="NAME", help="only these suites (repeatable); default: all of eval.suites")
     e.add_argument("--config", help="a model or adapter folder: the config whose eval.suites (and model settings) to use")
     e.add_argument("--output", help="a model or adapter folder: where results go (default ./eval-<folder name>)")
-    e.add_argument("--watch", type=float, metavar="SECONDS", help="follow a training run: evaluate each checkpoint as it completes, until its last one")
+    e.add_argument("--watch", type=float, metavar="SECONDS", help="a run: follow training, evaluating each checkpoint as it completes, until its last one")
     g = sub.add_parser("gate", help="GO / NO-GO on an eval metric vs the base model: exit 0 GO, 1 NO-GO, 2 missing data")
     from . import gate
 
@@ -55,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", help="HTML file to write (default: RUN_DIR/report.html for one run, ./report.html for several)")
     pl = sub.add_parser(
         "plan", help="before training: data report, schedule, memory fit, time and cost (nothing is trained without --measure)",
-        description="finetrack plan CONFIG.yaml [section.key=value ...] [--device-memory 24GB] [--gpu H100] [--price-per-hour 3.80] [--measure]",
+        description="finetrack plan CONFIG.yaml [section.key=value ...] [--device-memory 24GB] [--gpu H100] [--price-per-hour 3.80] [--measure [--measure-steps N]]",
     )
     pl.add_argument("config", nargs="?", help="YAML config file (omit to use defaults)")
     pl.add_argument("overrides", nargs="*", help="section.key=value, as for train")
@@ -63,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpu", metavar="NAME", help="plan for this GPU (its peak FLOP/s and memory), e.g. H100, A100-80GB, L4; an unknown name lists the known ones")
     pl.add_argument("--num-processes", type=int, default=1, metavar="N", help="data-parallel processes (accelerate launch)")
     pl.add_argument("--price-per-hour", type=float, metavar="PRICE", help="machine price per hour: prints the cost")
-    pl.add_argument("--measure", nargs="?", type=int, const=5, metavar="STEPS", help="run STEPS (default 5) real optimizer steps here for tokens/s and peak memory")
+    pl.add_argument("--measure", action="store_true", help="run a few real optimizer steps on this machine for tokens/s and peak memory "
+                    "(they time the run only when the plan is for this machine: not with another --gpu)")
+    pl.add_argument("--measure-steps", type=int, metavar="N", help="how many optimizer steps --measure runs (default 5; implies --measure)")
     pl.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
     d = sub.add_parser("demo", help="fine-tune the embedded model on the demo chat set and show what changed")
     d.add_argument("overrides", nargs="*", help="section.key=value applied to the demo config, e.g. train.max_steps=20")
@@ -113,9 +116,17 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluate.runner import evaluate_model, evaluate_run
 
             if not (Path(args.run_dir) / "config.resolved.yaml").is_file() and Path(args.run_dir).is_dir():
-                evaluate_model(Path(args.run_dir), args.output and Path(args.output), args.config and Path(args.config), list(args.overrides))
+                ignored = [flag for flag, value in (("--steps", args.steps), ("--watch", args.watch)) if value is not None]
+                if ignored:  # a model folder is step 0, an adapter steps 0 and 1: there is nothing to pick or follow
+                    raise ConfigError(f"{' and '.join(ignored)}: only for a run directory; {args.run_dir} is a model or adapter folder")
+                evaluate_model(Path(args.run_dir), args.output and Path(args.output), args.config and Path(args.config), list(args.overrides),
+                               suite_names=args.suite)
                 return 0
-            evaluate_run(args.run_dir, steps=args.steps, suite_names=args.suite, overrides=list(args.overrides), watch_seconds=args.watch)
+            ignored = [flag for flag, value in (("--config", args.config), ("--output", args.output)) if value is not None]
+            if ignored:  # a run is evaluated with its own config, into RUN_DIR/eval
+                raise ConfigError(f"{' and '.join(ignored)}: only for a model or adapter folder; a run uses its config.resolved.yaml "
+                                  "(change suites with eval.* overrides) and writes RUN_DIR/eval")
+            evaluate_run(args.run_dir, steps=args.steps or "all", suite_names=args.suite, overrides=list(args.overrides), watch_seconds=args.watch)
         elif args.verb == "gate":
             from . import gate
 
@@ -136,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             from .plan import make_plan, render, target_for
 
             config, overrides = _config_and_overrides(args)
-            plan = make_plan(load_config(config, overrides), target_for(args.gpu, args.device_memory, args.num_processes), args.price_per_hour, args.measure)
+            plan = make_plan(load_config(config, overrides), target_for(args.gpu, args.device_memory, args.num_processes), args.price_per_hour,
+                             5 if args.measure and args.measure_steps is None else args.measure_steps)
             print(render(plan))
             if args.json:
                 Path(args.json).write_text(json.dumps(dataclasses.asdict(plan), indent=2) + "\n")
@@ -145,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import demo
 
             demo(list(args.overrides))
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, EvalError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:

@@ -19,9 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from .evaluate.spec import SampleGenerationConfig, SuiteConfig
 from .schedule import ScheduleError, checkpoint_steps, describe
-from .schema import ConfigError, Section
-
-
+from .schema import EMBEDDED_NAME, ConfigError, Section, fix_yaml_floats, is_file_source
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -47,7 +45,7 @@ class QloraConfig(Section):
 
 class ModelConfig(Section):
     name: str = Field(
-        "smollm2-135m-instruct",
+        EMBEDDED_NAME,
         description="'smollm2-135m-instruct' (the embedded model), a Hugging Face model id, or a local directory.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a model id.")
@@ -69,6 +67,8 @@ class ModelConfig(Section):
             raise ValueError("model.lora has no effect with model.method=full: remove it or set model.method=lora")
         if self.method != "qlora" and "qlora" in self.model_fields_set:
             raise ValueError(f"model.qlora has no effect with model.method={self.method}: remove it or set model.method=qlora")
+        if self.revision is not None and (self.name == EMBEDDED_NAME or Path(self.name).is_dir()):
+            raise ValueError(f"model.revision has no effect with model.name={self.name} (not a hub model id): remove it")
         if self.method == "full" and self.dtype == "float16":
             raise ValueError("model.dtype=float16 with method=full trains fp16 weights directly and diverges: use bfloat16 or float32")
         return self
@@ -108,6 +108,9 @@ class DataConfig(Section):
     def _checks(self) -> "DataConfig":
         if isinstance(self.eval_split, float) and not 0 < self.eval_split < 1:
             raise ValueError(f"data.eval_split={self.eval_split}: a fraction must be in (0, 1), or give a file path")
+        sources = ([self.path] if isinstance(self.path, str) else self.path) + ([self.eval_split] if isinstance(self.eval_split, str) else [])
+        if self.split != "train" and all(is_file_source(s) for s in sources):
+            raise ValueError(f"data.split={self.split} has no effect on files or builtin data (it picks a split of a `datasets` source): remove it")
         if self.pack is False and "pack_row_tokens" in self.model_fields_set:
             raise ValueError("data.pack_row_tokens has no effect with data.pack=false: remove it or enable packing")
         if self.pack is not False and self.pack_row_tokens is not None and self.pack_row_tokens < self.max_length:
@@ -308,20 +311,6 @@ def _set_path(tree: dict, parts: list[str], value: Any, source: str) -> None:
     node[parts[-1]] = value
 
 
-def _fix_yaml_floats(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: _fix_yaml_floats(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_fix_yaml_floats(v) for v in tree]
-    if isinstance(tree, str):
-        try:
-            if any(c in tree for c in "eE") and tree[0] in "0123456789.-+":
-                return float(tree)
-        except ValueError:
-            pass
-    return tree
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config (or start from defaults), apply overrides, validate.
 
@@ -341,7 +330,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, train, ...)")
         tree.pop("resolved", None)
         source = str(path)
-    tree = _fix_yaml_floats(tree)
+    tree = fix_yaml_floats(tree)
     for text in overrides:
         parts, value = parse_override(text)
         _set_path(tree, parts, value, f"'{text}'")

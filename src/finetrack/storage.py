@@ -1,6 +1,6 @@
 """Remote checkpoint storage: mirror a run directory to any fsspec URL, and back.
 
-    URL/config.resolved.yaml  URL/data_report.json  URL/metrics.jsonl
+    URL/config.resolved.yaml  URL/data_report.json  URL/metrics.jsonl  URL/samples.jsonl
     URL/checkpoints/step-000047/<the files of the local checkpoint, MANIFEST.json uploaded last>
 
 The completeness rule is the local one: a remote checkpoint counts only once its MANIFEST.json is
@@ -17,6 +17,7 @@ AWS_RETRY_MODE set its retries the same way.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -33,7 +34,10 @@ from fsspec.implementations.local import LocalFileSystem
 from . import checkpoint
 from .checkpoint import MANIFEST, CheckpointError
 
-RUN_FILES = ("config.resolved.yaml", "data_report.json", "metrics.jsonl")
+# The run-level files a remote copy holds: a run resumed on an empty machine continues their history.
+RUN_FILES = ("config.resolved.yaml", "data_report.json", "metrics.jsonl", "samples.jsonl")
+# Written by the Uploader into the local run directory (read by the report); never uploaded.
+REMOTE_RECORD = "remote.json"
 _USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
 
 
@@ -131,6 +135,31 @@ def push_run_files(run_dir: Path, url: str) -> None:
             if name.endswith(".jsonl"):  # the training loop may be mid-line: whole lines only
                 data = data[: data.rfind(b"\n") + 1]
             _put_file(fs, f"{root}/{name}", data=data)
+
+
+def pull_run_files(url: str, run_dir: Path) -> list[str]:
+    """Download the run files (RUN_FILES) that `run_dir` lacks; returns the names fetched.
+
+    A run resumed from the remote on an empty machine needs the remote metrics.jsonl (and
+    samples.jsonl): its own would start at the resumed step, and its next upload would replace the
+    remote history with that partial file.
+    """
+    fs, root = _open(url)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return [name for name in RUN_FILES if not (Path(run_dir) / name).exists() and _get_run_file(fs, root, name, Path(run_dir))]
+
+
+def _get_run_file(fs: fsspec.AbstractFileSystem, root: str, name: str, dst: Path) -> bool:
+    """Download URL/name to dst/name through a temporary name (readers never see half of one); False if the remote has none."""
+    tmp = dst / f".tmp-{name}-{os.getpid()}"
+    try:
+        fs.get_file(f"{root}/{name}", str(tmp))
+        os.replace(tmp, dst / name)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------ listing
@@ -236,7 +265,8 @@ class Uploader:
     """Uploads checkpoints on one background thread so training never waits for the network.
 
     A checkpoint still failing after `retries` attempts is logged, then retried with the next submit()
-    and once more by wait().
+    and once more by wait(). After every upload attempt and at the end, RUN_DIR/remote.json records
+    {"url": redacted URL, "uploaded_steps": [...], "failed_steps": [...]} for the report.
     """
 
     def __init__(self, url: str, run_dir: Path, retries: int = 3, backoff_s: float = 1.0, log: logging.Logger | None = None):
@@ -249,6 +279,9 @@ class Uploader:
         self._pending: list[Path] = []  # queued or uploading
         self._failed: list[Path] = []  # retried with the next submit()
         self._broken: list[Path] = []  # no longer verify locally: retrying cannot help
+        self._uploaded_steps: set[int] = set()  # complete on the remote: uploaded here, or found there by catch_up()
+        self._failed_steps: set[int] = set()  # the last attempt failed: not on the remote (yet)
+        self._record_lock = threading.Lock()  # one writer of remote.json at a time (its temporary name is per process)
         self._stopped = False
         self._thread = threading.Thread(target=self._work, name="finetrack-uploader", daemon=True)
         self._thread.start()
@@ -270,6 +303,9 @@ class Uploader:
         except Exception as e:  # every backend has its own error types; the next checkpoint retries anyway
             self.log.warning("could not list %s (%s): earlier checkpoints are not re-uploaded now", redact(self.url), describe_error(e, self.url))
             return 0
+        with self._lock:
+            self._uploaded_steps |= on_remote
+        self._write_record()
         missing = [f.path for f in checkpoint.complete_checkpoints(self.run_dir) if f.step not in on_remote]
         for folder in missing:
             self._enqueue(folder)
@@ -293,6 +329,7 @@ class Uploader:
             self._stopped = True
             self._queue.put(None)
             self._thread.join()
+            self._write_record()
         return [*self._failed, *self._broken]
 
     def _enqueue(self, folder: Path) -> None:
@@ -305,10 +342,28 @@ class Uploader:
     def _work(self) -> None:
         while (folder := self._queue.get()) is not None:
             outcome = self._upload(folder)
+            step = checkpoint.parse_step(folder.name)
             with self._lock:  # one critical section: busy() never misses a failed folder
                 self._pending.remove(folder)
                 if outcome != "done":
                     (self._failed if outcome == "failed" else self._broken).append(folder)
+                if step is not None and outcome == "done":
+                    self._uploaded_steps.add(step)
+                    self._failed_steps.discard(step)
+                elif step is not None:  # a failed re-upload took the remote manifest away first: not there now
+                    self._failed_steps.add(step)
+                    self._uploaded_steps.discard(step)
+            self._write_record()
+
+    def _write_record(self) -> None:
+        """Replace RUN_DIR/remote.json (atomically: the report may read it while the run goes on)."""
+        with self._lock:
+            record = {"url": redact(self.url), "uploaded_steps": sorted(self._uploaded_steps), "failed_steps": sorted(self._failed_steps)}
+        try:
+            with self._record_lock:
+                checkpoint.write_atomic(self.run_dir / REMOTE_RECORD, json.dumps(record, indent=2) + "\n")
+        except OSError as e:  # the uploads themselves go on; only the report's record is stale
+            self.log.warning("could not write %s: %s", self.run_dir / REMOTE_RECORD, e)
 
     def _upload(self, folder: Path) -> str:
         """'done', 'failed' (retried later) or 'broken' (the local checkpoint no longer verifies)."""
@@ -337,10 +392,34 @@ def _size_text(num_bytes: int) -> str:
     return f"{num_bytes} B"
 
 
+def _sweep_stale_downloads(dst: Path, out: Callable[[str], None]) -> None:
+    """Remove the temporary downloads (`.tmp-<name>-<pid>`) of a sync that was killed: another process's, and that process is gone."""
+    leftovers = [*(dst / "checkpoints").glob(".tmp-step-*-*"), *(t for name in RUN_FILES for t in dst.glob(f".tmp-{name}-*"))]
+    for tmp in leftovers:
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            out(f"removed {tmp} (left by a sync or resume that was stopped)")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def _sync_once(src: str, dst: Path, out: Callable[[str], None], skipped: dict[str, bytes], quiet: bool) -> list[int]:
     """One pass of sync(). `skipped` holds the remote manifests that failed, so that a watch retries a
     checkpoint only once it changes; the summary line is left out when `quiet` and nothing was fetched."""
     fs, root = _open(src)
+    _sweep_stale_downloads(dst, out)
     fetched, total_bytes, present, failed = [], 0, 0, 0
     for step in remote_steps(src):
         name, local = f"step-{step:06d}", checkpoint.checkpoint_dir(dst, step)
@@ -374,14 +453,7 @@ def _sync_once(src: str, dst: Path, out: Callable[[str], None], skipped: dict[st
         fetched.append(step)
         total_bytes += size
     for name in RUN_FILES:  # replaced whole: metrics.jsonl grows while the run trains
-        tmp = dst / f".tmp-{name}-{os.getpid()}"
-        try:
-            fs.get_file(f"{root}/{name}", str(tmp))
-            os.replace(tmp, dst / name)
-        except FileNotFoundError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
+        _get_run_file(fs, root, name, dst)
     if fetched or not quiet:
         out(f"{redact(src)} -> {dst}: fetched {len(fetched)} checkpoint(s) ({_size_text(total_bytes)}), {present} already present"
             + (f", {failed} not fetched (see above)" if failed else ""))

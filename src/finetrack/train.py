@@ -24,7 +24,7 @@ from torch import nn
 
 from . import checkpoint, resume, sampling, tracking
 from .batches import IGNORE, Batch, attn_tokens_for, collate, micro_batches, packing_is_exact, step_rows
-from .config import Config, ConfigError, Environment, config_hash, effective_dump, resolve, resolved_yaml
+from .config import CheckpointConfig, Config, ConfigError, Environment, Resolved, config_hash, effective_dump, resolve, resolved_yaml
 from .data import Example, prepare, report_line
 from .interrupt import Interrupted, StopFlag
 from .metrics import MetricsLog, Window, peak_memory_mb
@@ -66,8 +66,14 @@ class RunResult:
 def run(cfg: Config, objective: Objective = causal_lm_objective, request: Request = Request()) -> RunResult:
     """Train one run as configured, resuming from its newest usable checkpoint, and write its run directory.
 
-    Raises Interrupted (after writing a checkpoint) when SIGTERM / SIGINT / SIGUSR1 arrives.
+    Raises Interrupted when SIGTERM / SIGINT / SIGUSR1 arrives: after writing a checkpoint, or at once
+    while starting (loading, downloading), when no optimizer step has been taken.
     """
+    with StopFlag() as stop:  # from the first line: a signal while loading exits cleanly too
+        return _run(cfg, objective, request, stop)
+
+
+def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag) -> RunResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -106,6 +112,12 @@ def run(cfg: Config, objective: Objective = causal_lm_objective, request: Reques
         log.info("resolved %s = %s (%s)", key, list(res[key]) if key == "checkpoint_steps" else res[key], reason)
     fingerprint = data.fingerprint()
     batch = {"global_batch_size": res["global_batch_size"]}  # includes the process count: rows per step
+
+    set_seed(cfg.train.seed)  # new weights (LoRA) initialize the same way whatever the data stage consumed
+    model = build_model(cfg.model, device)
+    log.info(trainable_report(model))
+    # before the resume check and config.resolved.yaml: `data.pack: auto` may resolve differently on this model
+    cfg = _check_packing(cfg, res, model, device, len(tokenizer))
     if saved:
         for line in resume.check_config({**saved["config"], "resolved": saved.get("resolved", {})}, {**effective_dump(cfg), "resolved": batch},
                                         saved.get("data_fingerprint"), fingerprint, request.allow_config_change, start):
@@ -118,15 +130,6 @@ def run(cfg: Config, objective: Objective = causal_lm_objective, request: Reques
         # atomic: `finetrack eval --watch` and the uploader read these while the run goes on
         checkpoint.write_atomic(run_dir / "config.resolved.yaml", resolved_yaml(cfg, res))
         checkpoint.write_atomic(run_dir / "data_report.json", json.dumps(data.report, indent=2) + "\n")
-
-    set_seed(cfg.train.seed)  # new weights (LoRA) initialize the same way whatever the data stage consumed
-    model = build_model(cfg.model, device)
-    log.info(trainable_report(model))
-    if cfg.data.pack and not packing_is_exact(model, device, len(tokenizer)):
-        raise ConfigError(
-            f"data.pack: this model's attention ({cfg.model.attn_implementation}) does not keep packed sequences apart "
-            "(packed logits differ from separate ones); set data.pack=false"
-        )
     if start:
         load_weights(model, start)
     # one collate for training and eval; the cost model reads the unwrapped model's width
@@ -169,7 +172,7 @@ def run(cfg: Config, objective: Objective = causal_lm_objective, request: Reques
     last_loss = float("nan")
     stopped_by = None
 
-    with StopFlag() as stop:
+    with stop.training():
         for step in range(done["step"] + 1, total_steps + 1):
             epoch, rows = step_rows(len(data.train), rows_per_process * world, cfg.train.seed, step - 1, cfg.data.shuffle)
             mine = rows[rank * rows_per_process : (rank + 1) * rows_per_process]
@@ -215,8 +218,8 @@ def run(cfg: Config, objective: Objective = causal_lm_objective, request: Reques
                 break
         out.close()
         accelerator.wait_for_everyone()
-        # still under the signal handlers: a second signal while uploads finish exits at once
-        not_uploaded = _finish_uploads(uploader, run_dir, cfg.checkpoint) if main else []
+    # still under the signal handlers: a signal now says the uploads are awaited, a second one exits at once
+    not_uploaded = _finish_uploads(uploader, run_dir, cfg.checkpoint) if main else []
     accelerator.end_training()
     final = checkpoint.checkpoint_dir(run_dir, done["step"])
     if stopped_by and done["step"] < total_steps:
@@ -224,7 +227,23 @@ def run(cfg: Config, objective: Objective = causal_lm_objective, request: Reques
     return RunResult(run_dir, final, total_steps, done["first_loss"], last_loss, done["eval_loss"], saved["step"] if saved else 0, not_uploaded)
 
 
-def _save_checkpoint(run_dir: Path, step: int, model: nn.Module, tokenizer, optimizer, progress: dict, meta: dict, ck, uploader, out: MetricsLog) -> None:
+def _check_packing(cfg: Config, res: Resolved, model: nn.Module, device: torch.device, vocab_size: int) -> Config:
+    """Packed batches only where this model's attention keeps packed sequences apart, checked numerically.
+    `data.pack: auto` falls back to padded batches (logged, and recorded in config.resolved.yaml); an explicit
+    `data.pack: true` on such a model is an error."""
+    if not cfg.data.pack or packing_is_exact(model, device, vocab_size):
+        return cfg
+    why = f"this model's attention ({cfg.model.attn_implementation}) does not keep packed sequences apart (packed logits differ from separate ones)"
+    if "data.pack" not in res.values:  # the user wrote data.pack: true
+        raise ConfigError(f"data.pack: {why}; set data.pack=false (or auto: padded batches where packing is not exact)")
+    res.set("data.pack", False, f"auto: {why}, so padded batches")
+    log.warning("resolved data.pack = False (%s)", res.reasons["data.pack"])
+    # a copy, not an assignment: assigning re-runs the section's checks (pack_row_tokens set for auto is fine here)
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"pack": False})})
+
+
+def _save_checkpoint(run_dir: Path, step: int, model: nn.Module, tokenizer, optimizer, progress: dict, meta: dict, ck: CheckpointConfig,
+                     uploader, out: MetricsLog) -> None:
     """Write one checkpoint, hand it to the uploader, apply retention."""
     path = checkpoint.save(run_dir, step, lambda d: save_weights(model, tokenizer, d), checkpoint.capture_state(optimizer, progress), meta)
     out.say(f"checkpoint: {path} ({', '.join(meta['rules'])})")
@@ -259,7 +278,7 @@ def _check_remote(url: str) -> None:
         raise ConfigError(f"checkpoint.remote: {e}") from None
 
 
-def _finish_uploads(uploader, run_dir: Path, ck) -> list[Path]:
+def _finish_uploads(uploader, run_dir: Path, ck: CheckpointConfig) -> list[Path]:
     """Wait for background uploads (training is over), then apply retention to what they held back."""
     if not uploader:
         return []

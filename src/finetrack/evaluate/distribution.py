@@ -39,7 +39,7 @@ from torch import nn
 from .generate import generate
 from .judges import end_of_turn_id
 from .questions import read_items
-from .spec import DistributionSuite, GenerationConfig
+from .spec import DistributionSuite, EvalError, GenerationConfig
 
 log = logging.getLogger("finetrack")
 
@@ -49,7 +49,7 @@ _NUMBER = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?$")
 LOW_MASS = 0.25  # probs: below this raw probability on the options an item is counted in low_mass_items (the judge's default min_total)
 
 
-class DistributionError(ValueError):
+class DistributionError(EvalError):
     """A bad item file or item; the message names file, item or line, field, and what to do."""
 
 

@@ -9,11 +9,11 @@ the first) — the two conventions found in the literature.
 from __future__ import annotations
 
 import operator
-from pathlib import Path
 from typing import Callable
 
 from torch import nn
 
+from ..schema import ConfigError
 from .generate import generate
 from .spec import JudgeConfig, JudgeSuite, parse_rate
 
@@ -29,6 +29,17 @@ def conversations(questions: list, samples: int | None) -> list[dict]:
                 messages = ([{"role": "system", "content": q.system}] if q.system else []) + [{"role": "user", "content": text}]
                 out.append({"question_id": q.id, "paraphrase": p_index, "sample": s, "question": text, "messages": messages})
     return out
+
+
+def check_judges(suite: JudgeSuite, questions: list) -> None:
+    """A local or openai judge scores the questions' judge_prompts: with none in the file it would score nothing."""
+    prompt_judges = sorted({j.kind for j in suite.judges if j.kind in ("local", "openai")})
+    if prompt_judges and not any(q.judge_prompts for q in questions):
+        default = " (the default judge when judges is not set)" if "judges" not in suite.model_fields_set else ""
+        raise ConfigError(
+            f"eval suite '{suite.name}': judge kind={'/'.join(prompt_judges)}{default} scores each question's judge_prompts, but "
+            f"{suite.questions} has none; add judge_prompts (metric: template with {{question}} and {{answer}}) or use pattern/python judges"
+        )
 
 
 def run(
@@ -81,9 +92,3 @@ def aggregate(records: list[dict], rates: dict[str, str]) -> tuple[dict[str, flo
         counts[f"{rate}_hits"] = hits
     return metrics, counts
 
-
-def question_files_digest(suite: JudgeSuite) -> str:
-    """sha256 of the question file: part of the cache key (an edited question set is evaluated again)."""
-    import hashlib
-
-    return hashlib.sha256(Path(suite.questions).read_bytes()).hexdigest()[:16]

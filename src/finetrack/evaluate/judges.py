@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .questions import fill_template, template_problem
+from .spec import EvalError
 
 log = logging.getLogger("finetrack")
 
@@ -33,7 +34,7 @@ _ATTENTION_WITH_4D_MASKS = ("eager", "sdpa")
 _logged_end_tokens: set[int] = set()  # id(tokenizer): say once per tokenizer which end-of-turn token is used
 
 
-class JudgeError(ValueError):
+class JudgeError(EvalError):
     """A judge that cannot be built or a value it cannot accept; the message says what to do."""
 
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from .spec import EvalError
+
 log = logging.getLogger("finetrack")
 
 _KNOWN_KEYS = ("id", "type", "paraphrases", "question", "samples_per_paraphrase", "samples", "system", "judge_prompts")
@@ -31,7 +33,7 @@ _YAML_SUFFIXES = (".yaml", ".yml")
 DEFAULT_TYPE = "free_form"
 
 
-class QuestionError(ValueError):
+class QuestionError(EvalError):
     """A bad question file or item; the message names file, item or line, field, and what to do."""
 
 

@@ -13,6 +13,8 @@ unchanged is not computed again.
 from __future__ import annotations
 
 import csv
+import functools
+import gc
 import hashlib
 import importlib
 import json
@@ -51,12 +53,40 @@ def select_steps(run_dir: Path, spec: str) -> list[tuple[int, Path | None]]:
     return [(s, available[s]) for s in wanted]
 
 
-def suite_key(suite, checkpoint_id: str) -> str:
-    """Cache key of one (step, suite) result."""
-    blob = json.dumps(suite.model_dump(mode="json"), sort_keys=True)
-    if isinstance(suite, (JudgeSuite, DistributionSuite)):  # an edited question or item file is evaluated again
-        blob += Path(suite.questions if isinstance(suite, JudgeSuite) else suite.items).read_bytes().decode("utf-8", "replace")
+def suite_files(suite, cfg: Config) -> list[tuple[str, Path]]:
+    """(config field, path) of every file a suite's result depends on; a missing one is a ConfigError naming the field."""
+    if isinstance(suite, JudgeSuite):
+        files = [("questions", Path(suite.questions))]
+    elif isinstance(suite, DistributionSuite):
+        files = [("items", Path(suite.items))]
+    elif isinstance(suite, LossSuite):
+        # the suite's own rows, or the run's held-out split, cut from data.path (a folder or dataset name is not hashed)
+        sources = [cfg.data.path] if isinstance(cfg.data.path, str) else cfg.data.path
+        files = [("data", Path(suite.data))] if suite.data else [("data.path", Path(p)) for p in sources if Path(p).is_file()]
+    else:
+        files = []
+    for field, path in files:
+        if not path.is_file():
+            raise ConfigError(f"eval suite '{suite.name}': {field} file not found: {path}; fix the path under eval.suites")
+    return files
+
+
+def suite_key(suite, checkpoint_id: str, cfg: Config) -> str:
+    """Cache key of one (step, suite) result: the checkpoint, the suite's settings and files, and the settings
+    that change what a suite measures: model.* (dtype, chat template, ...), data.* (max_length, eval_split, ...) and
+    train.seed (the held-out split). Not the rest of train.*: a resume that raises max_steps keeps the cache."""
+    settings = {"model": cfg.model.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json"), "seed": cfg.train.seed}
+    blob = json.dumps([suite.model_dump(mode="json"), settings], sort_keys=True)
+    for _, path in suite_files(suite, cfg):  # an edited question, item or data file is evaluated again
+        stat = path.stat()
+        blob += "\n" + _file_digest(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     return hashlib.sha256(f"{checkpoint_id}\n{blob}".encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, mtime_ns: int, size_bytes: int) -> str:
+    """sha256 of a file, hashed once per (path, mtime, size): a large data file is not re-read for every step."""
+    return checkpoint.sha256_file(Path(path))
 
 
 def checkpoint_id(cfg: Config, folder: Path | None) -> str:
@@ -86,12 +116,23 @@ class Models:
 
     @contextmanager
     def at(self, folder: Path | None):
-        """The model at one step (None = the base model: adapters switched off once a PEFT wrapper exists)."""
+        """The model at one step (None = the base model: adapters switched off once a PEFT wrapper exists).
+
+        A full fine-tune checkpoint is released on exit, before the next is loaded: otherwise the base
+        and two full models would be resident at once. The caller must not keep a reference to it."""
         if folder is None and self.peft is not None:
             with self.peft.disable_adapter():
                 yield self.peft
-        else:
-            yield self._load(folder)
+            return
+        model = self._load(folder)
+        try:
+            yield model
+        finally:
+            if folder is not None and self.cfg.model.method == "full":
+                del model
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
     def _load(self, folder: Path | None):
         if folder is None:
@@ -117,6 +158,16 @@ class Models:
         return self.peft.eval()
 
 
+def select_suites(cfg: Config, suite_names: list[str] | None) -> list:
+    """The suites named (all of eval.suites when None); an unknown name or no suite at all is a ConfigError."""
+    suites = [s for s in cfg.eval.suites if not suite_names or s.name in suite_names]
+    unknown = sorted(set(suite_names or []) - {s.name for s in cfg.eval.suites})
+    if unknown or not suites:
+        raise ConfigError(f"eval suites {unknown or '(none configured)'}: the config defines {[s.name for s in cfg.eval.suites] or 'none'}; "
+                          "add them under eval.suites in the config (or eval.suites=[...] on the command line)")
+    return suites
+
+
 def evaluate_run(
     run_dir: Path, steps: str = "all", suite_names: list[str] | None = None, overrides: list[str] = (),
     out: Callable[[str], None] = print, watch_seconds: float | None = None,
@@ -132,13 +183,11 @@ def evaluate_run(
     bad = [o for o in overrides if not o.startswith("eval.")]
     if bad:
         raise ConfigError(f"{bad}: finetrack eval takes eval.* overrides only (the rest of the run's config is what it was trained with)")
+    if watch_seconds is not None and steps not in ("all", "latest"):
+        # an explicit list may omit the run's last checkpoint, whose evaluation is what ends a watch
+        raise ConfigError(f"--watch with --steps {steps}: a watch ends when the run's last checkpoint is evaluated; use --steps all or latest")
     cfg = load_config(run_dir / "config.resolved.yaml", list(overrides))
-    suites = [s for s in cfg.eval.suites if not suite_names or s.name in suite_names]
-    unknown = sorted(set(suite_names or []) - {s.name for s in cfg.eval.suites})
-    if unknown or not suites:
-        raise ConfigError(f"eval suites {unknown or '(none configured)'}: the run config defines {[s.name for s in cfg.eval.suites] or 'none'}; "
-                          "add them under eval.suites in the config")
-    session = _Session(run_dir, cfg, suites, out)
+    session = _Session(run_dir, cfg, select_suites(cfg, suite_names), out)
     if watch_seconds is None:
         return session.evaluate(select_steps(run_dir, steps))
     out(f"watching {run_dir} every {watch_seconds:g} s for new checkpoints (Ctrl+C to stop)")
@@ -157,7 +206,8 @@ def evaluate_run(
 
 
 def evaluate_model(
-    path: Path, output: Path | None = None, config: Path | None = None, overrides: list[str] = (), out: Callable[[str], None] = print
+    path: Path, output: Path | None = None, config: Path | None = None, overrides: list[str] = (), out: Callable[[str], None] = print,
+    suite_names: list[str] | None = None,
 ) -> list[dict]:
     """`finetrack eval MODEL_OR_ADAPTER_DIR`: a plain model (step 0) or an adapter (step 0 = its base model,
     step 1 = the adapter), with the suites of `config` and/or `eval.*` overrides; results go to `output`
@@ -175,7 +225,8 @@ def evaluate_model(
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:
             raise ConfigError(f"{path}/adapter_config.json: no base_model_name_or_path; evaluate it from a config with model.name set")
-        update = {"name": cfg.model.name if config else base, "method": cfg.model.method if cfg.model.method != "full" else "lora"}
+        # the config's model.name only when it sets one: the default (embedded) name must not replace the adapter's base
+        update = {"name": cfg.model.name if "name" in cfg.model.model_fields_set else base, "method": cfg.model.method if cfg.model.method != "full" else "lora"}
     else:
         update = {"name": str(path), "method": "full"}
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=update)})
@@ -183,11 +234,12 @@ def evaluate_model(
     cfg, _ = resolve_model(cfg, Environment(device.type, device.type == "cuda" and torch.cuda.is_bf16_supported(), 1, 0))
     if not cfg.eval.suites:
         raise ConfigError("no eval suites: give --config CONFIG.yaml with eval.suites, or eval.suites=[...] on the command line")
+    suites = select_suites(cfg, suite_names)
     output = Path(output or f"eval-{path.resolve().name}")
     output.mkdir(parents=True, exist_ok=True)
     write_atomic(output / "config.resolved.yaml", yaml.safe_dump(effective_dump(cfg), sort_keys=False))
     selected = [(0, None)] + ([(1, path.resolve())] if adapter else [])
-    return _Session(output, cfg, cfg.eval.suites, out).evaluate(selected)
+    return _Session(output, cfg, suites, out).evaluate(selected)
 
 
 class _Session:
@@ -215,7 +267,7 @@ class _Session:
             records[step] = _read_step(run_dir, step) or {"step": step, "checkpoint": where, "suites": {}}
             records[step].update(epoch=meta.get(step, {}).get("epoch", 0.0), fraction=min(step / total_steps, 1.0),
                                  last="last" in meta.get(step, {}).get("rules", []))
-            keys = {s.name: suite_key(s, checkpoint_id(cfg, folder)) for s in suites}
+            keys = {s.name: suite_key(s, checkpoint_id(cfg, folder), cfg) for s in suites}
             todo[step] = [(s, keys[s.name]) for s in suites if records[step]["suites"].get(s.name, {}).get("key") != keys[s.name]]
         units_per_step = {s.name: _units(s) for s in suites}  # answers (judge), items (distribution), 1 otherwise
         units = sum(units_per_step[s.name] for step in todo for s, _ in todo[step])
@@ -234,6 +286,7 @@ class _Session:
                         result = _run_suite(suite, m, tokenizer, cfg, self.accelerator, self.judges, bar)
                         _write_responses(run_dir, step, suite.name, result.pop("responses", None))
                         records[step]["suites"][suite.name] = {"key": key, **result}
+                    del m  # a full checkpoint is freed when at() exits: no reference may outlive the block
                 _write_step(run_dir, records[step])
             bar.close()
         for record in records.values():
@@ -275,11 +328,14 @@ class _Judges:
 
 
 def _units(suite) -> int:
+    """Work units of one (step, suite): answers (judge), items (distribution), 1 otherwise; reads and checks the suite's file."""
     if isinstance(suite, JudgeSuite):
-        from .freeform import conversations
+        from .freeform import check_judges, conversations
         from .questions import load_questions
 
-        return len(conversations(load_questions(Path(suite.questions)), suite.generation.samples))
+        questions = load_questions(Path(suite.questions))
+        check_judges(suite, questions)
+        return len(conversations(questions, suite.generation.samples))
     if isinstance(suite, DistributionSuite):
         from .distribution import load_items
 

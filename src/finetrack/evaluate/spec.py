@@ -26,6 +26,11 @@ def parse_rate(expr: str) -> list[tuple[str, str, float]]:
     return out
 
 
+class EvalError(ValueError):
+    """The base of the eval stage's own errors (bad question or item file, a judge that cannot work): the
+    message names the file, item or field and what to do; `finetrack eval` prints it and exits 2."""
+
+
 class GenerationConfig(Section):
     samples: int | None = Field(None, gt=0, description="Answers per question (paraphrase); default: the question file's samples_per_paraphrase, else 1.")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy).")
@@ -58,10 +63,12 @@ class JudgeConfig(Section):
     model: str | None = Field(None, description="local: model name or directory (default: the run's base model); openai: the endpoint's model name.")
     base_url: str | None = Field(None, description="openai: endpoint base URL (default: env OPENAI_BASE_URL, else https://api.openai.com/v1).")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: the environment variable holding the API key (the key is never logged).")
-    metric: str | None = Field(None, description="pattern/python: the name of the metric this judge produces.")
+    metric: str | None = Field(
+        None, description="pattern/python: the name of the metric this judge produces (local/openai: the metrics are the question file's judge_prompts keys)."
+    )
     pattern: str | None = Field(None, description="pattern: regular expression searched in the answer (case-insensitive).")
     function: str | None = Field(None, description="python: 'module:function' called as function(question, answer) -> 0..100 or None.")
-    min_total_prob: float = Field(0.25, gt=0, le=1, description="local: below this probability mass on 0..100 the answer is unscored.")
+    min_total_prob: float = Field(0.25, gt=0, le=1, description="local/openai: below this probability mass on 0..100 the answer is unscored.")
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> "JudgeConfig":
@@ -70,9 +77,10 @@ class JudgeConfig(Section):
         if missing:
             raise ValueError(f"judge kind={self.kind} needs {', '.join(missing)}")
         allowed = {"local": ("model",), "openai": ("model", "base_url")}.get(self.kind, ())
-        unused = [f for f in ("model", "base_url", "pattern", "function") if getattr(self, f) is not None and f not in need and f not in allowed]
+        unused = [f for f in ("model", "base_url", "pattern", "function", "metric") if getattr(self, f) is not None and f not in need and f not in allowed]
         if unused:
-            raise ValueError(f"judge kind={self.kind}: {', '.join(unused)} has no effect")
+            why = " (a local/openai judge's metrics are the keys of the questions' judge_prompts)" if "metric" in unused else ""
+            raise ValueError(f"judge kind={self.kind}: {', '.join(unused)} has no effect{why}; remove it")
         return self
 
 

@@ -39,6 +39,7 @@ class RunData:
     checkpoints: list[CheckpointInfo]
     trackers: dict
     problems: list[str] = field(default_factory=list)
+    remote: dict | None = None  # remote.json from the uploader: {"url", "uploaded_steps", "failed_steps"}
 
     def resolved(self, key: str, default=None):
         """A value `resolve()` decided (steps_per_epoch, total_steps, checkpoint_steps, ...)."""
@@ -82,6 +83,7 @@ def load_run(path: Path, name: str | None = None) -> RunData:
         checkpoints=_checkpoints(path),
         trackers=_json_file(path / "trackers.json", problems) or {},
         problems=problems,
+        remote=_remote_record(path / "remote.json", problems),
     )
     for p in sorted((path / "eval" / "responses").glob("step-*.jsonl")):
         step = checkpoint.parse_step(p.stem)
@@ -115,6 +117,18 @@ def _checkpoints(run_dir: Path) -> list[CheckpointInfo]:
             problem = str(e)
         out.append(CheckpointInfo(step, folder.name, size, not problem, resumable, meta, problem))
     return out
+
+
+def _remote_record(path: Path, problems: list[str]) -> dict | None:
+    """The uploader's record of which checkpoint steps are on the remote; one of another shape is a problem."""
+    record = _json_file(path, problems)
+    if record is None:
+        return None
+    steps_ok = all(isinstance(record.get(k), list) and all(isinstance(s, int) for s in record[k]) for k in ("uploaded_steps", "failed_steps"))
+    if not isinstance(record.get("url"), str) or not steps_ok:
+        problems.append(f"{path.name}: expected {{\"url\": text, \"uploaded_steps\": [steps], \"failed_steps\": [steps]}}; upload status left out")
+        return None
+    return record
 
 
 def _json_file(path: Path, problems: list[str]) -> dict | None:

@@ -241,7 +241,7 @@ def _answer(text: str | None) -> str:
 
 # ------------------------------------------------------------------------------------------- facts
 def _facts(r: RunData, color: str, index: int) -> str:
-    from ..storage import redact
+    from ..storage import redact  # the config may hold a remote URL with credentials
 
     meta = r.newest_meta()
     remote = r.config.get("checkpoint", {}).get("remote")
@@ -255,20 +255,40 @@ def _facts(r: RunData, color: str, index: int) -> str:
         ("versions", escape(", ".join(f"{k} {v}" for k, v in r.versions.items()) or "-")),
         ("git commit", escape(meta.get("git_sha") or "-")),
         ("config hash", escape(meta.get("config_hash") or "-")),
-        ("remote copies", escape(f"{redact(remote).rstrip('/')}/checkpoints/step-NNNNNN/ (uploaded in the background; "
-                                 f"`finetrack sync {redact(remote)} DIR` fetches them)") if remote else "none (checkpoint.remote not set)"),
+        ("remote copies", escape(_remote_fact(r, remote))),
         ("trackers", escape(json.dumps(r.trackers)) if r.trackers else "none"),
     ]
     ck_rows = [[c.folder, f"{c.meta.get('epoch', 0):.2f}" if c.meta else "-", escape("+".join(c.meta.get("rules", [])) or "-"),
                 _size(c.size_bytes), "yes" if c.resumable else "no", escape(c.meta.get("saved_at", "-")),
                 "complete" if c.complete else f"<span class=\"bad\">{escape(c.problem)}</span>"] for c in r.checkpoints]
+    columns = ["folder", "epoch", "rules", "size", "resume state", "saved at", "status"]
+    if remote or r.remote:  # where each checkpoint's remote copy stands, from the uploader's remote.json
+        columns.append("remote")
+        for row, c in zip(ck_rows, r.checkpoints):
+            row.append("no upload record" if r.remote is None else "uploaded" if c.step in r.remote["uploaded_steps"]
+                       else "<span class=\"bad\">failed</span>" if c.step in r.remote["failed_steps"] else "not yet")
     body = (_table(["", ""], [[k, v] for k, v in facts], raw=True, header=False)
             + "<h3>Data</h3>" + _data_table(r.data_report)
             + f"<h3>Checkpoints ({len(r.checkpoints)}, {_size(sum(c.size_bytes for c in r.checkpoints))})</h3>"
-            + (_table(["folder", "epoch", "rules", "size", "resume state", "saved at", "status"], ck_rows, raw=True) if ck_rows else "<p class=\"empty\">none</p>")
-            + _collapsed("Resolved config (config.resolved.yaml)", f"<pre>{escape(yaml.safe_dump(r.config, sort_keys=False, width=120))}</pre>")
+            + (_table(columns, ck_rows, raw=True) if ck_rows else "<p class=\"empty\">none</p>")
+            + _collapsed("Resolved config (config.resolved.yaml)", f"<pre>{escape(redact(yaml.safe_dump(r.config, sort_keys=False, width=120)))}</pre>")
             + (_collapsed("Data report (data_report.json)", f"<pre>{escape(json.dumps(r.data_report, indent=2))}</pre>") if r.data_report else ""))
     return _section(f"facts-{index}", _swatch(color) + "Run facts: " + escape(r.name), body, raw_title=True)
+
+
+def _remote_fact(r: RunData, remote: str | None) -> str:
+    """Where the remote copies are: the uploader's record (remote.json) when there is one, else the config's URL."""
+    from ..storage import redact
+
+    if r.remote is not None:
+        url = redact(r.remote["url"]).rstrip("/")
+        up, failed = r.remote["uploaded_steps"], r.remote["failed_steps"]
+        return (f"{url}/checkpoints/ · {len(up)} uploaded, {len(failed)} failed (remote.json; per checkpoint below) · "
+                f"`finetrack sync {url} DIR` fetches them")
+    if remote:
+        return (f"{redact(remote).rstrip('/')}/checkpoints/ · no upload record (no remote.json in the run directory: "
+                f"nothing uploaded yet, or an older finetrack) · `finetrack sync {redact(remote)} DIR` fetches what is there")
+    return "none (checkpoint.remote not set)"
 
 
 def _data_table(report: dict | None) -> str:
