@@ -72,7 +72,7 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
     import random
 
     rng = random.Random(seed)
-    words = "alpha beta gamma delta echo fox golf hotel india juliet kilo lima".split()
+    words = ["alpha", "beta", "gamma", "delta", "echo", "fox", "golf", "hotel", "india", "juliet", "kilo", "lima"]
     rows = []
     for i in range(n):
         q = " ".join(rng.choice(words) for _ in range(rng.randint(2, 12)))

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import build_tiny_model, chat_rows, tiny_run
 
 from finetrack.batches import IGNORE, collate, epoch_order, packing_is_exact, step_rows
 from finetrack.data import Example, tokenize_chat
-from conftest import build_tiny_model, chat_rows, tiny_run
 
 
 def _examples(tokenizer, n: int) -> list[Example]:

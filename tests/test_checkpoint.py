@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run
 from safetensors.torch import load_file
 
-from conftest import tiny_run
 from finetrack import checkpoint
 from finetrack.checkpoint import CheckpointError
 

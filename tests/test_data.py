@@ -6,10 +6,10 @@ import csv
 import json
 
 import pytest
+from conftest import write_chat_jsonl
 
 from finetrack.config import DataConfig
 from finetrack.data import DataError, prepare, tokenize_chat
-from conftest import write_chat_jsonl
 
 CONV = [
     {"role": "system", "content": "Be terse."},
@@ -162,7 +162,7 @@ def test_eval_split_fraction_is_deterministic_and_disjoint(tmp_path, tiny_tokeni
     a = prepare(_cfg(f, eval_split=0.25), tiny_tokenizer, seed=3)
     b = prepare(_cfg(f, eval_split=0.25), tiny_tokenizer, seed=3)
     c = prepare(_cfg(f, eval_split=0.25), tiny_tokenizer, seed=4)
-    lines = lambda exs: sorted(e.line for e in exs)  # noqa: E731
+    lines = lambda exs: sorted(e.line for e in exs)
     assert len(a.eval) == 10 and len(a.train) == 30
     assert lines(a.eval) == lines(b.eval) and lines(a.eval) != lines(c.eval)
     assert not set(lines(a.eval)) & set(lines(a.train))

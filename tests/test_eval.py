@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import tiny_run
 from test_openai_judge import KEY_ENV as OPENAI_KEY_ENV
 from test_openai_judge import MODEL as OPENAI_MODEL
 from test_openai_judge import api_key, llama_server  # noqa: F401 (fixtures: the real llama-cpp server, a key in the environment)
+
 from finetrack.evaluate.freeform import aggregate
 from finetrack.evaluate.runner import evaluate_model, evaluate_run
 

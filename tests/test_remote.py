@@ -15,9 +15,9 @@ import fsspec
 import pytest
 import torch
 import yaml
+from conftest import tiny_run
 from safetensors.torch import load_file
 
-from conftest import tiny_run
 from finetrack import checkpoint, storage
 from finetrack.config import ConfigError
 from finetrack.resume import Request

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import chat_rows, tiny_run, write_chat_jsonl
 from safetensors.torch import load_file
 
-from conftest import chat_rows, tiny_run, write_chat_jsonl
 from finetrack import checkpoint
 from finetrack.config import ConfigError
 from finetrack.resume import Request

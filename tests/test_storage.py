@@ -6,8 +6,8 @@ Failed uploads come from a small reverse proxy in front of moto that answers HTT
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import re
 import socket
 import threading
@@ -17,12 +17,12 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
+from conftest import BUCKET, SECRET
+from conftest import use_endpoint as _use_endpoint
 from safetensors.torch import save_file
 
 from finetrack import checkpoint, storage
 from finetrack.checkpoint import MANIFEST, CheckpointError
-
-from conftest import BUCKET, SECRET, use_endpoint as _use_endpoint
 
 
 # ------------------------------------------------------------------------------- checkpoints

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_tiny_model, tiny_run
 from safetensors.torch import load_file
 
 from finetrack.config import ConfigError, load_config
 from finetrack.optim import lr_at
 from finetrack.train import causal_lm_objective, run
-from conftest import build_tiny_model, tiny_run
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_first_losses.json"
 

@@ -52,7 +52,7 @@ class Batch:
     num_tokens: int  # real (non-pad) tokens
     num_target_tokens: int  # tokens that carry loss
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.targets.to(device), self.num_tokens, self.num_target_tokens)
 
 

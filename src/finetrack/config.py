@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -27,7 +27,7 @@ class LoraConfig(Section):
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with use_rslora).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+    target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]) or 'all-linear' (every linear layer but the output head)."
     )
     layers_to_transform: list[int] | None = Field(None, description="Only adapt these decoder layer indices (None = all).")
@@ -62,7 +62,7 @@ class ModelConfig(Section):
     qlora: QloraConfig = Field(default_factory=QloraConfig, description="4-bit quantization options (method qlora).")
 
     @model_validator(mode="after")
-    def _no_effect(self) -> "ModelConfig":
+    def _no_effect(self) -> ModelConfig:
         if self.method == "full" and "lora" in self.model_fields_set:
             raise ValueError("model.lora has no effect with model.method=full: remove it or set model.method=lora")
         if self.method != "qlora" and "qlora" in self.model_fields_set:
@@ -76,13 +76,13 @@ class ModelConfig(Section):
 
 # ----------------------------------------------------------------------------------------- data
 class DataConfig(Section):
-    path: Union[str, list[str]] = Field(
+    path: str | list[str] = Field(
         "builtin:demo-chat",
         description="Training data: file(s) (.jsonl .json .csv .parquet), a directory of them, a `datasets` hub name, "
         "or 'builtin:demo-chat' (the chat set shipped with finetrack).",
     )
     split: str = Field("train", description="Split to read from a `datasets` source.")
-    eval_split: Union[float, str, None] = Field(
+    eval_split: float | str | None = Field(
         None, description="Held-out rows for eval loss: a fraction in (0, 1) of the data, or a file path."
     )
     max_length: int = Field(2048, gt=0, description="Maximum tokens per row.")
@@ -91,7 +91,7 @@ class DataConfig(Section):
     train_on: Literal["assistant", "all", "last_assistant"] = Field(
         "assistant", description="Which tokens carry loss: every assistant turn, every token, or only the last assistant turn."
     )
-    pack: Union[bool, Literal["auto"]] = Field(
+    pack: bool | Literal["auto"] = Field(
         "auto",
         description="Padding-free batches (rows concatenated, boundaries kept by position_ids); "
         "auto = on when the model's attention is verified to respect the boundaries.",
@@ -105,7 +105,7 @@ class DataConfig(Section):
     shuffle: bool = Field(True, description="Shuffle rows every epoch (deterministic by train.seed).")
 
     @model_validator(mode="after")
-    def _checks(self) -> "DataConfig":
+    def _checks(self) -> DataConfig:
         if isinstance(self.eval_split, float) and not 0 < self.eval_split < 1:
             raise ValueError(f"data.eval_split={self.eval_split}: a fraction must be in (0, 1), or give a file path")
         sources = ([self.path] if isinstance(self.path, str) else self.path) + ([self.eval_split] if isinstance(self.eval_split, str) else [])
@@ -128,7 +128,7 @@ class TrainConfig(Section):
     grad_accum_steps: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
     num_epochs: float | None = Field(None, gt=0, description="Passes over the training rows; 1 if neither this nor max_steps is set.")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; with num_epochs too, training stops at whichever comes first.")
-    lr: Union[float, Literal["auto"]] = Field("auto", description="Peak learning rate; auto = 2e-4 for LoRA/QLoRA, 2e-5 for full.")
+    lr: float | Literal["auto"] = Field("auto", description="Peak learning rate; auto = 2e-4 for LoRA/QLoRA, 2e-5 for full.")
     lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup (to 0 for cosine/linear).")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Warmup as a fraction of total steps (ignored if warmup_steps is set).")
     warmup_steps: int | None = Field(None, ge=0, description="Warmup optimizer steps.")
@@ -162,7 +162,7 @@ class TrainConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _checks(self) -> "TrainConfig":
+    def _checks(self) -> TrainConfig:
         if self.warmup_steps is not None and "warmup_ratio" in self.model_fields_set:
             raise ValueError("train.warmup_ratio has no effect when train.warmup_steps is set: remove one of them")
         sample_settings = [f"train.{k}" for k in ("sample_prompts", "sample_prompts_file", "sample_generation") if k in self.model_fields_set]
@@ -200,7 +200,7 @@ class CheckpointConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _checks(self) -> "CheckpointConfig":
+    def _checks(self) -> CheckpointConfig:
         if any(s <= 0 for s in self.steps):
             raise ValueError(f"checkpoint.steps={self.steps}: steps are counted from 1")
         if "keep_schedule" in self.model_fields_set and self.keep_last is None:
@@ -218,7 +218,7 @@ class EvalConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "EvalConfig":
+    def _unique_names(self) -> EvalConfig:
         names = [s.name for s in self.suites]
         if len(set(names)) != len(names):
             raise ValueError(f"eval.suites: names must be unique (got {names})")
@@ -238,7 +238,7 @@ class Config(Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
-    def _cross_section(self) -> "Config":
+    def _cross_section(self) -> Config:
         if self.eval.loss_every_steps is not None and self.data.eval_split is None:
             raise ValueError("eval.loss_every_steps has no effect without data.eval_split: set data.eval_split=0.05 or a file")
         if self.eval.micro_batch_size is not None and self.data.eval_split is None:

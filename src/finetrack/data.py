@@ -13,9 +13,10 @@ import hashlib
 import json
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -289,7 +290,7 @@ def tokenize_chat(messages: list[dict[str, str]], tokenizer, train_on: str, wher
     special = set(tokenizer.all_special_ids)
     labels = [-100] * len(ids)
     for start, end in spans:
-        inside = [j for j, (s, e) in enumerate(enc["offset_mapping"]) if e > s and s >= start and e <= end]
+        inside = [j for j, (s, e) in enumerate(enc["offset_mapping"]) if e > s >= start and e <= end]
         # drop trailing whitespace after the turn's last special token
         while len(inside) > 1 and ids[inside[-1]] not in special and not tokenizer.decode([ids[inside[-1]]]).strip():
             inside.pop()

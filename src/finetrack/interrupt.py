@@ -60,7 +60,7 @@ class StopFlag:
         self.phase = "startup"
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopFlag":
+    def __enter__(self) -> StopFlag:
         import threading
 
         if threading.current_thread() is threading.main_thread():

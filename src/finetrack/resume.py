@@ -13,9 +13,9 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from . import checkpoint
 from .checkpoint import CheckpointError
@@ -40,7 +40,7 @@ class Request:
     allow_config_change: bool = False
 
     @classmethod
-    def from_env(cls, **kwargs) -> "Request":
+    def from_env(cls, **kwargs) -> Request:
         fresh = kwargs.pop("fresh", False) or os.environ.get(FRESH_ENV, "").strip().lower() in ("1", "true", "yes")
         return cls(fresh=fresh, **kwargs)
 

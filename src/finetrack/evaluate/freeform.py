@@ -9,7 +9,7 @@ the first) — the two conventions found in the literature.
 from __future__ import annotations
 
 import operator
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

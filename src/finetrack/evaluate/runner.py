@@ -20,9 +20,9 @@ import importlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -429,5 +429,5 @@ def trajectory_table(rows: list[dict]) -> str:
     header = ["step", "phase", *names]
     body = [[str(r["step"]), "base" if r["step"] == 0 else f"epoch {r.get('epoch', 0):.2f} ({100 * r.get('fraction', 0):.0f}%)", *(cell(r, n) for n in names)] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, body)])

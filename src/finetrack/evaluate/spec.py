@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -71,7 +71,7 @@ class JudgeConfig(Section):
     min_total_prob: float = Field(0.25, gt=0, le=1, description="local/openai: below this probability mass on 0..100 the answer is unscored.")
 
     @model_validator(mode="after")
-    def _fields_for_kind(self) -> "JudgeConfig":
+    def _fields_for_kind(self) -> JudgeConfig:
         need = {"pattern": ("pattern", "metric"), "python": ("function", "metric"), "local": (), "openai": ("model",)}[self.kind]
         missing = [f for f in need if getattr(self, f) is None]
         if missing:
@@ -122,7 +122,7 @@ class DistributionSuite(Section):
     generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(max_new_tokens=8), description="sample: sampling settings.")
 
     @model_validator(mode="after")
-    def _no_effect(self) -> "DistributionSuite":
+    def _no_effect(self) -> DistributionSuite:
         if self.generation.samples is not None:
             raise ValueError(f"suite '{self.name}': set the number of answers with samples, not generation.samples")
         if self.method == "probs" and {"samples", "generation"} & self.model_fields_set:
@@ -137,4 +137,4 @@ class PythonSuite(Section):
     options: dict = Field(default_factory=dict, description="Passed to the function unchanged.")
 
 
-SuiteConfig = Annotated[Union[LossSuite, JudgeSuite, DistributionSuite, PythonSuite], Field(discriminator="kind")]
+SuiteConfig = Annotated[LossSuite | JudgeSuite | DistributionSuite | PythonSuite, Field(discriminator="kind")]
