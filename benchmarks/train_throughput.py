@@ -5,7 +5,8 @@ linear layers), the same synthetic chat rows (seeded, written to a temp JSONL, ~
 steps, rows per step (one micro batch, no accumulation), AdamW, lr, cosine schedule, seed, grad clipping at 1.0,
 no gradient checkpointing. That last one is NOT TRL's default: SFTConfig turns gradient checkpointing on by default
 (trl 1.16), which recomputes activations in backward (less memory, more compute); this script sets
-gradient_checkpointing=False so both engines do the same work (finetrack's default is off). Warmup
+gradient_checkpointing=False so both engines do the same work (finetrack's default is off); the engine
+`trl-defaults` keeps TRL's default (checkpointing on) for the comparison the words "TRL's defaults" ask for. Warmup
 defaults to 0 steps: only then are the schedules identical (HF's warmup starts at lr 0, finetrack's at lr/warmup).
 
 Different, on purpose: each tool's default data handling. finetrack packs each micro batch (data.pack auto,
@@ -167,11 +168,13 @@ def run_trl(a: argparse.Namespace) -> dict[str, Any]:
         assistant_only, why = False, "ALL tokens (assistant_only_loss=False: the template has no generation markers)"
     rows = [json.loads(line) for line in Path(a.data).read_text().splitlines()]
     out = tempfile.mkdtemp(prefix="bench-trl-")
+    # `trl` turns gradient checkpointing off (the same compute as finetrack's default); `trl-defaults` keeps TRL's own
+    checkpointing = {"gradient_checkpointing": False} if a.engine == "trl" else {}
     config = SFTConfig(
         output_dir=out, max_steps=a.steps, per_device_train_batch_size=a.micro_batch_size,
         gradient_accumulation_steps=1, learning_rate=a.lr, lr_scheduler_type="cosine", warmup_steps=a.warmup_steps,
         seed=a.seed, max_grad_norm=1.0, weight_decay=0.0, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
-        bf16=False, fp16=False, gradient_checkpointing=False, assistant_only_loss=assistant_only,
+        bf16=False, fp16=False, assistant_only_loss=assistant_only, **checkpointing,
         model_init_kwargs={"dtype": torch.float32, "attn_implementation": "sdpa"},
     )
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -193,7 +196,7 @@ def run_trl(a: argparse.Namespace) -> dict[str, Any]:
     n = max(keeper.logs)
     cumulative = [int(keeper.logs[k]["num_tokens"]) for k in range(1, n + 1)]
     return {
-        "engine": "trl", "steps": n, "tokens": cumulative[-1], **timed_span(stamps, cumulative), "total_s": total_s,
+        "engine": a.engine, "gradient_checkpointing": config.gradient_checkpointing, "steps": n, "tokens": cumulative[-1], **timed_span(stamps, cumulative), "total_s": total_s,
         "peak_rss_mb": peak_rss_mb(), "first_loss": keeper.logs[1]["loss"], "final_loss": keeper.logs[n]["loss"],
         "computed_tokens": sum(c for c, _ in seen[:n]), "loss_tokens": sum(t for _, t in seen[:n]), "loss_on": why,
     }
@@ -237,10 +240,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--engines", default="finetrack,trl", help="comma-separated, run in this order")
+    p.add_argument("--engines", default="finetrack,trl,trl-defaults",
+                   help="comma-separated, run in this order: finetrack, trl (gradient checkpointing off, as finetrack), "
+                   "trl-defaults (TRL's SFTConfig defaults: checkpointing on)")
     p.add_argument("--finetrack-train-on", choices=["assistant", "all"], default="assistant",
                    help="finetrack's data.train_on; 'all' makes its loss comparable with TRL's all-token loss")
-    p.add_argument("--engine", choices=["finetrack", "trl"], help=argparse.SUPPRESS)  # child mode
+    p.add_argument("--engine", choices=["finetrack", "trl", "trl-defaults"], help=argparse.SUPPRESS)  # child mode
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -268,11 +273,13 @@ def main() -> None:
     for r in results:
         print(f"{r['engine']}: loss over {r['loss_on']}, {r['loss_tokens']} loss tokens in all; run incl. setup {r['total_s']:.1f} s")
     by = {r["engine"]: r for r in results}
-    if {"finetrack", "trl"} <= by.keys():
-        ft, trl = by["finetrack"], by["trl"]
+    for peer in [e for e in ("trl", "trl-defaults") if e in by and "finetrack" in by]:
+        ft, trl = by["finetrack"], by[peer]
         speed = (ft["timed_tokens"] / ft["timed_s"]) / (trl["timed_tokens"] / trl["timed_s"])
-        print(f"finetrack/TRL: throughput x{speed:.2f} (median step x{ft['median_step_tok_s'] / trl['median_step_tok_s']:.2f}), "
-              f"peak RSS x{ft['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
+        print(f"finetrack/{peer} (TRL gradient checkpointing {'on' if trl['gradient_checkpointing'] else 'off'}): throughput x{speed:.2f} "
+              f"(median step x{ft['median_step_tok_s'] / trl['median_step_tok_s']:.2f}), peak RSS x{ft['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
+    if "finetrack" in by and (trl := by.get("trl") or by.get("trl-defaults")):
+        ft = by["finetrack"]
         if ft["loss_on"].split()[0].lower() != trl["loss_on"].split()[0].lower():
             print(f"losses are NOT comparable: finetrack averages over {ft['loss_on']}, TRL over {trl['loss_on']} "
                   "(--finetrack-train-on all makes them comparable).")
