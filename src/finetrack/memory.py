@@ -289,11 +289,8 @@ def _weights(cfg: Config, arch: Architecture, device_type: str) -> list[Term]:
 def optimizer_state_bytes(optimizer: str, trainable: int, param_bytes: int) -> int:
     """AdamW's two states for `trainable` parameters of `param_bytes` each: torch keeps them in the parameters'
     dtype, bitsandbytes' 32-bit (paged) AdamW in float32, its 8-bit ones as uint8 with a float32 absmax per block."""
-    if optimizer == "adamw":
-        return 2 * trainable * param_bytes
-    if optimizer == "paged_adamw":
-        return 8 * trainable
-    return math.ceil(2 * (1 + 4 / OPTIM_8BIT_BLOCK_VALUES) * trainable)
+    per_param = {"adamw": 2 * param_bytes, "paged_adamw": 8}.get(optimizer, 2 * (1 + 4 / OPTIM_8BIT_BLOCK_VALUES))
+    return math.ceil(per_param * trainable)
 
 
 def _optimizer(cfg: Config, trainable: int, param_bytes: int, largest: int, device_type: str) -> list[Term]:
