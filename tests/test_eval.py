@@ -285,9 +285,10 @@ def test_cache_keys_cover_checkpoint_files_suite_files_and_settings(tmp_path, lo
     run = tmp_path / "run"
     shutil.copytree(lora_run, run)
     questions = questions_file(tmp_path)
-    data = tmp_path / "rows.jsonl"
+    data = tmp_path / "rows" / "rows.jsonl"  # in a folder: a loss suite reads files, folders, builtin names as training does
+    data.parent.mkdir()
     shutil.copy(chat_file, data)
-    suites = [{"name": "rows", "kind": "loss", "data": str(data)},
+    suites = [{"name": "rows", "kind": "loss", "data": str(data.parent)},
               {"name": "qa", "kind": "judge", "questions": str(questions), "generation": {"max_new_tokens": 4},
                "judges": [{"kind": "pattern", "metric": "has_a", "pattern": "a"}]}]
     overrides = [f"eval.suites={json.dumps(suites)}"]
@@ -311,7 +312,7 @@ def test_cache_keys_cover_checkpoint_files_suite_files_and_settings(tmp_path, lo
     again = evaluate_run(run, overrides=overrides, out=lines.append)
     assert lines[0] == "cached: 3 (step, suite) result(s) unchanged since the last eval" and all(r["counts"]["qa.answers"] == 6 for r in again)
 
-    # (c) an edited loss data file: that suite only
+    # (c) an edited file in the loss suite's data folder: that suite only
     data.write_text("".join(data.read_text().splitlines(keepends=True)[:20]))
     lines.clear()
     again = evaluate_run(run, overrides=overrides, out=lines.append)

@@ -134,11 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "report":
             from .report import write_report
 
-            try:
-                path = write_report([Path(d) for d in args.run_dirs], args.output and Path(args.output))
-            except FileNotFoundError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
+            path = write_report([Path(d) for d in args.run_dirs], args.output and Path(args.output))
             print(f"report: {path.resolve()}")
         elif args.verb == "plan":
             import dataclasses

@@ -58,6 +58,7 @@ class Example:
 @dataclass
 class DataReport:
     rows_read: int = 0
+    rows_read_by_source: dict[str, int] = field(default_factory=dict)  # file path or dataset name -> rows read
     rows_kept: int = 0
     dropped: dict[str, int] = field(default_factory=lambda: {"malformed": 0, "too_long": 0, "no_trainable_tokens": 0})
     truncated_rows: int = 0
@@ -81,6 +82,7 @@ class DataReport:
     def to_dict(self) -> dict:
         return {
             "rows_read": self.rows_read,
+            "rows_read_by_source": dict(self.rows_read_by_source),
             "rows_kept": self.rows_kept,
             "dropped": dict(self.dropped),
             "truncated_rows": self.truncated_rows,
@@ -109,7 +111,7 @@ def report_line(report: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------- read
-def _files(spec: str) -> list[Path] | None:
+def source_files(spec: str) -> list[Path] | None:
     """The files a path spec names, or None when it is not a local path (then it is a datasets source)."""
     if spec in BUILTIN_DATA:
         return [BUILTIN_DATA[spec]]
@@ -133,7 +135,7 @@ def _files(spec: str) -> list[Path] | None:
 def read_rows(spec: str | list[str], split: str) -> Iterator[RawRow]:
     """Yield raw records with their location. Unparseable lines are yielded as DataError records."""
     for one in [spec] if isinstance(spec, str) else spec:
-        files = _files(one)
+        files = source_files(one)
         if files is None:
             yield from _read_datasets(one, split)
             continue
@@ -349,6 +351,7 @@ def _tokenize_all(rows: Iterator[RawRow], cfg: DataConfig, tokenizer, report: Da
     out = []
     for row in tqdm(rows, desc="tokenize", unit=" rows", leave=False, mininterval=1.0, disable=None):
         report.rows_read += 1
+        report.rows_read_by_source[row.source] = report.rows_read_by_source.get(row.source, 0) + 1
         where = f"{row.source}:{row.line}"
         try:
             messages = to_messages(row)

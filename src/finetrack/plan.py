@@ -22,7 +22,7 @@ from pathlib import Path
 from . import memory
 from .batches import attn_tokens_for, micro_batch_shape, step_rows
 from .config import Config, ConfigError, Environment, effective_dump, resolve
-from .data import Example, prepare, read_rows
+from .data import Example, prepare
 
 log = logging.getLogger("finetrack")
 
@@ -268,9 +268,8 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     timing["cost"] = None if price_per_hour is None else timing["hours"] * price_per_hour
     timing["price_per_hour"] = price_per_hour
 
-    # rows read per source: the data report counts drops over all sources, so read them again (parsing
-    # only, no tokenizing); read - kept - held out = dropped there
-    read = Counter(row.source for row in read_rows(cfg.data.path, cfg.data.split))
+    # per source: rows read (counted by the data stage), kept, held out; read - kept - held out = dropped there
+    read = data.report["train"]["rows_read_by_source"]
     held = Counter(e.source for e in data.eval) if isinstance(cfg.data.eval_split, float) else Counter()
     sources = {name: {"read": n, "rows": 0, "held_out": held[name], "dropped": n - held[name], "tokens": 0, "trainable_tokens": 0}
                for name, n in read.items()}

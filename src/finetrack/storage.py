@@ -385,7 +385,7 @@ class Uploader:
 
 
 # --------------------------------------------------------------------------------------- sync
-def _size_text(num_bytes: int) -> str:
+def size_text(num_bytes: int) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if num_bytes >= scale:
             return f"{num_bytes / scale:.1f} {unit}"
@@ -449,13 +449,13 @@ def _sync_once(src: str, dst: Path, out: Callable[[str], None], skipped: dict[st
             failed += 1
             continue
         size = sum(f["size"] for f in remote["files"].values()) + len(raw)
-        out(f"fetched {name} ({_size_text(size)})")
+        out(f"fetched {name} ({size_text(size)})")
         fetched.append(step)
         total_bytes += size
     for name in RUN_FILES:  # replaced whole: metrics.jsonl grows while the run trains
         _get_run_file(fs, root, name, dst)
     if fetched or not quiet:
-        out(f"{redact(src)} -> {dst}: fetched {len(fetched)} checkpoint(s) ({_size_text(total_bytes)}), {present} already present"
+        out(f"{redact(src)} -> {dst}: fetched {len(fetched)} checkpoint(s) ({size_text(total_bytes)}), {present} already present"
             + (f", {failed} not fetched (see above)" if failed else ""))
     return fetched
 

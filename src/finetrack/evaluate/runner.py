@@ -2,8 +2,8 @@
 
 The base weights are loaded once; LoRA / QLoRA checkpoints are adapters swapped in and out of one
 PEFT model; full fine-tune checkpoints are loaded one at a time. Results are cached in the step
-files themselves: a (step, suite) pair whose key (checkpoint manifest hash + suite settings hash) is
-unchanged is not computed again.
+files themselves: a (step, suite) pair whose key (see suite_key: the checkpoint's manifest hash, the
+suite's settings and files, the model and data settings) is unchanged is not computed again.
 
     eval/step-000047.json           metrics and counts per suite, with their cache keys
     eval/responses/step-000047.jsonl  every generated answer with its scores (judge suites)
@@ -29,6 +29,7 @@ import torch
 from .. import checkpoint
 from ..checkpoint import write_atomic
 from ..config import Config, ConfigError, Environment, load_config, resolve_model
+from ..data import source_files
 from ..models import load_base_model, load_tokenizer, load_weights, model_source
 from .spec import DistributionSuite, JudgeConfig, JudgeSuite, LossSuite, PythonSuite
 
@@ -60,11 +61,16 @@ def suite_files(suite, cfg: Config) -> list[tuple[str, Path]]:
     elif isinstance(suite, DistributionSuite):
         files = [("items", Path(suite.items))]
     elif isinstance(suite, LossSuite):
-        # the suite's own rows, or the run's held-out split, cut from data.path (a folder or dataset name is not hashed)
-        sources = [cfg.data.path] if isinstance(cfg.data.path, str) else cfg.data.path
-        files = [("data", Path(suite.data))] if suite.data else [("data.path", Path(p)) for p in sources if Path(p).is_file()]
+        # the suite's own rows, or the run's held-out rows: an eval_split file, or cut from data.path. Read as the
+        # data stage reads them (builtin names, folders of files); a `datasets` source has no local file to hash.
+        if suite.data:
+            specs = [("data", suite.data)]
+        else:
+            specs = [("data.path", p) for p in ([cfg.data.path] if isinstance(cfg.data.path, str) else cfg.data.path)]
+            specs += [("data.eval_split", cfg.data.eval_split)] if isinstance(cfg.data.eval_split, str) else []
+        return [(field, f) for field, spec in specs for f in source_files(spec) or []]
     else:
-        files = []
+        return []
     for field, path in files:
         if not path.is_file():
             raise ConfigError(f"eval suite '{suite.name}': {field} file not found: {path}; fix the path under eval.suites")
@@ -267,7 +273,8 @@ class _Session:
             records[step] = _read_step(run_dir, step) or {"step": step, "checkpoint": where, "suites": {}}
             records[step].update(epoch=meta.get(step, {}).get("epoch", 0.0), fraction=min(step / total_steps, 1.0),
                                  last="last" in meta.get(step, {}).get("rules", []))
-            keys = {s.name: suite_key(s, checkpoint_id(cfg, folder), cfg) for s in suites}
+            step_id = checkpoint_id(cfg, folder)  # hashes an adapter folder without a manifest: once per step
+            keys = {s.name: suite_key(s, step_id, cfg) for s in suites}
             todo[step] = [(s, keys[s.name]) for s in suites if records[step]["suites"].get(s.name, {}).get("key") != keys[s.name]]
         units_per_step = {s.name: _units(s) for s in suites}  # answers (judge), items (distribution), 1 otherwise
         units = sum(units_per_step[s.name] for step in todo for s, _ in todo[step])

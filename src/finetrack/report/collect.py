@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from .. import checkpoint
+from ..schema import ConfigError
 
 
 @dataclass
@@ -65,11 +66,11 @@ class RunData:
 
 
 def load_run(path: Path, name: str | None = None) -> RunData:
-    """Read a run directory; raises FileNotFoundError when it is not one (no config.resolved.yaml)."""
+    """Read a run directory; raises ConfigError when it is not one (no config.resolved.yaml)."""
     path = Path(path)
     config_path = path / "config.resolved.yaml"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{path}: not a run directory (no config.resolved.yaml; `finetrack train` writes one before step 1)")
+        raise ConfigError(f"{path}: not a run directory (no config.resolved.yaml; `finetrack train` writes one before step 1)")
     problems: list[str] = []
     run = RunData(
         path=path,
