@@ -142,6 +142,5 @@ LAYOUT_JS = """(() => {
     num_charts: charts.length, min_chart_width: Math.min(...charts.map(r => r.width)),
     font_px: parseFloat(body.fontSize), num_details: document.querySelectorAll('details').length,
     num_open_details: document.querySelectorAll('details[open]').length,
-    title: document.title,
   };
 })()"""

@@ -67,6 +67,16 @@ def write_chat_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """Every line of a JSONL file (metrics.jsonl, samples.jsonl, ...), parsed."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes on disk of every file under `folder`, subfolders included."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
 def chat_rows(n: int, seed: int = 0) -> list[dict]:
     """Chat rows of varied length; some two-turn, some with a system prompt."""
     import random
@@ -103,8 +113,34 @@ def tiny_run(tmp_path: Path, model_dir: Path, data: Path, *overrides: str, name:
         *overrides,
     ])
     result = run(cfg, objective=objective or causal_lm_objective, request=request or Request())
-    metrics = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_jsonl(result.run_dir / "metrics.jsonl")
     return result, metrics
+
+
+def make_checkpoint(run_dir: Path, step: int, resumable: bool = True, rules: list[str] | None = None) -> Path:
+    """A real checkpoint written by checkpoint.save: small safetensors weights, a config, a tokenizer file in a
+    subfolder, optimizer state (unless not `resumable`), and meta.json naming the `rules` that saved it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from finetrack import checkpoint
+
+    gen = torch.Generator().manual_seed(step)
+
+    def write_weights(folder: Path) -> None:
+        save_file({"w": torch.randn(64, 64, generator=gen)}, folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps({"hidden_size": 64}))
+        (folder / "tokenizer").mkdir()
+        (folder / "tokenizer" / "tokenizer.json").write_text(json.dumps({"vocab": {"a": 0}}))
+
+    state = None
+    if resumable:
+        param = torch.nn.Parameter(torch.randn(8, 8, generator=gen))
+        opt = torch.optim.AdamW([param], lr=1e-3)
+        param.grad = torch.ones_like(param)
+        opt.step()
+        state = checkpoint.capture_state(opt, {"step": step, "tokens_seen": 100 * step})
+    return checkpoint.save(run_dir, step, write_weights, state, meta={"rules": rules if rules is not None else ["every_steps"]})
 
 
 # ------------------------------------------------------------------ a real S3 server (moto) on 127.0.0.1

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_run
+from conftest import make_checkpoint, tiny_run
 from safetensors.torch import load_file
 
 from finetrack import checkpoint
@@ -258,18 +258,6 @@ def test_retention_keeps_schedule_rolls_the_rest_and_drops_old_optimizer_state(t
 
 
 # ------------------------------------------------------------------------ retention, rule by rule
-def fake_checkpoint(run: Path, step: int, rules: list[str]) -> Path:
-    """A small complete checkpoint written by checkpoint.save: weights, resume state, meta.json naming its rules."""
-    from safetensors.torch import save_file
-
-    param = torch.nn.Parameter(torch.ones(4))
-    opt = torch.optim.SGD([param], lr=0.1, momentum=0.9)
-    param.grad = torch.ones(4)
-    opt.step()
-    return checkpoint.save(run, step, lambda d: save_file({"w": torch.full((4,), float(step))}, d / "adapter_model.safetensors"),
-                           checkpoint.capture_state(opt, {"step": step}), {"rules": rules})
-
-
 RULES = {1: ["every_steps"], 2: ["every_steps", "per_epoch"], 3: ["every_steps"], 4: ["steps"], 5: ["log_spaced"],
          6: ["first_epoch"], 7: ["signal"], 8: ["every_steps"]}
 
@@ -277,7 +265,7 @@ RULES = {1: ["every_steps"], 2: ["every_steps", "per_epoch"], 3: ["every_steps"]
 @pytest.fixture
 def fake_run(tmp_path) -> Path:
     for step, rules in RULES.items():
-        fake_checkpoint(tmp_path / "run", step, rules)
+        make_checkpoint(tmp_path / "run", step, rules=rules)
     return tmp_path / "run"
 
 
@@ -312,7 +300,7 @@ def test_retain_never_touches_the_newest_complete_checkpoint(fake_run):
     # scheduled ones kept (keep_schedule=True) lose their resume state with keep_optimizer_state=last, the newest keeps it
     fresh = fake_run.parent / "again"
     for step, rules in RULES.items():
-        fake_checkpoint(fresh, step, rules)
+        make_checkpoint(fresh, step, rules=rules)
     checkpoint.retain(fresh, keep_last=1, keep_schedule=True, keep_optimizer_state="last")
     assert _steps(fresh) == [2, 4, 5, 6, 8]
     assert [s for s in _steps(fresh) if checkpoint.is_resumable(checkpoint.verify(checkpoint.checkpoint_dir(fresh, s)))] == [8]

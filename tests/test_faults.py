@@ -6,7 +6,6 @@ The runs are subprocesses training the tiny model. A sitecustomize.py put on PYT
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import read_jsonl
 from safetensors.torch import load_file
 
 from finetrack import checkpoint
@@ -64,7 +64,7 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
 
 
 def losses(run: Path) -> list[float]:
-    return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [m["loss"] for m in read_jsonl(run / "metrics.jsonl")]
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -88,17 +88,6 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen) -> bool:
     return False
 
 
-def newest_complete(ckpts: Path) -> int | None:
-    steps = []
-    for d in ckpts.glob("step-*") if ckpts.is_dir() else []:
-        try:
-            checkpoint.verify(d)
-            steps.append(int(d.name[5:]))
-        except checkpoint.CheckpointError:
-            pass
-    return max(steps, default=None)
-
-
 def test_kill_9_at_random_moments_then_resume_gives_identical_weights(setup, reference):
     seed = int(time.time())
     rng = random.Random(seed)
@@ -106,7 +95,8 @@ def test_kill_9_at_random_moments_then_resume_gives_identical_weights(setup, ref
     ckpts = out / "checkpoints"
     kills, mid_write = [], 0
     for attempt in range(8):
-        newest_before = newest_complete(ckpts)  # what this restart must resume from
+        found = checkpoint.newest_resumable(out, warn=lambda _: None)  # what this restart must resume from
+        newest_before = found.step if found else None
         proc = start(setup, out, fsync_seconds=0.1)
         if attempt == 0:  # the first kill lands inside a checkpoint write, by construction
             hit = wait_for(lambda: ckpts.is_dir() and any(p.name.startswith(".tmp-step-") for p in ckpts.iterdir()), 120, proc)

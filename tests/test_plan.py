@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import chat_rows, tiny_run, write_chat_jsonl
+from conftest import chat_rows, folder_bytes, tiny_run, write_chat_jsonl
 
 from finetrack.config import ConfigError, load_config
 from finetrack.memory import Architecture
@@ -66,6 +66,31 @@ def test_targets():
     assert cpu.device_type == "cpu" and cpu.peak_flops_per_s is None and cpu.memory_bytes > 2**30  # this machine's RAM
 
 
+@pytest.mark.parametrize("name, memory_bytes, key", [
+    ("NVIDIA A100-SXM4-80GB", None, "A100-80GB"), ("NVIDIA A100-PCIE-40GB", None, "A100-40GB"), ("NVIDIA A100-SXM4", 40 * 2**30, "A100-40GB"),
+    ("NVIDIA A10", None, "A10"), ("NVIDIA L4", None, "L4"), ("NVIDIA L40S", None, "L40S"), ("NVIDIA H100 80GB HBM3", None, "H100"),
+    ("NVIDIA H200", None, "H200"), ("Tesla T4", None, "T4"), ("NVIDIA GeForce RTX 4090", None, None),
+])
+def test_gpu_key_matches_the_model_as_a_word(name, memory_bytes, key):
+    from finetrack.plan import _gpu_key
+
+    assert _gpu_key(name, memory_bytes) == key
+
+
+def test_a_gpu_named_like_this_one_is_not_this_machine(monkeypatch):
+    """--gpu A10 on an A100 (or L4 on an L40S) plans for another machine: a --measure here must not replace its estimate."""
+    from types import SimpleNamespace
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *_: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA A100-SXM4-80GB")
+    assert [target_for(gpu, None).this_machine for gpu in ("A10", "A100-40GB", "A100-80GB")] == [False, False, True]
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA L40S")
+    assert [target_for(gpu, None).this_machine for gpu in ("L4", "L40S")] == [False, True]
+
+
 def test_flops_by_hand():
     arch = Architecture.from_hf_config(TINY)
     # per layer: q 64x64 + k, v 64x32 each + o 64x64 + gate, up, down 64x128 each = 4096 + 4096 + 4096 + 24576 = 36864; 2 layers
@@ -94,10 +119,6 @@ def test_plan_matches_what_train_does(tmp_path, tiny_model_dir, chat_file, pack)
                                                          "trainable_tokens": report["train"]["trainable_tokens"]}}
     # one checkpoint folder (adapter, optimizer state, tokenizer files, JSON) within 5% of what train wrote
     assert plan.time["checkpoint_bytes"] == pytest.approx(folder_bytes(result.run_dir / "checkpoints" / "step-000006"), rel=0.05)
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def test_checkpoint_size_full_bfloat16(tmp_path, tiny_model_dir, chat_file):
@@ -156,6 +177,17 @@ def test_does_not_fit_lists_changes_that_do(tmp_path, tiny_model_dir, chat_file)
     ranked = make_plan(cfg, target_for("L4", f"{limit}B")).memory["changes"]
     fits_first = [c["peak_bytes"] <= limit for c in ranked]
     assert fits_first[0] and not fits_first[-1] and fits_first == sorted(fits_first, reverse=True)
+
+
+def test_ranked_changes_start_from_the_largest_micro_batch_of_every_step(tmp_path, tiny_model_dir, chat_file):
+    """30 steps are 2.5 epochs, and the largest packed micro-batch is not in the first: a change that keeps the
+    micro-batches (gradient checkpointing) predicts the plan's own "on" figure, from the same largest micro-batch."""
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, chat_file, "data.pack=true", "train.max_steps=30")
+    peak = make_plan(cfg, target_for("L4", None)).memory["peak_bytes"]
+    mem = make_plan(cfg, target_for("L4", f"{peak - 1}B")).memory
+    (checkpointing,) = [c for c in mem["changes"] if c["overrides"] == ["model.gradient_checkpointing=true"]]
+    assert checkpointing["peak_bytes"] == mem["gradient_checkpointing"]["on"]["peak_bytes"] < peak
+    assert all(c["fits"] == (c["peak_bytes"] <= peak - 1) for c in mem["changes"])
 
 
 def test_activations_with_and_without_gradient_checkpointing(tmp_path, tiny_model_dir, chat_file):

@@ -17,7 +17,7 @@ from pathlib import Path
 import browser
 import pytest
 import yaml
-from conftest import tiny_run
+from conftest import folder_bytes, read_jsonl, tiny_run
 
 from finetrack.evaluate.runner import evaluate_run
 from finetrack.report import write_report
@@ -65,10 +65,6 @@ def chart(html: str, title: str) -> str:
     return re.search(rf'aria-label="{re.escape(title)}.*?</svg>', html, re.DOTALL).group(0)
 
 
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines()]
-
-
 # ------------------------------------------------------------------------------------- charts unit
 @pytest.mark.parametrize("lo, hi, expected", [
     (0, 1, [0, 0.2, 0.4, 0.6, 0.8, 1.0]),
@@ -99,7 +95,7 @@ def test_report_is_self_contained(report_html):
 
 def test_training_curves_checkpoints_and_epochs(evaluated_run, report_html):
     _, html = report_html
-    metrics = jsonl(evaluated_run / "metrics.jsonl")
+    metrics = read_jsonl(evaluated_run / "metrics.jsonl")
     for title in ("Loss per target token", "Learning rate", "Gradient norm", "Throughput", "Peak memory"):
         assert f'aria-label="{title}' in html, title
     for label in ("loss (nats)", "learning rate", "gradient norm", "tokens / s", "MiB", "optimizer step"):
@@ -115,8 +111,8 @@ def test_training_curves_checkpoints_and_epochs(evaluated_run, report_html):
     # the three checkpoints, on the curve, with their rules and sizes on disk
     marks = [t for t in tips if t.startswith("checkpoints: step")]
     assert [int(re.match(r"checkpoints: step (\d+)", t).group(1)) for t in marks] == [4, 8, 12]
-    sizes = {s: sum(f.stat().st_size for f in (evaluated_run / f"checkpoints/step-{s:06d}").rglob("*") if f.is_file()) for s in (4, 8, 12)}
-    assert f"checkpoint 4 (every_steps; on disk, {sizes[4] / 1000:.1f} KB)" in marks[0]
+    sizes = {s: folder_bytes(evaluated_run / f"checkpoints/step-{s:06d}") for s in (4, 8, 12)}
+    assert f"checkpoint 4 (every_steps; on disk, {sizes[4] / 1000:.1f} kB)" in marks[0]
     assert "(every_steps+last;" in marks[2]
     # 9 steps per epoch: one boundary, drawn on each of the five training charts
     assert tips.count("epoch 2") == 5 and "epoch 3" not in tips
@@ -163,13 +159,13 @@ def test_sample_answers_from_eval_and_training(evaluated_run, report_html):
     for step in (0, 4, 8, 12):
         assert f"<th>step {step}{' (base)' if step == 0 else ''}</th>" in eval_table
         first = {}
-        for rec in jsonl(evaluated_run / f"eval/responses/step-{step:06d}.jsonl"):
+        for rec in read_jsonl(evaluated_run / f"eval/responses/step-{step:06d}.jsonl"):
             first.setdefault(rec["question_id"], rec)
         for rec in first.values():
             assert f"<div class=\"ans\">{escape(rec['answer'])}" in eval_table or (rec["answer"] == "" and "(empty)" in eval_table)
     assert "Name a pet &lt;and&gt; a toy." in eval_table and "+1 more" in eval_table  # escaped, and the second sample counted
     # samples during training: prompt x step, base model at step 0
-    samples = jsonl(evaluated_run / "samples.jsonl")
+    samples = read_jsonl(evaluated_run / "samples.jsonl")
     assert sorted({s["step"] for s in samples}) == [0, 6, 12]
     train_table = next(body for s, body in tables if "samples during training" in unescape(s))
     assert "Say &lt;hi&gt; &amp; bye" in train_table and "<th>step 0 (base)</th>" in train_table
@@ -204,7 +200,7 @@ def test_several_runs_overlaid_one_colour_each(tmp_path, evaluated_run, tiny_mod
     # the learning rate: each run's own values, in its own colour
     lr_chart = chart(html, "Learning rate")
     lr_tips = titles(lr_chart)
-    for name, color, metrics in zip(names, colors, (jsonl(evaluated_run / "metrics.jsonl"), other_metrics, jsonl(copy / "metrics.jsonl"))):
+    for name, color, metrics in zip(names, colors, (read_jsonl(evaluated_run / "metrics.jsonl"), other_metrics, read_jsonl(copy / "metrics.jsonl"))):
         assert re.search(f'<path d="M[^"]*" stroke="{color}" class="ln"', lr_chart), name  # the run's line, in its colour
         for m in metrics:
             assert f"{name}: step {m['step']}, {fmt(m['lr'])}" in lr_tips, (name, m["step"])
@@ -283,7 +279,7 @@ needs_chromium = pytest.mark.skipif(
 
 
 @needs_chromium
-def test_report_in_headless_chromium(report_html, tmp_path):
+def test_report_in_headless_chromium(report_html):
     from PIL import Image
 
     assert browser.chromium(), "chromium missing: scripts/test.sh installs it (apt-get install chromium)"
@@ -295,7 +291,6 @@ def test_report_in_headless_chromium(report_html, tmp_path):
     assert lay["num_charts"] == 5 + 5 and lay["min_chart_width"] >= 500 and lay["font_px"] >= 13
     assert lay["num_open_details"] == 0 and lay["num_details"] >= 4
     image = Image.open(io.BytesIO(page.png)).convert("RGB")
-    (tmp_path / "report.png").write_bytes(page.png)
     assert image.width == browser.WIDTH and image.height > 2000
     pixels = image.getdata()
     run_colour = sum(1 for p in pixels if p == (31, 119, 180))  # the run's lines and markers

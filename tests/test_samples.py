@@ -3,13 +3,12 @@ sampling leaves training bit-identical, and that a resumed run records every (st
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_run
+from conftest import read_jsonl, tiny_run
 from safetensors.torch import load_file
 
 from finetrack.config import ConfigError, load_config
@@ -17,10 +16,6 @@ from finetrack.resume import check_config
 from finetrack.sampling import load_prompts
 
 PROMPTS = ("train.sample_prompts=[say hello, name a colour]", "train.sample_generation.max_new_tokens=12")
-
-
-def read_samples(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
 
 
 def test_sampling_leaves_training_bit_identical(tmp_path, tiny_model_dir, chat_file):
@@ -35,7 +30,7 @@ def test_sampling_leaves_training_bit_identical(tmp_path, tiny_model_dir, chat_f
     a, b = load_file(plain.final_checkpoint / "adapter_model.safetensors"), load_file(sampled.final_checkpoint / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    samples = read_samples(sampled.run_dir)
+    samples = read_jsonl(sampled.run_dir / "samples.jsonl")
     # step 0 (base model), every 2 steps, and the last step; prompts in config order
     assert [(s["step"], s["prompt"]) for s in samples] == [(step, p) for step in (0, 2, 4, 5) for p in ("say hello", "name a colour")]
     assert all(set(s) == {"step", "epoch", "prompt", "answer"} and isinstance(s["answer"], str) for s in samples)
@@ -48,7 +43,7 @@ def test_sampling_with_gradient_checkpointing_full_model(tmp_path, tiny_model_di
     common = ("model.method=full", "train.max_steps=2", "train.sample_every_steps=1", *PROMPTS)
     gc, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, "model.gradient_checkpointing=true", name="gc")
     plain, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, name="plain")
-    gc_samples, plain_samples = read_samples(gc.run_dir), read_samples(plain.run_dir)
+    gc_samples, plain_samples = read_jsonl(gc.run_dir / "samples.jsonl"), read_jsonl(plain.run_dir / "samples.jsonl")
     assert [s["step"] for s in gc_samples] == [0, 0, 1, 1, 2, 2]
     assert [s["answer"] for s in gc_samples if s["step"] == 0] == [s["answer"] for s in plain_samples if s["step"] == 0]
     assert any(s["answer"] for s in gc_samples)
@@ -63,14 +58,14 @@ def test_resume_records_each_step_and_prompt_once(tmp_path, tiny_model_dir, chat
     shutil.rmtree(tmp_path / "cut/checkpoints/step-000004")
     result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, name="cut")
     assert result.resumed_from_step == 2
-    keys = [(s["step"], s["prompt"]) for s in read_samples(result.run_dir)]
+    keys = [(s["step"], s["prompt"]) for s in read_jsonl(result.run_dir / "samples.jsonl")]
     assert len(keys) == len(set(keys)) == 10 and [k for k in keys if k[0] == 0] == [(0, "say hello"), (0, "name a colour")]
-    assert read_samples(result.run_dir) == read_samples(ref.run_dir)  # bit-exact resume, greedy answers
+    assert read_jsonl(result.run_dir / "samples.jsonl") == read_jsonl(ref.run_dir / "samples.jsonl")  # bit-exact resume, greedy answers
 
     # no checkpoint left at all (a crash before the first one): a fresh start answers step 0 again, once
     shutil.rmtree(tmp_path / "cut/checkpoints")
     result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, name="cut")
-    assert result.resumed_from_step == 0 and read_samples(result.run_dir) == read_samples(ref.run_dir)
+    assert result.resumed_from_step == 0 and read_jsonl(result.run_dir / "samples.jsonl") == read_jsonl(ref.run_dir / "samples.jsonl")
 
 
 def test_prompt_files_and_config_errors(tmp_path):

@@ -16,36 +16,14 @@ from pathlib import Path
 
 import fsspec
 import pytest
-import torch
-from conftest import BUCKET, SECRET
+from conftest import BUCKET, SECRET, make_checkpoint
 from conftest import use_endpoint as _use_endpoint
-from safetensors.torch import save_file
 
 from finetrack import checkpoint, storage
 from finetrack.checkpoint import MANIFEST, CheckpointError
 
 
 # ------------------------------------------------------------------------------- checkpoints
-def make_checkpoint(run_dir: Path, step: int, resumable: bool = True) -> Path:
-    """A real checkpoint: small safetensors weights, a config, a tokenizer file in a subfolder, optimizer state."""
-    gen = torch.Generator().manual_seed(step)
-
-    def write_weights(folder: Path) -> None:
-        save_file({"w": torch.randn(64, 64, generator=gen)}, folder / "model.safetensors")
-        (folder / "config.json").write_text(json.dumps({"hidden_size": 64}))
-        (folder / "tokenizer").mkdir()
-        (folder / "tokenizer" / "tokenizer.json").write_text(json.dumps({"vocab": {"a": 0}}))
-
-    state = None
-    if resumable:
-        param = torch.nn.Parameter(torch.randn(8, 8, generator=gen))
-        opt = torch.optim.AdamW([param], lr=1e-3)
-        param.grad = torch.ones_like(param)
-        opt.step()
-        state = checkpoint.capture_state(opt, {"step": step, "tokens_seen": 100 * step})
-    return checkpoint.save(run_dir, step, write_weights, state, meta={"rules": ["every_steps"]})
-
-
 def write_run_files(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.resolved.yaml").write_text("model: tiny\n")

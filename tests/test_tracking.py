@@ -11,17 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_run
+from conftest import read_jsonl, tiny_run
 
 from finetrack.config import ConfigError, Resolved, load_config
 from finetrack.tracking import check_installed, config_params, markdown_table
 
 SAMPLING = ("train.sample_every_steps=2", "train.sample_prompts=[say hello, name a colour]", "train.sample_generation.max_new_tokens=12")
 RESUMABLE = ("train.max_steps=4", "checkpoint.every_steps=2", *SAMPLING)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def by_step(rows: list[dict]) -> dict[int, list[dict]]:

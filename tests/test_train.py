@@ -136,18 +136,6 @@ def test_qlora_on_cpu(tmp_path, tiny_model_dir, chat_file, quant_type, double_qu
         assert err.norm() < 0.2 * original[key].norm(), name
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
-def test_gradient_checkpointing_switch_reaches_the_model(tiny_model_dir, method):
-    from finetrack.config import Environment, resolve
-    from finetrack.models import build_model
-
-    env = Environment(device_type="cpu", bf16_supported=False, num_processes=1, num_train_rows=100)
-    for on in (False, True):
-        cfg, _ = resolve(load_config(None, [f"model.name={tiny_model_dir}", f"model.method={method}", f"model.gradient_checkpointing={str(on).lower()}"]), env)
-        model = build_model(cfg.model, torch.device("cpu"))
-        assert model.is_gradient_checkpointing is on, (method, on)
-
-
 def _built(tiny_model_dir, *overrides: str) -> torch.nn.Module:
     from finetrack.config import Environment, resolve
     from finetrack.models import build_model
@@ -155,6 +143,13 @@ def _built(tiny_model_dir, *overrides: str) -> torch.nn.Module:
     env = Environment(device_type="cpu", bf16_supported=False, num_processes=1, num_train_rows=100)
     cfg, _ = resolve(load_config(None, [f"model.name={tiny_model_dir}", *overrides]), env)
     return build_model(cfg.model, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_gradient_checkpointing_switch_reaches_the_model(tiny_model_dir, method):
+    for on in (False, True):
+        model = _built(tiny_model_dir, f"model.method={method}", f"model.gradient_checkpointing={str(on).lower()}")
+        assert model.is_gradient_checkpointing is on, (method, on)
 
 
 def _adapted(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

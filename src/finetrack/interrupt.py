@@ -23,7 +23,7 @@ import torch
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # StopFlag phase -> (what the first signal does, what a second one leaves undone)
 _SAY = {
-    "startup": ("", "exiting now"),
+    "startup": (None, "exiting now"),  # the first signal raises Interrupted: nothing to announce
     "training": ("finishing this optimizer step, then writing a checkpoint (send again to exit at once)", "exiting now without a checkpoint"),
     "finishing": (
         ("training is over; waiting for the checkpoint uploads to finish (send again to exit at once: "

@@ -43,7 +43,7 @@ DOUBLE_QUANT_BLOCK_VALUES = 256
 OPTIM_8BIT_BLOCK_VALUES = 256
 OPTIM_8BIT_MIN_VALUES = 4096
 
-# Calibration constants per device type; the measurements are in benchmarks/README.md.
+# Calibration constants per device type; the CPU figures measured with benchmarks/memory_model.py --verbose (2-core machine, 2026-11).
 # CUDA: the context and kernel images take device memory outside PyTorch's allocator (so outside
 # max_memory_allocated): ~500 MiB for a CUDA 12 context with lazy module loading (not measured here).
 CUDA_CONTEXT_BYTES = 500 * 2**20
@@ -61,9 +61,8 @@ CPU_RUN_OBJECTS_BYTES = 70 * 2**20
 # activations: 0.3-0.9 (LoRA 0.6-0.9, full 0.3-0.4); one value for all. With the threshold fixed, the
 # measured peaks match the other terms alone within 3%, so this term carries the CPU model's uncertainty.
 CPU_HEAP_SLACK_PER_FORWARD_BYTE = 0.65
-# CPU, QLoRA: quantizing on the CPU leaves bitsandbytes' temporaries as heap holes between the small
-# 4-bit tensors: RSS after building the model exceeds its tensors by 0.62-0.68 of the bytes quantized
-# (3 runs; 0.0 in a 4th).
+# CPU, QLoRA: quantizing on the CPU leaves bitsandbytes' temporaries as heap holes between the small 4-bit tensors: RSS after
+# building the model exceeds its tensors by 0.62-0.68 of the bytes quantized (3 runs; 0.0 in a 4th).
 CPU_QUANT_LEFTOVER_PER_WEIGHT_BYTE = 0.65
 
 
@@ -165,7 +164,7 @@ class Term:
     measured: bool = True
 
 
-def _mib(n: float) -> str:
+def mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
@@ -197,6 +196,11 @@ def _dtype(cfg: Config) -> str:
     if cfg.model.dtype not in DTYPE_BYTES or cfg.model.attn_implementation == "auto":
         raise ValueError("memory: resolve the config first (config.resolve_model fills model.dtype and attn_implementation)")
     return cfg.model.dtype
+
+
+def trainable_params(cfg: Config, arch: Architecture) -> tuple[int, int]:
+    """(trainable parameters, bytes each): the whole model in its dtype, or the LoRA adapters in float32."""
+    return (arch.num_params, DTYPE_BYTES[_dtype(cfg)]) if cfg.model.method == "full" else (num_adapter_params(cfg, arch), ADAPTER_BYTES)
 
 
 def activation_bytes_per_token(cfg: Config, arch: Architecture, layer: int, row_tokens: int, masked: bool) -> tuple[float, str]:
@@ -266,7 +270,7 @@ def _weights(cfg: Config, arch: Architecture, device_type: str) -> list[Term]:
     rest = arch.num_params - linear_weights  # embeddings, lm_head, norms, biases
     terms = [
         Term("weights (4-bit)", packed + constants,
-             f"{linear_weights:,} linear params x 0.5 B ({m.qlora.quant_type}) + {_mib(constants)} constants ({how})"),
+             f"{linear_weights:,} linear params x 0.5 B ({m.qlora.quant_type}) + {mib(constants)} constants ({how})"),
         Term("weights (not quantized)", rest * 4,
              f"{rest:,} params (embeddings, lm_head, norms, biases) x 4 B (float32: prepare_model_for_kbit_training upcasts them)"),
     ]
@@ -276,7 +280,7 @@ def _weights(cfg: Config, arch: Architecture, device_type: str) -> list[Term]:
     if device_type != "cuda":
         read_bytes = linear_weights * DTYPE_BYTES[compute]
         terms.append(Term("quantization leftovers (CPU heap)", int(CPU_QUANT_LEFTOVER_PER_WEIGHT_BYTE * read_bytes),
-                          f"{CPU_QUANT_LEFTOVER_PER_WEIGHT_BYTE} x {_mib(read_bytes)} quantized: freed temporaries glibc keeps"))
+                          f"{CPU_QUANT_LEFTOVER_PER_WEIGHT_BYTE} x {mib(read_bytes)} quantized: freed temporaries glibc keeps"))
     if device_type != "cuda" and arch.checkpoint_dtype == compute == "float32":
         # The unquantized tensors are zero-copy views of the mmap'd safetensors file, so the mapping stays
         # open, and every page quantization read stays resident (clean, reclaimable under pressure).
@@ -315,8 +319,7 @@ def breakdown(cfg: Config, arch: Architecture, work: Workload, device_type: str)
     """Every term of the training peak for this config, model and largest micro-batch on `device_type`
     ("cuda", or "cpu"; other devices are treated as "cpu"). `cfg` must be resolved (concrete dtype)."""
     m, t = cfg.model, cfg.train
-    dtype = _dtype(cfg)
-    p = DTYPE_BYTES[dtype]
+    p = DTYPE_BYTES[_dtype(cfg)]
     a = 4 if m.method == "qlora" else p
     tokens, rows, width, targets = work.micro_batch_tokens, work.num_rows, work.longest_row_tokens, work.target_tokens
     h, v, L = arch.hidden_size, arch.vocab_size, arch.num_layers
@@ -324,11 +327,10 @@ def breakdown(cfg: Config, arch: Architecture, work: Workload, device_type: str)
     terms = _weights(cfg, arch, device_type)
 
     # trainable parameters, their gradients and optimizer state
+    trainable, param_bytes = trainable_params(cfg, arch)
     if full:
-        trainable, param_bytes = arch.num_params, p
         largest = max([arch.num_embedding_params] + [s[0] * s[1] for s in arch.linear_shapes().values()])
     else:
-        trainable, param_bytes = num_adapter_params(cfg, arch), ADAPTER_BYTES
         largest = m.lora.r * max(max(s[0], s[1]) for s in arch.linear_shapes().values())
         terms.append(Term("LoRA adapters", trainable * ADAPTER_BYTES,
                           f"{trainable:,} params (r={m.lora.r} x (in + out) per adapted module) x 4 B (float32: PEFT autocast_adapter_dtype)"
@@ -373,7 +375,7 @@ def breakdown(cfg: Config, arch: Architecture, work: Workload, device_type: str)
     logits = max(12 * targets * v, a * targets * v + head_grad)
     how = f"{targets:,} target tokens x {v:,} vocab x 12 B (float32 log-softmax output, its gradient, nll_loss gradient)"
     if logits != 12 * targets * v:
-        how = f"{targets:,} x {v:,} x {a} B logits gradient + lm_head weight gradient {_mib(head_grad)}"
+        how = f"{targets:,} x {v:,} x {a} B logits gradient + lm_head weight gradient {mib(head_grad)}"
     terms.append(Term("logits and loss", logits, how, ("loss",)))
 
     if device_type == "cuda":
@@ -384,7 +386,7 @@ def breakdown(cfg: Config, arch: Architecture, work: Workload, device_type: str)
         terms.append(Term("run objects", CPU_RUN_OBJECTS_BYTES, "tokenizer, tokenized rows, module objects, oneDNN/OpenMP scratch"))
         forward = sum(layer_bytes) + outside  # what one forward saves without checkpointing
         terms.append(Term("CPU heap slack", int(CPU_HEAP_SLACK_PER_FORWARD_BYTE * forward),
-                          f"{CPU_HEAP_SLACK_PER_FORWARD_BYTE} x {_mib(forward)} (one forward's activations, not checkpointed): "
+                          f"{CPU_HEAP_SLACK_PER_FORWARD_BYTE} x {mib(forward)} (one forward's activations, not checkpointed): "
                           "freed temporaries glibc keeps on the heap", ("loss", "layer")))
     return terms
 
@@ -464,17 +466,16 @@ def _candidates(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def ranked_changes(cfg: Config, arch: Architecture, work_for: Callable[[Config], Workload], device_type: str, device_bytes: int) -> list[Change]:
-    """Each change that lowers the predicted peak, applied alone, plus the greedy combination of the most
-    effective ones until the run fits (when no single change is enough). Those that fit come first, then
-    by predicted peak. work_for(cfg) gives the largest micro-batch of a changed config (micro batch size
-    or max_length); it is called once per distinct (micro_batch_size, max_length)."""
-    works: dict[tuple[int, int], Workload] = {}
+def ranked_changes(cfg: Config, arch: Architecture, work_for: Callable[[Config], Workload], device_type: str, device_bytes: int,
+                   base: Workload | None = None) -> list[Change]:
+    """Each change that lowers the predicted peak, applied alone, plus the greedy combination of the most effective ones until
+    the run fits (when no single change is enough); those that fit first, then by predicted peak. work_for(c): the largest
+    micro-batch of a changed config, asked once per (micro_batch_size, max_length); base: cfg's own, when the caller has it."""
+    works = {} if base is None else {(cfg.train.micro_batch_size, cfg.data.max_length): base}
 
     def peak(c: Config) -> int:
         key = (c.train.micro_batch_size, c.data.max_length)
-        if key not in works:
-            works[key] = work_for(c)
+        works[key] = works.get(key) or work_for(c)
         return peak_bytes(breakdown(c, arch, works[key], device_type))
 
     base = peak(cfg)
@@ -486,10 +487,10 @@ def ranked_changes(cfg: Config, arch: Architecture, work_for: Callable[[Config],
     if base > device_bytes and not any(c.fits for c in changes):
         current, current_peak, steps, merged = cfg, base, [], {}
         for _ in range(8):  # each round applies the single change that lowers the peak most
-            options = [(peak(_apply(current, v)), d, v) for d, v in _candidates(current)]
-            if not options or min(options, key=lambda o: o[0])[0] >= current_peak:
+            best = min(((peak(_apply(current, v)), d, v) for d, v in _candidates(current)), key=lambda o: o[0], default=None)
+            if best is None or best[0] >= current_peak:
                 break
-            current_peak, description, values = min(options, key=lambda o: o[0])
+            current_peak, description, values = best
             current, steps, merged = _apply(current, values), steps + [description.split(" (")[0]], {**merged, **values}
             if current_peak <= device_bytes:
                 break

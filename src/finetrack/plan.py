@@ -8,8 +8,8 @@ Nothing is trained and no weights are loaded unless --measure is given.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import logging
 import os
 import re
 import tempfile
@@ -23,8 +23,6 @@ from . import memory
 from .batches import attn_tokens_for, micro_batch_shape, step_rows
 from .config import Config, ConfigError, Environment, effective_dump, resolve
 from .data import Example, prepare
-
-log = logging.getLogger("finetrack")
 
 # Peak dense tensor throughput (bf16; fp16 for T4, which has no bf16) and memory, from vendor datasheets.
 GPUS: dict[str, tuple[float, float, bool]] = {  # name: (TFLOP/s, GiB, bf16)
@@ -74,15 +72,25 @@ def target_for(gpu: str | None, device_memory: str | None, num_processes: int = 
         if key is None:
             raise ConfigError(f"--gpu {gpu}: known GPUs are {', '.join(GPUS)} (or leave it out to plan for this machine)")
         tflops, gib, bf16 = GPUS[key]
-        here = torch.cuda.is_available() and key.split("-")[0].lower() in torch.cuda.get_device_name().lower()
+        here = torch.cuda.is_available() and _gpu_key(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory) == key
         return Target("cuda", key, tflops * 1e12, mem or int(gib * 2**30), bf16, num_processes, here)
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        key = next((k for k in GPUS if k.split("-")[0].lower() in name.lower()), None)
-        total = torch.cuda.get_device_properties(0).total_memory
+        name, total = torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory
+        key = _gpu_key(name, total)
         return Target("cuda", name, GPUS[key][0] * 1e12 if key else None, mem or total, torch.cuda.is_bf16_supported(), num_processes)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # a CPU run's memory is the machine's RAM
     return Target("cpu", "this CPU", None, mem or ram, False, num_processes)
+
+
+def _gpu_key(device_name: str, memory_bytes: int | None = None) -> str | None:
+    """The GPUS entry a CUDA device name is, the model matched as a whole word ("NVIDIA A10" is not an A100,
+    "NVIDIA L4" not an L40S); an A100 by the size its name states ("A100-SXM4-40GB"), else by `memory_bytes`."""
+    words = set(re.split(r"[^A-Z0-9]+", device_name.upper()))
+    matches = [k for k in GPUS if k.upper().partition("-")[0] in words]
+    stated = [k for k in matches if k.upper().partition("-")[2] in words - {""}]
+    if stated or len(matches) < 2 or memory_bytes is None:
+        return (stated or matches or [None])[0]
+    return min(matches, key=lambda k: abs(GPUS[k][1] * 2**30 - memory_bytes))
 
 
 # ---------------------------------------------------------------------------------------- workload
@@ -97,15 +105,19 @@ class Workload:
     attention_cells: int = 0  # sum over micro-batches of rows x width^2 (dense attention scores)
 
 
-def checkpointing_both_ways(cfg: Config, arch: memory.Architecture, largest: memory.Workload, device_type: str) -> dict[str, dict]:
+def checkpointing_both_ways(cfg: Config, arch: memory.Architecture, largest: memory.Workload, device_type: str,
+                            terms: list[memory.Term]) -> dict[str, dict]:
     """Activation bytes (every activation term: with checkpointing the kept layer inputs plus the recomputed
-    layer) and the predicted peak with gradient checkpointing "off" and "on", the configured one marked."""
+    layer) and the predicted peak with gradient checkpointing "off" and "on", the configured one marked.
+    `terms`: the configured setting's breakdown (only the other one is computed here)."""
+    configured = cfg.model.gradient_checkpointing
+    model = cfg.model.model_copy(update={"gradient_checkpointing": not configured})
+    other = memory.breakdown(cfg.model_copy(update={"model": model}), arch, largest, device_type)
     out = {}
     for on in (False, True):
-        model = cfg.model.model_copy(update={"gradient_checkpointing": on})
-        terms = memory.breakdown(cfg.model_copy(update={"model": model}), arch, largest, device_type)
-        out["on" if on else "off"] = {"activation_bytes": sum(t.bytes for t in terms if t.name.startswith("activations")),
-                                      "peak_bytes": memory.peak_bytes(terms), "configured": on == cfg.model.gradient_checkpointing}
+        these = terms if on == configured else other
+        out["on" if on else "off"] = {"activation_bytes": sum(t.bytes for t in these if t.name.startswith("activations")),
+                                      "peak_bytes": memory.peak_bytes(these), "configured": on == configured}
     return out
 
 
@@ -211,14 +223,20 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     peak = memory.peak_bytes(terms)
     mem = {"largest_micro_batch": vars(work.largest), "terms": [vars(t) for t in terms], "peak_bytes": peak, "peak_phase": memory.peak_phase(terms),
            "device_bytes": target.memory_bytes, "fits": None if target.memory_bytes is None else peak <= target.memory_bytes, "changes": [],
-           "gradient_checkpointing": checkpointing_both_ways(cfg, arch, work.largest, target.device_type)}
+           "gradient_checkpointing": checkpointing_both_ways(cfg, arch, work.largest, target.device_type, terms)}
     if target.memory_bytes is not None and peak > target.memory_bytes:
         def work_for(changed: Config) -> memory.Workload:
+            """The largest micro-batch over every step of a changed config, its steps resolved as train would."""
             examples = capped(data.train, changed)
-            steps = min(total_steps, max(1, len(examples) // (changed.train.micro_batch_size * changed.train.grad_accum_steps * target.num_processes)))
+            try:
+                steps = resolve(changed, dataclasses.replace(env, num_train_rows=len(examples)))[1]["total_steps"]
+            except ConfigError:  # resolve refuses it (e.g. fewer rows left than one step takes): the steps its rows fill
+                per_step = changed.train.micro_batch_size * changed.train.grad_accum_steps * target.num_processes
+                steps = min(total_steps, max(1, len(examples) // per_step))
             return workload(examples, changed, steps, target.num_processes, attn).largest
 
-        mem["changes"] = [vars(c) for c in memory.ranked_changes(cfg, arch, work_for, target.device_type, target.memory_bytes)]
+        changes = memory.ranked_changes(cfg, arch, work_for, target.device_type, target.memory_bytes, base=work.largest)
+        mem["changes"] = [vars(c) for c in changes]
 
     # --- time and cost
     per_token, per_target, per_cell = flops_per_micro_batch_tokens(arch, cfg.model.method, cfg.model.gradient_checkpointing)
@@ -305,10 +323,7 @@ def checkpoint_bytes(cfg: Config, arch: memory.Architecture, tokenizer_file_byte
     """Size of one checkpoint folder: the trained weights (the adapter in float32, or the whole model in its
     dtype), the optimizer state as memory.py counts it (torch AdamW: 2 states in the parameters' dtype),
     the tokenizer files and the small files (JSON, safetensors headers; CHECKPOINT_SMALL_FILES_BYTES)."""
-    if cfg.model.method == "full":
-        trained, weight_bytes = arch.num_params, memory.DTYPE_BYTES[cfg.model.dtype]
-    else:
-        trained, weight_bytes = memory.num_adapter_params(cfg, arch), memory.ADAPTER_BYTES
+    trained, weight_bytes = memory.trainable_params(cfg, arch)
     state = memory.optimizer_state_bytes(cfg.train.optimizer, trained, weight_bytes)
     return trained * weight_bytes + state + tokenizer_file_bytes + CHECKPOINT_SMALL_FILES_BYTES
 
@@ -362,28 +377,27 @@ def render(plan: Plan) -> str:
     width = max(len(term["name"]) for term in m["terms"])
     for term in m["terms"]:
         alive = ",".join(term["phases"]) or "always"
-        lines.append(f"  {term['name']:<{width}}  {_mib(term['bytes']):>10}  [{alive}]  {term['detail']}")
+        lines.append(f"  {term['name']:<{width}}  {memory.mib(term['bytes']):>10}  [{alive}]  {term['detail']}")
     verdict = ""
     if m["device_bytes"] is not None:
         share = m["peak_bytes"] / m["device_bytes"]
-        verdict = f" of {_mib(m['device_bytes'])}: " + ("fits" if m["fits"] else "DOES NOT FIT") + f" ({share:.0%})"
+        verdict = f" of {memory.mib(m['device_bytes'])}: " + ("fits" if m["fits"] else "DOES NOT FIT") + f" ({share:.0%})"
     during = f"  during '{m['peak_phase']}' (the terms alive then)" if m["peak_phase"] else ""
-    lines.append(f"  {'predicted peak':<{width}}  {_mib(m['peak_bytes']):>10}{during}{verdict}")
+    lines.append(f"  {'predicted peak':<{width}}  {memory.mib(m['peak_bytes']):>10}{during}{verdict}")
     for setting, g in m["gradient_checkpointing"].items():
         which = "as configured" if g["configured"] else "the other setting"
-        lines.append(f"  activations with gradient checkpointing {setting:<3}: {_mib(g['activation_bytes'])}, predicted peak "
-                     f"{_mib(g['peak_bytes'])} ({which})")
+        lines.append(f"  activations with gradient checkpointing {setting:<3}: {memory.mib(g['activation_bytes'])}, predicted peak "
+                     f"{memory.mib(g['peak_bytes'])} ({which})")
     if m["changes"]:
         lines.append("  changes, best first (predicted peak with each):")
         for c in m["changes"]:
-            fits = c["peak_bytes"] <= m["device_bytes"]
-            lines.append(f"    {_mib(c['peak_bytes']):>10}  {'fits' if fits else 'still too big'}  {c['description']}  ({' '.join(c['overrides'])})")
+            lines.append(f"    {memory.mib(c['peak_bytes']):>10}  {'fits' if c['fits'] else 'still too big'}  {c['description']}  ({' '.join(c['overrides'])})")
     how = "measured on this machine" if t["from_measurement"] else "estimated from FLOPs"
     cost = "" if t["cost"] is None else f"; at {t['price_per_hour']:.2f}/h: {t['cost']:.2f}"
     lines += ["", (f"time and cost ({how}): {t['train_tokens']:,} tokens to train ({t['computed_tokens']:,} computed with padding, "
                    f"{t['target_tokens']:,} carrying loss)")]
     lines.append(f"  training {_hours(t['train_s'])} + held-out loss {_hours(t['eval_loss_s'])} + {t['num_checkpoints']} checkpoint(s) of "
-                 f"{_mib(t['checkpoint_bytes'])} {_hours(t['checkpoint_s'])} = {_hours(t['total_s'])}{cost}")
+                 f"{memory.mib(t['checkpoint_bytes'])} {_hours(t['checkpoint_s'])} = {_hours(t['total_s'])}{cost}")
     if t["measured"] and not t["from_measurement"]:
         lines.append(f"  measured on this machine ({t['measured']['device']}, one process): {t['measured']['tokens_per_s']:,.0f} tokens/s, "
                      f"training {_hours(t['measured']['train_s_here'])} here; NOT used for {plan.target['name']} (a measurement times only "
@@ -397,10 +411,6 @@ def render(plan: Plan) -> str:
 def _list(steps: list[int], max_listed: int = 20) -> str:
     shown = steps if len(steps) <= max_listed else [*steps[: max_listed // 2], "...", *steps[-max_listed // 2 :]]
     return ", ".join(map(str, shown))
-
-
-def _mib(num_bytes: float) -> str:
-    return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
 
 
 def _hours(seconds: float) -> str:

@@ -89,7 +89,7 @@ def _from_remote(remote: str, run_dir: Path, warn: Callable[[str], None]) -> Pat
         # the run's history first (metrics.jsonl, ...; trimmed to the resumed step later): a local log that began at
         # the resumed step would replace the remote one at the next upload. First, so that a failed checkpoint
         # download, retried by running again, still finds the history here.
-        fetched = storage.pull_run_files(remote, run_dir) if steps else []
+        fetched = storage.pull_logs(remote, run_dir) if steps else []
         if fetched:
             log.info("fetched %s from %s", ", ".join(fetched), storage.redact(remote))
         pulled = storage.pull_newest_resumable(remote, run_dir, warn) if steps else None
@@ -218,5 +218,6 @@ def trim_log(path: Path, last_step: int) -> int:
                 keep.append(line)
         except (ValueError, KeyError, TypeError):
             pass  # a line cut short by a crash
-    checkpoint.write_atomic(path, "".join(x + "\n" for x in keep))
+    if len(keep) < len(lines):  # rewritten only when something goes
+        checkpoint.write_atomic(path, "".join(x + "\n" for x in keep))
     return len(lines) - len(keep)

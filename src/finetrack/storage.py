@@ -35,7 +35,8 @@ from . import checkpoint
 from .checkpoint import MANIFEST, CheckpointError
 
 # The run-level files a remote copy holds: a run resumed on an empty machine continues their history.
-RUN_FILES = ("config.resolved.yaml", "data_report.json", "metrics.jsonl", "samples.jsonl")
+LOG_FILES = ("metrics.jsonl", "samples.jsonl")  # the run's history, appended step by step (sampling.SAMPLES_FILE)
+RUN_FILES = ("config.resolved.yaml", "data_report.json", *LOG_FILES)
 # Written by the Uploader into the local run directory (read by the report); never uploaded.
 REMOTE_RECORD = "remote.json"
 _USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
@@ -137,8 +138,8 @@ def push_run_files(run_dir: Path, url: str) -> None:
             _put_file(fs, f"{root}/{name}", data=data)
 
 
-def pull_run_files(url: str, run_dir: Path) -> list[str]:
-    """Download the run files (RUN_FILES) that `run_dir` lacks; returns the names fetched.
+def pull_logs(url: str, run_dir: Path) -> list[str]:
+    """Download the run's logs (LOG_FILES) that `run_dir` lacks; returns the names fetched.
 
     A run resumed from the remote on an empty machine needs the remote metrics.jsonl (and
     samples.jsonl): its own would start at the resumed step, and its next upload would replace the
@@ -146,7 +147,7 @@ def pull_run_files(url: str, run_dir: Path) -> list[str]:
     """
     fs, root = _open(url)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    return [name for name in RUN_FILES if not (Path(run_dir) / name).exists() and _get_run_file(fs, root, name, Path(run_dir))]
+    return [name for name in LOG_FILES if not (Path(run_dir) / name).exists() and _get_run_file(fs, root, name, Path(run_dir))]
 
 
 def _get_run_file(fs: fsspec.AbstractFileSystem, root: str, name: str, dst: Path) -> bool:
@@ -342,15 +343,14 @@ class Uploader:
     def _work(self) -> None:
         while (folder := self._queue.get()) is not None:
             outcome = self._upload(folder)
-            step = checkpoint.parse_step(folder.name)
+            step = checkpoint.parse_step(folder.name)  # folders come from checkpoint_dir / complete_checkpoints: step-NNNNNN
             with self._lock:  # one critical section: busy() never misses a failed folder
                 self._pending.remove(folder)
-                if outcome != "done":
-                    (self._failed if outcome == "failed" else self._broken).append(folder)
-                if step is not None and outcome == "done":
+                if outcome == "done":
                     self._uploaded_steps.add(step)
                     self._failed_steps.discard(step)
-                elif step is not None:  # a failed re-upload took the remote manifest away first: not there now
+                else:  # a failed re-upload took the remote manifest away first: not there now
+                    (self._failed if outcome == "failed" else self._broken).append(folder)
                     self._failed_steps.add(step)
                     self._uploaded_steps.discard(step)
             self._write_record()
@@ -419,7 +419,6 @@ def _sync_once(src: str, dst: Path, out: Callable[[str], None], skipped: dict[st
     """One pass of sync(). `skipped` holds the remote manifests that failed, so that a watch retries a
     checkpoint only once it changes; the summary line is left out when `quiet` and nothing was fetched."""
     fs, root = _open(src)
-    _sweep_stale_downloads(dst, out)
     fetched, total_bytes, present, failed = [], 0, 0, 0
     for step in remote_steps(src):
         name, local = f"step-{step:06d}", checkpoint.checkpoint_dir(dst, step)
@@ -479,6 +478,7 @@ def sync(
     if isinstance(fs, LocalFileSystem) and Path(root).resolve() == dst.resolve():
         raise ValueError(f"sync: source and destination are the same directory ({dst})")
     (dst / "checkpoints").mkdir(parents=True, exist_ok=True)
+    _sweep_stale_downloads(dst, out)  # once: a watch's own temporaries never outlive a poll
     skipped: dict[str, bytes] = {}
     if watch_seconds is None:
         return _sync_once(src, dst, out, skipped, quiet=False)

@@ -25,12 +25,11 @@ log = logging.getLogger("finetrack")
 IDS_FILE = "trackers.json"
 TENSORBOARD_DIR = "tensorboard"
 SAMPLES_KEY = "samples"  # the tracker key (TensorBoard tag, W&B table, MLflow artifact folder) of the samples
-_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # what each tracker imports
 
 
 def check_installed(report_to: list[str]) -> None:
     """Fail before any work when a tracker's package is missing (accelerate would silently skip it)."""
-    missing = [name for name in report_to if importlib.util.find_spec(_MODULES[name]) is None]
+    missing = [name for name in report_to if importlib.util.find_spec(name) is None]  # each tracker imports the module of its name
     if missing:
         extras = ",".join(missing)
         raise ConfigError(f"train.report_to: {', '.join(missing)} not installed: pip install 'finetrack[{extras}]' (or remove it from train.report_to)")

@@ -136,6 +136,7 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag) ->
     make_batch = partial(collate, pad_id=tokenizer.pad_token_id, pack=cfg.data.pack, pack_row_tokens=cfg.data.pack_row_tokens, attn_tokens=_attn_tokens(model))
     optimizer = build_optimizer(model, cfg.train, cfg.train.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
+    bare = accelerator.unwrap_model(model)  # what sampling and checkpoints use: the same module, without DDP/FSDP wrappers
     model.train()
 
     total_steps, steps_per_epoch = res["total_steps"], res["steps_per_epoch"]
@@ -153,7 +154,8 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag) ->
         for name in ("metrics.jsonl", sampling.SAMPLES_FILE):
             dropped = resume.trim_log(run_dir / name, kept_through)
             if dropped:
-                log.info("%s: dropped %d line(s) an earlier attempt logged after step %d (those steps run again)", name, dropped, done["step"])
+                after = f"after step {kept_through}" if start else "(a fresh start)"
+                log.info("%s: dropped %d line(s) an earlier attempt logged %s: those steps run again", name, dropped, after)
     trackers = tracking.start(accelerator, cfg, res, run_dir, kept_through)
     trainable = [p for p in model.parameters() if p.requires_grad]
     uploader = None
@@ -166,7 +168,7 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag) ->
     out = MetricsLog(run_dir / "metrics.jsonl", total_steps, done["step"], main)
     sampler = sampling.Sampler(prompts, cfg.train, tokenizer, run_dir, total_steps, steps_per_epoch, out, trackers, main)
     if not start:
-        sampler.sample_if_due(0, accelerator.unwrap_model(model))  # the starting weights' answers
+        sampler.sample_if_due(0, bare)  # the starting weights' answers
     window = Window()
     window.restore(done["window"])
     last_loss = float("nan")
@@ -200,7 +202,7 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag) ->
                 out.write(record)
                 trackers.log_metrics(record)
             out.bar.update(1)
-            sampler.sample_if_due(step, accelerator.unwrap_model(model))  # before the checkpoint: a checkpoint implies its samples
+            sampler.sample_if_due(step, bare)  # before the checkpoint: a checkpoint implies its samples
             stopped_by = stop.requested(accelerator)
             if step in schedule or stopped_by:
                 accelerator.wait_for_everyone()
@@ -212,7 +214,7 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag) ->
                     meta = {"epoch": step / steps_per_epoch, "total_steps": total_steps, "tokens_seen": done["tokens_seen"], "rules": rules,
                             "metrics": {"loss": last_loss, "eval_loss": done["eval_loss"], "lr": lr, "grad_norm": grad_norm},
                             "config_hash": config_hash(cfg), "config": effective_dump(cfg), "resolved": batch, "data_fingerprint": fingerprint}
-                    _save_checkpoint(run_dir, step, accelerator.unwrap_model(model), tokenizer, optimizer, progress, meta, cfg.checkpoint, uploader, out)
+                    _save_checkpoint(run_dir, step, bare, tokenizer, optimizer, progress, meta, cfg.checkpoint, uploader, out)
                 stopped_by = stopped_by or stop.requested(accelerator)  # a signal during the save: the checkpoint is already there
             if stopped_by:
                 break

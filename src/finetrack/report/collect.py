@@ -21,10 +21,14 @@ class CheckpointInfo:
     step: int
     folder: str
     size_bytes: int
-    complete: bool  # MANIFEST.json present and every listed file has its size
     resumable: bool  # still holds optimizer / RNG state
     meta: dict
-    problem: str = ""
+    problem: str = ""  # what verifying it found wrong ("": complete)
+
+    @property
+    def complete(self) -> bool:
+        """MANIFEST.json present and every listed file has its size."""
+        return not self.problem
 
 
 @dataclass
@@ -116,7 +120,7 @@ def _checkpoints(run_dir: Path) -> list[CheckpointInfo]:
             meta = checkpoint.read_meta(folder)
         except checkpoint.CheckpointError as e:
             problem = str(e)
-        out.append(CheckpointInfo(step, folder.name, size, not problem, resumable, meta, problem))
+        out.append(CheckpointInfo(step, folder.name, size, resumable, meta, problem))
     return out
 
 

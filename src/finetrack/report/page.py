@@ -14,6 +14,7 @@ from itertools import pairwise
 
 import yaml
 
+from ..storage import size_text
 from .charts import PALETTE, Chart, Series, fmt, render
 from .collect import RunData
 
@@ -103,7 +104,7 @@ def _checkpoint_marks(r: RunData, curve: list[tuple[float, float]]) -> list[tupl
     out = []
     for s in steps:
         c = on_disk.get(s)
-        state = (f"on disk, {_size(c.size_bytes)}" if c.complete else f"incomplete: {c.problem}") if c else "deleted by retention"
+        state = (f"on disk, {size_text(c.size_bytes)}" if c.complete else f"incomplete: {c.problem}") if c else "deleted by retention"
         rules = planned.get(s) or "+".join((c.meta.get("rules") if c else None) or ["signal"])
         out.append(((s, _interpolate(curve, s)), f"checkpoint {s} ({rules}; {state})"))
     return out
@@ -259,7 +260,7 @@ def _facts(r: RunData, color: str, index: int) -> str:
         ("trackers", escape(json.dumps(r.trackers)) if r.trackers else "none"),
     ]
     ck_rows = [[c.folder, f"{c.meta.get('epoch', 0):.2f}" if c.meta else "-", escape("+".join(c.meta.get("rules", [])) or "-"),
-                _size(c.size_bytes), "yes" if c.resumable else "no", escape(c.meta.get("saved_at", "-")),
+                size_text(c.size_bytes), "yes" if c.resumable else "no", escape(c.meta.get("saved_at", "-")),
                 "complete" if c.complete else f"<span class=\"bad\">{escape(c.problem)}</span>"] for c in r.checkpoints]
     columns = ["folder", "epoch", "rules", "size", "resume state", "saved at", "status"]
     if remote or r.remote:  # where each checkpoint's remote copy stands, from the uploader's remote.json
@@ -269,7 +270,7 @@ def _facts(r: RunData, color: str, index: int) -> str:
                        else "<span class=\"bad\">failed</span>" if c.step in r.remote["failed_steps"] else "not yet")
     body = (_table(["", ""], [[k, v] for k, v in facts], raw=True, header=False)
             + "<h3>Data</h3>" + _data_table(r.data_report)
-            + f"<h3>Checkpoints ({len(r.checkpoints)}, {_size(sum(c.size_bytes for c in r.checkpoints))})</h3>"
+            + f"<h3>Checkpoints ({len(r.checkpoints)}, {size_text(sum(c.size_bytes for c in r.checkpoints))})</h3>"
             + (_table(columns, ck_rows, raw=True) if ck_rows else "<p class=\"empty\">none</p>")
             + _collapsed("Resolved config (config.resolved.yaml)", f"<pre>{escape(redact(yaml.safe_dump(r.config, sort_keys=False, width=120)))}</pre>")
             + (_collapsed("Data report (data_report.json)", f"<pre>{escape(json.dumps(r.data_report, indent=2))}</pre>") if r.data_report else ""))
@@ -350,14 +351,6 @@ def _change(base, latest, percent: bool) -> str:
     rel = f" ({diff / abs(base):+.1%})" if base else ""
     text = (f"{100 * diff:+.3g} pts" if percent else f"{diff:+.4g}") + rel
     return escape(text)
-
-
-def _size(num_bytes: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if num_bytes < 1000 or unit == "GB":
-            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
-        num_bytes /= 1000
-    return ""
 
 
 def _swatch(color: str) -> str:
