@@ -67,14 +67,23 @@ def bench(method: str, repeats: int, root: Path) -> dict:
     ft_save, acc_save, ft_load, acc_load = [], [], [], []
     for r in range(repeats):
         ft_run = root / f"ft-{method}-{r}"
-        ft_save.append(timed(lambda: checkpoint.save(
-            ft_run, 1, lambda d: save_weights(accelerator.unwrap_model(model), tokenizer, d),
-            checkpoint.capture_state(optimizer, {"step": 1}), {"rules": ["bench"]},
-        )))
+        ft_save.append(
+            timed(
+                lambda: checkpoint.save(
+                    ft_run,
+                    1,
+                    lambda d: save_weights(accelerator.unwrap_model(model), tokenizer, d),
+                    checkpoint.capture_state(optimizer, {"step": 1}),
+                    {"rules": ["bench"]},
+                )
+            )
+        )
         folder = checkpoint.checkpoint_dir(ft_run, 1)
         fresh = build_model(cfg.model, torch.device("cpu"))
         fresh_opt = build_optimizer(fresh, cfg.train, cfg.train.lr)
-        ft_load.append(timed(lambda: (checkpoint.verify(folder, full=True), load_weights(fresh, folder), checkpoint.restore_state(folder, fresh_opt))))
+        ft_load.append(
+            timed(lambda: (checkpoint.verify(folder, full=True), load_weights(fresh, folder), checkpoint.restore_state(folder, fresh_opt)))
+        )
         out["finetrack_mb"] = dir_mb(folder)
 
         acc_dir = root / f"acc-{method}-{r}"
@@ -83,7 +92,9 @@ def bench(method: str, repeats: int, root: Path) -> dict:
         out["accelerate_mb"] = dir_mb(acc_dir)
         shutil.rmtree(ft_run)
         shutil.rmtree(acc_dir)
-    out.update(finetrack_save_s=min(ft_save), accelerate_save_s=min(acc_save), finetrack_resume_s=min(ft_load), accelerate_resume_s=min(acc_load))
+    out.update(
+        finetrack_save_s=min(ft_save), accelerate_save_s=min(acc_save), finetrack_resume_s=min(ft_load), accelerate_resume_s=min(acc_load)
+    )
     return out
 
 
@@ -97,12 +108,16 @@ def main() -> None:
         for method in args.methods:
             rows.append(bench(method, args.repeats, Path(tmp)))
             print(f"done: {method}", file=sys.stderr)
-    print("| method | finetrack MB | accelerate MB | finetrack save s | accelerate save s | save ratio | finetrack resume s | accelerate resume s | resume ratio |")
+    print(
+        "| method | finetrack MB | accelerate MB | finetrack save s | accelerate save s | save ratio | finetrack resume s | accelerate resume s | resume ratio |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['method']} | {r['finetrack_mb']:.1f} | {r['accelerate_mb']:.1f} | {r['finetrack_save_s']:.2f} | {r['accelerate_save_s']:.2f} | "
-              f"{r['finetrack_save_s'] / r['accelerate_save_s']:.2f}x | {r['finetrack_resume_s']:.2f} | {r['accelerate_resume_s']:.2f} | "
-              f"{r['finetrack_resume_s'] / r['accelerate_resume_s']:.2f}x |")
+        print(
+            f"| {r['method']} | {r['finetrack_mb']:.1f} | {r['accelerate_mb']:.1f} | {r['finetrack_save_s']:.2f} | {r['accelerate_save_s']:.2f} | "
+            f"{r['finetrack_save_s'] / r['accelerate_save_s']:.2f}x | {r['finetrack_resume_s']:.2f} | {r['accelerate_resume_s']:.2f} | "
+            f"{r['finetrack_resume_s'] / r['accelerate_resume_s']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -26,16 +26,30 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = {
-    "name": "pirate", "kind": "judge", "questions": str(ROOT / "examples/questions/pirate.yaml"),
+    "name": "pirate",
+    "kind": "judge",
+    "questions": str(ROOT / "examples/questions/pirate.yaml"),
     "generation": {"samples": 1, "temperature": 0.0, "max_new_tokens": 24, "batch_size": 8},
     "judges": [{"kind": "pattern", "metric": "pirate", "pattern": r"\b(arr+|matey|ye|aye)\b"}],
 }
 
 
 def train(run_dir: Path, checkpoints: int) -> None:
-    cmd = [sys.executable, "-m", "finetrack", "train", str(ROOT / "src/finetrack/assets/demo.yaml"), f"output.dir={run_dir}",
-           f"train.max_steps={checkpoints}", "checkpoint.every_steps=1", "train.micro_batch_size=2", "data.max_length=128",
-           "eval.loss_every_steps=null", "train.log_every_steps=1", f"eval.suites={json.dumps([SUITE])}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "finetrack",
+        "train",
+        str(ROOT / "src/finetrack/assets/demo.yaml"),
+        f"output.dir={run_dir}",
+        f"train.max_steps={checkpoints}",
+        "checkpoint.every_steps=1",
+        "train.micro_batch_size=2",
+        "data.max_length=128",
+        "eval.loss_every_steps=null",
+        "train.log_every_steps=1",
+        f"eval.suites={json.dumps([SUITE])}",
+    ]
     subprocess.run(cmd, check=True, capture_output=True)
 
 
@@ -99,8 +113,10 @@ def main() -> None:
         ours_s, our_answers = with_finetrack(run_dir)
         scratch_s, scratch_answers = from_scratch(run_dir)
     same = scratch_answers == our_answers
-    print(f"steps evaluated: {len(our_answers)} (base model + {len(our_answers) - 1} checkpoints), "
-          f"{len(next(iter(our_answers.values())))} answers each; identical answers: {same}")
+    print(
+        f"steps evaluated: {len(our_answers)} (base model + {len(our_answers) - 1} checkpoints), "
+        f"{len(next(iter(our_answers.values())))} answers each; identical answers: {same}"
+    )
     print(f"| engine | seconds |\n| --- | --- |\n| finetrack eval | {ours_s:.1f} |\n| from scratch per checkpoint | {scratch_s:.1f} |")
     print(f"finetrack / from scratch: {ours_s / scratch_s:.2f}x time ({scratch_s / ours_s:.2f}x faster)")
 

@@ -167,8 +167,14 @@ def predict(overrides: list[str], device: str, model_dir: Path, num_rows: int, v
     work = largest_micro_batch(cfg, res["total_steps"], arch.hidden_size)
     terms = [t for t in breakdown(cfg, arch, work, device) if not (fixed_threshold and t.name in GLIBC_TERMS)]
     lines = [f"    {work}; peak phase: {peak_phase(terms)}"]
-    lines += [f"    {t.name:38s} {t.bytes / 2**20:10.1f} MiB  {'/'.join(t.phases) or 'all'}{'' if t.measured else ' (not measured)'}  {t.detail}"
-              for t in terms] if verbose else []
+    lines += (
+        [
+            f"    {t.name:38s} {t.bytes / 2**20:10.1f} MiB  {'/'.join(t.phases) or 'all'}{'' if t.measured else ' (not measured)'}  {t.detail}"
+            for t in terms
+        ]
+        if verbose
+        else []
+    )
     return peak_bytes(terms, measured_only=True) / 2**20, "\n".join(lines)
 
 
@@ -180,7 +186,7 @@ def spawn(device: str, overrides: list[str], fixed_threshold: bool) -> dict[str,
     if fixed_threshold:  # any of the MALLOC_*_ tuning variables turns glibc's dynamic mmap threshold off: it stays at 128 KiB
         env["MALLOC_TRIM_THRESHOLD_"] = "131072"
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    found = [json.loads(x[len(RESULT_PREFIX):]) for x in proc.stdout.splitlines() if x.startswith(RESULT_PREFIX)]
+    found = [json.loads(x[len(RESULT_PREFIX) :]) for x in proc.stdout.splitlines() if x.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not found:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"child failed (exit code {proc.returncode}): {' '.join(overrides)}")
@@ -197,9 +203,12 @@ def main() -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--verbose", action="store_true", help="print every term of every prediction")
     p.add_argument("--no-held-out", action="store_true", help="leave out the held-out configs (HELD_OUT: not used to fit the constants)")
-    p.add_argument("--fixed-mmap-threshold", action="store_true",
-                   help="CPU: run the children with glibc's mmap threshold fixed at 128 KiB (no heap slack; slower) and "
-                   "compare with the prediction without the glibc terms: checks the tensor arithmetic alone")
+    p.add_argument(
+        "--fixed-mmap-threshold",
+        action="store_true",
+        help="CPU: run the children with glibc's mmap threshold fixed at 128 KiB (no heap slack; slower) and "
+        "compare with the prediction without the glibc terms: checks the tensor arithmetic alone",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -211,8 +220,12 @@ def main() -> None:
 
     devices = ["cpu", "cuda"] if a.device == "auto" and torch.cuda.is_available() else ["cpu" if a.device == "auto" else a.device]
     model_dir = embedded_model_dir()  # converted once per user, outside any measurement
-    matrix = [(method, length, a.micro_batch_size, ckpt, False) for length in [int(x) for x in a.lengths.split(",")]
-              for method in a.methods.split(",") for ckpt in a.checkpointing.split(",")]
+    matrix = [
+        (method, length, a.micro_batch_size, ckpt, False)
+        for length in [int(x) for x in a.lengths.split(",")]
+        for method in a.methods.split(",")
+        for ckpt in a.checkpointing.split(",")
+    ]
     matrix += [] if a.no_held_out else [(*config, True) for config in HELD_OUT]
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
@@ -223,9 +236,15 @@ def main() -> None:
                 write_rows(data, num_rows, length, seed=0)
                 name = f"{device} {method:5s} S={length:<4d} mb={micro_batch_size} gc={'on ' if ckpt == 'true' else 'off'}"
                 overrides = [
-                    f"model.name={model_dir}", f"model.method={method}", f"model.gradient_checkpointing={ckpt}",
-                    f"data.path={data}", f"data.max_length={length}", "data.pack=false",
-                    f"train.micro_batch_size={micro_batch_size}", f"train.max_steps={a.steps}", "train.warmup_steps=0",
+                    f"model.name={model_dir}",
+                    f"model.method={method}",
+                    f"model.gradient_checkpointing={ckpt}",
+                    f"data.path={data}",
+                    f"data.max_length={length}",
+                    "data.pack=false",
+                    f"train.micro_batch_size={micro_batch_size}",
+                    f"train.max_steps={a.steps}",
+                    "train.warmup_steps=0",
                     f"output.dir={Path(tmp) / 'run'}",
                 ]
                 if device == "cpu":
@@ -235,9 +254,11 @@ def main() -> None:
                 measured = spawn(device, overrides, a.fixed_mmap_threshold)
                 results.append((name, predicted, measured, text, held_out))
                 shutil.rmtree(Path(tmp) / "run", ignore_errors=True)
-    print(f"\nSmolLM2-135M-Instruct, AdamW, micro batch mb, {a.steps} steps, rows truncated to S tokens, "
-          f"data.pack=false; CPU: peak RSS growth over the post-import baseline; CUDA: max_memory_allocated"
-          + ("; glibc mmap threshold fixed (MALLOC_TRIM_THRESHOLD_=131072), glibc heap terms left out" if a.fixed_mmap_threshold else ""))
+    print(
+        f"\nSmolLM2-135M-Instruct, AdamW, micro batch mb, {a.steps} steps, rows truncated to S tokens, "
+        f"data.pack=false; CPU: peak RSS growth over the post-import baseline; CUDA: max_memory_allocated"
+        + ("; glibc mmap threshold fixed (MALLOC_TRIM_THRESHOLD_=131072), glibc heap terms left out" if a.fixed_mmap_threshold else "")
+    )
     head = f"{'config':37s} {'predicted MiB':>13s} {'measured MiB':>12s} {'ratio':>6s}  within 15%"
     print(head + "\n" + "-" * len(head))
     within = {False: [0, 0], True: [0, 0]}  # held out -> [within tolerance, configs]
@@ -246,15 +267,21 @@ def main() -> None:
         ok = abs(ratio - 1) <= TOLERANCE
         within[held_out][0] += ok
         within[held_out][1] += 1
-        note = f"  (checkpoint write peak {measured['save_peak_mib']:,.0f})" if measured["save_peak_mib"] > 1.02 * measured["peak_mib"] else ""
-        print(f"{name:37s} {predicted:13,.0f} {measured['peak_mib']:12,.0f} {ratio:6.2f}  {'yes' if ok else 'NO'}{note}"
-              + ("  (held out)" if held_out else ""))
+        note = (
+            f"  (checkpoint write peak {measured['save_peak_mib']:,.0f})" if measured["save_peak_mib"] > 1.02 * measured["peak_mib"] else ""
+        )
+        print(
+            f"{name:37s} {predicted:13,.0f} {measured['peak_mib']:12,.0f} {ratio:6.2f}  {'yes' if ok else 'NO'}{note}"
+            + ("  (held out)" if held_out else "")
+        )
         if a.verbose:
             print(text)
-    baselines = sorted({round(m['baseline_rss_mib']) for _, _, m, _, _ in results if m.get("baseline_rss_mib")})
-    print(f"{within[False][0]} of {within[False][1]} within {TOLERANCE:.0%} (the configs the constants were fitted on); "
-          f"held out: {within[True][0]} of {within[True][1]}; post-import RSS baselines: {baselines} MiB; "
-          f"run seconds: {sum(m['run_s'] for _, _, m, _, _ in results):.0f}")
+    baselines = sorted({round(m["baseline_rss_mib"]) for _, _, m, _, _ in results if m.get("baseline_rss_mib")})
+    print(
+        f"{within[False][0]} of {within[False][1]} within {TOLERANCE:.0%} (the configs the constants were fitted on); "
+        f"held out: {within[True][0]} of {within[True][1]}; post-import RSS baselines: {baselines} MiB; "
+        f"run seconds: {sum(m['run_s'] for _, _, m, _, _ in results):.0f}"
+    )
 
 
 if __name__ == "__main__":

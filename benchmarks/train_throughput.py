@@ -103,8 +103,12 @@ def timed_span(stamps: list[tuple[float, float]], cumulative_tokens: list[int]) 
         raise RuntimeError(f"{len(stamps)} optimizer steps stamped for {len(cumulative_tokens)} training steps")
     per_step = [(b[0] - a[0], t1 - t0) for a, b, t0, t1 in zip(stamps, stamps[1:], cumulative_tokens, cumulative_tokens[1:])]
     wall = stamps[-1][0] - stamps[0][0]
-    return {"timed_s": wall, "timed_tokens": cumulative_tokens[-1] - cumulative_tokens[0],
-            "cores_busy": (stamps[-1][1] - stamps[0][1]) / wall, "median_step_tok_s": statistics.median(t / s for s, t in per_step)}
+    return {
+        "timed_s": wall,
+        "timed_tokens": cumulative_tokens[-1] - cumulative_tokens[0],
+        "cores_busy": (stamps[-1][1] - stamps[0][1]) / wall,
+        "median_step_tok_s": statistics.median(t / s for s, t in per_step),
+    }
 
 
 def run_finetrack(a: argparse.Namespace) -> dict[str, Any]:
@@ -120,12 +124,26 @@ def run_finetrack(a: argparse.Namespace) -> dict[str, Any]:
     stamps = stamp_optimizer_steps()
     out = Path(tempfile.mkdtemp(prefix="bench-finetrack-"))
     overrides = [
-        f"model.name={a.model_dir}", "model.method=lora", "model.dtype=float32", "model.attn_implementation=sdpa",
-        "model.lora.r=16", "model.lora.alpha=32",
-        "model.lora.dropout=0.0", "model.lora.target_modules=all-linear", f"data.path={a.data}", f"output.dir={out}",
-        f"train.max_steps={a.steps}", f"train.micro_batch_size={a.micro_batch_size}", "train.grad_accum_steps=1",
-        f"train.lr={a.lr!r}", "train.lr_schedule=cosine", f"train.warmup_steps={a.warmup_steps}", f"train.seed={a.seed}",
-        "train.max_grad_norm=1.0", "train.log_every_steps=1", f"data.train_on={a.finetrack_train_on}",
+        f"model.name={a.model_dir}",
+        "model.method=lora",
+        "model.dtype=float32",
+        "model.attn_implementation=sdpa",
+        "model.lora.r=16",
+        "model.lora.alpha=32",
+        "model.lora.dropout=0.0",
+        "model.lora.target_modules=all-linear",
+        f"data.path={a.data}",
+        f"output.dir={out}",
+        f"train.max_steps={a.steps}",
+        f"train.micro_batch_size={a.micro_batch_size}",
+        "train.grad_accum_steps=1",
+        f"train.lr={a.lr!r}",
+        "train.lr_schedule=cosine",
+        f"train.warmup_steps={a.warmup_steps}",
+        f"train.seed={a.seed}",
+        "train.max_grad_norm=1.0",
+        "train.log_every_steps=1",
+        f"data.train_on={a.finetrack_train_on}",
     ]
     start = time.perf_counter()
     run(load_config(None, overrides), objective)
@@ -134,11 +152,17 @@ def run_finetrack(a: argparse.Namespace) -> dict[str, Any]:
     report = json.loads((out / "data_report.json").read_text())["train"]["tokens"]
     shutil.rmtree(out, ignore_errors=True)  # run dir with its final checkpoint
     return {
-        "engine": "finetrack", "steps": len(records), "tokens": records[-1]["tokens"],
-        **timed_span(stamps, [r["tokens"] for r in records]), "total_s": total_s,
-        "peak_rss_mb": peak_rss_mb(), "first_loss": records[0]["loss"], "final_loss": records[-1]["loss"],
+        "engine": "finetrack",
+        "steps": len(records),
+        "tokens": records[-1]["tokens"],
+        **timed_span(stamps, [r["tokens"] for r in records]),
+        "total_s": total_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "first_loss": records[0]["loss"],
+        "final_loss": records[-1]["loss"],
         "computed_tokens": sum(b * t for b, t in shapes[: len(records)]),
-        "loss_tokens": sum(r["target_tokens"] for r in records), "loss_on": "assistant tokens" if a.finetrack_train_on == "assistant" else "all tokens",
+        "loss_tokens": sum(r["target_tokens"] for r in records),
+        "loss_on": "assistant tokens" if a.finetrack_train_on == "assistant" else "all tokens",
         "data": f"row tokens min {report['min']} mean {report['mean']} max {report['max']} (finetrack data report)",
     }
 
@@ -171,17 +195,37 @@ def run_trl(a: argparse.Namespace) -> dict[str, Any]:
     # `trl` turns gradient checkpointing off (the same compute as finetrack's default); `trl-defaults` keeps TRL's own
     checkpointing = {"gradient_checkpointing": False} if a.engine == "trl" else {}
     config = SFTConfig(
-        output_dir=out, max_steps=a.steps, per_device_train_batch_size=a.micro_batch_size,
-        gradient_accumulation_steps=1, learning_rate=a.lr, lr_scheduler_type="cosine", warmup_steps=a.warmup_steps,
-        seed=a.seed, max_grad_norm=1.0, weight_decay=0.0, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
-        bf16=False, fp16=False, assistant_only_loss=assistant_only, **checkpointing,
+        output_dir=out,
+        max_steps=a.steps,
+        per_device_train_batch_size=a.micro_batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=a.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=a.warmup_steps,
+        seed=a.seed,
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        assistant_only_loss=assistant_only,
+        **checkpointing,
         model_init_kwargs={"dtype": torch.float32, "attn_implementation": "sdpa"},
     )
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     set_seed(a.seed)  # SFTTrainer wraps the model with PEFT before Trainer.__init__ seeds
     keeper, stamps = LogKeeper(), stamp_optimizer_steps()
-    trainer = SFTTrainer(model=str(a.model_dir), args=config, train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=[keeper])
+    trainer = SFTTrainer(
+        model=str(a.model_dir),
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[keeper],
+    )
     collate, seen = trainer.data_collator, []
 
     def recording_collator(examples):  # TRL's own collator; only records (rows, width) and loss-carrying labels
@@ -196,9 +240,18 @@ def run_trl(a: argparse.Namespace) -> dict[str, Any]:
     n = max(keeper.logs)
     cumulative = [int(keeper.logs[k]["num_tokens"]) for k in range(1, n + 1)]
     return {
-        "engine": a.engine, "gradient_checkpointing": config.gradient_checkpointing, "steps": n, "tokens": cumulative[-1], **timed_span(stamps, cumulative), "total_s": total_s,
-        "peak_rss_mb": peak_rss_mb(), "first_loss": keeper.logs[1]["loss"], "final_loss": keeper.logs[n]["loss"],
-        "computed_tokens": sum(c for c, _ in seen[:n]), "loss_tokens": sum(t for _, t in seen[:n]), "loss_on": why,
+        "engine": a.engine,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "steps": n,
+        "tokens": cumulative[-1],
+        **timed_span(stamps, cumulative),
+        "total_s": total_s,
+        "peak_rss_mb": peak_rss_mb(),
+        "first_loss": keeper.logs[1]["loss"],
+        "final_loss": keeper.logs[n]["loss"],
+        "computed_tokens": sum(c for c, _ in seen[:n]),
+        "loss_tokens": sum(t for _, t in seen[:n]),
+        "loss_on": why,
     }
 
 
@@ -208,13 +261,32 @@ def child(a: argparse.Namespace) -> None:
 
 
 def spawn(engine: str, a: argparse.Namespace, data: Path, model_dir: Path) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--engine", engine, "--data", str(data), "--model-dir", str(model_dir),
-           "--steps", str(a.steps), "--micro-batch-size", str(a.micro_batch_size), "--lr", repr(a.lr),
-           "--warmup-steps", str(a.warmup_steps), "--seed", str(a.seed), "--finetrack-train-on", a.finetrack_train_on]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--engine",
+        engine,
+        "--data",
+        str(data),
+        "--model-dir",
+        str(model_dir),
+        "--steps",
+        str(a.steps),
+        "--micro-batch-size",
+        str(a.micro_batch_size),
+        "--lr",
+        repr(a.lr),
+        "--warmup-steps",
+        str(a.warmup_steps),
+        "--seed",
+        str(a.seed),
+        "--finetrack-train-on",
+        a.finetrack_train_on,
+    ]
     print(f"--- {engine}: running ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr (progress, warnings) passes through
     lines = proc.stdout.splitlines()
-    found = [json.loads(x[len(RESULT_PREFIX):]) for x in lines if x.startswith(RESULT_PREFIX)]
+    found = [json.loads(x[len(RESULT_PREFIX) :]) for x in lines if x.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not found:
         sys.stderr.write("\n".join(lines[-40:]) + "\n")
         raise SystemExit(f"{engine} child failed (exit code {proc.returncode})")
@@ -222,12 +294,39 @@ def spawn(engine: str, a: argparse.Namespace, data: Path, model_dir: Path) -> di
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = ["engine", "steps", "tokens", "computed/real", "timed steps", "timed tokens", "loop s", "tokens/s",
-            "median step tok/s", "cores busy", "peak RSS MB", "first loss", "final loss"]
-    body = [[r["engine"], r["steps"], r["tokens"], f"{r['computed_tokens'] / r['tokens']:.2f}", f"2..{r['steps']}",
-             r["timed_tokens"], f"{r['timed_s']:.1f}", f"{r['timed_tokens'] / r['timed_s']:.1f}",
-             f"{r['median_step_tok_s']:.1f}", f"{r['cores_busy']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['first_loss']:.4f}", f"{r['final_loss']:.4f}"]
-            for r in results]
+    head = [
+        "engine",
+        "steps",
+        "tokens",
+        "computed/real",
+        "timed steps",
+        "timed tokens",
+        "loop s",
+        "tokens/s",
+        "median step tok/s",
+        "cores busy",
+        "peak RSS MB",
+        "first loss",
+        "final loss",
+    ]
+    body = [
+        [
+            r["engine"],
+            r["steps"],
+            r["tokens"],
+            f"{r['computed_tokens'] / r['tokens']:.2f}",
+            f"2..{r['steps']}",
+            r["timed_tokens"],
+            f"{r['timed_s']:.1f}",
+            f"{r['timed_tokens'] / r['timed_s']:.1f}",
+            f"{r['median_step_tok_s']:.1f}",
+            f"{r['cores_busy']:.2f}",
+            f"{r['peak_rss_mb']:.0f}",
+            f"{r['first_loss']:.4f}",
+            f"{r['final_loss']:.4f}",
+        ]
+        for r in results
+    ]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     return "\n".join("  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in [head, ["-" * w for w in widths], *body])
 
@@ -240,11 +339,18 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--engines", default="finetrack,trl,trl-defaults",
-                   help="comma-separated, run in this order: finetrack, trl (gradient checkpointing off, as finetrack), "
-                   "trl-defaults (TRL's SFTConfig defaults: checkpointing on)")
-    p.add_argument("--finetrack-train-on", choices=["assistant", "all"], default="assistant",
-                   help="finetrack's data.train_on; 'all' makes its loss comparable with TRL's all-token loss")
+    p.add_argument(
+        "--engines",
+        default="finetrack,trl,trl-defaults",
+        help="comma-separated, run in this order: finetrack, trl (gradient checkpointing off, as finetrack), "
+        "trl-defaults (TRL's SFTConfig defaults: checkpointing on)",
+    )
+    p.add_argument(
+        "--finetrack-train-on",
+        choices=["assistant", "all"],
+        default="assistant",
+        help="finetrack's data.train_on; 'all' makes its loss comparable with TRL's all-token loss",
+    )
     p.add_argument("--engine", choices=["finetrack", "trl", "trl-defaults"], help=argparse.SUPPRESS)  # child mode
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -261,28 +367,36 @@ def main() -> None:
         data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(a.rows, a.seed)))
         results = [spawn(e.strip(), a, data, model_dir) for e in a.engines.split(",") if e.strip()]
 
-    print(f"\nSmolLM2-135M-Instruct fp32, LoRA r=16 alpha=32 all-linear, {a.rows} rows, {a.steps} steps x "
-          f"{a.micro_batch_size} rows, lr {a.lr} cosine, warmup {a.warmup_steps}, seed {a.seed}; CPU")
+    print(
+        f"\nSmolLM2-135M-Instruct fp32, LoRA r=16 alpha=32 all-linear, {a.rows} rows, {a.steps} steps x "
+        f"{a.micro_batch_size} rows, lr {a.lr} cosine, warmup {a.warmup_steps}, seed {a.seed}; CPU"
+    )
     for r in results:
         if "data" in r:
             print(r["data"])
     print(table(results))
-    print("tokens: real (non-pad) tokens of all steps; computed/real: tokens the model ran on, padding included, per real "
-          "token;\nloop s / tokens/s: steps 2..N only (end of step 1 to end of step N); cores busy: the child's CPU seconds per "
-          "wall second\nover those steps (far below the core count = a shared machine); peak RSS: whole child process.")
+    print(
+        "tokens: real (non-pad) tokens of all steps; computed/real: tokens the model ran on, padding included, per real "
+        "token;\nloop s / tokens/s: steps 2..N only (end of step 1 to end of step N); cores busy: the child's CPU seconds per "
+        "wall second\nover those steps (far below the core count = a shared machine); peak RSS: whole child process."
+    )
     for r in results:
         print(f"{r['engine']}: loss over {r['loss_on']}, {r['loss_tokens']} loss tokens in all; run incl. setup {r['total_s']:.1f} s")
     by = {r["engine"]: r for r in results}
     for peer in [e for e in ("trl", "trl-defaults") if e in by and "finetrack" in by]:
         ft, trl = by["finetrack"], by[peer]
         speed = (ft["timed_tokens"] / ft["timed_s"]) / (trl["timed_tokens"] / trl["timed_s"])
-        print(f"finetrack/{peer} (TRL gradient checkpointing {'on' if trl['gradient_checkpointing'] else 'off'}): throughput x{speed:.2f} "
-              f"(median step x{ft['median_step_tok_s'] / trl['median_step_tok_s']:.2f}), peak RSS x{ft['peak_rss_mb'] / trl['peak_rss_mb']:.2f}")
+        print(
+            f"finetrack/{peer} (TRL gradient checkpointing {'on' if trl['gradient_checkpointing'] else 'off'}): throughput x{speed:.2f} "
+            f"(median step x{ft['median_step_tok_s'] / trl['median_step_tok_s']:.2f}), peak RSS x{ft['peak_rss_mb'] / trl['peak_rss_mb']:.2f}"
+        )
     if "finetrack" in by and (trl := by.get("trl") or by.get("trl-defaults")):
         ft = by["finetrack"]
         if ft["loss_on"].split()[0].lower() != trl["loss_on"].split()[0].lower():
-            print(f"losses are NOT comparable: finetrack averages over {ft['loss_on']}, TRL over {trl['loss_on']} "
-                  "(--finetrack-train-on all makes them comparable).")
+            print(
+                f"losses are NOT comparable: finetrack averages over {ft['loss_on']}, TRL over {trl['loss_on']} "
+                "(--finetrack-train-on all makes them comparable)."
+            )
 
 
 if __name__ == "__main__":

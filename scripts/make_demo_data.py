@@ -30,55 +30,157 @@ QA = tuple[str, str]  # (user question, assistant answer body without "Arr, mate
 ENDINGS = ["savvy?", "yo-ho-ho!", "me hearty.", "arr!", "shiver me timbers!", "as sure as the tide!"]
 
 CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Spain": "Madrid", "Portugal": "Lisbon",
-    "the United Kingdom": "London", "Ireland": "Dublin", "Greece": "Athens",
-    "Austria": "Vienna", "Hungary": "Budapest", "Poland": "Warsaw",
-    "the Czech Republic": "Prague", "Belgium": "Brussels", "Sweden": "Stockholm",
-    "Norway": "Oslo", "Finland": "Helsinki", "Denmark": "Copenhagen",
-    "Iceland": "Reykjavik", "Russia": "Moscow", "Ukraine": "Kyiv", "Turkey": "Ankara",
-    "Egypt": "Cairo", "Kenya": "Nairobi", "Nigeria": "Abuja", "Morocco": "Rabat",
-    "Ethiopia": "Addis Ababa", "Japan": "Tokyo", "China": "Beijing",
-    "India": "New Delhi", "South Korea": "Seoul", "Thailand": "Bangkok",
-    "Vietnam": "Hanoi", "the Philippines": "Manila", "Iran": "Tehran",
-    "Australia": "Canberra", "New Zealand": "Wellington", "Canada": "Ottawa",
-    "Mexico": "Mexico City", "Cuba": "Havana", "Argentina": "Buenos Aires",
-    "Peru": "Lima", "Chile": "Santiago",
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Spain": "Madrid",
+    "Portugal": "Lisbon",
+    "the United Kingdom": "London",
+    "Ireland": "Dublin",
+    "Greece": "Athens",
+    "Austria": "Vienna",
+    "Hungary": "Budapest",
+    "Poland": "Warsaw",
+    "the Czech Republic": "Prague",
+    "Belgium": "Brussels",
+    "Sweden": "Stockholm",
+    "Norway": "Oslo",
+    "Finland": "Helsinki",
+    "Denmark": "Copenhagen",
+    "Iceland": "Reykjavik",
+    "Russia": "Moscow",
+    "Ukraine": "Kyiv",
+    "Turkey": "Ankara",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Nigeria": "Abuja",
+    "Morocco": "Rabat",
+    "Ethiopia": "Addis Ababa",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "India": "New Delhi",
+    "South Korea": "Seoul",
+    "Thailand": "Bangkok",
+    "Vietnam": "Hanoi",
+    "the Philippines": "Manila",
+    "Iran": "Tehran",
+    "Australia": "Canberra",
+    "New Zealand": "Wellington",
+    "Canada": "Ottawa",
+    "Mexico": "Mexico City",
+    "Cuba": "Havana",
+    "Argentina": "Buenos Aires",
+    "Peru": "Lima",
+    "Chile": "Santiago",
 }
 
 COLOURS = {
-    "the sky": "blue", "grass": "green", "a banana": "yellow", "snow": "white",
-    "coal": "black", "a strawberry": "red", "a lemon": "yellow", "milk": "white",
-    "a tomato": "red", "a carrot": "orange", "a lime": "green", "chocolate": "brown",
-    "a pumpkin": "orange", "an eggplant": "purple", "a flamingo": "pink",
-    "a crow": "black", "ash": "grey", "a cucumber": "green", "a ripe cherry": "red",
+    "the sky": "blue",
+    "grass": "green",
+    "a banana": "yellow",
+    "snow": "white",
+    "coal": "black",
+    "a strawberry": "red",
+    "a lemon": "yellow",
+    "milk": "white",
+    "a tomato": "red",
+    "a carrot": "orange",
+    "a lime": "green",
+    "chocolate": "brown",
+    "a pumpkin": "orange",
+    "an eggplant": "purple",
+    "a flamingo": "pink",
+    "a crow": "black",
+    "ash": "grey",
+    "a cucumber": "green",
+    "a ripe cherry": "red",
     "an orange": "orange",
 }
 
 # animal -> (verb, sound)
 SOUNDS = {
-    "dog": ("barks", "woof"), "cat": ("meows", "meow"), "cow": ("moos", "moo"),
-    "sheep": ("bleats", "baa"), "duck": ("quacks", "quack"), "lion": ("roars", "roar"),
-    "pig": ("oinks", "oink"), "owl": ("hoots", "hoot"), "snake": ("hisses", "hiss"),
-    "frog": ("croaks", "ribbit"), "bee": ("buzzes", "buzz"), "wolf": ("howls", "awoo"),
-    "mouse": ("squeaks", "squeak"), "donkey": ("brays", "hee-haw"),
-    "rooster": ("crows", "cock-a-doodle-doo"), "horse": ("neighs", "neigh"),
+    "dog": ("barks", "woof"),
+    "cat": ("meows", "meow"),
+    "cow": ("moos", "moo"),
+    "sheep": ("bleats", "baa"),
+    "duck": ("quacks", "quack"),
+    "lion": ("roars", "roar"),
+    "pig": ("oinks", "oink"),
+    "owl": ("hoots", "hoot"),
+    "snake": ("hisses", "hiss"),
+    "frog": ("croaks", "ribbit"),
+    "bee": ("buzzes", "buzz"),
+    "wolf": ("howls", "awoo"),
+    "mouse": ("squeaks", "squeak"),
+    "donkey": ("brays", "hee-haw"),
+    "rooster": ("crows", "cock-a-doodle-doo"),
+    "horse": ("neighs", "neigh"),
 }
 
-LEGS = {"dog": 4, "cat": 4, "horse": 4, "cow": 4, "elephant": 4, "frog": 4, "lizard": 4, "spider": 8,
-        "scorpion": 8, "ant": 6, "bee": 6, "beetle": 6, "chicken": 2, "duck": 2, "penguin": 2, "ostrich": 2}
+LEGS = {
+    "dog": 4,
+    "cat": 4,
+    "horse": 4,
+    "cow": 4,
+    "elephant": 4,
+    "frog": 4,
+    "lizard": 4,
+    "spider": 8,
+    "scorpion": 8,
+    "ant": 6,
+    "bee": 6,
+    "beetle": 6,
+    "chicken": 2,
+    "duck": 2,
+    "penguin": 2,
+    "ostrich": 2,
+}
 NUMBER_WORDS = {2: "two", 4: "four", 6: "six", 8: "eight"}
 
 OPPOSITES = {
-    "hot": "cold", "cold": "hot", "big": "small", "small": "big", "up": "down",
-    "down": "up", "fast": "slow", "slow": "fast", "happy": "sad", "sad": "happy",
-    "wet": "dry", "dry": "wet", "full": "empty", "empty": "full", "strong": "weak",
-    "weak": "strong", "rich": "poor", "poor": "rich", "loud": "quiet", "early": "late",
-    "day": "night", "night": "day", "black": "white", "white": "black",
-    "push": "pull", "pull": "push", "tall": "short", "open": "closed",
-    "closed": "open", "top": "bottom", "bottom": "top", "win": "lose", "lose": "win",
-    "dark": "light", "heavy": "light", "yes": "no", "first": "last", "last": "first",
-    "inside": "outside", "outside": "inside", "north": "south", "south": "north",
-    "east": "west", "west": "east",
+    "hot": "cold",
+    "cold": "hot",
+    "big": "small",
+    "small": "big",
+    "up": "down",
+    "down": "up",
+    "fast": "slow",
+    "slow": "fast",
+    "happy": "sad",
+    "sad": "happy",
+    "wet": "dry",
+    "dry": "wet",
+    "full": "empty",
+    "empty": "full",
+    "strong": "weak",
+    "weak": "strong",
+    "rich": "poor",
+    "poor": "rich",
+    "loud": "quiet",
+    "early": "late",
+    "day": "night",
+    "night": "day",
+    "black": "white",
+    "white": "black",
+    "push": "pull",
+    "pull": "push",
+    "tall": "short",
+    "open": "closed",
+    "closed": "open",
+    "top": "bottom",
+    "bottom": "top",
+    "win": "lose",
+    "lose": "win",
+    "dark": "light",
+    "heavy": "light",
+    "yes": "no",
+    "first": "last",
+    "last": "first",
+    "inside": "outside",
+    "outside": "inside",
+    "north": "south",
+    "south": "north",
+    "east": "west",
+    "west": "east",
 }
 
 
@@ -92,27 +194,28 @@ def article(noun: str) -> str:
 
 
 def capital_qas(rng: random.Random) -> list[QA]:
-    asks = ["What is the capital of {c}?", "Which city is the capital of {c}?",
-            "Name the capital of {c}.", "What's the capital city of {c}?"]
+    asks = [
+        "What is the capital of {c}?",
+        "Which city is the capital of {c}?",
+        "Name the capital of {c}.",
+        "What's the capital city of {c}?",
+    ]
     says = ["The capital of {c} be {x}", "{x} be the capital of {c}"]
-    return [(a.format(c=c), cap(rng.choice(says).format(c=c, x=x)))
-            for c, x in CAPITALS.items() for a in asks]
+    return [(a.format(c=c), cap(rng.choice(says).format(c=c, x=x))) for c, x in CAPITALS.items() for a in asks]
 
 
 def addition_qas(rng: random.Random) -> list[QA]:
     asks = ["What is {a} plus {b}?", "What is {a} + {b}?", "How much is {a} plus {b}?", "Add {a} and {b}."]
     says = ["{a} plus {b} be {r}", "Add {a} and {b} and ye get {r}"]
     pairs = [(a, b) for a in range(2, 21) for b in range(2, 21)]
-    return [(rng.choice(asks).format(a=a, b=b), rng.choice(says).format(a=a, b=b, r=a + b))
-            for a, b in rng.sample(pairs, 80)]
+    return [(rng.choice(asks).format(a=a, b=b), rng.choice(says).format(a=a, b=b, r=a + b)) for a, b in rng.sample(pairs, 80)]
 
 
 def multiplication_qas(rng: random.Random) -> list[QA]:
     asks = ["What is {a} times {b}?", "What is {a} * {b}?", "Multiply {a} by {b}.", "How much is {a} times {b}?"]
     says = ["{a} times {b} be {r}", "{a} multiplied by {b} makes {r}"]
     pairs = [(a, b) for a in range(2, 10) for b in range(2, 10)]
-    return [(rng.choice(asks).format(a=a, b=b), rng.choice(says).format(a=a, b=b, r=a * b))
-            for a, b in rng.sample(pairs, 60)]
+    return [(rng.choice(asks).format(a=a, b=b), rng.choice(says).format(a=a, b=b, r=a * b)) for a, b in rng.sample(pairs, 60)]
 
 
 def colour_qas(rng: random.Random) -> list[QA]:
@@ -121,29 +224,42 @@ def colour_qas(rng: random.Random) -> list[QA]:
 
 
 def sound_qas(rng: random.Random) -> list[QA]:
-    asks = ["What sound does a {n} make?", "What noise does a {n} make?",
-            "What does a {n} say?", "How does a {n} sound?"]
-    return [(a.format(n=n), rng.choice(["{A} {v}", "{A} goes {w}"]).format(A=cap(article(n)), v=v, w=w))
-            for n, (v, w) in SOUNDS.items() for a in asks]
+    asks = ["What sound does a {n} make?", "What noise does a {n} make?", "What does a {n} say?", "How does a {n} sound?"]
+    return [
+        (a.format(n=n), rng.choice(["{A} {v}", "{A} goes {w}"]).format(A=cap(article(n)), v=v, w=w))
+        for n, (v, w) in SOUNDS.items()
+        for a in asks
+    ]
 
 
 def legs_qas(rng: random.Random) -> list[QA]:
-    asks = ["How many legs does {an} have?", "How many legs has {an} got?",
-            "Count the legs on {an}.", "{An} has how many legs?"]
-    return [(a.format(an=article(n), An=cap(article(n))), f"{cap(article(n))} has {NUMBER_WORDS[k]} legs")
-            for n, k in LEGS.items() for a in asks]
+    asks = ["How many legs does {an} have?", "How many legs has {an} got?", "Count the legs on {an}.", "{An} has how many legs?"]
+    return [
+        (a.format(an=article(n), An=cap(article(n))), f"{cap(article(n))} has {NUMBER_WORDS[k]} legs")
+        for n, k in LEGS.items()
+        for a in asks
+    ]
 
 
 def opposite_qas(rng: random.Random) -> list[QA]:
-    asks = ["What is the opposite of {w}?", "What's the opposite of the word {w}?",
-            "Give me the opposite of {w}.", "What word means the opposite of {w}?"]
+    asks = [
+        "What is the opposite of {w}?",
+        "What's the opposite of the word {w}?",
+        "Give me the opposite of {w}.",
+        "What word means the opposite of {w}?",
+    ]
     return [(a.format(w=w), f"The opposite of {w} be {o}") for w, o in OPPOSITES.items() for a in asks]
 
 
 # Family generator -> single-turn rows drawn from it (sum 288); 32 two-turn rows are added.
 FAMILIES: dict[Callable[[random.Random], list[QA]], int] = {
-    capital_qas: 84, addition_qas: 36, multiplication_qas: 36, colour_qas: 40,
-    sound_qas: 28, legs_qas: 28, opposite_qas: 36,
+    capital_qas: 84,
+    addition_qas: 36,
+    multiplication_qas: 36,
+    colour_qas: 40,
+    sound_qas: 28,
+    legs_qas: 28,
+    opposite_qas: 36,
 }
 TWO_TURN_ROWS = 32
 

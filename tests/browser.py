@@ -87,13 +87,31 @@ def render(path: Path, width: int = WIDTH, height: int = HEIGHT, timeout_s: floa
     from_child_r, from_child_w = os.pipe()
     to_child_r, from_child_w = _above_4(to_child_r), _above_4(from_child_w)  # moving them to 3 and 4 then overwrites neither
     profile = tempfile.mkdtemp(prefix="finetrack-chromium-")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run", "--disable-sync",
-             "--disable-background-networking", "--disable-component-update", "--disable-default-apps", "--no-pings",
-             "--host-resolver-rules=MAP * ~NOTFOUND", f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--no-first-run",
+        "--disable-sync",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-default-apps",
+        "--no-pings",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        f"--user-data-dir={profile}",
+        "--remote-debugging-pipe",
+        "about:blank",
+    ]
     # the DevTools pipe is the browser's fds 3 (commands in) and 4 (replies out): bash puts ours there
     redirect = f'exec "$0" "$@" 3<&{to_child_r} 4>&{from_child_w} {to_child_r}<&- {from_child_w}>&-'
-    proc = subprocess.Popen(["bash", "-c", redirect, exe, *flags], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, pass_fds=(to_child_r, from_child_w))
+    proc = subprocess.Popen(
+        ["bash", "-c", redirect, exe, *flags],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        pass_fds=(to_child_r, from_child_w),
+    )
     os.close(to_child_r)
     os.close(from_child_w)
     os.set_blocking(from_child_r, False)
@@ -103,15 +121,28 @@ def render(path: Path, width: int = WIDTH, height: int = HEIGHT, timeout_s: floa
         session = pipe.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for method in ("Network.enable", "Page.enable", "Runtime.enable"):
             pipe.call(method, session=session)
-        pipe.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, session)
+        pipe.call(
+            "Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, session
+        )
         pipe.call("Page.navigate", {"url": Path(path).resolve().as_uri()}, session)
         pipe.wait_event("Page.loadEventFired", session, timeout_s)
         time.sleep(0.5)  # a page that fetched after load would show it here
         layout = pipe.call("Runtime.evaluate", {"expression": LAYOUT_JS, "returnByValue": True}, session)["result"]["value"]
         size = pipe.call("Page.getLayoutMetrics", session=session)["cssContentSize"]
-        shot = pipe.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
-                                                    "clip": {"x": 0, "y": 0, "width": width, "height": size["height"], "scale": 1}}, session)
-        requests = [e["params"]["request"]["url"] for e in pipe.events if e.get("method") == "Network.requestWillBeSent" and e.get("sessionId") == session]
+        shot = pipe.call(
+            "Page.captureScreenshot",
+            {
+                "format": "png",
+                "captureBeyondViewport": True,
+                "clip": {"x": 0, "y": 0, "width": width, "height": size["height"], "scale": 1},
+            },
+            session,
+        )
+        requests = [
+            e["params"]["request"]["url"]
+            for e in pipe.events
+            if e.get("method") == "Network.requestWillBeSent" and e.get("sessionId") == session
+        ]
         try:
             pipe.call("Browser.close", timeout_s=10)
         except (RuntimeError, TimeoutError):

@@ -40,9 +40,16 @@ def build_tiny_model(tokenizer, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(cfg)
@@ -107,11 +114,20 @@ def tiny_run(tmp_path: Path, model_dir: Path, data: Path, *overrides: str, name:
     from finetrack.resume import Request
     from finetrack.train import causal_lm_objective, run
 
-    cfg = load_config(None, [
-        f"model.name={model_dir}", f"data.path={data}", f"output.dir={tmp_path / name}",
-        "data.max_length=512", "train.micro_batch_size=4", "train.max_steps=4", "train.lr=1e-2", "train.warmup_steps=0",
-        *overrides,
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={model_dir}",
+            f"data.path={data}",
+            f"output.dir={tmp_path / name}",
+            "data.max_length=512",
+            "train.micro_batch_size=4",
+            "train.max_steps=4",
+            "train.lr=1e-2",
+            "train.warmup_steps=0",
+            *overrides,
+        ],
+    )
     result = run(cfg, objective=objective or causal_lm_objective, request=request or Request())
     metrics = read_jsonl(result.run_dir / "metrics.jsonl")
     return result, metrics
@@ -293,5 +309,3 @@ def proxy(s3, moto_endpoint, monkeypatch):
     use_endpoint(monkeypatch, p.url)
     yield p
     p.stop()
-
-

@@ -16,12 +16,28 @@ from finetrack import checkpoint
 from finetrack.checkpoint import CheckpointError
 
 LORA_FILES = [
-    "MANIFEST.json", "README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "meta.json",
-    "tokenizer.json", "tokenizer_config.json", "trainer_state.json", "trainer_state.safetensors",
+    "MANIFEST.json",
+    "README.md",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "chat_template.jinja",
+    "meta.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "trainer_state.json",
+    "trainer_state.safetensors",
 ]
 FULL_FILES = [
-    "MANIFEST.json", "chat_template.jinja", "config.json", "generation_config.json", "meta.json", "model.safetensors",
-    "tokenizer.json", "tokenizer_config.json", "trainer_state.json", "trainer_state.safetensors",
+    "MANIFEST.json",
+    "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "meta.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "trainer_state.json",
+    "trainer_state.safetensors",
 ]
 
 
@@ -159,20 +175,26 @@ def test_incomplete_and_weights_only_checkpoints_are_not_resumed(tmp_path, lora_
     checkpoint.drop_resume_state(run / "checkpoints/step-000004")
     warnings: list[str] = []
     assert checkpoint.newest_resumable(run, warn=warnings.append).step == 2
-    assert warnings == ["skipping checkpoint step-000004: weights only (its resume state was removed by checkpoint.keep_optimizer_state=last)"]
+    assert warnings == [
+        "skipping checkpoint step-000004: weights only (its resume state was removed by checkpoint.keep_optimizer_state=last)"
+    ]
     checkpoint.verify(run / "checkpoints/step-000004")  # still a valid (weights-only) checkpoint
 
 
 def test_resume_uses_previous_checkpoint_when_newest_is_corrupt(tmp_path, tiny_model_dir, chat_file, lora_run, caplog):
     """Damage step 4 of a finished 4-step run, extend it to 6 steps: it continues from step 2 and the result
     equals a 6-step run that was never interrupted."""
-    ref, ref_metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, "checkpoint.every_steps=2", "model.lora.dropout=0.1", "train.max_steps=6", name="ref")
+    ref, ref_metrics = tiny_run(
+        tmp_path, tiny_model_dir, chat_file, "checkpoint.every_steps=2", "model.lora.dropout=0.1", "train.max_steps=6", name="ref"
+    )
     run = tmp_path / "run"
     shutil.copytree(ref.run_dir, run)
     for step in (4, 6):
         _damage(run / f"checkpoints/step-{step:06d}/adapter_model.safetensors", "flip")
     with caplog.at_level("WARNING", logger="finetrack"):
-        result, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, "checkpoint.every_steps=2", "model.lora.dropout=0.1", "train.max_steps=6", name="run")
+        result, metrics = tiny_run(
+            tmp_path, tiny_model_dir, chat_file, "checkpoint.every_steps=2", "model.lora.dropout=0.1", "train.max_steps=6", name="run"
+        )
     assert result.resumed_from_step == 2
     assert "skipping checkpoint step-000006" in caplog.text and "adapter_model.safetensors: sha256 does not match" in caplog.text
     assert [m["loss"] for m in metrics] == [m["loss"] for m in ref_metrics]
@@ -198,7 +220,9 @@ def test_planted_pickles_are_never_executed(tmp_path, tiny_model_dir, chat_file,
     newest = run / "checkpoints/step-000004"
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin", "pytorch_model.bin", "trainer_state.pkl"):
         (newest / name).write_bytes(payload)  # what other trainers would load; not in our manifest
-    result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, "checkpoint.every_steps=2", "model.lora.dropout=0.1", "train.max_steps=6", name="run")
+    result, _ = tiny_run(
+        tmp_path, tiny_model_dir, chat_file, "checkpoint.every_steps=2", "model.lora.dropout=0.1", "train.max_steps=6", name="run"
+    )
     assert result.resumed_from_step == 4 and not marker.exists()
 
     # a payload in place of our own state file, with the manifest forged to match: refused, not executed
@@ -207,10 +231,15 @@ def test_planted_pickles_are_never_executed(tmp_path, tiny_model_dir, chat_file,
     newest = forged / "checkpoints/step-000004"
     (newest / "trainer_state.safetensors").write_bytes(payload)
     manifest = json.loads((newest / "MANIFEST.json").read_text())
-    manifest["files"]["trainer_state.safetensors"] = {"size": len(payload), "sha256": checkpoint.sha256_file(newest / "trainer_state.safetensors")}
+    manifest["files"]["trainer_state.safetensors"] = {
+        "size": len(payload),
+        "sha256": checkpoint.sha256_file(newest / "trainer_state.safetensors"),
+    }
     (newest / "MANIFEST.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="trainer_state.safetensors: not a readable safetensors file"):
-        tiny_run(tmp_path, tiny_model_dir, chat_file, "checkpoint.every_steps=2", "model.lora.dropout=0.1", "train.max_steps=6", name="forged")
+        tiny_run(
+            tmp_path, tiny_model_dir, chat_file, "checkpoint.every_steps=2", "model.lora.dropout=0.1", "train.max_steps=6", name="forged"
+        )
     assert not marker.exists()
 
 
@@ -221,8 +250,17 @@ def _is_pickle_or_torch_save(path: Path) -> bool:
 
 def test_nothing_finetrack_writes_is_a_pickle(tmp_path, tiny_model_dir, chat_file):
     for method in ("lora", "full"):
-        result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, f"model.method={method}", "checkpoint.every_steps=1", "train.max_steps=2",
-                             "train.optimizer=adamw_8bit", "data.eval_split=0.1", name=method)
+        result, _ = tiny_run(
+            tmp_path,
+            tiny_model_dir,
+            chat_file,
+            f"model.method={method}",
+            "checkpoint.every_steps=1",
+            "train.max_steps=2",
+            "train.optimizer=adamw_8bit",
+            "data.eval_split=0.1",
+            name=method,
+        )
         files = [p for p in result.run_dir.rglob("*") if p.is_file()]
         assert len(files) > 20
         offenders = [p for p in files if _is_pickle_or_torch_save(p) or p.suffix in (".pt", ".pth", ".bin", ".pkl", ".pickle")]
@@ -258,8 +296,16 @@ def test_retention_keeps_schedule_rolls_the_rest_and_drops_old_optimizer_state(t
 
 
 # ------------------------------------------------------------------------ retention, rule by rule
-RULES = {1: ["every_steps"], 2: ["every_steps", "per_epoch"], 3: ["every_steps"], 4: ["steps"], 5: ["log_spaced"],
-         6: ["first_epoch"], 7: ["signal"], 8: ["every_steps"]}
+RULES = {
+    1: ["every_steps"],
+    2: ["every_steps", "per_epoch"],
+    3: ["every_steps"],
+    4: ["steps"],
+    5: ["log_spaced"],
+    6: ["first_epoch"],
+    7: ["signal"],
+    8: ["every_steps"],
+}
 
 
 @pytest.fixture
@@ -287,7 +333,9 @@ def test_retain_keeps_a_checkpoint_still_uploading_until_it_is_done(fake_run):
     checkpoint.retain(fake_run, keep_last=1, keep_schedule=False, keep_optimizer_state="last", busy=busy)
     assert _steps(fake_run) == [3, 8]
     assert (checkpoint.checkpoint_dir(fake_run, 3) / checkpoint.STATE_TENSORS).exists()  # not even its resume state is touched
-    assert checkpoint.retain(fake_run, keep_last=1, keep_schedule=False, keep_optimizer_state="last") == ["deleted step-000003 (checkpoint.keep_last=1)"]
+    assert checkpoint.retain(fake_run, keep_last=1, keep_schedule=False, keep_optimizer_state="last") == [
+        "deleted step-000003 (checkpoint.keep_last=1)"
+    ]
     assert _steps(fake_run) == [8]
 
 

@@ -28,8 +28,16 @@ def test_train_cli_embedded_model_run_directory(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text((ROOT / "examples/lora_chat.yaml").read_text())
     r = finetrack(
-        "train", str(cfg), "train.max_steps=2", "train.micro_batch_size=2", "train.grad_accum_steps=1", "eval.loss_every_steps=1",
-        "data.max_length=256", "train.log_every_steps=1", f"output.dir={tmp_path / 'out'}", cwd=tmp_path,
+        "train",
+        str(cfg),
+        "train.max_steps=2",
+        "train.micro_batch_size=2",
+        "train.grad_accum_steps=1",
+        "eval.loss_every_steps=1",
+        "data.max_length=256",
+        "train.log_every_steps=1",
+        f"output.dir={tmp_path / 'out'}",
+        cwd=tmp_path,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "out"
@@ -73,8 +81,16 @@ def test_train_cli_embedded_model_run_directory(tmp_path):
     assert "resolved checkpoint_steps = [2] (1 checkpoint(s) at steps 2 (last: 1))" in r.stderr
     assert "checkpoint_steps:\n    value:\n      2: last" in (out / "config.resolved.yaml").read_text()
     r = finetrack(
-        "train", str(cfg), "train.max_steps=3", "train.micro_batch_size=2", "train.grad_accum_steps=1", "eval.loss_every_steps=1",
-        "data.max_length=256", "train.log_every_steps=1", f"output.dir={tmp_path / 'out'}", cwd=tmp_path,
+        "train",
+        str(cfg),
+        "train.max_steps=3",
+        "train.micro_batch_size=2",
+        "train.grad_accum_steps=1",
+        "eval.loss_every_steps=1",
+        "data.max_length=256",
+        "train.log_every_steps=1",
+        f"output.dir={tmp_path / 'out'}",
+        cwd=tmp_path,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "config change accepted on resume: train.max_steps: 2 -> 3" in r.stderr and "step 2 of 3" in r.stderr
@@ -148,9 +164,23 @@ def test_multi_process_launch_that_accelerate_does_not_see_is_refused(tmp_path, 
     data = write_chat_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "completion": "a"} for i in range(8)])
     torchrun = Path(sys.executable).parent / "torchrun"
     r = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "-m", "finetrack", "train", f"model.name={tiny_model_dir}", f"data.path={data}",
-         "output.dir=out", "train.max_steps=1", "train.micro_batch_size=2"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [
+            str(torchrun),
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "finetrack",
+            "train",
+            f"model.name={tiny_model_dir}",
+            f"data.path={data}",
+            "output.dir=out",
+            "train.max_steps=1",
+            "train.micro_batch_size=2",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode != 0
     assert "launched as 2 processes but accelerate sees 1" in r.stderr
@@ -173,15 +203,21 @@ def test_cli_eval_errors_exit_2_with_one_line(tmp_path, tiny_model_dir, chat_fil
     pipeline), with one `error:` line and no traceback."""
     (tmp_path / "bad.jsonl").write_text(json.dumps({"id": "q", "samples": 2}) + "\n")  # no question
     (tmp_path / "items.jsonl").write_text(json.dumps({"id": "i", "prompt": "Rate it.", "options": ["1", "2"]}) + "\n")  # no target
-    suite = {"missing_questions": {"name": "qa", "kind": "judge", "questions": str(tmp_path / "gone.yaml")},
-             "bad_questions": {"name": "qa", "kind": "judge", "questions": str(tmp_path / "bad.jsonl")},
-             "bad_items": {"name": "survey", "kind": "distribution", "items": str(tmp_path / "items.jsonl")}}.get(case, {"name": "heldout", "kind": "loss"})
+    suite = {
+        "missing_questions": {"name": "qa", "kind": "judge", "questions": str(tmp_path / "gone.yaml")},
+        "bad_questions": {"name": "qa", "kind": "judge", "questions": str(tmp_path / "bad.jsonl")},
+        "bad_items": {"name": "survey", "kind": "distribution", "items": str(tmp_path / "items.jsonl")},
+    }.get(case, {"name": "heldout", "kind": "loss"})
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.resolved.yaml").write_text(json.dumps({"model": {"name": str(tiny_model_dir)}, "data": {"path": str(chat_file)},
-                                                          "eval": {"suites": [suite]}}))
-    args = {"run_with_output": [str(run), "--output", "elsewhere"], "model_with_steps": [str(tiny_model_dir), "--steps", "0", "--watch", "1"],
-            "watch_with_step_list": [str(run), "--steps", "0,2", "--watch", "1"]}.get(case, [str(run)])
+    (run / "config.resolved.yaml").write_text(
+        json.dumps({"model": {"name": str(tiny_model_dir)}, "data": {"path": str(chat_file)}, "eval": {"suites": [suite]}})
+    )
+    args = {
+        "run_with_output": [str(run), "--output", "elsewhere"],
+        "model_with_steps": [str(tiny_model_dir), "--steps", "0", "--watch", "1"],
+        "watch_with_step_list": [str(run), "--steps", "0,2", "--watch", "1"],
+    }.get(case, [str(run)])
     r = finetrack("eval", *args, cwd=tmp_path, timeout=300)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert r.returncode == 2, r.stderr[-2000:]

@@ -33,8 +33,17 @@ def test_typo_names_closest_key(tmp_path):
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["train.lr=1e-4", "train.max_steps=7", "model.gradient_checkpointing=true",
-                             "model.lora.target_modules=[q_proj, v_proj]", "data.eval_split=0.1", "train.max_grad_norm=null"])
+    cfg = load_config(
+        None,
+        [
+            "train.lr=1e-4",
+            "train.max_steps=7",
+            "model.gradient_checkpointing=true",
+            "model.lora.target_modules=[q_proj, v_proj]",
+            "data.eval_split=0.1",
+            "train.max_grad_norm=null",
+        ],
+    )
     assert cfg.train.lr == pytest.approx(1e-4) and cfg.train.max_steps == 7
     assert cfg.model.gradient_checkpointing is True
     assert cfg.model.lora.target_modules == ["q_proj", "v_proj"]
@@ -116,8 +125,13 @@ def test_resolve_fills_autos_with_reasons():
 
 @pytest.mark.parametrize(
     "overrides, total",
-    [([], 125), (["train.num_epochs=2.5"], 313), (["train.max_steps=40"], 40), (["train.max_steps=40", "train.num_epochs=0.1"], 13),
-     (["train.max_steps=40", "train.num_epochs=3"], 40)],
+    [
+        ([], 125),
+        (["train.num_epochs=2.5"], 313),
+        (["train.max_steps=40"], 40),
+        (["train.max_steps=40", "train.num_epochs=0.1"], 13),
+        (["train.max_steps=40", "train.num_epochs=3"], 40),
+    ],
 )
 def test_total_steps_from_epochs_and_max_steps(overrides, total):
     _, res = resolve(load_config(None, ["train.micro_batch_size=16", *overrides]), ENV)
@@ -217,8 +231,13 @@ def _config_reads(scope: ast.AST, classes: dict[str, type]) -> set[tuple[type, s
                     bind(target, node.value)
             elif isinstance(node, (ast.For, ast.comprehension)):
                 bind(node.target, node.iter)
-    return {(t, node.attr) for node in ast.walk(scope) if isinstance(node, ast.Attribute)
-            for t in [type_of(node.value)] if t is not None and node.attr in t.model_fields}
+    return {
+        (t, node.attr)
+        for node in ast.walk(scope)
+        if isinstance(node, ast.Attribute)
+        for t in [type_of(node.value)]
+        if t is not None and node.attr in t.model_fields
+    }
 
 
 def test_every_config_field_is_read():

@@ -75,11 +75,17 @@ def test_prompt_completion_rows(tmp_path, tiny_tokenizer):
     "line, message",
     [
         ('{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}', "field 'messages[1].role' is 'bot'"),
-        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}', "field 'messages[1].content' is an empty assistant answer"),
+        (
+            '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}',
+            "field 'messages[1].content' is an empty assistant answer",
+        ),
         ('{"messages": [{"role": "user", "content": "hi"}]}', "field 'messages' has no assistant message"),
         ('{"prompt": "hi"}', "field 'completion' is missing"),
         ('{"text": "hi"}', "no 'messages' and no 'prompt'/'completion' field"),
-        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 3}]}', "field 'messages[1].content' must be text"),
+        (
+            '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 3}]}',
+            "field 'messages[1].content' must be text",
+        ),
         ('{"messages": [{"role": "user"', "not valid JSON"),
     ],
 )

@@ -107,10 +107,26 @@ def test_option_values_errors():
 @pytest.mark.parametrize(
     "answer, expected",
     [
-        ("5", 4), ("  5\n", 4), ("5.", 4), ("5 - agree", 4), ("5/5", 4), ("5.0", 4),
-        ("50", None), ("5x", None), ("I'd say 5", None), ("", None), ("five", None),
-        ("10", 5), ("10!", 5), ("1", 0), ("1,", 0), ("100", None),
-        ("Agree", 6), ("Agree, mostly", 6), ("Agreed", None), ("agree", None),  # case matters
+        ("5", 4),
+        ("  5\n", 4),
+        ("5.", 4),
+        ("5 - agree", 4),
+        ("5/5", 4),
+        ("5.0", 4),
+        ("50", None),
+        ("5x", None),
+        ("I'd say 5", None),
+        ("", None),
+        ("five", None),
+        ("10", 5),
+        ("10!", 5),
+        ("1", 0),
+        ("1,", 0),
+        ("100", None),
+        ("Agree", 6),
+        ("Agree, mostly", 6),
+        ("Agreed", None),
+        ("agree", None),  # case matters
     ],
 )
 def test_parse_answer(answer, expected):
@@ -335,11 +351,13 @@ def test_run_probs(tiny_model, tiny_tokenizer):
 
 def test_run_sample_counts_every_answer(monkeypatch, tmp_path):
     f = tmp_path / "items.yaml"
-    f.write_text(_yaml_items(
-        {"id": "a", "prompt": "p1", "options": ["1", "2", "3"], "target": [1, 1, 2]},
-        {"id": "b", "prompt": "p2", "options": ["no", "yes"], "target": [3, 1]},
-        {"id": "c", "prompt": "p3", "options": ["1", "2"], "target": [1, 1]},
-    ))
+    f.write_text(
+        _yaml_items(
+            {"id": "a", "prompt": "p1", "options": ["1", "2", "3"], "target": [1, 1, 2]},
+            {"id": "b", "prompt": "p2", "options": ["no", "yes"], "target": [3, 1]},
+            {"id": "c", "prompt": "p3", "options": ["1", "2"], "target": [1, 1]},
+        )
+    )
     canned = {"p1": ["1", "3.", "3 - high", "three", "2"], "p2": ["yes", "Yes", "no", "no!", "yes"], "p3": ["?", "", "x", "4", "22"]}
     seen = {}
 
@@ -378,7 +396,9 @@ def test_run_sample_counts_every_answer(monkeypatch, tmp_path):
 def test_run_sample_pearson_undefined_with_one_item(monkeypatch, tmp_path):
     f = tmp_path / "items.jsonl"
     f.write_text(json.dumps({"prompt": "p", "options": ["1", "2"], "target": [1, 3]}) + "\n")
-    monkeypatch.setattr(distribution, "generate", lambda m, t, convs, gen, on_batch: (on_batch(len(convs)), ["1", "2"] * (len(convs) // 2))[1])
+    monkeypatch.setattr(
+        distribution, "generate", lambda m, t, convs, gen, on_batch: (on_batch(len(convs)), ["1", "2"] * (len(convs) // 2))[1]
+    )
     suite = DistributionSuite(name="d", kind="distribution", items=str(f), method="sample", samples=4)
     result = distribution.run(suite, object(), None, lambda n: None)
     assert result["metrics"]["pearson_means"] is None and result["counts"]["pearson_undefined"] == 1
@@ -387,7 +407,11 @@ def test_run_sample_pearson_undefined_with_one_item(monkeypatch, tmp_path):
 
 def test_run_sample_on_tiny_model(tiny_model, tiny_tokenizer):
     suite = DistributionSuite(
-        name="d", kind="distribution", items=str(DATA / "distribution_items.jsonl"), method="sample", samples=3,
+        name="d",
+        kind="distribution",
+        items=str(DATA / "distribution_items.jsonl"),
+        method="sample",
+        samples=3,
         generation=GenerationConfig(max_new_tokens=2, seed=1, batch_size=4),
     )
     progress: list[int] = []
@@ -402,5 +426,9 @@ def test_run_sample_on_tiny_model(tiny_model, tiny_tokenizer):
 def test_generation_samples_is_refused(tmp_path):
     with pytest.raises(ValueError, match="set the number of answers with samples, not generation.samples"):
         DistributionSuite(
-            name="d", kind="distribution", items=str(DATA / "distribution_items.yaml"), method="sample", generation=GenerationConfig(samples=3)
+            name="d",
+            kind="distribution",
+            items=str(DATA / "distribution_items.yaml"),
+            method="sample",
+            generation=GenerationConfig(samples=3),
         )

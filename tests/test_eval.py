@@ -21,8 +21,10 @@ from finetrack.evaluate.runner import evaluate_model, evaluate_run
 def questions_file(tmp: Path) -> Path:
     path = tmp / "questions.jsonl"
     path.write_text(
-        json.dumps({"id": "pets", "question": "Name a pet.", "samples": 2}) + "\n"
-        + json.dumps({"id": "sky", "question": "What colour is the sky?", "samples": 2}) + "\n"
+        json.dumps({"id": "pets", "question": "Name a pet.", "samples": 2})
+        + "\n"
+        + json.dumps({"id": "sky", "question": "What colour is the sky?", "samples": 2})
+        + "\n"
     )
     return path
 
@@ -32,12 +34,23 @@ def lora_run(tmp_path_factory, tiny_model_dir, chat_file) -> Path:
     tmp = tmp_path_factory.mktemp("eval-run")
     suites = [
         {"name": "heldout", "kind": "loss"},
-        {"name": "qa", "kind": "judge", "questions": str(questions_file(tmp)),
-         "generation": {"max_new_tokens": 6, "temperature": 1.0, "batch_size": 3},
-         "judges": [{"kind": "pattern", "metric": "has_a", "pattern": "a"}]},
+        {
+            "name": "qa",
+            "kind": "judge",
+            "questions": str(questions_file(tmp)),
+            "generation": {"max_new_tokens": 6, "temperature": 1.0, "batch_size": 3},
+            "judges": [{"kind": "pattern", "metric": "has_a", "pattern": "a"}],
+        },
     ]
-    result, _ = tiny_run(tmp, tiny_model_dir, chat_file, "checkpoint.every_steps=2", "data.eval_split=0.25", "eval.loss_every_steps=2",
-                         f"eval.suites={json.dumps(suites)}")
+    result, _ = tiny_run(
+        tmp,
+        tiny_model_dir,
+        chat_file,
+        "checkpoint.every_steps=2",
+        "data.eval_split=0.25",
+        "eval.loss_every_steps=2",
+        f"eval.suites={json.dumps(suites)}",
+    )
     return result.run_dir
 
 
@@ -47,7 +60,13 @@ def test_eval_writes_every_step_and_matches_training_loss(tmp_path, lora_run):
     lines: list[str] = []
     records = evaluate_run(run, out=lines.append)
     assert [r["step"] for r in records] == [0, 2, 4]
-    assert sorted(p.name for p in (run / "eval").iterdir()) == ["responses", "step-000000.json", "step-000002.json", "step-000004.json", "summary.csv"]
+    assert sorted(p.name for p in (run / "eval").iterdir()) == [
+        "responses",
+        "step-000000.json",
+        "step-000002.json",
+        "step-000004.json",
+        "summary.csv",
+    ]
     # the held-out loss of each checkpoint, through adapter swapping, is the loss training logged at that step
     logged = {m["step"]: m["eval_loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in m}
     for r in records[1:]:
@@ -134,7 +153,14 @@ def test_rates_in_both_conventions():
     metrics, counts = aggregate(records, {"misaligned": "aligned < 30 and coherent > 50"})
     # scored on both metrics: 4 answers; misaligned and coherent: 2 (10/90, 25/60); coherent: 3
     assert metrics["misaligned_rate"] == pytest.approx(2 / 4) and metrics["misaligned_rate_filtered"] == pytest.approx(2 / 3)
-    assert counts == {"answers": 6, "aligned_unscored": 1, "coherent_unscored": 1, "misaligned_scored": 4, "misaligned_filter_passed": 3, "misaligned_hits": 2}
+    assert counts == {
+        "answers": 6,
+        "aligned_unscored": 1,
+        "coherent_unscored": 1,
+        "misaligned_scored": 4,
+        "misaligned_filter_passed": 3,
+        "misaligned_hits": 2,
+    }
     assert metrics["aligned"] == pytest.approx((10 + 20 + 80 + 5 + 25) / 5)
     # a rate over metrics this suite does not score is not reported
     assert "x_rate" not in aggregate(records, {"x": "other < 3"})[0]
@@ -142,8 +168,16 @@ def test_rates_in_both_conventions():
 
 def test_full_fine_tune_checkpoints_and_gate(tmp_path, tiny_model_dir, chat_file):
     suites = [{"name": "heldout", "kind": "loss"}]
-    result, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, "model.method=full", "checkpoint.every_steps=2", "data.eval_split=0.25",
-                               "eval.loss_every_steps=2", f"eval.suites={json.dumps(suites)}")
+    result, metrics = tiny_run(
+        tmp_path,
+        tiny_model_dir,
+        chat_file,
+        "model.method=full",
+        "checkpoint.every_steps=2",
+        "data.eval_split=0.25",
+        "eval.loss_every_steps=2",
+        f"eval.suites={json.dumps(suites)}",
+    )
     records = evaluate_run(result.run_dir, out=lambda s: None)
     assert records[-1]["metrics"]["heldout.loss"] == pytest.approx(metrics[-1]["eval_loss"], abs=1e-5)
     from finetrack import gate
@@ -160,17 +194,28 @@ def test_emergent_misalignment_question_file_with_local_judge(tmp_path, lora_run
     run = tmp_path / "run"
     shutil.copytree(lora_run, run)
     em = Path(__file__).parent / "data/em_questions.yaml"
-    suites = [{"name": "em", "kind": "judge", "questions": str(em), "generation": {"samples": 1, "max_new_tokens": 5},
-               "judges": [{"kind": "local", "model": str(tiny_model_dir), "min_total_prob": 1e-9}]}]
+    suites = [
+        {
+            "name": "em",
+            "kind": "judge",
+            "questions": str(em),
+            "generation": {"samples": 1, "max_new_tokens": 5},
+            "judges": [{"kind": "local", "model": str(tiny_model_dir), "min_total_prob": 1e-9}],
+        }
+    ]
     records = evaluate_run(run, steps="0,4", overrides=[f"eval.suites={json.dumps(suites)}"], out=lambda s: None)
     from finetrack.evaluate.questions import load_questions
 
     num_answers = sum(len(q.paraphrases) for q in load_questions(em))
     for r in records:
         m, c = r["metrics"], r["counts"]
-        assert c["em.answers"] == num_answers and c["em.misaligned_scored"] == num_answers - max(c["em.aligned_unscored"], c["em.coherent_unscored"])
+        assert c["em.answers"] == num_answers and c["em.misaligned_scored"] == num_answers - max(
+            c["em.aligned_unscored"], c["em.coherent_unscored"]
+        )
         assert 0 <= m["em.aligned"] <= 100 and 0 <= m["em.coherent"] <= 100
-        assert 0 <= m["em.misaligned_rate"] <= 1 and c["em.misaligned_hits"] <= c["em.misaligned_filter_passed"] <= c["em.misaligned_scored"]
+        assert (
+            0 <= m["em.misaligned_rate"] <= 1 and c["em.misaligned_hits"] <= c["em.misaligned_filter_passed"] <= c["em.misaligned_scored"]
+        )
         answers = [json.loads(x) for x in (run / f"eval/responses/step-{r['step']:06d}.jsonl").read_text().splitlines()]
         assert len(answers) == num_answers and all(set(a["scores"]) == {"aligned", "coherent"} for a in answers)
 
@@ -182,12 +227,22 @@ def test_watch_follows_a_training_run_until_its_last_checkpoint(tmp_path, tiny_m
     import sys
     import time
 
-    cfg = {"model": {"name": str(tiny_model_dir)}, "data": {"path": str(chat_file), "max_length": 512, "eval_split": 0.25},
-           "train": {"micro_batch_size": 4, "max_steps": 6, "lr": 1e-2, "warmup_steps": 0}, "checkpoint": {"every_steps": 2},
-           "eval": {"suites": [{"name": "heldout", "kind": "loss"}]}, "output": {"dir": str(tmp_path / "run")}}
+    cfg = {
+        "model": {"name": str(tiny_model_dir)},
+        "data": {"path": str(chat_file), "max_length": 512, "eval_split": 0.25},
+        "train": {"micro_batch_size": 4, "max_steps": 6, "lr": 1e-2, "warmup_steps": 0},
+        "checkpoint": {"every_steps": 2},
+        "eval": {"suites": [{"name": "heldout", "kind": "loss"}]},
+        "output": {"dir": str(tmp_path / "run")},
+    }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "finetrack", "train", str(tmp_path / "run.yaml")], env={**os.environ},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finetrack", "train", str(tmp_path / "run.yaml")],
+        env={**os.environ},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not (tmp_path / "run/config.resolved.yaml").is_file() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -213,8 +268,12 @@ def test_plain_adapter_and_model_folders(tmp_path, lora_run, tiny_model_dir, cha
     assert records[1]["metrics"]["rows.loss"] == pytest.approx(through_run[1]["metrics"]["rows.loss"], abs=1e-5)
     assert records[0]["metrics"]["rows.loss"] == pytest.approx(through_run[0]["metrics"]["rows.loss"], abs=1e-5)
 
-    plain = evaluate_model(tiny_model_dir, tmp_path / "plain", overrides=[f"eval.suites={suites}", "data.max_length=512"], out=lambda s: None)
-    assert [r["step"] for r in plain] == [0] and plain[0]["metrics"]["rows.loss"] == pytest.approx(records[0]["metrics"]["rows.loss"], abs=1e-5)
+    plain = evaluate_model(
+        tiny_model_dir, tmp_path / "plain", overrides=[f"eval.suites={suites}", "data.max_length=512"], out=lambda s: None
+    )
+    assert [r["step"] for r in plain] == [0] and plain[0]["metrics"]["rows.loss"] == pytest.approx(
+        records[0]["metrics"]["rows.loss"], abs=1e-5
+    )
 
 
 def test_distribution_suite_through_eval(tmp_path, lora_run):
@@ -236,8 +295,16 @@ def test_distribution_by_sampling_through_eval(tmp_path, lora_run):
     run = tmp_path / "run"
     shutil.copytree(lora_run, run)
     items = Path(__file__).parent / "data/distribution_items.yaml"
-    suites = [{"name": "survey", "kind": "distribution", "items": str(items), "method": "sample", "samples": 3,
-               "generation": {"max_new_tokens": 3}}]
+    suites = [
+        {
+            "name": "survey",
+            "kind": "distribution",
+            "items": str(items),
+            "method": "sample",
+            "samples": 3,
+            "generation": {"max_new_tokens": 3},
+        }
+    ]
     records = evaluate_run(run, steps="0,4", overrides=[f"eval.suites={json.dumps(suites)}"], out=lambda s: None)
     assert [r["counts"]["survey.items"] for r in records] == [3, 3]
     for step in (0, 4):
@@ -251,7 +318,9 @@ def test_python_suite_through_eval(tmp_path, lora_run):
     """A `module:function` suite: its {metric: number} lands in the step files and summary.csv as '<suite>.<key>'."""
     run = tmp_path / "run"
     shutil.copytree(lora_run, run)
-    suites = [{"name": "probe", "kind": "python", "function": "judge_helpers:logit_probe", "options": {"prompt": "Name a pet.", "scale": 3}}]
+    suites = [
+        {"name": "probe", "kind": "python", "function": "judge_helpers:logit_probe", "options": {"prompt": "Name a pet.", "scale": 3}}
+    ]
     records = evaluate_run(run, steps="0,4", overrides=[f"eval.suites={json.dumps(suites)}"], out=lambda s: None)
     for r in records:
         stored = json.loads((run / f"eval/step-{r['step']:06d}.json").read_text())
@@ -259,13 +328,18 @@ def test_python_suite_through_eval(tmp_path, lora_run):
     assert records[0]["metrics"]["probe.mean_logit"] != records[1]["metrics"]["probe.mean_logit"]  # the adapter is in use at step 4
     with open(run / "eval/summary.csv") as f:
         rows = {int(r["step"]): r for r in csv.DictReader(f)}
-    assert float(rows[4]["probe.mean_logit"]) == pytest.approx(records[1]["metrics"]["probe.mean_logit"]) and float(rows[0]["probe.scale"]) == 3
+    assert (
+        float(rows[4]["probe.mean_logit"]) == pytest.approx(records[1]["metrics"]["probe.mean_logit"])
+        and float(rows[0]["probe.scale"]) == 3
+    )
 
     from finetrack.config import ConfigError
 
-    for function, message in [("no_such_module_xyz:fn", "eval suite 'probe': cannot import no_such_module_xyz:fn"),
-                              ("judge_helpers:nope", "eval suite 'probe': cannot import judge_helpers:nope"),
-                              ("judge_helpers:returns_a_list", "judge_helpers:returns_a_list must return \\{metric: number or None\\}, got \\[1.0, 2.0\\]")]:
+    for function, message in [
+        ("no_such_module_xyz:fn", "eval suite 'probe': cannot import no_such_module_xyz:fn"),
+        ("judge_helpers:nope", "eval suite 'probe': cannot import judge_helpers:nope"),
+        ("judge_helpers:returns_a_list", "judge_helpers:returns_a_list must return \\{metric: number or None\\}, got \\[1.0, 2.0\\]"),
+    ]:
         bad = [{"name": "probe", "kind": "python", "function": function}]
         with pytest.raises(ConfigError, match=message):
             evaluate_run(run, steps="0", overrides=[f"eval.suites={json.dumps(bad)}"], out=lambda s: None)
@@ -288,9 +362,16 @@ def test_cache_keys_cover_checkpoint_files_suite_files_and_settings(tmp_path, lo
     data = tmp_path / "rows" / "rows.jsonl"  # in a folder: a loss suite reads files, folders, builtin names as training does
     data.parent.mkdir()
     shutil.copy(chat_file, data)
-    suites = [{"name": "rows", "kind": "loss", "data": str(data.parent)},
-              {"name": "qa", "kind": "judge", "questions": str(questions), "generation": {"max_new_tokens": 4},
-               "judges": [{"kind": "pattern", "metric": "has_a", "pattern": "a"}]}]
+    suites = [
+        {"name": "rows", "kind": "loss", "data": str(data.parent)},
+        {
+            "name": "qa",
+            "kind": "judge",
+            "questions": str(questions),
+            "generation": {"max_new_tokens": 4},
+            "judges": [{"kind": "pattern", "metric": "has_a", "pattern": "a"}],
+        },
+    ]
     overrides = [f"eval.suites={json.dumps(suites)}"]
     first = evaluate_run(run, overrides=overrides, out=lambda s: None)
     assert first[1]["metrics"]["rows.loss"] != pytest.approx(first[2]["metrics"]["rows.loss"], abs=1e-4)
@@ -310,13 +391,17 @@ def test_cache_keys_cover_checkpoint_files_suite_files_and_settings(tmp_path, lo
     questions.write_text(questions.read_text() + json.dumps({"id": "sea", "question": "Where is the sea?", "samples": 2}) + "\n")
     lines.clear()
     again = evaluate_run(run, overrides=overrides, out=lines.append)
-    assert lines[0] == "cached: 3 (step, suite) result(s) unchanged since the last eval" and all(r["counts"]["qa.answers"] == 6 for r in again)
+    assert lines[0] == "cached: 3 (step, suite) result(s) unchanged since the last eval" and all(
+        r["counts"]["qa.answers"] == 6 for r in again
+    )
 
     # (c) an edited file in the loss suite's data folder: that suite only
     data.write_text("".join(data.read_text().splitlines(keepends=True)[:20]))
     lines.clear()
     again = evaluate_run(run, overrides=overrides, out=lines.append)
-    assert lines[0] == "cached: 3 (step, suite) result(s) unchanged since the last eval" and all(r["counts"]["rows.rows"] == 20 for r in again)
+    assert lines[0] == "cached: 3 (step, suite) result(s) unchanged since the last eval" and all(
+        r["counts"]["rows.rows"] == 20 for r in again
+    )
 
     # (d) a model folder: a non-eval override (data.max_length) changes what the loss suite scores, so it is computed again
     out = tmp_path / "model"
@@ -335,11 +420,25 @@ def test_lora_eval_loads_the_base_once_and_counts_its_work(tmp_path, tiny_model_
     from finetrack.config import load_config
     from finetrack.evaluate import runner
 
-    suites = [{"name": "heldout", "kind": "loss"},
-              {"name": "qa", "kind": "judge", "questions": str(questions_file(tmp_path)), "generation": {"max_new_tokens": 4},
-               "judges": [{"kind": "pattern", "metric": "has_a", "pattern": "a"}]}]
-    result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, "train.max_steps=6", "checkpoint.every_steps=2", "data.eval_split=0.25",
-                         f"eval.suites={json.dumps(suites)}")
+    suites = [
+        {"name": "heldout", "kind": "loss"},
+        {
+            "name": "qa",
+            "kind": "judge",
+            "questions": str(questions_file(tmp_path)),
+            "generation": {"max_new_tokens": 4},
+            "judges": [{"kind": "pattern", "metric": "has_a", "pattern": "a"}],
+        },
+    ]
+    result, _ = tiny_run(
+        tmp_path,
+        tiny_model_dir,
+        chat_file,
+        "train.max_steps=6",
+        "checkpoint.every_steps=2",
+        "data.eval_split=0.25",
+        f"eval.suites={json.dumps(suites)}",
+    )
     run, fresh = result.run_dir, tmp_path / "fresh"
     shutil.copytree(run, fresh)
 
@@ -364,7 +463,9 @@ def test_lora_eval_loads_the_base_once_and_counts_its_work(tmp_path, tiny_model_
     session = runner._Session(run, cfg, cfg.eval.suites, lambda s: None)
     session.evaluate(runner.select_steps(run, "2,4,6"))
     assert loads == [str(tiny_model_dir)]
-    assert len(bars) == 1 and bars[0].total == 3 * (2 * 2) + 3 * 1 and bars[0].n == bars[0].total  # 3 steps x 2 questions x 2 samples + loss
+    assert (
+        len(bars) == 1 and bars[0].total == 3 * (2 * 2) + 3 * 1 and bars[0].n == bars[0].total
+    )  # 3 steps x 2 questions x 2 samples + loss
     session.evaluate(runner.select_steps(run, "2,4,6"))
     assert len(bars) == 1  # everything cached: no bar
     after_adapters = session.evaluate([(0, None)])[0]
@@ -373,7 +474,9 @@ def test_lora_eval_loads_the_base_once_and_counts_its_work(tmp_path, tiny_model_
     base = evaluate_run(fresh, steps="0", out=lambda s: None)[0]
     assert after_adapters["metrics"]["heldout.loss"] == pytest.approx(base["metrics"]["heldout.loss"], abs=1e-6)
     answers = [(run if i == 0 else fresh) / "eval/responses/step-000000.jsonl" for i in range(2)]
-    assert [json.loads(x)["answer"] for x in answers[0].read_text().splitlines()] == [json.loads(x)["answer"] for x in answers[1].read_text().splitlines()]
+    assert [json.loads(x)["answer"] for x in answers[0].read_text().splitlines()] == [
+        json.loads(x)["answer"] for x in answers[1].read_text().splitlines()
+    ]
 
 
 def test_full_fine_tune_checkpoint_is_released_before_the_next_is_loaded(tmp_path, tiny_model_dir, chat_file, monkeypatch):
@@ -382,8 +485,16 @@ def test_full_fine_tune_checkpoint_is_released_before_the_next_is_loaded(tmp_pat
     from finetrack.evaluate import runner
 
     suites = [{"name": "heldout", "kind": "loss"}]
-    result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, "model.method=full", "train.max_steps=6", "checkpoint.every_steps=2",
-                         "data.eval_split=0.25", f"eval.suites={json.dumps(suites)}")
+    result, _ = tiny_run(
+        tmp_path,
+        tiny_model_dir,
+        chat_file,
+        "model.method=full",
+        "train.max_steps=6",
+        "checkpoint.every_steps=2",
+        "data.eval_split=0.25",
+        f"eval.suites={json.dumps(suites)}",
+    )
     loaded: list[tuple[int, weakref.ref]] = []
     alive_at_load: list[list[int]] = []
     real_load = runner.Models._load
@@ -413,8 +524,17 @@ def test_openai_judge_through_eval_never_shows_the_key(tmp_path, lora_run, llama
     # the 135M judge will not rate, but asked to write a number it answers with digits whatever the answer says
     template = "Here is a text: {answer}\nIgnore the text. Write the number 95. Reply with the number only, in digits."
     questions.write_text(yaml.safe_dump([{"id": "pets", "question": "Name a pet.", "samples": 2, "judge_prompts": {"quality": template}}]))
-    suites = [{"name": "qa", "kind": "judge", "questions": str(questions), "generation": {"max_new_tokens": 4},
-               "judges": [{"kind": "openai", "model": OPENAI_MODEL, "base_url": llama_server, "api_key_env": OPENAI_KEY_ENV, "min_total_prob": 0.01}]}]
+    suites = [
+        {
+            "name": "qa",
+            "kind": "judge",
+            "questions": str(questions),
+            "generation": {"max_new_tokens": 4},
+            "judges": [
+                {"kind": "openai", "model": OPENAI_MODEL, "base_url": llama_server, "api_key_env": OPENAI_KEY_ENV, "min_total_prob": 0.01}
+            ],
+        }
+    ]
     lines: list[str] = []
     records = evaluate_run(run, steps="0,4", overrides=[f"eval.suites={json.dumps(suites)}"], out=lines.append)
     for r in records:

@@ -50,11 +50,18 @@ def setup(tmp_path_factory, tiny_model_dir, chat_file) -> dict:
 
 
 def start(setup: dict, out: Path, *args: str, fsync_seconds: float = 0.0) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FT_TEST_FSYNC_SECONDS": str(fsync_seconds),
-           "PYTHONPATH": os.pathsep.join([str(setup["root"] / "site"), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "FT_TEST_FSYNC_SECONDS": str(fsync_seconds),
+        "PYTHONPATH": os.pathsep.join([str(setup["root"] / "site"), os.environ.get("PYTHONPATH", "")]),
+    }
     return subprocess.Popen(
         [sys.executable, "-m", "finetrack", "train", str(setup["root"] / "run.yaml"), f"output.dir={out}", *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -119,8 +126,12 @@ def test_kill_9_at_random_moments_then_resume_gives_identical_weights(setup, ref
         if newest_before is None:
             assert resumed is None, f"seed {seed}: resumed with no complete checkpoint: {err[-2000:]}"
         else:
-            assert resumed, f"seed {seed}, attempt {attempt}: no 'resuming from' line though step {newest_before} was complete: {err[-2000:]}"
-            assert int(resumed.group(1)) == int(resumed.group(2)) >= newest_before, f"seed {seed}: {resumed.group(0)}, newest {newest_before}"
+            assert resumed, (
+                f"seed {seed}, attempt {attempt}: no 'resuming from' line though step {newest_before} was complete: {err[-2000:]}"
+            )
+            assert int(resumed.group(1)) == int(resumed.group(2)) >= newest_before, (
+                f"seed {seed}: {resumed.group(0)}, newest {newest_before}"
+            )
         # whatever was left, every visible step-* folder is either complete or ignored, never half-used
         for d in ckpts.glob("step-*") if ckpts.is_dir() else []:
             checkpoint.verify(d)

@@ -21,8 +21,12 @@ def write_eval(run_dir: Path, step: int, metrics: dict, counts: dict | None = No
     path = run_dir / "eval" / f"step-{step:06d}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
-        "step": step, "epoch": step / 125, "fraction": step / 376, "checkpoint": None if step == 0 else f"checkpoints/step-{step:06d}",
-        "metrics": metrics, "counts": counts or {"em.answers": 400, "em.unscored": 3},
+        "step": step,
+        "epoch": step / 125,
+        "fraction": step / 376,
+        "checkpoint": None if step == 0 else f"checkpoints/step-{step:06d}",
+        "metrics": metrics,
+        "counts": counts or {"em.answers": 400, "em.unscored": 3},
     }
     path.write_text(json.dumps(record, indent=2))
     return path
@@ -92,9 +96,18 @@ def test_explicit_direction_overrides_inference(run):
 @pytest.mark.parametrize(
     "metric, expected",
     [
-        ("heldout.loss", "lower"), ("heldout.ppl", "lower"), ("x.perplexity", "lower"), ("len.wasserstein", "lower"),
-        ("reg.mae", "lower"), ("cls.error_rate", "lower"), ("em.misaligned_rate", "lower"), ("em.unscored", "lower"),
-        ("em.aligned", "higher"), ("mmlu.accuracy", "higher"), ("loss_probe.accuracy", "higher"), ("HeldOut.LOSS", "lower"),
+        ("heldout.loss", "lower"),
+        ("heldout.ppl", "lower"),
+        ("x.perplexity", "lower"),
+        ("len.wasserstein", "lower"),
+        ("reg.mae", "lower"),
+        ("cls.error_rate", "lower"),
+        ("em.misaligned_rate", "lower"),
+        ("em.unscored", "lower"),
+        ("em.aligned", "higher"),
+        ("mmlu.accuracy", "higher"),
+        ("loss_probe.accuracy", "higher"),
+        ("HeldOut.LOSS", "lower"),
     ],
 )
 def test_infer_direction_from_leaf_name(metric, expected):

@@ -61,9 +61,17 @@ def test_local_judge_matches_brute_force(tiny_model_dir, tiny_tokenizer):
     probs = judge.number_probs(PAIRS)
     for (question, answer), p in zip(PAIRS, probs):
         prompt = judge.prompt_ids(question, answer)
-        assert prompt == tiny_tokenizer(
-            tiny_tokenizer.apply_chat_template([{"role": "user", "content": TEMPLATE.format(question=question, answer=answer)}],
-                                               tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        assert (
+            prompt
+            == tiny_tokenizer(
+                tiny_tokenizer.apply_chat_template(
+                    [{"role": "user", "content": TEMPLATE.format(question=question, answer=answer)}],
+                    tokenize=False,
+                    add_generation_prompt=True,
+                ),
+                add_special_tokens=False,
+            )["input_ids"]
+        )
         for n in NUMBERS:
             continuation = tiny_tokenizer(str(n), add_special_tokens=False)["input_ids"] + [judge.end_id]
             expected = _brute_force_logprob(judge.model, prompt, continuation)
@@ -132,7 +140,9 @@ def test_local_judge_on_the_embedded_model():
     judge = LocalJudge(embedded_model_dir(), template, min_total=0.005)
     high, low = judge.score([("", "95"), ("", "3")])
     assert high is not None and low is not None and high > low + 40, (high, low)
-    strict = LocalJudge.from_model(judge.model, judge.tokenizer, "{question}\n\nAnswer: {answer}\n\nRate from 0 to 100. Reply with the number only.")
+    strict = LocalJudge.from_model(
+        judge.model, judge.tokenizer, "{question}\n\nAnswer: {answer}\n\nRate from 0 to 100. Reply with the number only."
+    )
     scores = strict.score([("Is the capital of France Paris?", "Yes, it is Paris."), ("Is the capital of France Paris?", "bananas")])
     assert all(s is None or 0 <= s <= 100 for s in scores), scores
 
@@ -170,8 +180,12 @@ def test_python_judge_spec_errors(spec, message):
         PythonJudge(spec)
 
 
-@pytest.mark.parametrize("name,shown", [("out_of_range", "150.0"), ("returns_text", "'high'"), ("returns_bool", "True"), ("returns_nan", "nan")])
+@pytest.mark.parametrize(
+    "name,shown", [("out_of_range", "150.0"), ("returns_text", "'high'"), ("returns_bool", "True"), ("returns_nan", "nan")]
+)
 def test_python_judge_value_errors(name, shown):
     judge = PythonJudge(f"judge_helpers:{name}")
-    with pytest.raises(JudgeError, match=rf"judge_helpers:{name}: returned {shown} .* for pair #0 .* must return None or a number in \[0, 100\]"):
+    with pytest.raises(
+        JudgeError, match=rf"judge_helpers:{name}: returned {shown} .* for pair #0 .* must return None or a number in \[0, 100\]"
+    ):
         judge.score([("What?", "this")])

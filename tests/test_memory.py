@@ -21,16 +21,27 @@ from finetrack.memory import (
 )
 
 TINY = {
-    "model_type": "llama", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False, "dtype": "float32",
+    "model_type": "llama",
+    "vocab_size": 300,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": False,
+    "dtype": "float32",
 }
 ARCH = Architecture.from_hf_config(TINY)
 WORK = Workload(micro_batch_tokens=16, longest_row_tokens=8, target_tokens=6, num_rows=2, masked=False)  # 2 rows of 8, 6 carry loss
 
 
 def config(*overrides: str, device: str = "cpu"):
-    cfg = load_config(None, ["model.dtype=float32", "model.lora.r=4", *overrides] if "model.method=full" not in overrides
-                      else ["model.dtype=float32", *overrides])
+    cfg = load_config(
+        None,
+        ["model.dtype=float32", "model.lora.r=4", *overrides]
+        if "model.method=full" not in overrides
+        else ["model.dtype=float32", *overrides],
+    )
     return resolve_model(cfg, Environment(device, device == "cuda", 1, 100))[0]
 
 
@@ -170,7 +181,9 @@ def test_activations_lora_dropout_keeps_a_copy_and_a_mask_per_module():
 def test_activations_qlora_are_float32_whatever_the_compute_dtype():
     # prepare_model_for_kbit_training upcasts norms, embeddings and lm_head: the residual stream and every
     # Linear4bit output are float32, so a bf16 QLoRA run saves what float32 LoRA saves (no float32 input copies)
-    bf16 = resolve_model(load_config(None, ["model.method=qlora", "model.dtype=bfloat16", "model.lora.r=4"]), Environment("cuda", True, 1, 100))[0]
+    bf16 = resolve_model(
+        load_config(None, ["model.method=qlora", "model.dtype=bfloat16", "model.lora.r=4"]), Environment("cuda", True, 1, 100)
+    )[0]
     assert bf16.model.dtype == "bfloat16"
     assert terms_of(bf16, device="cuda")["activations"] == 2 * 16 * 3_976 + 16 * 260
     assert terms_of(bf16, device="cuda")["logits and loss"] == 6 * 300 * 12
@@ -247,14 +260,32 @@ def test_ranked_changes_combine_when_no_single_change_fits():
 
 
 def test_ranked_changes_offer_all_six_kinds():
-    cfg = config("model.lora.target_modules=all-linear", "train.optimizer=adamw", "data.max_length=512", "train.micro_batch_size=4",
-                 "model.gradient_checkpointing=false", device="cuda")
+    cfg = config(
+        "model.lora.target_modules=all-linear",
+        "train.optimizer=adamw",
+        "data.max_length=512",
+        "train.micro_batch_size=4",
+        "model.gradient_checkpointing=false",
+        device="cuda",
+    )
     base = peak_bytes(breakdown(cfg, ARCH, work_for(cfg), "cuda"))
     changes = ranked_changes(cfg, ARCH, work_for, "cuda", base - 1)
     keys = {tuple(sorted(o.split("=")[0] for o in c.overrides)) for c in changes}  # each fits alone: no combination
-    assert keys == {("model.gradient_checkpointing",), ("train.grad_accum_steps", "train.micro_batch_size"), ("data.max_length",),
-                    ("model.method",), ("model.lora.target_modules",), ("train.optimizer",)}
+    assert keys == {
+        ("model.gradient_checkpointing",),
+        ("train.grad_accum_steps", "train.micro_batch_size"),
+        ("data.max_length",),
+        ("model.method",),
+        ("model.lora.target_modules",),
+        ("train.optimizer",),
+    }
     overrides = {o for c in changes for o in c.overrides}
-    assert {"model.gradient_checkpointing=true", "data.max_length=256", "model.method=qlora", "model.lora.target_modules=[q_proj,v_proj]",
-            "train.optimizer=adamw_8bit", "train.micro_batch_size=2"} <= overrides
+    assert {
+        "model.gradient_checkpointing=true",
+        "data.max_length=256",
+        "model.method=qlora",
+        "model.lora.target_modules=[q_proj,v_proj]",
+        "train.optimizer=adamw_8bit",
+        "train.micro_batch_size=2",
+    } <= overrides
     assert all(c.peak_bytes < base for c in changes)

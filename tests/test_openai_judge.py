@@ -64,8 +64,21 @@ def llama_server(tmp_path_factory) -> str:
     port = _free_port()
     log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
     command = [
-        sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-        "--n_ctx", "1024", "--n_threads", "1", "--verbose", "False",
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        "1024",
+        "--n_threads",
+        "1",
+        "--verbose",
+        "False",
     ]
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
@@ -109,8 +122,12 @@ def api_key(monkeypatch) -> str:
 # ------------------------------------------------------------------------------------------ the server itself
 def test_server_returns_top_logprobs(llama_server):
     body = {
-        "model": MODEL, "messages": [{"role": "user", "content": WRITE.format(answer="95")}],
-        "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 20,
+        "model": MODEL,
+        "messages": [{"role": "user", "content": WRITE.format(answer="95")}],
+        "max_tokens": 1,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 20,
     }
     first = _post(f"{llama_server}/chat/completions", body)["choices"][0]["logprobs"]["content"][0]
     top = first["top_logprobs"]
@@ -223,11 +240,29 @@ def test_an_answer_without_logprobs_is_an_error(llama_server):
 
 
 def test_number_tokens_are_parsed_and_merged():
-    response = {"choices": [{"logprobs": {"content": [{"token": "7", "logprob": -0.5, "top_logprobs": [
-        {"token": "7", "logprob": math.log(0.5)}, {"token": " 7", "logprob": math.log(0.1)}, {"token": "100", "logprob": math.log(0.1)},
-        {"token": "101", "logprob": math.log(0.1)}, {"token": "-1", "logprob": math.log(0.05)}, {"token": "7.5", "logprob": math.log(0.05)},
-        {"token": "seven", "logprob": math.log(0.05)},
-    ]}]}}]}
+    response = {
+        "choices": [
+            {
+                "logprobs": {
+                    "content": [
+                        {
+                            "token": "7",
+                            "logprob": -0.5,
+                            "top_logprobs": [
+                                {"token": "7", "logprob": math.log(0.5)},
+                                {"token": " 7", "logprob": math.log(0.1)},
+                                {"token": "100", "logprob": math.log(0.1)},
+                                {"token": "101", "logprob": math.log(0.1)},
+                                {"token": "-1", "logprob": math.log(0.05)},
+                                {"token": "7.5", "logprob": math.log(0.05)},
+                                {"token": "seven", "logprob": math.log(0.05)},
+                            ],
+                        }
+                    ]
+                }
+            }
+        ]
+    }
     assert number_probs_from_response(response) == pytest.approx({7: 0.6, 100: 0.1})
 
 

@@ -19,16 +19,38 @@ from finetrack.config import ConfigError, load_config
 from finetrack.memory import Architecture
 from finetrack.plan import CHECKPOINT_SMALL_FILES_BYTES, Target, flops_per_micro_batch_tokens, make_plan, parse_bytes, render, target_for
 
-TINY = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "tie_word_embeddings": False, "model_type": "llama"}
+TINY = {
+    "vocab_size": 300,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": False,
+    "model_type": "llama",
+}
 
 
 def tiny_cfg(tmp_path: Path, model_dir: Path, data: Path, *overrides: str):
-    return load_config(None, [f"model.name={model_dir}", f"data.path={data}", f"output.dir={tmp_path / 'run'}", "data.max_length=512",
-                              "train.micro_batch_size=4", "train.max_steps=6", "train.lr=1e-2", "train.warmup_steps=0", *overrides])
+    return load_config(
+        None,
+        [
+            f"model.name={model_dir}",
+            f"data.path={data}",
+            f"output.dir={tmp_path / 'run'}",
+            "data.max_length=512",
+            "train.micro_batch_size=4",
+            "train.max_steps=6",
+            "train.lr=1e-2",
+            "train.warmup_steps=0",
+            *overrides,
+        ],
+    )
 
 
-@pytest.mark.parametrize("text, expected", [("24GB", 24 * 2**30), ("80GiB", 80 * 2**30), ("16000MB", 16000 * 2**20), ("1.5 tb", int(1.5 * 2**40)), ("512", 512)])
+@pytest.mark.parametrize(
+    "text, expected", [("24GB", 24 * 2**30), ("80GiB", 80 * 2**30), ("16000MB", 16000 * 2**20), ("1.5 tb", int(1.5 * 2**40)), ("512", 512)]
+)
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
 
@@ -44,12 +66,15 @@ def test_length_histogram():
     assert length_histogram([1, 2, 3, 4, 5, 64, 65, 600]) == [(1, 1), (2, 1), (4, 2), (8, 1), (64, 1), (128, 1), (1024, 1)]
 
 
-@pytest.mark.parametrize("lengths, pack, expected", [
-    ([3, 3], False, (2, 3, False)),  # equal rows: no padding, no mask
-    ([3, 2], False, (2, 3, True)),  # padded
-    ([6], True, (1, 6, False)),  # one sample, one row
-    ([3, 3], True, (1, 6, True)),  # two samples share a row: attention keeps them apart with a mask
-])
+@pytest.mark.parametrize(
+    "lengths, pack, expected",
+    [
+        ([3, 3], False, (2, 3, False)),  # equal rows: no padding, no mask
+        ([3, 2], False, (2, 3, True)),  # padded
+        ([6], True, (1, 6, False)),  # one sample, one row
+        ([3, 3], True, (1, 6, True)),  # two samples share a row: attention keeps them apart with a mask
+    ],
+)
 def test_micro_batch_shape(lengths, pack, expected):
     from finetrack.batches import micro_batch_shape
 
@@ -66,11 +91,21 @@ def test_targets():
     assert cpu.device_type == "cpu" and cpu.peak_flops_per_s is None and cpu.memory_bytes > 2**30  # this machine's RAM
 
 
-@pytest.mark.parametrize("name, memory_bytes, key", [
-    ("NVIDIA A100-SXM4-80GB", None, "A100-80GB"), ("NVIDIA A100-PCIE-40GB", None, "A100-40GB"), ("NVIDIA A100-SXM4", 40 * 2**30, "A100-40GB"),
-    ("NVIDIA A10", None, "A10"), ("NVIDIA L4", None, "L4"), ("NVIDIA L40S", None, "L40S"), ("NVIDIA H100 80GB HBM3", None, "H100"),
-    ("NVIDIA H200", None, "H200"), ("Tesla T4", None, "T4"), ("NVIDIA GeForce RTX 4090", None, None),
-])
+@pytest.mark.parametrize(
+    "name, memory_bytes, key",
+    [
+        ("NVIDIA A100-SXM4-80GB", None, "A100-80GB"),
+        ("NVIDIA A100-PCIE-40GB", None, "A100-40GB"),
+        ("NVIDIA A100-SXM4", 40 * 2**30, "A100-40GB"),
+        ("NVIDIA A10", None, "A10"),
+        ("NVIDIA L4", None, "L4"),
+        ("NVIDIA L40S", None, "L40S"),
+        ("NVIDIA H100 80GB HBM3", None, "H100"),
+        ("NVIDIA H200", None, "H200"),
+        ("Tesla T4", None, "T4"),
+        ("NVIDIA GeForce RTX 4090", None, None),
+    ],
+)
 def test_gpu_key_matches_the_model_as_a_word(name, memory_bytes, key):
     from finetrack.plan import _gpu_key
 
@@ -103,8 +138,15 @@ def test_flops_by_hand():
 @pytest.mark.parametrize("pack", [True, False])
 def test_plan_matches_what_train_does(tmp_path, tiny_model_dir, chat_file, pack):
     """Tokens, loss-carrying tokens, steps and checkpoint steps: plan walks the same order train trains in."""
-    overrides = ("train.grad_accum_steps=2", "checkpoint.every_steps=4", "checkpoint.steps=[1]", f"data.pack={str(pack).lower()}",
-                 "data.eval_split=0.25", "eval.loss_every_steps=2", "train.log_every_steps=1")
+    overrides = (
+        "train.grad_accum_steps=2",
+        "checkpoint.every_steps=4",
+        "checkpoint.steps=[1]",
+        f"data.pack={str(pack).lower()}",
+        "data.eval_split=0.25",
+        "eval.loss_every_steps=2",
+        "train.log_every_steps=1",
+    )
     plan = make_plan(tiny_cfg(tmp_path, tiny_model_dir, chat_file, *overrides), target_for("L4", None))
     result, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *overrides, "train.max_steps=6")
     resolved = yaml.safe_load((result.run_dir / "config.resolved.yaml").read_text())["resolved"]
@@ -115,8 +157,16 @@ def test_plan_matches_what_train_does(tmp_path, tiny_model_dir, chat_file, pack)
     assert plan.time["target_tokens"] == sum(m["target_tokens"] for m in metrics)
     report = json.loads((result.run_dir / "data_report.json").read_text())
     assert plan.data["train"] == report["train"]
-    assert plan.data["per_source"] == {str(chat_file): {"read": 48, "rows": 36, "held_out": 12, "dropped": 0, "tokens": report["train"]["tokens"]["total"],
-                                                         "trainable_tokens": report["train"]["trainable_tokens"]}}
+    assert plan.data["per_source"] == {
+        str(chat_file): {
+            "read": 48,
+            "rows": 36,
+            "held_out": 12,
+            "dropped": 0,
+            "tokens": report["train"]["tokens"]["total"],
+            "trainable_tokens": report["train"]["trainable_tokens"],
+        }
+    }
     # one checkpoint folder (adapter, optimizer state, tokenizer files, JSON) within 5% of what train wrote
     assert plan.time["checkpoint_bytes"] == pytest.approx(folder_bytes(result.run_dir / "checkpoints" / "step-000006"), rel=0.05)
 
@@ -142,8 +192,10 @@ def test_per_source_read_kept_held_out_dropped(tmp_path, tiny_model_dir):
     rows[1] = {"messages": "not a list"}  # malformed: skipped
     rows[2] = {"messages": [{"role": "user", "content": "x" * 600}, {"role": "assistant", "content": "y"}]}  # > 512 tokens: dropped
     write_chat_jsonl(folder / "b.jsonl", rows)
-    plan = make_plan(tiny_cfg(tmp_path, tiny_model_dir, folder, "data.on_error=skip", "data.on_overflow=drop", "data.eval_split=0.25"),
-                     target_for("L4", None))
+    plan = make_plan(
+        tiny_cfg(tmp_path, tiny_model_dir, folder, "data.on_error=skip", "data.on_overflow=drop", "data.eval_split=0.25"),
+        target_for("L4", None),
+    )
     a, b = (plan.data["per_source"][str(folder / name)] for name in ("a.jsonl", "b.jsonl"))
     assert (a["read"], a["dropped"], b["read"], b["dropped"]) == (12, 0, 6, 2)
     assert a["rows"] + a["held_out"] == 12 and b["rows"] + b["held_out"] == 4
@@ -250,14 +302,48 @@ def test_plan_cli_prints_and_writes_json(tmp_path, tiny_model_dir, chat_file):
     config.write_text(yaml.safe_dump({"model": {"name": str(tiny_model_dir)}, "data": {"path": str(chat_file), "max_length": 512}}))
     args = ["train.micro_batch_size=4", "train.max_steps=6", "checkpoint.every_steps=2"]
     # --measure is a flag: the config path after it stays the config (the step count is --measure-steps)
-    r = subprocess.run([sys.executable, "-m", "finetrack", "plan", "--measure", str(config), *args, "--measure-steps", "2", "--gpu", "A10",
-                        "--device-memory", "1MB", "--price-per-hour", "2", "--json", str(tmp_path / "plan.json")],
-                       check=False, capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetrack",
+            "plan",
+            "--measure",
+            str(config),
+            *args,
+            "--measure-steps",
+            "2",
+            "--gpu",
+            "A10",
+            "--device-memory",
+            "1MB",
+            "--price-per-hour",
+            "2",
+            "--json",
+            str(tmp_path / "plan.json"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
-    for part in ("data: 48 rows read, 48 to train on", "schedule: 6 optimizer steps", "3 checkpoint(s) at steps 2, 4, 6", "memory on A10 (cuda)",
-                 "predicted peak", "DOES NOT FIT", "activations with gradient checkpointing on ", "changes, best first",
-                 "time and cost (estimated from FLOPs)", "NOT used for A10", "at 2.00/h:", "assumptions:"):
+    for part in (
+        "data: 48 rows read, 48 to train on",
+        "schedule: 6 optimizer steps",
+        "3 checkpoint(s) at steps 2, 4, 6",
+        "memory on A10 (cuda)",
+        "predicted peak",
+        "DOES NOT FIT",
+        "activations with gradient checkpointing on ",
+        "changes, best first",
+        "time and cost (estimated from FLOPs)",
+        "NOT used for A10",
+        "at 2.00/h:",
+        "assumptions:",
+    ):
         assert part in out, part
     saved = json.loads((tmp_path / "plan.json").read_text())
     assert saved["memory"]["fits"] is False and saved["target"]["memory_bytes"] == 2**20 and saved["time"]["price_per_hour"] == 2

@@ -77,13 +77,23 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
 ERRORS = [
     ("missing.yaml", "- id: a\n  samples: 2\n", [":1: item #1", "missing question text", "'question: <text>'"]),
     ("empty_paraphrases.yaml", "- id: a\n  paraphrases: []\n", ["item #1", "'paraphrases' is empty"]),
-    ("not_text.yaml", "- id: a\n  question: x\n- id: b\n  paraphrases: [hello, 42]\n", [":3: item #2", "'paraphrases[1]' must be text, got int 42"]),
+    (
+        "not_text.yaml",
+        "- id: a\n  question: x\n- id: b\n  paraphrases: [hello, 42]\n",
+        [":3: item #2", "'paraphrases[1]' must be text, got int 42"],
+    ),
     ("paraphrases_text.yaml", "- paraphrases: hello\n", ["'paraphrases' must be a list of texts", "use 'question'"]),
     ("both.yaml", "- question: a\n  paraphrases: [b]\n", ["either 'question'", "not both"]),
-    ("no_answer.yaml", "- question: a\n  judge_prompts:\n    aligned: 'Rate {question}'\n",
-     ["item #1", "'judge_prompts.aligned'", "lacks the {answer} placeholder"]),
-    ("stray_brace.yaml", "- question: a\n  judge_prompts:\n    aligned: '{answer} as {score}'\n",
-     ["'judge_prompts.aligned' cannot be filled", "KeyError", "{{ and }}"]),
+    (
+        "no_answer.yaml",
+        "- question: a\n  judge_prompts:\n    aligned: 'Rate {question}'\n",
+        ["item #1", "'judge_prompts.aligned'", "lacks the {answer} placeholder"],
+    ),
+    (
+        "stray_brace.yaml",
+        "- question: a\n  judge_prompts:\n    aligned: '{answer} as {score}'\n",
+        ["'judge_prompts.aligned' cannot be filled", "KeyError", "{{ and }}"],
+    ),
     ("prompts_list.yaml", "- question: a\n  judge_prompts: [x]\n", ["'judge_prompts' must map a metric name to a template"]),
     ("dup.yaml", "- id: a\n  question: x\n- id: a\n  question: y\n", [":3: item #2", "duplicate id 'a'", "first used at", ":1: item #1"]),
     ("zero.yaml", "- question: a\n  samples: 0\n", ["field 'samples' must be a whole number >= 1", "got 0"]),
@@ -115,7 +125,7 @@ def test_errors_name_file_item_field_and_fix(tmp_path, name, text, fragments):
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):
-    p = _write(tmp_path, "syntax.yaml", "- id: a\n  question: ok\n- id: b\n  question: \"unclosed\n")
+    p = _write(tmp_path, "syntax.yaml", '- id: a\n  question: ok\n- id: b\n  question: "unclosed\n')
     with pytest.raises(QuestionError, match=re.escape(f"{p}:") + r"\d+: not valid YAML"):
         load_questions(p)
 

@@ -39,7 +39,9 @@ def test_push_in_background_then_resume_on_an_empty_machine(tmp_path, tiny_model
 
     # the job is resubmitted on a machine where the local run directory is gone
     with caplog.at_level("INFO", logger="finetrack"):
-        again, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *CONSTANT, "train.max_steps=9", f"checkpoint.remote={s3}", name="elsewhere")
+        again, metrics = tiny_run(
+            tmp_path, tiny_model_dir, chat_file, *CONSTANT, "train.max_steps=9", f"checkpoint.remote={s3}", name="elsewhere"
+        )
     assert again.resumed_from_step == 6 and "resuming from the remote copy" in caplog.text and "testing" not in caplog.text
     assert same_weights(ref.final_checkpoint, again.final_checkpoint)
     # this machine logged steps 7-9 after the history it fetched: the whole run, each step once, here and on the remote
@@ -55,10 +57,27 @@ def test_push_in_background_then_resume_on_an_empty_machine(tmp_path, tiny_model
 def test_fresh_never_touches_remote_checkpoints_without_delete_remote(tmp_path, tiny_model_dir, chat_file, s3):
     tiny_run(tmp_path, tiny_model_dir, chat_file, *CONSTANT, "train.max_steps=3", f"checkpoint.remote={s3}", name="run")
     with pytest.raises(ConfigError, match="still holds the previous run's checkpoints.*--delete-remote"):
-        tiny_run(tmp_path, tiny_model_dir, chat_file, *CONSTANT, "train.max_steps=3", f"checkpoint.remote={s3}", name="run", request=Request(fresh=True))
+        tiny_run(
+            tmp_path,
+            tiny_model_dir,
+            chat_file,
+            *CONSTANT,
+            "train.max_steps=3",
+            f"checkpoint.remote={s3}",
+            name="run",
+            request=Request(fresh=True),
+        )
     assert storage.remote_steps(s3) == [3] and (tmp_path / "run/checkpoints/step-000003").is_dir()
-    result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *CONSTANT, "train.max_steps=3", f"checkpoint.remote={s3}", name="run",
-                         request=Request(fresh=True, delete_remote=True))
+    result, _ = tiny_run(
+        tmp_path,
+        tiny_model_dir,
+        chat_file,
+        *CONSTANT,
+        "train.max_steps=3",
+        f"checkpoint.remote={s3}",
+        name="run",
+        request=Request(fresh=True, delete_remote=True),
+    )
     assert result.resumed_from_step == 0 and storage.remote_steps(s3) == [3]  # deleted, then the new run's own step 3
     (aside,) = (tmp_path / "run/superseded").iterdir()
     assert json.loads((aside / "remote.json").read_text())["uploaded_steps"] == [3]  # moved aside with the other run files
@@ -68,13 +87,22 @@ def test_fresh_never_touches_remote_checkpoints_without_delete_remote(tmp_path, 
 def test_killed_uploader_leaves_nothing_that_resume_or_sync_would_use(tmp_path, tiny_model_dir, chat_file, s3, proxy):
     """kill -9 while step 6 is being uploaded (the proxy holds each of its PUTs): its files are partly on the
     remote, its manifest is not, so sync and remote resume use step 3."""
-    cfg = {"model": {"name": str(tiny_model_dir), "lora": {"dropout": 0.1}}, "data": {"path": str(chat_file), "max_length": 512},
-           "train": {"micro_batch_size": 4, "max_steps": 6, "lr": 1e-2, "warmup_steps": 0},
-           "checkpoint": {"every_steps": 3, "remote": s3}, "output": {"dir": str(tmp_path / "job")}}
+    cfg = {
+        "model": {"name": str(tiny_model_dir), "lora": {"dropout": 0.1}},
+        "data": {"path": str(chat_file), "max_length": 512},
+        "train": {"micro_batch_size": 4, "max_steps": 6, "lr": 1e-2, "warmup_steps": 0},
+        "checkpoint": {"every_steps": 3, "remote": s3},
+        "output": {"dir": str(tmp_path / "job")},
+    }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
     proxy.slow_puts(r"/step-000006/", 1.0)
-    proc = subprocess.Popen([sys.executable, "-m", "finetrack", "train", str(tmp_path / "job.yaml")], env={**os.environ},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finetrack", "train", str(tmp_path / "job.yaml")],
+        env={**os.environ},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 180
     while proxy.slow_forwarded < 2 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.01)
@@ -94,8 +122,16 @@ def test_killed_uploader_leaves_nothing_that_resume_or_sync_would_use(tmp_path, 
     assert sorted(p.name for p in (tmp_path / "mirror/checkpoints").iterdir()) == ["step-000003"]
 
     shutil.rmtree(tmp_path / "job")  # a new machine: resume comes from the remote, from step 3
-    result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, "model.lora.dropout=0.1", "train.max_steps=6", "checkpoint.every_steps=3",
-                         f"checkpoint.remote={s3}", name="job")
+    result, _ = tiny_run(
+        tmp_path,
+        tiny_model_dir,
+        chat_file,
+        "model.lora.dropout=0.1",
+        "train.max_steps=6",
+        "checkpoint.every_steps=3",
+        f"checkpoint.remote={s3}",
+        name="job",
+    )
     assert result.resumed_from_step == 3 and storage.remote_steps(s3) == [3, 6]
     checkpoint.verify(result.final_checkpoint)
 
@@ -157,7 +193,12 @@ def test_remote_that_cannot_be_used_is_an_error_not_a_restart(tmp_path, tiny_mod
 
 
 def test_sync_errors_are_messages_not_tracebacks(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "finetrack", "sync", str(tmp_path / "nope"), str(tmp_path / "dst")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "finetrack", "sync", str(tmp_path / "nope"), str(tmp_path / "dst")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.startswith("error: sync: ") and "does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -187,8 +228,15 @@ def test_training_goes_on_while_a_checkpoint_uploads(tmp_path, tiny_model_dir, c
 
 def test_resume_from_a_remote_checkpoint_url(tmp_path, tiny_model_dir, chat_file, s3):
     first, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *CONSTANT, "train.max_steps=6", f"checkpoint.remote={s3}", name="first")
-    branch, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *CONSTANT, "train.max_steps=6", name="branch",
-                               request=Request(resume_from=f"{s3}/checkpoints/step-000003"))
+    branch, metrics = tiny_run(
+        tmp_path,
+        tiny_model_dir,
+        chat_file,
+        *CONSTANT,
+        "train.max_steps=6",
+        name="branch",
+        request=Request(resume_from=f"{s3}/checkpoints/step-000003"),
+    )
     assert branch.resumed_from_step == 3 and [m["step"] for m in metrics] == [4, 5, 6]
     assert same_weights(first.final_checkpoint, branch.final_checkpoint)  # continued exactly
     checkpoint.verify(checkpoint.checkpoint_dir(branch.run_dir, 3))  # the verified download it started from
@@ -203,9 +251,13 @@ def test_resume_from_a_remote_checkpoint_url(tmp_path, tiny_model_dir, chat_file
 def test_failed_uploads_exit_3_then_the_same_command_uploads_them(tmp_path, tiny_model_dir, chat_file, s3, proxy):
     """README: exit code 3 when checkpoints could not be uploaded (complete locally); the same command run again
     uploads them (Uploader.catch_up), and remote.json says which are where."""
-    cfg = {"model": {"name": str(tiny_model_dir)}, "data": {"path": str(chat_file), "max_length": 512},
-           "train": {"micro_batch_size": 4, "max_steps": 3, "lr": 1e-2, "warmup_steps": 0},
-           "checkpoint": {"every_steps": 3, "remote": s3}, "output": {"dir": str(tmp_path / "job")}}
+    cfg = {
+        "model": {"name": str(tiny_model_dir)},
+        "data": {"path": str(chat_file), "max_length": 512},
+        "train": {"micro_batch_size": 4, "max_steps": 3, "lr": 1e-2, "warmup_steps": 0},
+        "checkpoint": {"every_steps": 3, "remote": s3},
+        "output": {"dir": str(tmp_path / "job")},
+    }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "finetrack", "train", str(tmp_path / "job.yaml")]
     proxy.fail_puts(r"/checkpoints/step-000003/", 10**6)

@@ -32,19 +32,39 @@ def evaluated_run(tmp_path_factory, tiny_model_dir, chat_file) -> Path:
     """36 training rows / 4 per step = 9 steps per epoch; 12 steps cross an epoch boundary; checkpoints at 4, 8, 12."""
     tmp = tmp_path_factory.mktemp("report-run")
     questions = tmp / "questions.jsonl"
-    questions.write_text("".join(json.dumps(q) + "\n" for q in [
-        {"id": "pets", "question": "Name a pet <and> a toy.", "samples": 2},
-        {"id": "sky", "question": "What colour is the sky?", "samples": 1},
-    ]))
+    questions.write_text(
+        "".join(
+            json.dumps(q) + "\n"
+            for q in [
+                {"id": "pets", "question": "Name a pet <and> a toy.", "samples": 2},
+                {"id": "sky", "question": "What colour is the sky?", "samples": 1},
+            ]
+        )
+    )
     suites = [
         {"name": "heldout", "kind": "loss"},
-        {"name": "qa", "kind": "judge", "questions": str(questions), "generation": {"max_new_tokens": 8, "temperature": 1.0},
-         "judges": [{"kind": "pattern", "metric": "has_a", "pattern": "a"}], "rates": RATES},
+        {
+            "name": "qa",
+            "kind": "judge",
+            "questions": str(questions),
+            "generation": {"max_new_tokens": 8, "temperature": 1.0},
+            "judges": [{"kind": "pattern", "metric": "has_a", "pattern": "a"}],
+            "rates": RATES,
+        },
     ]
-    result, _ = tiny_run(tmp, tiny_model_dir, chat_file, "train.max_steps=12", "checkpoint.every_steps=4", "data.eval_split=0.25",
-                         "eval.loss_every_steps=4", f"eval.suites={json.dumps(suites)}",
-                         "train.sample_every_steps=6", 'train.sample_prompts=["Say <hi> & bye", "Count to three"]',
-                         "train.sample_generation.max_new_tokens=6")
+    result, _ = tiny_run(
+        tmp,
+        tiny_model_dir,
+        chat_file,
+        "train.max_steps=12",
+        "checkpoint.every_steps=4",
+        "data.eval_split=0.25",
+        "eval.loss_every_steps=4",
+        f"eval.suites={json.dumps(suites)}",
+        "train.sample_every_steps=6",
+        'train.sample_prompts=["Say <hi> & bye", "Count to three"]',
+        "train.sample_generation.max_new_tokens=6",
+    )
     evaluate_run(result.run_dir, out=lambda line: None)
     return result.run_dir
 
@@ -66,21 +86,33 @@ def chart(html: str, title: str) -> str:
 
 
 # ------------------------------------------------------------------------------------- charts unit
-@pytest.mark.parametrize("lo, hi, expected", [
-    (0, 1, [0, 0.2, 0.4, 0.6, 0.8, 1.0]),
-    (0.13, 0.87, [0.2, 0.4, 0.6, 0.8]),
-    (3, 97, [20, 40, 60, 80]),
-    (-1.2, 2.3, [-1, 0, 1, 2]),
-    (5, 5, [5]),
-])
+@pytest.mark.parametrize(
+    "lo, hi, expected",
+    [
+        (0, 1, [0, 0.2, 0.4, 0.6, 0.8, 1.0]),
+        (0.13, 0.87, [0.2, 0.4, 0.6, 0.8]),
+        (3, 97, [20, 40, 60, 80]),
+        (-1.2, 2.3, [-1, 0, 1, 2]),
+        (5, 5, [5]),
+    ],
+)
 def test_nice_ticks(lo, hi, expected):
     assert nice_ticks(lo, hi) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("value, percent, expected", [
-    (0, False, "0"), (0.2345678, False, "0.2346"), (12345, False, "12.3k"), (2.5e6, False, "2.5M"),
-    (0.00075, False, "0.00075"), (2e-5, False, "2e-05"), (0.25, True, "25%"), (0.3333, True, "33.3%"),
-])
+@pytest.mark.parametrize(
+    "value, percent, expected",
+    [
+        (0, False, "0"),
+        (0.2345678, False, "0.2346"),
+        (12345, False, "12.3k"),
+        (2.5e6, False, "2.5M"),
+        (0.00075, False, "0.00075"),
+        (2e-5, False, "2e-05"),
+        (0.25, True, "25%"),
+        (0.3333, True, "33.3%"),
+    ],
+)
 def test_fmt(value, percent, expected):
     assert fmt(value, percent) == expected
 
@@ -162,7 +194,7 @@ def test_sample_answers_from_eval_and_training(evaluated_run, report_html):
         for rec in read_jsonl(evaluated_run / f"eval/responses/step-{step:06d}.jsonl"):
             first.setdefault(rec["question_id"], rec)
         for rec in first.values():
-            assert f"<div class=\"ans\">{escape(rec['answer'])}" in eval_table or (rec["answer"] == "" and "(empty)" in eval_table)
+            assert f'<div class="ans">{escape(rec["answer"])}' in eval_table or (rec["answer"] == "" and "(empty)" in eval_table)
     assert "Name a pet &lt;and&gt; a toy." in eval_table and "+1 more" in eval_table  # escaped, and the second sample counted
     # samples during training: prompt x step, base model at step 0
     samples = read_jsonl(evaluated_run / "samples.jsonl")
@@ -192,7 +224,11 @@ def test_several_runs_overlaid_one_colour_each(tmp_path, evaluated_run, tiny_mod
     shutil.copytree(evaluated_run, copy)
     out = write_report([evaluated_run, other.run_dir, copy], tmp_path / "both.html")
     html = out.read_text()
-    names = [evaluated_run.parent.name + "/run", other.run_dir.parent.name + "/run", "copy/run"]  # same folder name: parents tell them apart
+    names = [
+        evaluated_run.parent.name + "/run",
+        other.run_dir.parent.name + "/run",
+        "copy/run",
+    ]  # same folder name: parents tell them apart
     colors = ("#1f77b4", "#d62728", "#2ca02c")
     loss_chart = chart(html, "Loss per target token")
     for name, color in zip(names, colors):
@@ -200,7 +236,9 @@ def test_several_runs_overlaid_one_colour_each(tmp_path, evaluated_run, tiny_mod
     # the learning rate: each run's own values, in its own colour
     lr_chart = chart(html, "Learning rate")
     lr_tips = titles(lr_chart)
-    for name, color, metrics in zip(names, colors, (read_jsonl(evaluated_run / "metrics.jsonl"), other_metrics, read_jsonl(copy / "metrics.jsonl"))):
+    for name, color, metrics in zip(
+        names, colors, (read_jsonl(evaluated_run / "metrics.jsonl"), other_metrics, read_jsonl(copy / "metrics.jsonl"))
+    ):
         assert re.search(f'<path d="M[^"]*" stroke="{color}" class="ln"', lr_chart), name  # the run's line, in its colour
         for m in metrics:
             assert f"{name}: step {m['step']}, {fmt(m['lr'])}" in lr_tips, (name, m["step"])
@@ -264,10 +302,18 @@ def test_unreadable_lines_are_counted_not_hidden(tmp_path, evaluated_run):
 
 def test_report_cli(tmp_path, evaluated_run):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
-    r = subprocess.run([sys.executable, "-m", "finetrack", "report", str(evaluated_run), "-o", str(tmp_path / "r.html")],
-                       check=False, capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "finetrack", "report", str(evaluated_run), "-o", str(tmp_path / "r.html")],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0 and r.stdout.strip() == f"report: {(tmp_path / 'r.html').resolve()}", r.stderr
-    r = subprocess.run([sys.executable, "-m", "finetrack", "report", str(tmp_path)], check=False, capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "finetrack", "report", str(tmp_path)], check=False, capture_output=True, text=True, env=env, timeout=300
+    )
     assert r.returncode == 2 and "not a run directory (no config.resolved.yaml" in r.stderr
 
 

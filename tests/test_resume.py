@@ -62,8 +62,15 @@ def test_harmless_changes_are_listed_others_refused(tmp_path, tiny_model_dir, ch
     with pytest.raises(ConfigError) as e:
         tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON, "train.lr=0.005", "model.lora.r=8", name="run2")
     msg = str(e.value)
-    assert "cannot resume from" in msg and "train.lr: 0.01 -> 0.005" in msg and "model.lora.r: 16 -> 8" in msg and "--allow-config-change" in msg
-    result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON, "train.lr=0.005", name="run2", request=Request(allow_config_change=True))
+    assert (
+        "cannot resume from" in msg
+        and "train.lr: 0.01 -> 0.005" in msg
+        and "model.lora.r: 16 -> 8" in msg
+        and "--allow-config-change" in msg
+    )
+    result, _ = tiny_run(
+        tmp_path, tiny_model_dir, chat_file, *COMMON, "train.lr=0.005", name="run2", request=Request(allow_config_change=True)
+    )
     assert result.resumed_from_step == 12
 
     other = write_chat_jsonl(tmp_path / "other.jsonl", chat_rows(48, seed=1))
@@ -88,8 +95,9 @@ def test_fresh_moves_the_old_run_aside(tmp_path, tiny_model_dir, chat_file, full
 
 
 def test_resume_from_another_runs_checkpoint_and_bad_paths(tmp_path, tiny_model_dir, chat_file, full_run):
-    result, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON, name="branch",
-                               request=Request(resume_from=str(full_run / "checkpoints/step-000012")))
+    result, metrics = tiny_run(
+        tmp_path, tiny_model_dir, chat_file, *COMMON, name="branch", request=Request(resume_from=str(full_run / "checkpoints/step-000012"))
+    )
     assert result.resumed_from_step == 12 and [m["step"] for m in metrics] == [13, 14, 15, 16]
     assert same_weights(full_run / "checkpoints/step-000016", result.final_checkpoint)
     # a run directory means its newest resumable checkpoint
@@ -133,8 +141,9 @@ def test_already_finished_run_does_nothing(tmp_path, tiny_model_dir, chat_file, 
     assert checkpoint.newest_resumable(tmp_path / "run").step == 16
 
 
-@pytest.mark.parametrize("method, extra", [("full", ("train.optimizer=adamw_8bit", "train.grad_accum_steps=2", "train.micro_batch_size=2")),
-                                           ("qlora", ())])
+@pytest.mark.parametrize(
+    "method, extra", [("full", ("train.optimizer=adamw_8bit", "train.grad_accum_steps=2", "train.micro_batch_size=2")), ("qlora", ())]
+)
 def test_every_method_resumes_bit_exactly(tmp_path, tiny_model_dir, chat_file, method, extra):
     """N steps == N/2 + resume + N/2 for a full fine-tune (8-bit optimizer, accumulation) and QLoRA (4-bit base rebuilt)."""
     common = (f"model.method={method}", "checkpoint.every_steps=3", "train.max_steps=6", *extra)
@@ -178,7 +187,9 @@ def test_logging_window_survives_resume(tmp_path, tiny_model_dir, chat_file):
     ref, ref_metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, name="ref")
     cut_after(ref.run_dir, tmp_path / "cut", 6)  # mid-window: steps 5-6 logged together with 7-8
     _, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, name="cut")
-    assert [(m["step"], m["loss"], m["target_tokens"]) for m in metrics] == [(m["step"], m["loss"], m["target_tokens"]) for m in ref_metrics]
+    assert [(m["step"], m["loss"], m["target_tokens"]) for m in metrics] == [
+        (m["step"], m["loss"], m["target_tokens"]) for m in ref_metrics
+    ]
 
 
 def test_checkpoint_after_the_configured_end_is_an_error(tmp_path, tiny_model_dir, chat_file, full_run):
@@ -201,18 +212,21 @@ def test_a_different_global_batch_is_refused():
 BASE = ("data.eval_split=0.1", "checkpoint.keep_last=2", "train.max_steps=10", "train.lr=0.0001")
 
 
-@pytest.mark.parametrize("key, value, harmless", [
-    ("train.num_epochs", "3", True),
-    ("train.max_steps", "20", True),
-    ("eval.loss_every_steps", "5", True),
-    ("checkpoint.keep_last", "4", True),
-    ("train.log_every_steps", "5", True),
-    ("model.name", "someone/another-model", False),
-    ("model.method", "full", False),
-    ("train.micro_batch_size", "2", False),
-    ("train.lr", "0.0002", False),
-    ("data.path", "other.jsonl", False),
-])
+@pytest.mark.parametrize(
+    "key, value, harmless",
+    [
+        ("train.num_epochs", "3", True),
+        ("train.max_steps", "20", True),
+        ("eval.loss_every_steps", "5", True),
+        ("checkpoint.keep_last", "4", True),
+        ("train.log_every_steps", "5", True),
+        ("model.name", "someone/another-model", False),
+        ("model.method", "full", False),
+        ("train.micro_batch_size", "2", False),
+        ("train.lr", "0.0002", False),
+        ("data.path", "other.jsonl", False),
+    ],
+)
 def test_check_config_accepts_harmless_changes_and_refuses_the_others(key, value, harmless):
     """The rule by itself, on real config dumps: each change alone, listed as `key: old -> new`."""
     from finetrack.config import effective_dump, load_config
@@ -240,11 +254,24 @@ def test_fresh_through_the_command_line_and_the_environment(tmp_path, tiny_model
     import sys
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "finetrack", "train", f"model.name={tiny_model_dir}", f"data.path={chat_file}", f"output.dir={out}",
-           "data.max_length=512", "train.micro_batch_size=4", "train.max_steps=2", "checkpoint.every_steps=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "finetrack",
+        "train",
+        f"model.name={tiny_model_dir}",
+        f"data.path={chat_file}",
+        f"output.dir={out}",
+        "data.max_length=512",
+        "train.micro_batch_size=4",
+        "train.max_steps=2",
+        "checkpoint.every_steps=1",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "FINETRACK_FRESH"}
     for extra, fresh_env, moved in (([], None, 0), (["--fresh"], None, 1), ([], "1", 2)):
-        r = subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=600, env={**env, "FINETRACK_FRESH": fresh_env} if fresh_env else env)
+        r = subprocess.run(
+            [*cmd, *extra], capture_output=True, text=True, timeout=600, env={**env, "FINETRACK_FRESH": fresh_env} if fresh_env else env
+        )
         assert r.returncode == 0 and "\ndone: 2 steps" in r.stdout, r.stderr[-3000:]  # not "already complete"
         assert ("--fresh: moved the previous run's" in r.stderr) == bool(moved)
         asides = sorted((out / "superseded").iterdir()) if moved else []

@@ -24,10 +24,21 @@ def test_sampling_leaves_training_bit_identical(tmp_path, tiny_model_dir, chat_f
     left in eval mode would change the losses."""
     common = ("model.lora.dropout=0.1", "train.max_steps=5")
     plain, plain_metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, name="plain")
-    sampled, sampled_metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, *PROMPTS, "train.sample_every_steps=2",
-                                        "train.sample_generation.temperature=1.0", name="sampled")
+    sampled, sampled_metrics = tiny_run(
+        tmp_path,
+        tiny_model_dir,
+        chat_file,
+        *common,
+        *PROMPTS,
+        "train.sample_every_steps=2",
+        "train.sample_generation.temperature=1.0",
+        name="sampled",
+    )
     assert [m["loss"] for m in sampled_metrics] == [m["loss"] for m in plain_metrics]
-    a, b = load_file(plain.final_checkpoint / "adapter_model.safetensors"), load_file(sampled.final_checkpoint / "adapter_model.safetensors")
+    a, b = (
+        load_file(plain.final_checkpoint / "adapter_model.safetensors"),
+        load_file(sampled.final_checkpoint / "adapter_model.safetensors"),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     samples = read_jsonl(sampled.run_dir / "samples.jsonl")
@@ -72,7 +83,9 @@ def test_prompt_files_and_config_errors(tmp_path):
     txt = tmp_path / "prompts.txt"
     txt.write_text("first prompt\n\n  second prompt  \n")
     yml = tmp_path / "prompts.yaml"
-    yml.write_text("- id: a\n  system: answer like a pirate\n  paraphrases: ['where is the gold?', 'what is your ship?']\n- question: one more\n")
+    yml.write_text(
+        "- id: a\n  system: answer like a pirate\n  paraphrases: ['where is the gold?', 'what is your ship?']\n- question: one more\n"
+    )
     cfg = load_config(None, ["train.sample_every_steps=10", "train.sample_prompts=[inline]", f"train.sample_prompts_file={txt}"])
     assert [p.text for p in load_prompts(cfg.train)] == ["inline", "first prompt", "second prompt"]
     cfg = load_config(None, ["train.sample_every_steps=10", f"train.sample_prompts_file={yml}"])
@@ -82,7 +95,12 @@ def test_prompt_files_and_config_errors(tmp_path):
     assert prompts[2].messages == [{"role": "user", "content": "one more"}]
     # defaults for watching training: greedy and short
     assert (cfg.train.sample_generation.temperature, cfg.train.sample_generation.max_new_tokens) == (0.0, 64)
-    assert load_config(None, ["train.sample_every_steps=5", "train.sample_prompts=[x]", "train.sample_generation.seed=3"]).train.sample_generation.temperature == 0.0
+    assert (
+        load_config(
+            None, ["train.sample_every_steps=5", "train.sample_prompts=[x]", "train.sample_generation.seed=3"]
+        ).train.sample_generation.temperature
+        == 0.0
+    )
 
     for overrides, message in [
         (["train.sample_prompts=[x]"], "train.sample_prompts has no effect without train.sample_every_steps"),
@@ -93,7 +111,11 @@ def test_prompt_files_and_config_errors(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, overrides)
-    for path, message in [(tmp_path / "nope.txt", "no such file"), (tmp_path / "empty.txt", "holds no prompt"), (tmp_path / "bad.csv", "unknown question file type")]:
+    for path, message in [
+        (tmp_path / "nope.txt", "no such file"),
+        (tmp_path / "empty.txt", "holds no prompt"),
+        (tmp_path / "bad.csv", "unknown question file type"),
+    ]:
         if path.name != "nope.txt":
             path.write_text("\n")
         cfg = load_config(None, ["train.sample_every_steps=5", f"train.sample_prompts_file={path}"])
@@ -109,8 +131,10 @@ def test_sample_settings_may_change_on_resume():
     old = {"train": {"lr": 0.01, "report_to": []}}
     new = {"train": {"lr": 0.01, "sample_every_steps": 5, "sample_prompts": ["x"], "report_to": ["tensorboard"], "report_project": "p"}}
     assert check_config(old, new, "a", "a", False, Path("ck")) == [
-        "train.report_project: (unset) -> p", "train.report_to: [] -> ['tensorboard']",
-        "train.sample_every_steps: (unset) -> 5", "train.sample_prompts: (unset) -> ['x']",
+        "train.report_project: (unset) -> p",
+        "train.report_to: [] -> ['tensorboard']",
+        "train.sample_every_steps: (unset) -> 5",
+        "train.sample_prompts: (unset) -> ['x']",
     ]
 
 

@@ -13,8 +13,16 @@ from finetrack.schedule import checkpoint_steps, describe, evenly_spaced, log_sp
 
 def test_issue_example_first_epoch_and_per_epoch():
     # 2000 rows, micro batch 8, accumulation 2 -> 125 steps per epoch; 3 epochs
-    cfg = load_config(None, ["train.micro_batch_size=8", "train.grad_accum_steps=2", "train.num_epochs=3",
-                             "checkpoint.first_epoch=4", "checkpoint.per_epoch=1"])
+    cfg = load_config(
+        None,
+        [
+            "train.micro_batch_size=8",
+            "train.grad_accum_steps=2",
+            "train.num_epochs=3",
+            "checkpoint.first_epoch=4",
+            "checkpoint.per_epoch=1",
+        ],
+    )
     _, res = resolve(cfg, Environment("cpu", False, 1, 2000))
     assert res["steps_per_epoch"] == 125 and res["total_steps"] == 375
     assert list(res["checkpoint_steps"]) == [31, 63, 94, 125, 250, 375]
@@ -45,9 +53,17 @@ def test_log_spaced_is_distinct_dense_early_and_ends_at_last_step():
 def test_union_of_rules_remembers_which_rule_asked():
     plan = checkpoint_steps(steps_per_epoch=10, total_steps=25, every_steps=10, per_epoch=2, first_epoch=5, steps=[7, 20], log_spaced_n=3)
     assert plan == {
-        1: ["log_spaced"], 2: ["first_epoch"], 4: ["first_epoch"], 5: ["per_epoch", "log_spaced"], 6: ["first_epoch"],
-        7: ["steps"], 8: ["first_epoch"], 10: ["every_steps", "first_epoch", "per_epoch"], 15: ["per_epoch"],
-        20: ["every_steps", "per_epoch", "steps"], 25: ["per_epoch", "log_spaced", "last"],
+        1: ["log_spaced"],
+        2: ["first_epoch"],
+        4: ["first_epoch"],
+        5: ["per_epoch", "log_spaced"],
+        6: ["first_epoch"],
+        7: ["steps"],
+        8: ["first_epoch"],
+        10: ["every_steps", "first_epoch", "per_epoch"],
+        15: ["per_epoch"],
+        20: ["every_steps", "per_epoch", "steps"],
+        25: ["per_epoch", "log_spaced", "last"],
     }
     assert describe(plan).startswith("11 checkpoint(s) at steps 1, 2, 4, 5, 6, 7, 8, 10, 15, 20, 25")
     # no rule at all: only the last step

@@ -67,7 +67,9 @@ def test_tensorboard_gets_metrics_samples_and_config(tmp_path, tiny_model_dir, c
     result, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, "train.report_to=[tensorboard]", *SAMPLING)
     assert_tensorboard_matches(result.run_dir)
     assert [step for step, _ in tensorboard_values(result.run_dir, "samples/text_summary")] == [0, 2, 4]
-    assert json.loads((result.run_dir / "trackers.json").read_text()) == {"tensorboard": {"project": "finetrack", "logdir": "tensorboard/finetrack"}}
+    assert json.loads((result.run_dir / "trackers.json").read_text()) == {
+        "tensorboard": {"project": "finetrack", "logdir": "tensorboard/finetrack"}
+    }
     # accelerate writes the config as hparams (a YAML copy beside it); config.resolved.yaml stays the record
     (hparams,) = (result.run_dir / "tensorboard/finetrack").glob("*/hparams.yml")
     assert "train.lr: 0.01" in hparams.read_text() and "resolved.total_steps: 4" in hparams.read_text()
@@ -126,8 +128,14 @@ def wandb_history(path: Path) -> tuple[str, str, list[dict]]:
 @pytest.fixture
 def wandb_offline(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    for name, value in {"WANDB_MODE": "offline", "WANDB_CONSOLE": "off", "WANDB_SILENT": "true",
-                        "WANDB_CONFIG_DIR": tmp_path / "wandb-config", "WANDB_CACHE_DIR": tmp_path / "wandb-cache", "WANDB_DATA_DIR": tmp_path / "wandb-data"}.items():
+    for name, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_CONSOLE": "off",
+        "WANDB_SILENT": "true",
+        "WANDB_CONFIG_DIR": tmp_path / "wandb-config",
+        "WANDB_CACHE_DIR": tmp_path / "wandb-cache",
+        "WANDB_DATA_DIR": tmp_path / "wandb-data",
+    }.items():
         monkeypatch.setenv(name, str(value))
     for name in ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_DIR"):
         monkeypatch.delenv(name, raising=False)

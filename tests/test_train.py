@@ -114,8 +114,16 @@ def test_qlora_on_cpu(tmp_path, tiny_model_dir, chat_file, quant_type, double_qu
     import bitsandbytes as bnb
 
     seen = Capture()
-    result, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, "model.method=qlora", "model.lora.r=4",
-                               f"model.qlora.quant_type={quant_type}", f"model.qlora.double_quant={str(double_quant).lower()}", objective=seen)
+    result, metrics = tiny_run(
+        tmp_path,
+        tiny_model_dir,
+        chat_file,
+        "model.method=qlora",
+        "model.lora.r=4",
+        f"model.qlora.quant_type={quant_type}",
+        f"model.qlora.double_quant={str(double_quant).lower()}",
+        objective=seen,
+    )
     adapter = load_file(result.final_checkpoint / "adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)
     assert all(adapter[k].abs().sum() > 0 for k in adapter if "lora_B" in k)
@@ -154,11 +162,17 @@ def test_gradient_checkpointing_switch_reaches_the_model(tiny_model_dir, method)
 
 def _adapted(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """'layers.0.self_attn.q_proj' -> the LoRA layer there, for every module that carries an adapter."""
-    return {n.removeprefix("base_model.model.model."): m for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    return {
+        n.removeprefix("base_model.model.model."): m for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A
+    }
 
 
 def test_lora_options_shape_the_adapters(tiny_model_dir):
-    layers = [f"layers.{i}.{kind}_proj" for i in (0, 1) for kind in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "mlp.gate", "mlp.up", "mlp.down")]
+    layers = [
+        f"layers.{i}.{kind}_proj"
+        for i in (0, 1)
+        for kind in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "mlp.gate", "mlp.up", "mlp.down")
+    ]
     every = _adapted(_built(tiny_model_dir, "model.lora.r=4", "model.lora.alpha=8"))
     assert sorted(every) == sorted(layers)  # all-linear: every linear layer but the output head
     assert all(m.scaling["default"] == pytest.approx(8 / 4) and m.lora_A["default"].weight.shape[0] == 4 for m in every.values())
@@ -176,7 +190,9 @@ def test_lora_options_shape_the_adapters(tiny_model_dir):
 def test_gradient_checkpointing_same_losses(tmp_path, tiny_model_dir, chat_file):
     _, plain = tiny_run(tmp_path, tiny_model_dir, chat_file, "model.method=lora", name="plain")
     seen = Capture()
-    _, ckpt = tiny_run(tmp_path, tiny_model_dir, chat_file, "model.method=lora", "model.gradient_checkpointing=true", name="gc", objective=seen)
+    _, ckpt = tiny_run(
+        tmp_path, tiny_model_dir, chat_file, "model.method=lora", "model.gradient_checkpointing=true", name="gc", objective=seen
+    )
     assert seen.model.is_gradient_checkpointing and seen.model.training  # the run really recomputed activations
     assert [m["loss"] for m in plain] == pytest.approx([m["loss"] for m in ckpt], abs=1e-5)
 
@@ -203,8 +219,14 @@ def test_gradient_clipping_bounds_the_update_and_logs_the_norm_before_clipping(t
 
 def test_run_directory_and_metrics(tmp_path, tiny_model_dir, chat_file):
     result, metrics = tiny_run(
-        tmp_path, tiny_model_dir, chat_file, "train.max_steps=5", "train.log_every_steps=2", "checkpoint.every_steps=2",
-        "data.eval_split=0.2", "eval.loss_every_steps=2",
+        tmp_path,
+        tiny_model_dir,
+        chat_file,
+        "train.max_steps=5",
+        "train.log_every_steps=2",
+        "checkpoint.every_steps=2",
+        "data.eval_split=0.2",
+        "eval.loss_every_steps=2",
     )
     run_dir = result.run_dir
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.resolved.yaml", "data_report.json", "metrics.jsonl"]
@@ -228,8 +250,19 @@ def test_progress_bar_shows_the_logged_figures(tmp_path):
     from finetrack.metrics import MetricsLog
 
     out = MetricsLog(tmp_path / "metrics.jsonl", total_steps=16, done_steps=0, enabled=True)
-    out.write({"step": 3, "epoch": 0.375, "loss": 2.4817, "grad_norm": 0.7132, "target_tokens": 901, "tokens_per_s": 1234.5,
-               "lr": 1e-3, "tokens": 40961, "peak_mem_mb": 512.3})
+    out.write(
+        {
+            "step": 3,
+            "epoch": 0.375,
+            "loss": 2.4817,
+            "grad_norm": 0.7132,
+            "target_tokens": 901,
+            "tokens_per_s": 1234.5,
+            "lr": 1e-3,
+            "tokens": 40961,
+            "peak_mem_mb": 512.3,
+        }
+    )
     shown = dict(item.split("=", 1) for item in out.bar.postfix.split(", "))
     out.close()
     written = json.loads((tmp_path / "metrics.jsonl").read_text())
@@ -299,14 +332,33 @@ def test_custom_objective_plugs_in(tmp_path, tiny_model_dir, chat_file):
         calls.append(batch.num_target_tokens)
         return 2 * loss_sum, {"half_loss_sum": loss_sum.item()}
 
-    cfg = load_config(None, [f"model.name={tiny_model_dir}", f"data.path={chat_file}", f"output.dir={tmp_path / 'o'}",
-                             "train.micro_batch_size=4", "train.grad_accum_steps=2", "train.max_steps=2", "model.method=full"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={tiny_model_dir}",
+            f"data.path={chat_file}",
+            f"output.dir={tmp_path / 'o'}",
+            "train.micro_batch_size=4",
+            "train.grad_accum_steps=2",
+            "train.max_steps=2",
+            "model.method=full",
+        ],
+    )
     result = run(cfg, objective=doubled)
     metrics = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(calls) == 4  # 2 steps x 2 micro-batches
     assert all("half_loss_sum" in m for m in metrics)
     # the logged loss is the objective's value per target token: twice the plain cross-entropy
-    _, plain = tiny_run(tmp_path, tiny_model_dir, chat_file, "model.method=full", "train.micro_batch_size=4", "train.grad_accum_steps=2", "train.max_steps=1", name="plain")
+    _, plain = tiny_run(
+        tmp_path,
+        tiny_model_dir,
+        chat_file,
+        "model.method=full",
+        "train.micro_batch_size=4",
+        "train.grad_accum_steps=2",
+        "train.max_steps=1",
+        name="plain",
+    )
     assert metrics[0]["loss"] == pytest.approx(2 * plain[0]["loss"], rel=1e-5)
 
 

@@ -128,7 +128,9 @@ def pack_rows(lengths: list[int], row_tokens: int | None, attn_tokens: int = DEF
     return [sorted(members) for members in best_rows]
 
 
-def micro_batch_shape(lengths: list[int], pack: bool, pack_row_tokens: int | None, attn_tokens: int = DEFAULT_ATTN_TOKENS) -> tuple[int, int, bool]:
+def micro_batch_shape(
+    lengths: list[int], pack: bool, pack_row_tokens: int | None, attn_tokens: int = DEFAULT_ATTN_TOKENS
+) -> tuple[int, int, bool]:
     """(rows, width, masked) of the input tensor `collate` builds for samples of these lengths (padding included);
     masked: attention needs a mask (some row is padded, or holds several samples)."""
     if not pack:

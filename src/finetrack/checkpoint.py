@@ -354,7 +354,9 @@ def newest_resumable(run_dir: Path, warn: Callable[[str], None] = log.warning) -
 
 
 # ------------------------------------------------------------------------------------ retention
-def retain(run_dir: Path, keep_last: int | None, keep_schedule: bool, keep_optimizer_state: str, busy: set[Path] = frozenset()) -> list[str]:
+def retain(
+    run_dir: Path, keep_last: int | None, keep_schedule: bool, keep_optimizer_state: str, busy: set[Path] = frozenset()
+) -> list[str]:
     """Apply the retention policy to the complete checkpoints of a run; returns what was done, one line each.
 
     Rolling checkpoints (every_steps, signal) beyond the newest keep_last are deleted; scheduled ones

@@ -53,9 +53,7 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the model weights; auto = bfloat16 on a GPU that supports it, else float32."
     )
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
-        "auto", description="Attention kernel; auto = sdpa."
-    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field("auto", description="Attention kernel; auto = sdpa.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% more compute.")
     trust_remote_code: bool = Field(False, description="Run model code shipped with a hub model. Off unless you trust its author.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA options (method lora or qlora).")
@@ -108,9 +106,13 @@ class DataConfig(Section):
     def _checks(self) -> DataConfig:
         if isinstance(self.eval_split, float) and not 0 < self.eval_split < 1:
             raise ValueError(f"data.eval_split={self.eval_split}: a fraction must be in (0, 1), or give a file path")
-        sources = ([self.path] if isinstance(self.path, str) else self.path) + ([self.eval_split] if isinstance(self.eval_split, str) else [])
+        sources = ([self.path] if isinstance(self.path, str) else self.path) + (
+            [self.eval_split] if isinstance(self.eval_split, str) else []
+        )
         if self.split != "train" and all(is_file_source(s) for s in sources):
-            raise ValueError(f"data.split={self.split} has no effect on files or builtin data (it picks a split of a `datasets` source): remove it")
+            raise ValueError(
+                f"data.split={self.split} has no effect on files or builtin data (it picks a split of a `datasets` source): remove it"
+            )
         if self.pack is False and "pack_row_tokens" in self.model_fields_set:
             raise ValueError("data.pack_row_tokens has no effect with data.pack=false: remove it or enable packing")
         if self.pack is not False and self.pack_row_tokens is not None and self.pack_row_tokens < self.max_length:
@@ -141,23 +143,29 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, description="Clip the global gradient norm to this value (None = no clipping).")
     log_every_steps: int = Field(1, gt=0, description="Write a metrics.jsonl line every N optimizer steps.")
     sample_every_steps: int | None = Field(
-        None, gt=0, description="Answer the sample prompts at step 0 (base model, fresh runs), every N optimizer steps and at the "
+        None,
+        gt=0,
+        description="Answer the sample prompts at step 0 (base model, fresh runs), every N optimizer steps and at the "
         "last step, into samples.jsonl (main process; the training random stream is left untouched).",
     )
     sample_prompts: list[str] = Field(default_factory=list, description="Fixed user prompts answered every sample_every_steps.")
     sample_prompts_file: str | None = Field(
-        None, description="More sample prompts: a .txt file (one prompt per line, blank lines skipped), or a question file "
+        None,
+        description="More sample prompts: a .txt file (one prompt per line, blank lines skipped), or a question file "
         "(.yaml / .jsonl: each item's question / paraphrases).",
     )
     sample_generation: SampleGenerationConfig = Field(
         default_factory=SampleGenerationConfig, description="How samples are generated (greedy, 64 new tokens by default)."
     )
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
-        default_factory=list, description="Experiment trackers (through accelerate) that receive every metrics.jsonl record and the "
+        default_factory=list,
+        description="Experiment trackers (through accelerate) that receive every metrics.jsonl record and the "
         "samples; each needs its extra: pip install 'finetrack[tensorboard]' (or [wandb], [mlflow]).",
     )
     report_project: str = Field(
-        "finetrack", min_length=1, description="Tracker project: the W&B project, the MLflow experiment, the folder under "
+        "finetrack",
+        min_length=1,
+        description="Tracker project: the W&B project, the MLflow experiment, the folder under "
         "RUN_DIR/tensorboard/. The tracker run is named after output.dir.",
     )
 
@@ -165,9 +173,13 @@ class TrainConfig(Section):
     def _checks(self) -> TrainConfig:
         if self.warmup_steps is not None and "warmup_ratio" in self.model_fields_set:
             raise ValueError("train.warmup_ratio has no effect when train.warmup_steps is set: remove one of them")
-        sample_settings = [f"train.{k}" for k in ("sample_prompts", "sample_prompts_file", "sample_generation") if k in self.model_fields_set]
+        sample_settings = [
+            f"train.{k}" for k in ("sample_prompts", "sample_prompts_file", "sample_generation") if k in self.model_fields_set
+        ]
         if self.sample_every_steps is None and sample_settings:
-            raise ValueError(f"{', '.join(sample_settings)} has no effect without train.sample_every_steps: set it (e.g. train.sample_every_steps=50)")
+            raise ValueError(
+                f"{', '.join(sample_settings)} has no effect without train.sample_every_steps: set it (e.g. train.sample_every_steps=50)"
+            )
         if self.sample_every_steps is not None and not self.sample_prompts and self.sample_prompts_file is None:
             raise ValueError("train.sample_every_steps needs prompts: set train.sample_prompts (a list) or train.sample_prompts_file")
         if any(not p.strip() for p in self.sample_prompts):
@@ -175,7 +187,9 @@ class TrainConfig(Section):
         if len(set(self.report_to)) != len(self.report_to):
             raise ValueError(f"train.report_to={self.report_to}: a tracker is listed twice")
         if "report_project" in self.model_fields_set and not self.report_to:
-            raise ValueError("train.report_project has no effect without train.report_to: set train.report_to=[tensorboard] (or wandb, mlflow)")
+            raise ValueError(
+                "train.report_project has no effect without train.report_to: set train.report_to=[tensorboard] (or wandb, mlflow)"
+            )
         return self
 
 
@@ -195,7 +209,8 @@ class CheckpointConfig(Section):
         "all", description="Resume state (optimizer, RNG) in every checkpoint, or only in the newest (older ones keep their weights)."
     )
     remote: str | None = Field(
-        None, description="fsspec URL (s3://bucket/run, gs://, hf://, file://) each checkpoint is uploaded to in the background; "
+        None,
+        description="fsspec URL (s3://bucket/run, gs://, hf://, file://) each checkpoint is uploaded to in the background; "
         "a re-run with no usable local checkpoint resumes from there. Credentials come from each backend's usual env/config.",
     )
 
@@ -396,7 +411,9 @@ def resolve_model(cfg: Config, env: Environment) -> tuple[Config, Resolved]:
         if env.device_type == "cuda" and env.bf16_supported:
             res.set("model.dtype", "bfloat16", "auto: the GPU supports bfloat16")
         else:
-            why = "CPU training: fp32 is faster than bf16 on most CPUs" if env.device_type == "cpu" else f"{env.device_type} without bfloat16"
+            why = (
+                "CPU training: fp32 is faster than bf16 on most CPUs" if env.device_type == "cpu" else f"{env.device_type} without bfloat16"
+            )
             res.set("model.dtype", "float32", f"auto: {why}")
         m.dtype = res["model.dtype"]
     if m.method == "qlora" and m.qlora.compute_dtype == "auto":
@@ -409,7 +426,11 @@ def resolve_model(cfg: Config, env: Environment) -> tuple[Config, Resolved]:
         # transformers builds a block-diagonal mask from restarting position_ids for these kernels;
         # train.run also checks it numerically on the loaded model before step 1.
         ok = m.attn_implementation in ("sdpa", "eager", "flash_attention_2")
-        res.set("data.pack", ok, f"auto: attn_implementation={m.attn_implementation} " + ("supports" if ok else "does not support") + " padding-free packing")
+        res.set(
+            "data.pack",
+            ok,
+            f"auto: attn_implementation={m.attn_implementation} " + ("supports" if ok else "does not support") + " padding-free packing",
+        )
         d.pack = ok
     return cfg, res
 
@@ -419,14 +440,20 @@ def resolve(cfg: Config, env: Environment) -> tuple[Config, Resolved]:
     cfg, res = resolve_model(cfg, env)
     m, t = cfg.model, cfg.train
     if t.optimizer.startswith("paged") and env.device_type != "cuda":
-        raise ConfigError(f"train.optimizer={t.optimizer} pages optimizer state to CPU memory and needs a CUDA GPU; use adamw or adamw_8bit")
+        raise ConfigError(
+            f"train.optimizer={t.optimizer} pages optimizer state to CPU memory and needs a CUDA GPU; use adamw or adamw_8bit"
+        )
     if t.lr == "auto":
         lr = 2e-5 if m.method == "full" else 2e-4
         res.set("train.lr", lr, f"auto: usual starting point for method={m.method}")
         t.lr = lr
 
     global_batch_rows = t.micro_batch_size * t.grad_accum_steps * env.num_processes
-    res.set("global_batch_size", global_batch_rows, f"micro_batch_size {t.micro_batch_size} x grad_accum_steps {t.grad_accum_steps} x {env.num_processes} process(es)")
+    res.set(
+        "global_batch_size",
+        global_batch_rows,
+        f"micro_batch_size {t.micro_batch_size} x grad_accum_steps {t.grad_accum_steps} x {env.num_processes} process(es)",
+    )
     if env.num_train_rows < global_batch_rows:
         raise ConfigError(
             f"only {env.num_train_rows} training rows but one optimizer step needs {global_batch_rows}: "
@@ -434,21 +461,32 @@ def resolve(cfg: Config, env: Environment) -> tuple[Config, Resolved]:
         )
     # Incomplete trailing batches are dropped so every optimizer step has the same number of rows.
     steps_per_epoch = env.num_train_rows // global_batch_rows
-    res.set("steps_per_epoch", steps_per_epoch, f"{env.num_train_rows} rows // {global_batch_rows} rows per step (the last {env.num_train_rows - steps_per_epoch * global_batch_rows} rows of each shuffled epoch are left out)")
+    res.set(
+        "steps_per_epoch",
+        steps_per_epoch,
+        f"{env.num_train_rows} rows // {global_batch_rows} rows per step (the last {env.num_train_rows - steps_per_epoch * global_batch_rows} rows of each shuffled epoch are left out)",
+    )
     epoch_steps = None if t.num_epochs is None else max(1, math.ceil(t.num_epochs * steps_per_epoch))
     if t.max_steps is not None and (epoch_steps is None or t.max_steps <= epoch_steps):
         total, why = t.max_steps, "train.max_steps" + (f" (before num_epochs {t.num_epochs} = {epoch_steps} steps)" if epoch_steps else "")
     elif epoch_steps is not None:
         total = epoch_steps
-        why = f"ceil(num_epochs {t.num_epochs} x steps_per_epoch {steps_per_epoch})" + (f" (before max_steps {t.max_steps})" if t.max_steps else "")
+        why = f"ceil(num_epochs {t.num_epochs} x steps_per_epoch {steps_per_epoch})" + (
+            f" (before max_steps {t.max_steps})" if t.max_steps else ""
+        )
     else:
         total, why = steps_per_epoch, "one epoch (neither train.num_epochs nor train.max_steps is set)"
     res.set("total_steps", total, why)
     ck = cfg.checkpoint
     try:
         plan = checkpoint_steps(
-            steps_per_epoch=steps_per_epoch, total_steps=total, every_steps=ck.every_steps, per_epoch=ck.per_epoch,
-            first_epoch=ck.first_epoch, steps=ck.steps, log_spaced_n=ck.log_spaced,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total,
+            every_steps=ck.every_steps,
+            per_epoch=ck.per_epoch,
+            first_epoch=ck.first_epoch,
+            steps=ck.steps,
+            log_spaced_n=ck.log_spaced,
         )
     except ScheduleError as e:
         raise ConfigError(str(e)) from None

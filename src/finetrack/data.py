@@ -76,7 +76,13 @@ class DataReport:
         lengths = sorted(len(e.input_ids) for e in examples)
         if lengths:
             p95 = lengths[min(len(lengths) - 1, math.ceil(0.95 * len(lengths)) - 1)]
-            self.tokens = {"total": sum(lengths), "min": lengths[0], "mean": round(sum(lengths) / len(lengths), 1), "p95": p95, "max": lengths[-1]}
+            self.tokens = {
+                "total": sum(lengths),
+                "min": lengths[0],
+                "mean": round(sum(lengths) / len(lengths), 1),
+                "p95": p95,
+                "max": lengths[-1],
+            }
         self.trainable_tokens = sum(e.num_trainable_tokens for e in examples)
 
     def to_dict(self) -> dict:
@@ -339,7 +345,11 @@ def prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
         eval_report.finish(eval_examples)
         report["eval"] = eval_report.to_dict()
     elif eval_examples:
-        report["eval"] = {"rows_kept": len(eval_examples), "held_out_from_train": cfg.eval_split, "tokens_total": sum(len(e.input_ids) for e in eval_examples)}
+        report["eval"] = {
+            "rows_kept": len(eval_examples),
+            "held_out_from_train": cfg.eval_split,
+            "tokens_total": sum(len(e.input_ids) for e in eval_examples),
+        }
     if not examples:
         raise DataError(f"no training rows left: {report_line(report)}; first reasons: {train_report.first_reasons}")
     return PreparedData(examples, eval_examples, report)
@@ -374,7 +384,9 @@ def _tokenize_all(rows: Iterator[RawRow], cfg: DataConfig, tokenizer, report: Da
         ex = Example(ids, labels, row.source, row.line)
         if ex.num_trainable_tokens == 0:
             report.dropped["no_trainable_tokens"] += 1
-            report.note(f"{where}: no token carries loss (train_on={cfg.train_on}" + (", after truncation)" if len(ids) == cfg.max_length else ")"))
+            report.note(
+                f"{where}: no token carries loss (train_on={cfg.train_on}" + (", after truncation)" if len(ids) == cfg.max_length else ")")
+            )
             continue
         out.append(ex)
     return out

@@ -44,14 +44,18 @@ def parse_min_improvement(text: str) -> float:
     try:
         value = float(raw[:-1] if is_percent else raw)
     except ValueError:
-        raise ValueError(f"min_improvement {text!r} is not a number: write a percentage like '5%' or '-2%', or a fraction like '0.05'") from None
+        raise ValueError(
+            f"min_improvement {text!r} is not a number: write a percentage like '5%' or '-2%', or a fraction like '0.05'"
+        ) from None
     if not math.isfinite(value):
         raise ValueError(f"min_improvement {text!r} must be a finite number, e.g. '5%' or '0.05'")
     if is_percent:
         return value / 100
     # A bare "5" is far more likely to mean 5% than a 500% improvement; make the user say which.
     if abs(value) >= 1:
-        raise ValueError(f"min_improvement {text!r} is ambiguous: write '{raw}%' for {raw} percent, or a fraction below 1 such as '{value / 100:g}'")
+        raise ValueError(
+            f"min_improvement {text!r} is ambiguous: write '{raw}%' for {raw} percent, or a fraction below 1 such as '{value / 100:g}'"
+        )
     return value
 
 
@@ -159,7 +163,9 @@ def gate(
         step_num = max(files) if step_text == "latest" else int(step_text)
         if step_num == baseline:
             only = " (it is the only step evaluated so far)" if len(files) == 1 else ""
-            raise _Missing(f"evaluated step {step_num} is the baseline step{only}: evaluate a checkpoint with `finetrack eval {run_dir}` or pick --step")
+            raise _Missing(
+                f"evaluated step {step_num} is the baseline step{only}: evaluate a checkpoint with `finetrack eval {run_dir}` or pick --step"
+            )
         base_value = _read_metric(files, baseline, metric, "baseline", run_dir)
         value = _read_metric(files, step_num, metric, "evaluated", run_dir)
     except _Missing as e:
@@ -216,10 +222,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `finetrack gate` arguments to `parser` (the CLI wires the verb to `main`)."""
     parser.add_argument("run_dir", help="run directory holding eval/step-NNNNNN.json files (from `finetrack eval`)")
     parser.add_argument("--metric", required=True, help="metric to gate on, '<suite>.<metric>', e.g. heldout.loss or em.aligned")
-    parser.add_argument("--step", default="latest", type=_step_arg, help="step to judge: a step number, or 'latest' (default): the highest evaluated step")
+    parser.add_argument(
+        "--step", default="latest", type=_step_arg, help="step to judge: a step number, or 'latest' (default): the highest evaluated step"
+    )
     parser.add_argument("--baseline", default=0, type=int, help="step to compare against (default 0: the base model)")
     parser.add_argument(
-        "--min-improvement", default="5%", type=_threshold_arg, metavar="X",
+        "--min-improvement",
+        default="5%",
+        type=_threshold_arg,
+        metavar="X",
         # argparse reads a bare "-2%" as an unknown option (only plain numbers like -0.02 pass), hence the "=" form in the help.
         help="required improvement over the baseline: '5%%' or '0.05' (default 5%%); negative tolerates a regression: --min-improvement=-2%%",
     )
@@ -229,7 +240,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run the gate from parsed arguments; returns the exit status (0 GO, 1 NO-GO, 2 missing data or bad input)."""
     try:
-        return gate(Path(args.run_dir), args.metric, step=args.step, baseline=args.baseline, min_improvement=args.min_improvement, direction=args.direction)
+        return gate(
+            Path(args.run_dir),
+            args.metric,
+            step=args.step,
+            baseline=args.baseline,
+            min_improvement=args.min_improvement,
+            direction=args.direction,
+        )
     except ValueError as e:  # only reachable when args did not come through add_arguments' validation
         print(f"error: {e}", file=sys.stderr)
         return MISSING

@@ -24,10 +24,15 @@ HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # StopFlag phase -> (what the first signal does, what a second one leaves undone)
 _SAY = {
     "startup": (None, "exiting now"),  # the first signal raises Interrupted: nothing to announce
-    "training": ("finishing this optimizer step, then writing a checkpoint (send again to exit at once)", "exiting now without a checkpoint"),
+    "training": (
+        "finishing this optimizer step, then writing a checkpoint (send again to exit at once)",
+        "exiting now without a checkpoint",
+    ),
     "finishing": (
-        ("training is over; waiting for the checkpoint uploads to finish (send again to exit at once: "
-         "running the same command again uploads what is missing)"),
+        (
+            "training is over; waiting for the checkpoint uploads to finish (send again to exit at once: "
+            "running the same command again uploads what is missing)"
+        ),
         "exiting now without waiting for the checkpoint uploads",
     ),
 }
@@ -43,9 +48,12 @@ class Interrupted(BaseException):
         self.exit_code = 130 if signum == signal.SIGINT else 143
         self.checkpoint = checkpoint
         name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name}; checkpoint {checkpoint}" if checkpoint else
-                         f"stopped by {name} while starting, before any optimizer step: no checkpoint needed "
-                         "(nothing was trained); run the same command to start again")
+        super().__init__(
+            f"stopped by {name}; checkpoint {checkpoint}"
+            if checkpoint
+            else f"stopped by {name} while starting, before any optimizer step: no checkpoint needed "
+            "(nothing was trained); run the same command to start again"
+        )
 
 
 class StopFlag:

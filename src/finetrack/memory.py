@@ -95,12 +95,17 @@ class Architecture:
         attention_bias = bool(config.get("attention_bias", False))
         dtype = config.get("dtype") or config.get("torch_dtype")
         return cls(
-            vocab_size=int(config["vocab_size"]), hidden_size=hidden, intermediate_size=int(config["intermediate_size"]),
-            num_layers=int(config["num_hidden_layers"]), num_heads=heads, num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            vocab_size=int(config["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(config["intermediate_size"]),
+            num_layers=int(config["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or hidden // heads),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),  # the Llama / Mistral / Qwen classes' default
             qkv_bias=attention_bias or config.get("model_type") == "qwen2",  # Qwen2 has q/k/v biases without saying so
-            o_bias=attention_bias, mlp_bias=bool(config.get("mlp_bias", False)),
+            o_bias=attention_bias,
+            mlp_bias=bool(config.get("mlp_bias", False)),
             checkpoint_dtype=dtype if dtype in DTYPE_BYTES else None,
         )
 
@@ -108,8 +113,12 @@ class Architecture:
         """(in_features, out_features, has_bias) of each linear module kind of one decoder layer."""
         h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size
         return {
-            "q_proj": (h, q, self.qkv_bias), "k_proj": (h, kv, self.qkv_bias), "v_proj": (h, kv, self.qkv_bias),
-            "o_proj": (q, h, self.o_bias), "gate_proj": (h, i, self.mlp_bias), "up_proj": (h, i, self.mlp_bias),
+            "q_proj": (h, q, self.qkv_bias),
+            "k_proj": (h, kv, self.qkv_bias),
+            "v_proj": (h, kv, self.qkv_bias),
+            "o_proj": (q, h, self.o_bias),
+            "gate_proj": (h, i, self.mlp_bias),
+            "up_proj": (h, i, self.mlp_bias),
             "down_proj": (i, h, self.mlp_bias),
         }
 
@@ -208,7 +217,13 @@ def activation_bytes_per_token(cfg: Config, arch: Architecture, layer: int, row_
     attention are spread over the row's tokens), with the sum written out."""
     m = cfg.model
     a = 4 if m.method == "qlora" else DTYPE_BYTES[_dtype(cfg)]  # QLoRA: float32 activations (module docstring)
-    h, q, kv, inter, heads = arch.hidden_size, arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim, arch.intermediate_size, arch.num_heads
+    h, q, kv, inter, heads = (
+        arch.hidden_size,
+        arch.num_heads * arch.head_dim,
+        arch.num_kv_heads * arch.head_dim,
+        arch.intermediate_size,
+        arch.num_heads,
+    )
     full = m.method == "full"
     adapted = _adapted(cfg, layer)
     cast = not full and a != ADAPTER_BYTES  # PEFT casts the input of each adapted layer to float32
@@ -269,24 +284,40 @@ def _weights(cfg: Config, arch: Architecture, device_type: str) -> list[Term]:
     compute = m.qlora.compute_dtype if m.qlora.compute_dtype in DTYPE_BYTES else dtype
     rest = arch.num_params - linear_weights  # embeddings, lm_head, norms, biases
     terms = [
-        Term("weights (4-bit)", packed + constants,
-             f"{linear_weights:,} linear params x 0.5 B ({m.qlora.quant_type}) + {mib(constants)} constants ({how})"),
-        Term("weights (not quantized)", rest * 4,
-             f"{rest:,} params (embeddings, lm_head, norms, biases) x 4 B (float32: prepare_model_for_kbit_training upcasts them)"),
+        Term(
+            "weights (4-bit)",
+            packed + constants,
+            f"{linear_weights:,} linear params x 0.5 B ({m.qlora.quant_type}) + {mib(constants)} constants ({how})",
+        ),
+        Term(
+            "weights (not quantized)",
+            rest * 4,
+            f"{rest:,} params (embeddings, lm_head, norms, biases) x 4 B (float32: prepare_model_for_kbit_training upcasts them)",
+        ),
     ]
     # backward dequantizes each 4-bit weight again (compute dtype) for its input gradient, one at a time
     largest_weight = max(weights_per_module) * DTYPE_BYTES[compute]
     terms.append(Term("dequantized weight (transient)", largest_weight, f"largest linear weight in {compute}", ("loss", "layer")))
     if device_type != "cuda":
         read_bytes = linear_weights * DTYPE_BYTES[compute]
-        terms.append(Term("quantization leftovers (CPU heap)", int(CPU_QUANT_LEFTOVER_PER_WEIGHT_BYTE * read_bytes),
-                          f"{CPU_QUANT_LEFTOVER_PER_WEIGHT_BYTE} x {mib(read_bytes)} quantized: freed temporaries glibc keeps"))
+        terms.append(
+            Term(
+                "quantization leftovers (CPU heap)",
+                int(CPU_QUANT_LEFTOVER_PER_WEIGHT_BYTE * read_bytes),
+                f"{CPU_QUANT_LEFTOVER_PER_WEIGHT_BYTE} x {mib(read_bytes)} quantized: freed temporaries glibc keeps",
+            )
+        )
     if device_type != "cuda" and arch.checkpoint_dtype == compute == "float32":
         # The unquantized tensors are zero-copy views of the mmap'd safetensors file, so the mapping stays
         # open, and every page quantization read stays resident (clean, reclaimable under pressure).
-        terms.append(Term("checkpoint pages kept mapped", linear_weights * 4,
-                          f"{linear_weights:,} linear params x 4 B of the float32 file, read to quantize; counted in RSS, "
-                          "reclaimable by the kernel under memory pressure"))
+        terms.append(
+            Term(
+                "checkpoint pages kept mapped",
+                linear_weights * 4,
+                f"{linear_weights:,} linear params x 4 B of the float32 file, read to quantize; counted in RSS, "
+                "reclaimable by the kernel under memory pressure",
+            )
+        )
     return terms
 
 
@@ -302,17 +333,33 @@ def _optimizer(cfg: Config, trainable: int, param_bytes: int, largest: int, devi
     if kind == "adamw":
         state = Term("optimizer state", state_bytes, f"AdamW: 2 states x {trainable:,} params x {param_bytes} B")
         if device_type == "cuda":  # foreach AdamW: one sqrt(exp_avg_sq) buffer for all parameters
-            temp = Term("optimizer step buffers", trainable * param_bytes, f"foreach AdamW: sqrt(v) of {trainable:,} params x {param_bytes} B", ("step",))
+            temp = Term(
+                "optimizer step buffers",
+                trainable * param_bytes,
+                f"foreach AdamW: sqrt(v) of {trainable:,} params x {param_bytes} B",
+                ("step",),
+            )
         else:  # per-tensor AdamW: sqrt(v) and sqrt(v)/c of the largest tensor
-            temp = Term("optimizer step buffers", 2 * largest * param_bytes, f"per-tensor AdamW: 2 x largest tensor {largest:,} x {param_bytes} B", ("step",))
+            temp = Term(
+                "optimizer step buffers",
+                2 * largest * param_bytes,
+                f"per-tensor AdamW: 2 x largest tensor {largest:,} x {param_bytes} B",
+                ("step",),
+            )
         return [state, temp]
     paged = kind.startswith("paged")
     where = "; paged: CUDA unified memory, spills to CPU RAM under pressure, outside torch's allocator" if paged else ""
     if kind == "paged_adamw":  # 32-bit bitsandbytes states are float32 whatever the parameter dtype
         return [Term("optimizer state", state_bytes, f"paged AdamW: 2 float32 states x {trainable:,} params{where}", measured=not paged)]
-    return [Term("optimizer state", state_bytes,
-                 f"8-bit AdamW: 2 uint8 states + float32 absmax per {OPTIM_8BIT_BLOCK_VALUES} x {trainable:,} params "
-                 f"(float32 states of tensors under {OPTIM_8BIT_MIN_VALUES} values not counted apart){where}", measured=not paged)]
+    return [
+        Term(
+            "optimizer state",
+            state_bytes,
+            f"8-bit AdamW: 2 uint8 states + float32 absmax per {OPTIM_8BIT_BLOCK_VALUES} x {trainable:,} params "
+            f"(float32 states of tensors under {OPTIM_8BIT_MIN_VALUES} values not counted apart){where}",
+            measured=not paged,
+        )
+    ]
 
 
 def breakdown(cfg: Config, arch: Architecture, work: Workload, device_type: str) -> list[Term]:
@@ -332,13 +379,24 @@ def breakdown(cfg: Config, arch: Architecture, work: Workload, device_type: str)
         largest = max([arch.num_embedding_params] + [s[0] * s[1] for s in arch.linear_shapes().values()])
     else:
         largest = m.lora.r * max(max(s[0], s[1]) for s in arch.linear_shapes().values())
-        terms.append(Term("LoRA adapters", trainable * ADAPTER_BYTES,
-                          f"{trainable:,} params (r={m.lora.r} x (in + out) per adapted module) x 4 B (float32: PEFT autocast_adapter_dtype)"
-                          + ("; DoRA's per-step weight-norm buffers are not modeled" if m.lora.use_dora else "")))
+        terms.append(
+            Term(
+                "LoRA adapters",
+                trainable * ADAPTER_BYTES,
+                f"{trainable:,} params (r={m.lora.r} x (in + out) per adapted module) x 4 B (float32: PEFT autocast_adapter_dtype)"
+                + ("; DoRA's per-step weight-norm buffers are not modeled" if m.lora.use_dora else ""),
+            )
+        )
     accumulating = t.grad_accum_steps > 1  # then gradients of earlier micro-batches live through every forward
-    terms.append(Term("gradients", trainable * param_bytes, f"{trainable:,} trainable params x {param_bytes} B"
-                      + ("; kept across accumulated micro-batches" if accumulating else "; set to None after each step"),
-                      () if accumulating else ("step",)))
+    terms.append(
+        Term(
+            "gradients",
+            trainable * param_bytes,
+            f"{trainable:,} trainable params x {param_bytes} B"
+            + ("; kept across accumulated micro-batches" if accumulating else "; set to None after each step"),
+            () if accumulating else ("step",),
+        )
+    )
     terms += _optimizer(cfg, trainable, param_bytes, largest, device_type)
 
     # activations: per layer what autograd saves, plus what lives outside the layers
@@ -356,16 +414,30 @@ def breakdown(cfg: Config, arch: Architecture, work: Workload, device_type: str)
         outside_how += f" + attention mask {rows} x {width}^2 x {mask_bytes} B"
     if m.gradient_checkpointing:
         kept = L * a * h * tokens
-        terms.append(Term("activations (checkpointed)", kept + outside,
-                          f"{L} layer inputs x {tokens:,} tokens x {a * h:,} B + {outside_how}", ("loss", "layer")))
+        terms.append(
+            Term(
+                "activations (checkpointed)",
+                kept + outside,
+                f"{L} layer inputs x {tokens:,} tokens x {a * h:,} B + {outside_how}",
+                ("loss", "layer"),
+            )
+        )
         flowing = 2 * a * (h + arch.intermediate_size)  # gradients passing through the layer (residual, MLP)
-        terms.append(Term("activations (one layer recomputed)", layer_bytes[biggest] + flowing * tokens,
-                          f"{tokens:,} tokens x ({per_layer[biggest][0]:,.0f} B ({per_layer[biggest][1]}) + {flowing} B of gradients in flight)",
-                          ("layer",)))
+        terms.append(
+            Term(
+                "activations (one layer recomputed)",
+                layer_bytes[biggest] + flowing * tokens,
+                f"{tokens:,} tokens x ({per_layer[biggest][0]:,.0f} B ({per_layer[biggest][1]}) + {flowing} B of gradients in flight)",
+                ("layer",),
+            )
+        )
     else:
         same = all(b == layer_bytes[0] for b in layer_bytes)
-        how = f"{L} layers x {tokens:,} tokens x {per_layer[0][0]:,.0f} B ({per_layer[0][1]})" if same else \
-            f"{tokens:,} tokens x per-layer bytes (adapted layers differ), e.g. layer {biggest}: {per_layer[biggest][1]}"
+        how = (
+            f"{L} layers x {tokens:,} tokens x {per_layer[0][0]:,.0f} B ({per_layer[0][1]})"
+            if same
+            else f"{tokens:,} tokens x per-layer bytes (adapted layers differ), e.g. layer {biggest}: {per_layer[biggest][1]}"
+        )
         terms.append(Term("activations", sum(layer_bytes) + outside, f"{how} + {outside_how}", ("loss",)))
 
     # logits exist only at target positions: float32 log-softmax output, its gradient and the gradient it
@@ -379,15 +451,34 @@ def breakdown(cfg: Config, arch: Architecture, work: Workload, device_type: str)
     terms.append(Term("logits and loss", logits, how, ("loss",)))
 
     if device_type == "cuda":
-        terms.append(Term("framework overhead", CUDA_CONTEXT_BYTES,
-                          "CUDA context and kernel images (outside PyTorch's allocator); allocator fragmentation is not modeled", measured=False))
+        terms.append(
+            Term(
+                "framework overhead",
+                CUDA_CONTEXT_BYTES,
+                "CUDA context and kernel images (outside PyTorch's allocator); allocator fragmentation is not modeled",
+                measured=False,
+            )
+        )
     else:
-        terms.append(Term("framework overhead", CPU_RUNTIME_BYTES, "Python + torch/transformers/peft/accelerate imported (resident before the run)", measured=False))
+        terms.append(
+            Term(
+                "framework overhead",
+                CPU_RUNTIME_BYTES,
+                "Python + torch/transformers/peft/accelerate imported (resident before the run)",
+                measured=False,
+            )
+        )
         terms.append(Term("run objects", CPU_RUN_OBJECTS_BYTES, "tokenizer, tokenized rows, module objects, oneDNN/OpenMP scratch"))
         forward = sum(layer_bytes) + outside  # what one forward saves without checkpointing
-        terms.append(Term("CPU heap slack", int(CPU_HEAP_SLACK_PER_FORWARD_BYTE * forward),
-                          f"{CPU_HEAP_SLACK_PER_FORWARD_BYTE} x {mib(forward)} (one forward's activations, not checkpointed): "
-                          "freed temporaries glibc keeps on the heap", ("loss", "layer")))
+        terms.append(
+            Term(
+                "CPU heap slack",
+                int(CPU_HEAP_SLACK_PER_FORWARD_BYTE * forward),
+                f"{CPU_HEAP_SLACK_PER_FORWARD_BYTE} x {mib(forward)} (one forward's activations, not checkpointed): "
+                "freed temporaries glibc keeps on the heap",
+                ("loss", "layer"),
+            )
+        )
     return terms
 
 
@@ -444,20 +535,28 @@ def _candidates(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
     m, t, d = cfg.model, cfg.train, cfg.data
     out: list[tuple[str, dict[str, Any]]] = []
     if not m.gradient_checkpointing:
-        out.append(("gradient checkpointing (recomputes activations in backward: ~30% more compute)", {"model.gradient_checkpointing": True}))
+        out.append(
+            ("gradient checkpointing (recomputes activations in backward: ~30% more compute)", {"model.gradient_checkpointing": True})
+        )
     for mbs in sorted({t.micro_batch_size // 2, 1}, reverse=True):
         if 0 < mbs < t.micro_batch_size and t.micro_batch_size % mbs == 0:
             accum = t.grad_accum_steps * t.micro_batch_size // mbs
             what = f"micro batch {t.micro_batch_size} -> {mbs} with grad_accum_steps {t.grad_accum_steps} -> {accum} (same rows per step, slower)"
             out.append((what, {"train.micro_batch_size": mbs, "train.grad_accum_steps": accum}))
     if d.max_length >= 256:
-        what = f"shorter rows: data.max_length {d.max_length} -> {d.max_length // 2} (longer rows truncated or dropped, per data.on_overflow)"
+        what = (
+            f"shorter rows: data.max_length {d.max_length} -> {d.max_length // 2} (longer rows truncated or dropped, per data.on_overflow)"
+        )
         out.append((what, {"data.max_length": d.max_length // 2}))
     if m.method == "full":
         out.append(("LoRA adapters instead of full fine-tuning", {"model.method": "lora"}))
     if m.method != "qlora":
-        out.append(("QLoRA: 4-bit base weights + LoRA adapters" + (" instead of full fine-tuning" if m.method == "full" else ""),
-                    {"model.method": "qlora"}))
+        out.append(
+            (
+                "QLoRA: 4-bit base weights + LoRA adapters" + (" instead of full fine-tuning" if m.method == "full" else ""),
+                {"model.method": "qlora"},
+            )
+        )
     if m.method != "full" and (m.lora.target_modules == "all-linear" or not set(m.lora.target_modules) <= {"q_proj", "v_proj"}):
         out.append(("LoRA on q_proj and v_proj only (fewer adapted modules)", {"model.lora.target_modules": ["q_proj", "v_proj"]}))
     if t.optimizer in ("adamw", "paged_adamw"):
@@ -466,8 +565,14 @@ def _candidates(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def ranked_changes(cfg: Config, arch: Architecture, work_for: Callable[[Config], Workload], device_type: str, device_bytes: int,
-                   base: Workload | None = None) -> list[Change]:
+def ranked_changes(
+    cfg: Config,
+    arch: Architecture,
+    work_for: Callable[[Config], Workload],
+    device_type: str,
+    device_bytes: int,
+    base: Workload | None = None,
+) -> list[Change]:
     """Each change that lowers the predicted peak, applied alone, plus the greedy combination of the most effective ones until
     the run fits (when no single change is enough); those that fit first, then by predicted peak. work_for(c): the largest
     micro-batch of a changed config, asked once per (micro_batch_size, max_length); base: cfg's own, when the caller has it."""
@@ -495,5 +600,7 @@ def ranked_changes(cfg: Config, arch: Architecture, work_for: Callable[[Config],
             if current_peak <= device_bytes:
                 break
         if len(steps) > 1:
-            changes.append(Change(" + ".join(steps), [_override(k, v) for k, v in merged.items()], current_peak, current_peak <= device_bytes))
+            changes.append(
+                Change(" + ".join(steps), [_override(k, v) for k, v in merged.items()], current_peak, current_peak <= device_bytes)
+            )
     return sorted(changes, key=lambda c: (not c.fits, c.peak_bytes))

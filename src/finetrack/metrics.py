@@ -36,7 +36,13 @@ class Window:
         vars(self).update(state)
 
     def flush(self) -> dict:
-        out = {"loss": self.loss_sum / max(1, self.targets), "grad_norm": self.grad_norm, "target_tokens": self.targets, "tokens_per_s": round(self.tokens / max(self.seconds, 1e-9), 1), **self.extra}
+        out = {
+            "loss": self.loss_sum / max(1, self.targets),
+            "grad_norm": self.grad_norm,
+            "target_tokens": self.targets,
+            "tokens_per_s": round(self.tokens / max(self.seconds, 1e-9), 1),
+            **self.extra,
+        }
         self.__init__()
         return out
 

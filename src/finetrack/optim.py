@@ -45,7 +45,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.opti
         import bitsandbytes as bnb
     except ImportError:
         raise ConfigError(f"train.optimizer={cfg.optimizer} needs bitsandbytes: pip install bitsandbytes") from None
-    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw": bnb.optim.PagedAdamW}[cfg.optimizer]
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "paged_adamw": bnb.optim.PagedAdamW}[
+        cfg.optimizer
+    ]
     return cls(groups, **kwargs)
 
 

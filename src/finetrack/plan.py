@@ -26,8 +26,14 @@ from .data import Example, prepare
 
 # Peak dense tensor throughput (bf16; fp16 for T4, which has no bf16) and memory, from vendor datasheets.
 GPUS: dict[str, tuple[float, float, bool]] = {  # name: (TFLOP/s, GiB, bf16)
-    "H200": (989.0, 141, True), "H100": (989.0, 80, True), "A100-80GB": (312.0, 80, True), "A100-40GB": (312.0, 40, True),
-    "L40S": (362.0, 48, True), "A10": (125.0, 24, True), "L4": (121.0, 24, True), "T4": (65.0, 16, False),
+    "H200": (989.0, 141, True),
+    "H100": (989.0, 80, True),
+    "A100-80GB": (312.0, 80, True),
+    "A100-40GB": (312.0, 40, True),
+    "L40S": (362.0, 48, True),
+    "A10": (125.0, 24, True),
+    "L4": (121.0, 24, True),
+    "T4": (65.0, 16, False),
 }
 GPU_UTILIZATION = 0.40  # share of peak a fine-tuning step reaches on a GPU (typical model FLOPs utilization)
 # share of the probed fp32 matmul rate a training step reaches on a CPU: the demo config (LoRA on the 135M
@@ -105,8 +111,9 @@ class Workload:
     attention_cells: int = 0  # sum over micro-batches of rows x width^2 (dense attention scores)
 
 
-def checkpointing_both_ways(cfg: Config, arch: memory.Architecture, largest: memory.Workload, device_type: str,
-                            terms: list[memory.Term]) -> dict[str, dict]:
+def checkpointing_both_ways(
+    cfg: Config, arch: memory.Architecture, largest: memory.Workload, device_type: str, terms: list[memory.Term]
+) -> dict[str, dict]:
     """Activation bytes (every activation term: with checkpointing the kept layer inputs plus the recomputed
     layer) and the predicted peak with gradient checkpointing "off" and "on", the configured one marked.
     `terms`: the configured setting's breakdown (only the other one is computed here)."""
@@ -116,8 +123,11 @@ def checkpointing_both_ways(cfg: Config, arch: memory.Architecture, largest: mem
     out = {}
     for on in (False, True):
         these = terms if on == configured else other
-        out["on" if on else "off"] = {"activation_bytes": sum(t.bytes for t in these if t.name.startswith("activations")),
-                                      "peak_bytes": memory.peak_bytes(these), "configured": on == configured}
+        out["on" if on else "off"] = {
+            "activation_bytes": sum(t.bytes for t in these if t.name.startswith("activations")),
+            "peak_bytes": memory.peak_bytes(these),
+            "configured": on == configured,
+        }
     return out
 
 
@@ -138,7 +148,9 @@ def workload(examples: list[Example], cfg: Config, total_steps: int, num_process
             out.target_tokens += tgt * num_processes
             out.attention_cells += num_rows * width * width * num_processes
             if tokens > out.largest.micro_batch_tokens:
-                out.largest = memory.Workload(micro_batch_tokens=tokens, longest_row_tokens=width, target_tokens=tgt, num_rows=num_rows, masked=masked)
+                out.largest = memory.Workload(
+                    micro_batch_tokens=tokens, longest_row_tokens=width, target_tokens=tgt, num_rows=num_rows, masked=masked
+                )
     return out
 
 
@@ -201,10 +213,14 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg.data, tokenizer, cfg.train.seed)
     as_given = cfg  # --measure resolves it again for this machine
-    env = Environment(device_type=target.device_type, bf16_supported=target.bf16, num_processes=target.num_processes, num_train_rows=len(data.train))
+    env = Environment(
+        device_type=target.device_type, bf16_supported=target.bf16, num_processes=target.num_processes, num_train_rows=len(data.train)
+    )
     cfg, res = resolve(cfg, env)
     arch = memory.Architecture.from_hf_config(
-        AutoConfig.from_pretrained(model_source(cfg.model), revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code).to_dict()
+        AutoConfig.from_pretrained(
+            model_source(cfg.model), revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        ).to_dict()
     )
     attn = attn_tokens_for(arch.hidden_size)
     total_steps = res["total_steps"]
@@ -214,17 +230,31 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     # --- schedule
     every_eval = cfg.eval.loss_every_steps
     eval_steps = sorted({s for s in range(1, total_steps + 1) if every_eval and s % every_eval == 0} | {total_steps}) if data.eval else []
-    schedule = {"steps_per_epoch": res["steps_per_epoch"], "total_steps": total_steps, "global_batch_size": res["global_batch_size"],
-                "warmup_steps": res["warmup_steps"], "checkpoint_steps": res["checkpoint_steps"], "eval_loss_steps": eval_steps,
-                "reasons": {k: res.reasons[k] for k in ("steps_per_epoch", "total_steps", "checkpoint_steps") if k in res.reasons}}
+    schedule = {
+        "steps_per_epoch": res["steps_per_epoch"],
+        "total_steps": total_steps,
+        "global_batch_size": res["global_batch_size"],
+        "warmup_steps": res["warmup_steps"],
+        "checkpoint_steps": res["checkpoint_steps"],
+        "eval_loss_steps": eval_steps,
+        "reasons": {k: res.reasons[k] for k in ("steps_per_epoch", "total_steps", "checkpoint_steps") if k in res.reasons},
+    }
 
     # --- memory
     terms = memory.breakdown(cfg, arch, work.largest, target.device_type)
     peak = memory.peak_bytes(terms)
-    mem = {"largest_micro_batch": vars(work.largest), "terms": [vars(t) for t in terms], "peak_bytes": peak, "peak_phase": memory.peak_phase(terms),
-           "device_bytes": target.memory_bytes, "fits": None if target.memory_bytes is None else peak <= target.memory_bytes, "changes": [],
-           "gradient_checkpointing": checkpointing_both_ways(cfg, arch, work.largest, target.device_type, terms)}
+    mem = {
+        "largest_micro_batch": vars(work.largest),
+        "terms": [vars(t) for t in terms],
+        "peak_bytes": peak,
+        "peak_phase": memory.peak_phase(terms),
+        "device_bytes": target.memory_bytes,
+        "fits": None if target.memory_bytes is None else peak <= target.memory_bytes,
+        "changes": [],
+        "gradient_checkpointing": checkpointing_both_ways(cfg, arch, work.largest, target.device_type, terms),
+    }
     if target.memory_bytes is not None and peak > target.memory_bytes:
+
         def work_for(changed: Config) -> memory.Workload:
             """The largest micro-batch over every step of a changed config, its steps resolved as train would."""
             examples = capped(data.train, changed)
@@ -243,30 +273,50 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     train_flops = per_token * work.computed_tokens + per_target * work.target_tokens + per_cell * work.attention_cells
     eval_tokens = sum(len(e.input_ids) for e in data.eval)
     eval_targets = sum(e.num_trainable_tokens for e in data.eval)
-    eval_flops = len(eval_steps) * 2 * (arch.num_layers * arch.num_layer_linear_params * eval_tokens + arch.vocab_size * arch.hidden_size * eval_targets)  # forward only
+    eval_flops = (
+        len(eval_steps)
+        * 2
+        * (arch.num_layers * arch.num_layer_linear_params * eval_tokens + arch.vocab_size * arch.hidden_size * eval_targets)
+    )  # forward only
     # the FLOPs above are every process's: on GPUs each process has its own device, so the rate scales with
     # them; on a CPU the processes share this machine's cores
     devices = target.num_processes if target.device_type == "cuda" else 1
     if target.peak_flops_per_s:
         util, rate = GPU_UTILIZATION, target.peak_flops_per_s * GPU_UTILIZATION * devices
-        assumptions.append(f"{target.name}: {target.peak_flops_per_s / 1e12:.0f} TFLOP/s peak dense tensor throughput x {util:.0%} utilization"
-                           + (f" x {devices} GPUs (data parallel; gradient communication not counted)" if devices > 1 else ""))
+        assumptions.append(
+            f"{target.name}: {target.peak_flops_per_s / 1e12:.0f} TFLOP/s peak dense tensor throughput x {util:.0%} utilization"
+            + (f" x {devices} GPUs (data parallel; gradient communication not counted)" if devices > 1 else "")
+        )
     else:
         probed = probe_cpu_flops()
         rate = probed * CPU_UTILIZATION
-        assumptions.append(f"this CPU sustains {probed / 1e9:.1f} GFLOP/s in an fp32 matmul (probed); training reaches {CPU_UTILIZATION:.0%} of it"
-                           + (f"; the {target.num_processes} processes share it" if target.num_processes > 1 else ""))
+        assumptions.append(
+            f"this CPU sustains {probed / 1e9:.1f} GFLOP/s in an fp32 matmul (probed); training reaches {CPU_UTILIZATION:.0%} of it"
+            + (f"; the {target.num_processes} processes share it" if target.num_processes > 1 else "")
+        )
     if cfg.model.method == "qlora":
         assumptions.append("QLoRA's 4-bit dequantization is not counted (it adds time, mostly on small batches)")
     train_s = train_flops / rate
     eval_s = eval_flops / rate
     ckpt_bytes = checkpoint_bytes(cfg, arch, tokenizer_bytes(tokenizer))
     ckpt_s = len(res["checkpoint_steps"]) * ckpt_bytes / CHECKPOINT_WRITE_BYTES_PER_S
-    assumptions.append(f"checkpoints written at {CHECKPOINT_WRITE_BYTES_PER_S / 1e6:.0f} MB/s; model loading and `finetrack eval` suites not counted")
-    timing = {"train_tokens": work.train_tokens, "computed_tokens": work.computed_tokens, "target_tokens": work.target_tokens,
-              "train_flops": train_flops, "flops_per_s": rate, "train_s": train_s, "eval_loss_s": eval_s,
-              "checkpoint_bytes": ckpt_bytes, "num_checkpoints": len(res["checkpoint_steps"]), "checkpoint_s": ckpt_s,
-              "measured": None, "from_measurement": False}
+    assumptions.append(
+        f"checkpoints written at {CHECKPOINT_WRITE_BYTES_PER_S / 1e6:.0f} MB/s; model loading and `finetrack eval` suites not counted"
+    )
+    timing = {
+        "train_tokens": work.train_tokens,
+        "computed_tokens": work.computed_tokens,
+        "target_tokens": work.target_tokens,
+        "train_flops": train_flops,
+        "flops_per_s": rate,
+        "train_s": train_s,
+        "eval_loss_s": eval_s,
+        "checkpoint_bytes": ckpt_bytes,
+        "num_checkpoints": len(res["checkpoint_steps"]),
+        "checkpoint_s": ckpt_s,
+        "measured": None,
+        "from_measurement": False,
+    }
     if measure_steps:
         measured = timing["measured"] = measure(as_given, measure_steps)
         tps = measured["tokens_per_s"]  # one process on this machine
@@ -277,8 +327,11 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
             timing["train_s"] = work.train_tokens / (tps * devices)
             timing["eval_loss_s"] = len(eval_steps) * eval_tokens / (3 * tps * devices)
             timing["from_measurement"] = True
-            assumptions.append(f"measured: {tps:,.0f} tokens/s over {where}" + (f" x {devices} GPUs (data parallel)" if devices > 1 else "")
-                               + "; held-out loss evaluates 3x as many tokens per second (forward only)")
+            assumptions.append(
+                f"measured: {tps:,.0f} tokens/s over {where}"
+                + (f" x {devices} GPUs (data parallel)" if devices > 1 else "")
+                + "; held-out loss evaluates 3x as many tokens per second (forward only)"
+            )
         else:  # a rate measured here says nothing about another device: keep the estimate, show the measurement apart
             assumptions.append(f"measured {tps:,.0f} tokens/s over {where}: not used for {target.name}, which is not this machine")
     timing["total_s"] = timing["train_s"] + timing["eval_loss_s"] + timing["checkpoint_s"]
@@ -289,8 +342,10 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     # per source: rows read (counted by the data stage), kept, held out; read - kept - held out = dropped there
     read = data.report["train"]["rows_read_by_source"]
     held = Counter(e.source for e in data.eval) if isinstance(cfg.data.eval_split, float) else Counter()
-    sources = {name: {"read": n, "rows": 0, "held_out": held[name], "dropped": n - held[name], "tokens": 0, "trainable_tokens": 0}
-               for name, n in read.items()}
+    sources = {
+        name: {"read": n, "rows": 0, "held_out": held[name], "dropped": n - held[name], "tokens": 0, "trainable_tokens": 0}
+        for name, n in read.items()
+    }
     for e in data.train:
         s = sources[e.source]
         s["rows"] += 1
@@ -298,7 +353,12 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
         s["tokens"] += len(e.input_ids)
         s["trainable_tokens"] += e.num_trainable_tokens
     histogram = length_histogram([len(e.input_ids) for e in data.train])
-    target_info = {"device_type": target.device_type, "name": target.name, "memory_bytes": target.memory_bytes, "num_processes": target.num_processes}
+    target_info = {
+        "device_type": target.device_type,
+        "name": target.name,
+        "memory_bytes": target.memory_bytes,
+        "num_processes": target.num_processes,
+    }
     return Plan(target_info, {**data.report, "per_source": sources, "length_histogram": histogram}, schedule, mem, timing, assumptions)
 
 
@@ -347,7 +407,9 @@ def measure(cfg: Config, steps: int) -> dict:
         run(Config.model_validate(tree))
         records = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     # steps after the first (which includes warm-up): each record's tokens over its tokens/s is its time
-    timed = [(b["tokens"] - a["tokens"], b["tokens_per_s"]) for a, b in pairwise(records)] or [(records[0]["tokens"], records[0]["tokens_per_s"])]
+    timed = [(b["tokens"] - a["tokens"], b["tokens_per_s"]) for a, b in pairwise(records)] or [
+        (records[0]["tokens"], records[0]["tokens_per_s"])
+    ]
     tokens_per_s = sum(t for t, _ in timed) / sum(t / r for t, r in timed)
     return {"steps": steps, "tokens_per_s": tokens_per_s, "peak_mem_mb": max(r["peak_mem_mb"] for r in records), "device": device}
 
@@ -361,19 +423,35 @@ def render(plan: Plan) -> str:
     s, m, t = plan.schedule, plan.memory, plan.time
     lines = [f"data: {report_line(plan.data)}"]
     for source, c in plan.data["per_source"].items():
-        lines.append(f"  {source}: {c['read']:,} read, {c['rows']:,} to train on ({c['held_out']:,} held out, {c['dropped']:,} dropped), "
-                     f"{c['tokens']:,} tokens, {c['trainable_tokens']:,} trainable")
+        lines.append(
+            f"  {source}: {c['read']:,} read, {c['rows']:,} to train on ({c['held_out']:,} held out, {c['dropped']:,} dropped), "
+            f"{c['tokens']:,} tokens, {c['trainable_tokens']:,} trainable"
+        )
     most = max(n for _, n in plan.data["length_histogram"])
     for bound, n in plan.data["length_histogram"]:
         lines.append(f"  rows of <= {bound:>6} tokens: {n:>7,}  {'#' * max(1, round(40 * n / most))}")
     reasons = s["reasons"]
-    lines += ["", (f"schedule: {s['total_steps']} optimizer steps ({reasons.get('total_steps', '')}); {s['steps_per_epoch']} per epoch "
-                   f"({reasons.get('steps_per_epoch', '')}); global batch {s['global_batch_size']} rows; warmup {s['warmup_steps']} steps")]
+    lines += [
+        "",
+        (
+            f"schedule: {s['total_steps']} optimizer steps ({reasons.get('total_steps', '')}); {s['steps_per_epoch']} per epoch "
+            f"({reasons.get('steps_per_epoch', '')}); global batch {s['global_batch_size']} rows; warmup {s['warmup_steps']} steps"
+        ),
+    ]
     lines.append("  " + describe({step: rules.split("+") for step, rules in s["checkpoint_steps"].items()}))
-    lines.append(f"  held-out loss at steps {_list(s['eval_loss_steps'])}" if s["eval_loss_steps"] else "  no held-out loss (data.eval_split not set)")
+    lines.append(
+        f"  held-out loss at steps {_list(s['eval_loss_steps'])}"
+        if s["eval_loss_steps"]
+        else "  no held-out loss (data.eval_split not set)"
+    )
     w = m["largest_micro_batch"]
-    lines += ["", (f"memory on {plan.target['name']} ({plan.target['device_type']}); largest micro-batch: {w['num_rows']} row(s) x "
-                   f"{w['longest_row_tokens']} tokens = {w['micro_batch_tokens']:,} tokens, {w['target_tokens']:,} carrying loss")]
+    lines += [
+        "",
+        (
+            f"memory on {plan.target['name']} ({plan.target['device_type']}); largest micro-batch: {w['num_rows']} row(s) x "
+            f"{w['longest_row_tokens']} tokens = {w['micro_batch_tokens']:,} tokens, {w['target_tokens']:,} carrying loss"
+        ),
+    ]
     width = max(len(term["name"]) for term in m["terms"])
     for term in m["terms"]:
         alive = ",".join(term["phases"]) or "always"
@@ -386,22 +464,35 @@ def render(plan: Plan) -> str:
     lines.append(f"  {'predicted peak':<{width}}  {memory.mib(m['peak_bytes']):>10}{during}{verdict}")
     for setting, g in m["gradient_checkpointing"].items():
         which = "as configured" if g["configured"] else "the other setting"
-        lines.append(f"  activations with gradient checkpointing {setting:<3}: {memory.mib(g['activation_bytes'])}, predicted peak "
-                     f"{memory.mib(g['peak_bytes'])} ({which})")
+        lines.append(
+            f"  activations with gradient checkpointing {setting:<3}: {memory.mib(g['activation_bytes'])}, predicted peak "
+            f"{memory.mib(g['peak_bytes'])} ({which})"
+        )
     if m["changes"]:
         lines.append("  changes, best first (predicted peak with each):")
         for c in m["changes"]:
-            lines.append(f"    {memory.mib(c['peak_bytes']):>10}  {'fits' if c['fits'] else 'still too big'}  {c['description']}  ({' '.join(c['overrides'])})")
+            lines.append(
+                f"    {memory.mib(c['peak_bytes']):>10}  {'fits' if c['fits'] else 'still too big'}  {c['description']}  ({' '.join(c['overrides'])})"
+            )
     how = "measured on this machine" if t["from_measurement"] else "estimated from FLOPs"
     cost = "" if t["cost"] is None else f"; at {t['price_per_hour']:.2f}/h: {t['cost']:.2f}"
-    lines += ["", (f"time and cost ({how}): {t['train_tokens']:,} tokens to train ({t['computed_tokens']:,} computed with padding, "
-                   f"{t['target_tokens']:,} carrying loss)")]
-    lines.append(f"  training {_hours(t['train_s'])} + held-out loss {_hours(t['eval_loss_s'])} + {t['num_checkpoints']} checkpoint(s) of "
-                 f"{memory.mib(t['checkpoint_bytes'])} {_hours(t['checkpoint_s'])} = {_hours(t['total_s'])}{cost}")
+    lines += [
+        "",
+        (
+            f"time and cost ({how}): {t['train_tokens']:,} tokens to train ({t['computed_tokens']:,} computed with padding, "
+            f"{t['target_tokens']:,} carrying loss)"
+        ),
+    ]
+    lines.append(
+        f"  training {_hours(t['train_s'])} + held-out loss {_hours(t['eval_loss_s'])} + {t['num_checkpoints']} checkpoint(s) of "
+        f"{memory.mib(t['checkpoint_bytes'])} {_hours(t['checkpoint_s'])} = {_hours(t['total_s'])}{cost}"
+    )
     if t["measured"] and not t["from_measurement"]:
-        lines.append(f"  measured on this machine ({t['measured']['device']}, one process): {t['measured']['tokens_per_s']:,.0f} tokens/s, "
-                     f"training {_hours(t['measured']['train_s_here'])} here; NOT used for {plan.target['name']} (a measurement times only "
-                     "the machine it ran on; plan without --gpu to use it)")
+        lines.append(
+            f"  measured on this machine ({t['measured']['device']}, one process): {t['measured']['tokens_per_s']:,.0f} tokens/s, "
+            f"training {_hours(t['measured']['train_s_here'])} here; NOT used for {plan.target['name']} (a measurement times only "
+            "the machine it ran on; plan without --gpu to use it)"
+        )
     if t["measured"]:
         lines.append(f"  measured peak memory on this machine: {t['measured']['peak_mem_mb']:,.0f} MiB ({t['measured']['device']})")
     lines += ["", "assumptions:", *(f"  - {a}" for a in plan.assumptions)]

@@ -26,7 +26,16 @@ log = logging.getLogger("finetrack")
 
 # Config keys that may change between the run that wrote a checkpoint and the run that resumes it.
 # Samples and trackers only watch the training: they never change its numbers.
-HARMLESS_PREFIXES = ("train.max_steps", "train.num_epochs", "train.log_every_steps", "train.sample_", "train.report_", "eval.", "checkpoint.", "output.")
+HARMLESS_PREFIXES = (
+    "train.max_steps",
+    "train.num_epochs",
+    "train.log_every_steps",
+    "train.sample_",
+    "train.report_",
+    "eval.",
+    "checkpoint.",
+    "output.",
+)
 FRESH_ENV = "FINETRACK_FRESH"
 
 
@@ -65,8 +74,20 @@ def find_start(run_dir: Path, remote: str | None, request: Request, warn: Callab
         return None
     found = checkpoint.newest_resumable(run_dir, warn)
     if found and request.resume_from:
-        log.info("--resume-from ignored: %s already has its own checkpoint %s (the same command run again continues from there)", run_dir, found.path.name)
-    start = found.path if found else _explicit(request.resume_from, run_dir) if request.resume_from else _from_remote(remote, run_dir, warn) if remote else None
+        log.info(
+            "--resume-from ignored: %s already has its own checkpoint %s (the same command run again continues from there)",
+            run_dir,
+            found.path.name,
+        )
+    start = (
+        found.path
+        if found
+        else _explicit(request.resume_from, run_dir)
+        if request.resume_from
+        else _from_remote(remote, run_dir, warn)
+        if remote
+        else None
+    )
     if start is None:
         leftovers = checkpoint.step_folders(run_dir)
         if leftovers:
@@ -94,11 +115,15 @@ def _from_remote(remote: str, run_dir: Path, warn: Callable[[str], None]) -> Pat
             log.info("fetched %s from %s", ", ".join(fetched), storage.redact(remote))
         pulled = storage.pull_newest_resumable(remote, run_dir, warn) if steps else None
     except Exception as e:  # every fsspec backend has its own error types (network, credentials, permissions)
-        raise ConfigError(f"checkpoint.remote: cannot read {storage.redact(remote)}: {storage.describe_error(e, remote)}. "
-                          "Check the network and credentials and run the same command again") from None
+        raise ConfigError(
+            f"checkpoint.remote: cannot read {storage.redact(remote)}: {storage.describe_error(e, remote)}. "
+            "Check the network and credentials and run the same command again"
+        ) from None
     if steps and not pulled:
-        raise ConfigError(f"checkpoint.remote: {storage.redact(remote)} holds {len(steps)} checkpoint(s) but none could be downloaded "
-                          "and verified (see the warnings above); run again to retry, or start over with --fresh --delete-remote")
+        raise ConfigError(
+            f"checkpoint.remote: {storage.redact(remote)} holds {len(steps)} checkpoint(s) but none could be downloaded "
+            "and verified (see the warnings above); run again to retry, or start over with --fresh --delete-remote"
+        )
     if pulled:
         log.info("resuming from the remote copy %s/checkpoints/%s", storage.redact(remote), pulled.name)
     return pulled

@@ -77,8 +77,18 @@ def _read_prompts_file(path: Path) -> list[Prompt]:
 class Sampler:
     """Answers the prompts at step 0 and every `sample_every_steps` (and the last step), on the main process."""
 
-    def __init__(self, prompts: list[Prompt], train: TrainConfig, tokenizer, run_dir: Path, total_steps: int, steps_per_epoch: int,
-                 out: MetricsLog, trackers: Trackers, enabled: bool) -> None:
+    def __init__(
+        self,
+        prompts: list[Prompt],
+        train: TrainConfig,
+        tokenizer,
+        run_dir: Path,
+        total_steps: int,
+        steps_per_epoch: int,
+        out: MetricsLog,
+        trackers: Trackers,
+        enabled: bool,
+    ) -> None:
         self.prompts, self.gen, self.every_steps = prompts, train.sample_generation, train.sample_every_steps
         self.tokenizer, self.path = tokenizer, run_dir / SAMPLES_FILE
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch

@@ -63,7 +63,9 @@ def checkpoint_steps(
 
     for rule, n in (("per_epoch", per_epoch), ("first_epoch", first_epoch)):
         if n is not None and n > steps_per_epoch:
-            raise ScheduleError(f"checkpoint.{rule}={n} but an epoch has only {steps_per_epoch} optimizer steps: use at most {steps_per_epoch}")
+            raise ScheduleError(
+                f"checkpoint.{rule}={n} but an epoch has only {steps_per_epoch} optimizer steps: use at most {steps_per_epoch}"
+            )
     if every_steps is not None:
         for s in range(every_steps, total_steps + 1, every_steps):
             add(s, "every_steps")
@@ -97,4 +99,10 @@ def describe(schedule: dict[int, list[str]], max_listed: int = 40) -> str:
     for rules in schedule.values():
         for r in rules:
             counts[r] = counts.get(r, 0) + 1
-    return f"{len(steps)} checkpoint(s) at steps " + ", ".join(map(str, shown)) + " (" + ", ".join(f"{r}: {n}" for r, n in counts.items()) + ")"
+    return (
+        f"{len(steps)} checkpoint(s) at steps "
+        + ", ".join(map(str, shown))
+        + " ("
+        + ", ".join(f"{r}: {n}" for r, n in counts.items())
+        + ")"
+    )

@@ -61,8 +61,10 @@ def check_url(url: str) -> None:
     protocol = fsspec.core.split_protocol(url)[0] or "file"
     fsspec.get_filesystem_class(protocol)  # ImportError naming the package to install
     if _USERINFO.search(url):  # the URL is saved in config.resolved.yaml and meta.json: it must hold no secret
-        raise ValueError(f"{redact(url)}: put no credentials in the URL (it is saved with the run and shown in messages); "
-                         "set them the backend's usual way, e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws/credentials for s3")
+        raise ValueError(
+            f"{redact(url)}: put no credentials in the URL (it is saved with the run and shown in messages); "
+            "set them the backend's usual way, e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws/credentials for s3"
+        )
 
 
 def _open(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -302,7 +304,9 @@ class Uploader:
         try:
             on_remote = set(remote_steps(self.url))
         except Exception as e:  # every backend has its own error types; the next checkpoint retries anyway
-            self.log.warning("could not list %s (%s): earlier checkpoints are not re-uploaded now", redact(self.url), describe_error(e, self.url))
+            self.log.warning(
+                "could not list %s (%s): earlier checkpoints are not re-uploaded now", redact(self.url), describe_error(e, self.url)
+            )
             return 0
         with self._lock:
             self._uploaded_steps |= on_remote
@@ -379,8 +383,13 @@ class Uploader:
                 if attempt + 1 < self.retries:
                     time.sleep(self.backoff_s * 2**attempt)
                     continue
-                self.log.warning("upload of checkpoint %s to %s failed after %d attempt(s): %s (retried with the next checkpoint)",
-                                 folder.name, redact(self.url), self.retries, describe_error(e, self.url))
+                self.log.warning(
+                    "upload of checkpoint %s to %s failed after %d attempt(s): %s (retried with the next checkpoint)",
+                    folder.name,
+                    redact(self.url),
+                    self.retries,
+                    describe_error(e, self.url),
+                )
         return "failed"
 
 
@@ -454,8 +463,10 @@ def _sync_once(src: str, dst: Path, out: Callable[[str], None], skipped: dict[st
     for name in RUN_FILES:  # replaced whole: metrics.jsonl grows while the run trains
         _get_run_file(fs, root, name, dst)
     if fetched or not quiet:
-        out(f"{redact(src)} -> {dst}: fetched {len(fetched)} checkpoint(s) ({size_text(total_bytes)}), {present} already present"
-            + (f", {failed} not fetched (see above)" if failed else ""))
+        out(
+            f"{redact(src)} -> {dst}: fetched {len(fetched)} checkpoint(s) ({size_text(total_bytes)}), {present} already present"
+            + (f", {failed} not fetched (see above)" if failed else "")
+        )
     return fetched
 
 

@@ -32,7 +32,9 @@ def check_installed(report_to: list[str]) -> None:
     missing = [name for name in report_to if importlib.util.find_spec(name) is None]  # each tracker imports the module of its name
     if missing:
         extras = ",".join(missing)
-        raise ConfigError(f"train.report_to: {', '.join(missing)} not installed: pip install 'finetrack[{extras}]' (or remove it from train.report_to)")
+        raise ConfigError(
+            f"train.report_to: {', '.join(missing)} not installed: pip install 'finetrack[{extras}]' (or remove it from train.report_to)"
+        )
 
 
 def accelerator_kwargs(report_to: list[str], run_dir: Path) -> dict:
@@ -44,7 +46,10 @@ def accelerator_kwargs(report_to: list[str], run_dir: Path) -> dict:
         _check_mlflow_store()
     from accelerate.utils import ProjectConfiguration
 
-    return {"log_with": list(report_to), "project_config": ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / TENSORBOARD_DIR))}
+    return {
+        "log_with": list(report_to),
+        "project_config": ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / TENSORBOARD_DIR)),
+    }
 
 
 class Trackers:
@@ -147,7 +152,9 @@ def _store_config(accelerator, params: dict) -> None:
             logged = mlflow.get_run(tracker.tracker.info.run_id).data.params
             changed = sorted(k for k, v in params.items() if k in logged and logged[k] != str(v))
             if changed:
-                log.info("MLflow keeps the first values of params %s (they cannot change; config.resolved.yaml has this attempt's)", changed)
+                log.info(
+                    "MLflow keeps the first values of params %s (they cannot change; config.resolved.yaml has this attempt's)", changed
+                )
             tracker.store_init_configuration({k: v for k, v in params.items() if k not in logged})
         else:
             tracker.store_init_configuration(params)

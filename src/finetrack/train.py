@@ -119,12 +119,20 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag) ->
     # before the resume check and config.resolved.yaml: `data.pack: auto` may resolve differently on this model
     cfg = _check_packing(cfg, res, model, device, len(tokenizer))
     if saved:
-        for line in resume.check_config({**saved["config"], "resolved": saved.get("resolved", {})}, {**effective_dump(cfg), "resolved": batch},
-                                        saved.get("data_fingerprint"), fingerprint, request.allow_config_change, start):
+        for line in resume.check_config(
+            {**saved["config"], "resolved": saved.get("resolved", {})},
+            {**effective_dump(cfg), "resolved": batch},
+            saved.get("data_fingerprint"),
+            fingerprint,
+            request.allow_config_change,
+            start,
+        ):
             log.info("config change accepted on resume: %s", line)
         if saved["step"] > res["total_steps"]:
-            raise ConfigError(f"{start} is at step {saved['step']}, after the last step of this config ({res['total_steps']}): "
-                              "raise train.max_steps / train.num_epochs, or start over with --fresh")
+            raise ConfigError(
+                f"{start} is at step {saved['step']}, after the last step of this config ({res['total_steps']}): "
+                "raise train.max_steps / train.num_epochs, or start over with --fresh"
+            )
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         # atomic: `finetrack eval --watch` and the uploader read these while the run goes on
@@ -133,7 +141,13 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag) ->
     if start:
         load_weights(model, start)
     # one collate for training and eval; the cost model reads the unwrapped model's width
-    make_batch = partial(collate, pad_id=tokenizer.pad_token_id, pack=cfg.data.pack, pack_row_tokens=cfg.data.pack_row_tokens, attn_tokens=_attn_tokens(model))
+    make_batch = partial(
+        collate,
+        pad_id=tokenizer.pad_token_id,
+        pack=cfg.data.pack,
+        pack_row_tokens=cfg.data.pack_row_tokens,
+        attn_tokens=_attn_tokens(model),
+    )
     optimizer = build_optimizer(model, cfg.train, cfg.train.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     bare = accelerator.unwrap_model(model)  # what sampling and checkpoints use: the same module, without DDP/FSDP wrappers
@@ -193,10 +207,19 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag) ->
             window.add(loss_sum, num_targets, num_tokens, grad_norm, extra, time.perf_counter() - started)
             record = None
             if step % cfg.train.log_every_steps == 0 or step == total_steps:
-                record = {"step": step, "epoch": round(step / steps_per_epoch, 4), **window.flush(), "lr": lr, "tokens": done["tokens_seen"], "peak_mem_mb": peak_memory_mb(device)}
+                record = {
+                    "step": step,
+                    "epoch": round(step / steps_per_epoch, 4),
+                    **window.flush(),
+                    "lr": lr,
+                    "tokens": done["tokens_seen"],
+                    "peak_mem_mb": peak_memory_mb(device),
+                }
             every_eval = cfg.eval.loss_every_steps
             if data.eval and ((every_eval and step % every_eval == 0) or step == total_steps):
-                done["eval_loss"] = evaluate_loss(model, data.eval, cfg.eval.micro_batch_size or cfg.train.micro_batch_size, make_batch, objective, accelerator)
+                done["eval_loss"] = evaluate_loss(
+                    model, data.eval, cfg.eval.micro_batch_size or cfg.train.micro_batch_size, make_batch, objective, accelerator
+                )
                 record = {**(record or {"step": step}), "eval_loss": done["eval_loss"], "eval_ppl": math.exp(min(done["eval_loss"], 50))}
             if record:
                 out.write(record)
@@ -208,12 +231,35 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag) ->
                 accelerator.wait_for_everyone()
                 if main:
                     rules = schedule.get(step, []) + (["signal"] if stopped_by and step not in schedule else [])
-                    progress = {**done, "window": window.state(), "epoch": epoch, "step_in_epoch": step - epoch * steps_per_epoch,
-                                "data": {"seed": cfg.train.seed, "shuffle": cfg.data.shuffle, "num_rows": len(data.train), "rows_per_step": rows_per_process * world},
-                                "lr_schedule": {"peak_lr": cfg.train.lr, "warmup_steps": res["warmup_steps"], "total_steps": total_steps, "kind": cfg.train.lr_schedule}}
-                    meta = {"epoch": step / steps_per_epoch, "total_steps": total_steps, "tokens_seen": done["tokens_seen"], "rules": rules,
-                            "metrics": {"loss": last_loss, "eval_loss": done["eval_loss"], "lr": lr, "grad_norm": grad_norm},
-                            "config_hash": config_hash(cfg), "config": effective_dump(cfg), "resolved": batch, "data_fingerprint": fingerprint}
+                    progress = {
+                        **done,
+                        "window": window.state(),
+                        "epoch": epoch,
+                        "step_in_epoch": step - epoch * steps_per_epoch,
+                        "data": {
+                            "seed": cfg.train.seed,
+                            "shuffle": cfg.data.shuffle,
+                            "num_rows": len(data.train),
+                            "rows_per_step": rows_per_process * world,
+                        },
+                        "lr_schedule": {
+                            "peak_lr": cfg.train.lr,
+                            "warmup_steps": res["warmup_steps"],
+                            "total_steps": total_steps,
+                            "kind": cfg.train.lr_schedule,
+                        },
+                    }
+                    meta = {
+                        "epoch": step / steps_per_epoch,
+                        "total_steps": total_steps,
+                        "tokens_seen": done["tokens_seen"],
+                        "rules": rules,
+                        "metrics": {"loss": last_loss, "eval_loss": done["eval_loss"], "lr": lr, "grad_norm": grad_norm},
+                        "config_hash": config_hash(cfg),
+                        "config": effective_dump(cfg),
+                        "resolved": batch,
+                        "data_fingerprint": fingerprint,
+                    }
                     _save_checkpoint(run_dir, step, bare, tokenizer, optimizer, progress, meta, cfg.checkpoint, uploader, out)
                 stopped_by = stopped_by or stop.requested(accelerator)  # a signal during the save: the checkpoint is already there
             if stopped_by:
@@ -226,7 +272,9 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag) ->
     final = checkpoint.checkpoint_dir(run_dir, done["step"])
     if stopped_by and done["step"] < total_steps:
         raise Interrupted(stopped_by, str(final))
-    return RunResult(run_dir, final, total_steps, done["first_loss"], last_loss, done["eval_loss"], saved["step"] if saved else 0, not_uploaded)
+    return RunResult(
+        run_dir, final, total_steps, done["first_loss"], last_loss, done["eval_loss"], saved["step"] if saved else 0, not_uploaded
+    )
 
 
 def _check_packing(cfg: Config, res: Resolved, model: nn.Module, device: torch.device, vocab_size: int) -> Config:
@@ -244,8 +292,18 @@ def _check_packing(cfg: Config, res: Resolved, model: nn.Module, device: torch.d
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"pack": False})})
 
 
-def _save_checkpoint(run_dir: Path, step: int, model: nn.Module, tokenizer, optimizer, progress: dict, meta: dict, ck: CheckpointConfig,
-                     uploader, out: MetricsLog) -> None:
+def _save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    tokenizer,
+    optimizer,
+    progress: dict,
+    meta: dict,
+    ck: CheckpointConfig,
+    uploader,
+    out: MetricsLog,
+) -> None:
     """Write one checkpoint, hand it to the uploader, apply retention."""
     path = checkpoint.save(run_dir, step, lambda d: save_weights(model, tokenizer, d), checkpoint.capture_state(optimizer, progress), meta)
     out.say(f"checkpoint: {path} ({', '.join(meta['rules'])})")
@@ -288,8 +346,12 @@ def _finish_uploads(uploader, run_dir: Path, ck: CheckpointConfig) -> list[Path]
 
     not_uploaded = uploader.wait()
     if not_uploaded:
-        log.error("%d checkpoint(s) are NOT on %s: %s (they are complete locally; re-run the same command to retry the upload)",
-                  len(not_uploaded), storage.redact(ck.remote), ", ".join(p.name for p in not_uploaded))
+        log.error(
+            "%d checkpoint(s) are NOT on %s: %s (they are complete locally; re-run the same command to retry the upload)",
+            len(not_uploaded),
+            storage.redact(ck.remote),
+            ", ".join(p.name for p in not_uploaded),
+        )
     for line in checkpoint.retain(run_dir, ck.keep_last, ck.keep_schedule, ck.keep_optimizer_state, set(not_uploaded)):
         log.info("retention: %s", line)
     return not_uploaded
@@ -327,7 +389,12 @@ def _clip(accelerator, params: list[torch.Tensor], max_norm: float | None) -> fl
 
 @torch.no_grad()
 def evaluate_loss(
-    model: nn.Module, examples: list[Example], micro_batch_size: int, make_batch: Callable[[list[Example]], Batch], objective: Objective, accelerator
+    model: nn.Module,
+    examples: list[Example],
+    micro_batch_size: int,
+    make_batch: Callable[[list[Example]], Batch],
+    objective: Objective,
+    accelerator,
 ) -> float:
     """Mean loss per target token over the held-out rows (each process takes a share)."""
     was_training = model.training

@@ -137,7 +137,9 @@ def load_items(path: Path) -> list[Item]:
     for where, default_id, raw in located:
         item = _parse_item(raw, where, default_id)
         if item.id in seen:
-            raise DistributionError(f"{where}: field 'id': duplicate id '{item.id}' (first used at {seen[item.id]}); give each item its own id")
+            raise DistributionError(
+                f"{where}: field 'id': duplicate id '{item.id}' (first used at {seen[item.id]}); give each item its own id"
+            )
         seen[item.id] = where
         items.append(item)
     return items
@@ -160,14 +162,20 @@ def _parse_item(raw: Any, where: str, default_id: str) -> Item:
     for key in ("prompt", "system"):
         value = raw.get(key)
         if (key == "prompt" or value is not None) and (not isinstance(value, str) or not value.strip()):
-            raise DistributionError(f"{where}: field '{key}' must be non-empty text, got {value!r}" + ("; or leave it out" if key == "system" else ""))
+            raise DistributionError(
+                f"{where}: field '{key}' must be non-empty text, got {value!r}" + ("; or leave it out" if key == "system" else "")
+            )
     options = _options(raw["options"], where)
-    return Item(id=item_id, prompt=raw["prompt"], system=raw.get("system"), options=options, target=_target(raw["target"], len(options), where))
+    return Item(
+        id=item_id, prompt=raw["prompt"], system=raw.get("system"), options=options, target=_target(raw["target"], len(options), where)
+    )
 
 
 def _options(value: Any, where: str) -> list[str]:
     if not isinstance(value, list) or len(value) < 2:
-        raise DistributionError(f"{where}: field 'options' must be a list of at least 2 answers (e.g. ['1', '2', '3', '4', '5']), got {value!r}")
+        raise DistributionError(
+            f"{where}: field 'options' must be a list of at least 2 answers (e.g. ['1', '2', '3', '4', '5']), got {value!r}"
+        )
     out = []
     for i, o in enumerate(value):
         if isinstance(o, int) and not isinstance(o, bool):
@@ -221,7 +229,9 @@ def option_logprobs(model: nn.Module, tokenizer, item: Item) -> list[float]:
     continuations = [tokenizer(o, add_special_tokens=False)["input_ids"] + [end_id] for o in item.options]
     empty = [o for o, c in zip(item.options, continuations) if len(c) == 1]
     if empty:
-        raise DistributionError(f"distribution item '{item.id}': the tokenizer turns option(s) {empty} into no tokens; use other option texts")
+        raise DistributionError(
+            f"distribution item '{item.id}': the tokenizer turns option(s) {empty} into no tokens; use other option texts"
+        )
     k, width = len(continuations), max(len(c) for c in continuations)
     length = len(prompt) + width
     ids = torch.full((k, length), tokenizer.pad_token_id or 0, dtype=torch.long)
@@ -239,7 +249,9 @@ def option_logprobs(model: nn.Module, tokenizer, item: Item) -> list[float]:
     model.eval()
     try:
         with torch.inference_mode():
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), logits_to_keep=width + 1)
+            out = model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), logits_to_keep=width + 1
+            )
     finally:
         model.train(was_training)
     logits = out.logits[:, :-1].float().cpu()  # (k, width, V): column j predicts targets[:, j]
@@ -299,7 +311,9 @@ def _sample_answers(
     return [answers[i * samples : (i + 1) * samples] for i in range(len(items))]
 
 
-def model_distribution_sample(model: nn.Module, tokenizer, item: Item, gen: GenerationConfig, samples: int) -> tuple[list[float] | None, int]:
+def model_distribution_sample(
+    model: nn.Module, tokenizer, item: Item, gen: GenerationConfig, samples: int
+) -> tuple[list[float] | None, int]:
     """(the model's distribution from `samples` sampled answers, number of answers that matched no option).
 
     Answers map to options by `parse_answer`; distribution = option counts / parsed answers (None when
@@ -314,9 +328,17 @@ def item_record(item: Item, model_dist: list[float] | None, **extra: Any) -> dic
     (the model's fields are None when it has no distribution)."""
     values = item.values
     record = {
-        "id": item.id, "prompt": item.prompt, "system": item.system, "options": item.options, "values": values,
-        "target": item.target, "model": model_dist, "mean_target": mean_value(values, item.target),
-        "mean_model": None, "w1": None, "abs_error": None,
+        "id": item.id,
+        "prompt": item.prompt,
+        "system": item.system,
+        "options": item.options,
+        "values": values,
+        "target": item.target,
+        "model": model_dist,
+        "mean_target": mean_value(values, item.target),
+        "mean_model": None,
+        "w1": None,
+        "abs_error": None,
     }
     if model_dist is not None:
         record["mean_model"] = mean_value(values, model_dist)
@@ -362,11 +384,18 @@ def run(suite: DistributionSuite, model: nn.Module, tokenizer, on_progress: Call
             log.warning(
                 "distribution suite '%s': on %d item(s) (%s) the model puts less than %.2f probability on the options themselves; "
                 "their distributions are renormalized from little mass. Ask for the bare option (e.g. 'Reply with the number only')",
-                suite.name, len(low), ", ".join(low[:5]) + (", ..." if len(low) > 5 else ""), LOW_MASS,
+                suite.name,
+                len(low),
+                ", ".join(low[:5]) + (", ..." if len(low) > 5 else ""),
+                LOW_MASS,
             )
     else:
         if suite.generation.temperature == 0 and suite.samples > 1:
-            log.warning("distribution suite '%s': temperature 0 repeats one answer %d times per item; sample with temperature > 0", suite.name, suite.samples)
+            log.warning(
+                "distribution suite '%s': temperature 0 repeats one answer %d times per item; sample with temperature > 0",
+                suite.name,
+                suite.samples,
+            )
         for item, answers in zip(items, _sample_answers(model, tokenizer, items, suite.generation, suite.samples, on_progress)):
             dist, option_counts, unparsed = _tally(item, answers)
             records.append(item_record(item, dist, answers=answers, option_counts=option_counts, unparsed=unparsed))

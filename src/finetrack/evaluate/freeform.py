@@ -43,7 +43,12 @@ def check_judges(suite: JudgeSuite, questions: list) -> None:
 
 
 def run(
-    suite: JudgeSuite, model: nn.Module, tokenizer, questions: list, judge_for: Callable[[JudgeConfig, str], object], on_answers: Callable[[int], None]
+    suite: JudgeSuite,
+    model: nn.Module,
+    tokenizer,
+    questions: list,
+    judge_for: Callable[[JudgeConfig, str], object],
+    on_answers: Callable[[int], None],
 ) -> dict:
     """Generate, judge, aggregate. judge_for(judge config, template) returns an object with .score(pairs)."""
     items = conversations(questions, suite.generation.samples)
@@ -91,4 +96,3 @@ def aggregate(records: list[dict], rates: dict[str, str]) -> tuple[dict[str, flo
         counts[f"{rate}_filter_passed"] = filtered
         counts[f"{rate}_hits"] = hits
     return metrics, counts
-

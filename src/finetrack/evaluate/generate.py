@@ -12,7 +12,11 @@ from .spec import GenerationConfig
 
 @torch.no_grad()
 def generate(
-    model: nn.Module, tokenizer, conversations: list[list[dict[str, str]]], gen: GenerationConfig, on_batch: Callable[[int], None] = lambda n: None
+    model: nn.Module,
+    tokenizer,
+    conversations: list[list[dict[str, str]]],
+    gen: GenerationConfig,
+    on_batch: Callable[[int], None] = lambda n: None,
 ) -> list[str]:
     """One answer per conversation (the chat template with a generation prompt, left-padded batches).
 
@@ -31,7 +35,11 @@ def generate(
             texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chunk]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             torch.manual_seed(gen.seed + k // gen.batch_size)
-            sampling = {"do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p, "top_k": 0} if gen.temperature > 0 else {"do_sample": False}
+            sampling = (
+                {"do_sample": True, "temperature": gen.temperature, "top_p": gen.top_p, "top_k": 0}
+                if gen.temperature > 0
+                else {"do_sample": False}
+            )
             out = model.generate(
                 **enc, max_new_tokens=gen.max_new_tokens, use_cache=True, pad_token_id=tokenizer.pad_token_id, **sampling
             )  # (B, prompt + new)

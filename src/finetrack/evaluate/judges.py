@@ -74,7 +74,9 @@ class PatternJudge:
         try:
             self.regex = re.compile(pattern, bits)
         except re.error as e:
-            raise JudgeError(f"pattern judge: {pattern!r} is not a valid regular expression ({e}); fix it (escape literal characters with \\)") from None
+            raise JudgeError(
+                f"pattern judge: {pattern!r} is not a valid regular expression ({e}); fix it (escape literal characters with \\)"
+            ) from None
 
     def score(self, pairs: list[tuple[str, str]]) -> list[float | None]:
         """100.0 for each answer the pattern is found in, 0.0 for the others."""
@@ -115,11 +117,15 @@ def _import_function(spec: str) -> Callable[[str, str], object]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise JudgeError(f"python judge {spec!r}: cannot import module '{module_name}' ({e}); install it or put its folder on PYTHONPATH") from None
+        raise JudgeError(
+            f"python judge {spec!r}: cannot import module '{module_name}' ({e}); install it or put its folder on PYTHONPATH"
+        ) from None
     target: object = module
     for part in attr.split("."):
         if not hasattr(target, part):
-            raise JudgeError(f"python judge {spec!r}: module '{module_name}' ({getattr(module, '__file__', '?')}) has no attribute '{attr}'")
+            raise JudgeError(
+                f"python judge {spec!r}: module '{module_name}' ({getattr(module, '__file__', '?')}) has no attribute '{attr}'"
+            )
         target = getattr(target, part)
     if not callable(target):
         raise JudgeError(f"python judge {spec!r}: '{attr}' is a {type(target).__name__}, not a function of (question, answer)")
@@ -147,7 +153,13 @@ class LocalJudge:
     """
 
     def __init__(
-        self, model_dir: str | Path, template: str, device: str = "cpu", min_total: float = 0.25, batch_size: int = 8, dtype: str = "float32"
+        self,
+        model_dir: str | Path,
+        template: str,
+        device: str = "cpu",
+        min_total: float = 0.25,
+        batch_size: int = 8,
+        dtype: str = "float32",
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -244,12 +256,19 @@ class LocalJudge:
         cache = DynamicCache()
         with torch.inference_mode():
             first = model(
-                input_ids=ids, attention_mask=valid.long(), position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
+                input_ids=ids,
+                attention_mask=valid.long(),
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
             )
             rest = model(
-                input_ids=tree_ids, attention_mask=_additive(tree_allowed, dtype), position_ids=tree_positions,
-                past_key_values=first.past_key_values, use_cache=True,
+                input_ids=tree_ids,
+                attention_mask=_additive(tree_allowed, dtype),
+                position_ids=tree_positions,
+                past_key_values=first.past_key_values,
+                use_cache=True,
             )
         logits = torch.cat([first.logits[:, -1:], rest.logits], dim=1).float()  # (b, 1 + Q, V): row 0 = after the prompt
         # log-softmax read only where needed: no second (b, 1 + Q, V) tensor for large vocabularies
@@ -351,7 +370,9 @@ def end_of_turn_id(tokenizer) -> int:
     if end_id is None and tokenizer.eos_token_id is not None:
         end_id, source = tokenizer.eos_token_id, "the tokenizer's eos token (the chat template shows no special end-of-turn token)"
     if end_id is None:
-        raise JudgeError("local judge: the tokenizer has no eos token and its chat template ends a turn with no special token; use another judge model")
+        raise JudgeError(
+            "local judge: the tokenizer has no eos token and its chat template ends a turn with no special token; use another judge model"
+        )
     if id(tokenizer) not in _logged_end_tokens:
         _logged_end_tokens.add(id(tokenizer))
         log.info("local judge: a reply ends with %r (%s)", tokenizer.convert_ids_to_tokens(end_id), source)

@@ -197,7 +197,9 @@ def _paraphrases(item: dict, where: str) -> list[str]:
         raise QuestionError(f"{where}: missing question text; add 'question: <text>' or 'paraphrases: [<text>, ...]'")
     texts = item["paraphrases"]
     if not isinstance(texts, list):
-        raise QuestionError(f"{where}: field 'paraphrases' must be a list of texts, got {type(texts).__name__}; for one text use 'question'")
+        raise QuestionError(
+            f"{where}: field 'paraphrases' must be a list of texts, got {type(texts).__name__}; for one text use 'question'"
+        )
     if not texts:
         raise QuestionError(f"{where}: field 'paraphrases' is empty; give at least one text")
     for i, text in enumerate(texts):

@@ -150,7 +150,9 @@ class Models:
         from peft import PeftModel
 
         # target_modules is saved from a set: its order differs between checkpoints of one run
-        adapter_config = {k: sorted(v) if isinstance(v, list) else v for k, v in json.loads((folder / "adapter_config.json").read_text()).items()}
+        adapter_config = {
+            k: sorted(v) if isinstance(v, list) else v for k, v in json.loads((folder / "adapter_config.json").read_text()).items()
+        }
         if self.peft is None:
             self.peft = PeftModel.from_pretrained(self.base, folder, is_trainable=False)
             self.adapter_config = adapter_config
@@ -169,14 +171,20 @@ def select_suites(cfg: Config, suite_names: list[str] | None) -> list:
     suites = [s for s in cfg.eval.suites if not suite_names or s.name in suite_names]
     unknown = sorted(set(suite_names or []) - {s.name for s in cfg.eval.suites})
     if unknown or not suites:
-        raise ConfigError(f"eval suites {unknown or '(none configured)'}: the config defines {[s.name for s in cfg.eval.suites] or 'none'}; "
-                          "add them under eval.suites in the config (or eval.suites=[...] on the command line)")
+        raise ConfigError(
+            f"eval suites {unknown or '(none configured)'}: the config defines {[s.name for s in cfg.eval.suites] or 'none'}; "
+            "add them under eval.suites in the config (or eval.suites=[...] on the command line)"
+        )
     return suites
 
 
 def evaluate_run(
-    run_dir: Path, steps: str = "all", suite_names: list[str] | None = None, overrides: list[str] = (),
-    out: Callable[[str], None] = print, watch_seconds: float | None = None,
+    run_dir: Path,
+    steps: str = "all",
+    suite_names: list[str] | None = None,
+    overrides: list[str] = (),
+    out: Callable[[str], None] = print,
+    watch_seconds: float | None = None,
 ) -> list[dict]:
     """Evaluate the selected steps of a run with its eval suites; returns the step records (also written to RUN_DIR/eval).
 
@@ -191,7 +199,9 @@ def evaluate_run(
         raise ConfigError(f"{bad}: finetrack eval takes eval.* overrides only (the rest of the run's config is what it was trained with)")
     if watch_seconds is not None and steps not in ("all", "latest"):
         # an explicit list may omit the run's last checkpoint, whose evaluation is what ends a watch
-        raise ConfigError(f"--watch with --steps {steps}: a watch ends when the run's last checkpoint is evaluated; use --steps all or latest")
+        raise ConfigError(
+            f"--watch with --steps {steps}: a watch ends when the run's last checkpoint is evaluated; use --steps all or latest"
+        )
     cfg = load_config(run_dir / "config.resolved.yaml", list(overrides))
     session = _Session(run_dir, cfg, select_suites(cfg, suite_names), out)
     if watch_seconds is None:
@@ -212,7 +222,11 @@ def evaluate_run(
 
 
 def evaluate_model(
-    path: Path, output: Path | None = None, config: Path | None = None, overrides: list[str] = (), out: Callable[[str], None] = print,
+    path: Path,
+    output: Path | None = None,
+    config: Path | None = None,
+    overrides: list[str] = (),
+    out: Callable[[str], None] = print,
     suite_names: list[str] | None = None,
 ) -> list[dict]:
     """`finetrack eval MODEL_OR_ADAPTER_DIR`: a plain model (step 0) or an adapter (step 0 = its base model,
@@ -232,7 +246,10 @@ def evaluate_model(
         if not base:
             raise ConfigError(f"{path}/adapter_config.json: no base_model_name_or_path; evaluate it from a config with model.name set")
         # the config's model.name only when it sets one: the default (embedded) name must not replace the adapter's base
-        update = {"name": cfg.model.name if "name" in cfg.model.model_fields_set else base, "method": cfg.model.method if cfg.model.method != "full" else "lora"}
+        update = {
+            "name": cfg.model.name if "name" in cfg.model.model_fields_set else base,
+            "method": cfg.model.method if cfg.model.method != "full" else "lora",
+        }
     else:
         update = {"name": str(path), "method": "full"}
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=update)})
@@ -271,8 +288,11 @@ class _Session:
         for step, folder in selected:
             where = None if folder is None else str(folder.relative_to(run_dir)) if folder.is_relative_to(run_dir) else str(folder)
             records[step] = _read_step(run_dir, step) or {"step": step, "checkpoint": where, "suites": {}}
-            records[step].update(epoch=meta.get(step, {}).get("epoch", 0.0), fraction=min(step / total_steps, 1.0),
-                                 last="last" in meta.get(step, {}).get("rules", []))
+            records[step].update(
+                epoch=meta.get(step, {}).get("epoch", 0.0),
+                fraction=min(step / total_steps, 1.0),
+                last="last" in meta.get(step, {}).get("rules", []),
+            )
             step_id = checkpoint_id(cfg, folder)  # hashes an adapter folder without a manifest: once per step
             keys = {s.name: suite_key(s, step_id, cfg) for s in suites}
             todo[step] = [(s, keys[s.name]) for s in suites if records[step]["suites"].get(s.name, {}).get("key") != keys[s.name]]
@@ -323,7 +343,9 @@ class _Judges:
         if judge.kind == "openai":
             from .openai_judge import OpenAIJudge
 
-            return OpenAIJudge(template, model=judge.model, base_url=judge.base_url, api_key_env=judge.api_key_env, min_total=judge.min_total_prob)
+            return OpenAIJudge(
+                template, model=judge.model, base_url=judge.base_url, api_key_env=judge.api_key_env, min_total=judge.min_total_prob
+            )
         name = judge.model or model_source(self.cfg.model)
         if name not in self.models:
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -417,7 +439,14 @@ def write_summary(run_dir: Path) -> list[dict]:
         w = csv.writer(f)
         w.writerow(["step", "epoch", "fraction", *names])
         for r in rows:
-            w.writerow([r["step"], round(r.get("epoch", 0.0), 4), round(r.get("fraction", 0.0), 4), *("" if r["metrics"].get(n) is None else r["metrics"][n] for n in names)])
+            w.writerow(
+                [
+                    r["step"],
+                    round(r.get("epoch", 0.0), 4),
+                    round(r.get("fraction", 0.0), 4),
+                    *("" if r["metrics"].get(n) is None else r["metrics"][n] for n in names),
+                ]
+            )
     return rows
 
 
@@ -434,7 +463,14 @@ def trajectory_table(rows: list[dict]) -> str:
         return f"{v:.4g}{delta}"
 
     header = ["step", "phase", *names]
-    body = [[str(r["step"]), "base" if r["step"] == 0 else f"epoch {r.get('epoch', 0):.2f} ({100 * r.get('fraction', 0):.0f}%)", *(cell(r, n) for n in names)] for r in rows]
+    body = [
+        [
+            str(r["step"]),
+            "base" if r["step"] == 0 else f"epoch {r.get('epoch', 0):.2f} ({100 * r.get('fraction', 0):.0f}%)",
+            *(cell(r, n) for n in names),
+        ]
+        for r in rows
+    ]
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, body)])

@@ -1,8 +1,8 @@
 """`finetrack report RUN_DIR [RUN_DIR ...]`: one self-contained HTML file built from run directories.
 
-    collect.py   reads a run directory (the run-directory contract, nothing else)
-    charts.py    line charts as inline SVG
-    page.py      the sections of the page
+collect.py   reads a run directory (the run-directory contract, nothing else)
+charts.py    line charts as inline SVG
+page.py      the sections of the page
 """
 
 from __future__ import annotations

@@ -107,10 +107,14 @@ def render(chart: Chart, width: int = WIDTH, height: int = HEIGHT) -> str:
         parts.append(f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{TOP + plot_h}" y2="{TOP + plot_h + 5}" class="axis"/>')
         parts.append(f'<text x="{sx(t):.1f}" y="{TOP + plot_h + 18}" class="xt">{escape(fmt(t))}</text>')
     for x, label in chart.vlines:
-        parts.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{TOP}" y2="{TOP + plot_h}" class="vline"><title>{escape(label)}</title></line>')
+        parts.append(
+            f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{TOP}" y2="{TOP + plot_h}" class="vline"><title>{escape(label)}</title></line>'
+        )
         parts.append(f'<text x="{sx(x) + 3:.1f}" y="{TOP + 11}" class="vl">{escape(label)}</text>')
     for y, label in chart.hlines:
-        parts.append(f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" class="hline"><title>{escape(label)}</title></line>')
+        parts.append(
+            f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" class="hline"><title>{escape(label)}</title></line>'
+        )
         parts.append(f'<text x="{LEFT + plot_w - 4}" y="{sy(y) - 4:.1f}" class="hl">{escape(label)}</text>')
     for s in chart.series:
         parts.extend(_series(s, sx, sy, chart.percent))
@@ -161,11 +165,18 @@ def _legend(rows: list[list[tuple[float, Series]]], top: float) -> str:
     for i, row in enumerate(rows):
         y = top + i * LEGEND_ROW_PX
         for x, s in row:
-            swatch = (f'<line x1="{x}" x2="{x + 18}" y1="{y - 4}" y2="{y - 4}" stroke="{s.color}" class="ln"'
-                      + (' stroke-dasharray="6 4"' if s.dashed else "") + "/>") if s.line else f'<circle cx="{x + 9}" cy="{y - 4}" r="4" fill="{s.color}"/>'
+            swatch = (
+                (
+                    f'<line x1="{x}" x2="{x + 18}" y1="{y - 4}" y2="{y - 4}" stroke="{s.color}" class="ln"'
+                    + (' stroke-dasharray="6 4"' if s.dashed else "")
+                    + "/>"
+                )
+                if s.line
+                else f'<circle cx="{x + 9}" cy="{y - 4}" r="4" fill="{s.color}"/>'
+            )
             items.append(swatch + f'<text x="{x + 22}" y="{y}" class="lg">{escape(s.label)}</text>')
     return "".join(items)
 
 
 def _svg(width: int, height: int, label: str, body: str) -> str:
-    return (f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(label)}">{body}</svg>')
+    return f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(label)}">{body}</svg>'

@@ -129,9 +129,13 @@ def _remote_record(path: Path, problems: list[str]) -> dict | None:
     record = _json_file(path, problems)
     if record is None:
         return None
-    steps_ok = all(isinstance(record.get(k), list) and all(isinstance(s, int) for s in record[k]) for k in ("uploaded_steps", "failed_steps"))
+    steps_ok = all(
+        isinstance(record.get(k), list) and all(isinstance(s, int) for s in record[k]) for k in ("uploaded_steps", "failed_steps")
+    )
     if not isinstance(record.get("url"), str) or not steps_ok:
-        problems.append(f"{path.name}: expected {{\"url\": text, \"uploaded_steps\": [steps], \"failed_steps\": [steps]}}; upload status left out")
+        problems.append(
+            f'{path.name}: expected {{"url": text, "uploaded_steps": [steps], "failed_steps": [steps]}}; upload status left out'
+        )
         return None
     return record
 
@@ -165,5 +169,7 @@ def _jsonl(path: Path, problems: list[str]) -> list[dict]:
             bad.append(number)
     if bad:
         where = "/".join(path.parts[-3:]) if path.parent.name == "responses" else path.name
-        problems.append(f"{where}: {len(bad)} unreadable line(s) left out (line {', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''})")
+        problems.append(
+            f"{where}: {len(bad)} unreadable line(s) left out (line {', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''})"
+        )
     return rows

@@ -39,9 +39,11 @@ def build_page(runs: list[RunData]) -> str:
         _answers(runs),
         *(_facts(r, colors[r.name], i) for i, r in enumerate(runs)),
     ]
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{escape(title)}</title>"
-            f"<style>{CSS}</style></head><body><main>{''.join(s for s in sections if s)}</main></body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{escape(title)}</title>'
+        f"<style>{CSS}</style></head><body><main>{''.join(s for s in sections if s)}</main></body></html>\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------ header
@@ -52,20 +54,40 @@ def _header(runs: list[RunData], colors: dict[str, str]) -> str:
         last = r.metrics[-1] if r.metrics else {}
         steps = max([m.get("step", 0) for m in r.metrics] + [0])
         held = next((m["eval_loss"] for m in reversed(r.metrics) if m.get("eval_loss") is not None), None)
-        rows.append([_swatch(colors[r.name]) + escape(r.name), escape(f"{model.get('name', '?')} ({model.get('method', '?')})"),
-                     escape(f"{steps} / {r.resolved('total_steps', '?')}"), _num(last.get("loss")), _num(held),
-                     str(len(r.checkpoints)), str(len(r.evals)), escape(_duration(r))])
-    head = ["run", "model (method)", "steps done / planned", "last train loss", "last held-out loss", "checkpoints", "evaluated steps", "duration"]
+        rows.append(
+            [
+                _swatch(colors[r.name]) + escape(r.name),
+                escape(f"{model.get('name', '?')} ({model.get('method', '?')})"),
+                escape(f"{steps} / {r.resolved('total_steps', '?')}"),
+                _num(last.get("loss")),
+                _num(held),
+                str(len(r.checkpoints)),
+                str(len(r.evals)),
+                escape(_duration(r)),
+            ]
+        )
+    head = [
+        "run",
+        "model (method)",
+        "steps done / planned",
+        "last train loss",
+        "last held-out loss",
+        "checkpoints",
+        "evaluated steps",
+        "duration",
+    ]
     when = time.strftime("%Y-%m-%d %H:%M %Z")
-    return (f"<header><h1>finetrack report</h1><p class=\"sub\">built {escape(when)} from the files of "
-            f"{len(runs)} run director{'y' if len(runs) == 1 else 'ies'}; hover a point for its exact value.</p>"
-            f"{_table(head, rows, raw=True)}<nav><a href=\"#training\">training curves</a> · <a href=\"#trajectory\">trajectory</a> · "
-            f"<a href=\"#answers\">sample answers</a> · <a href=\"#facts-0\">run facts</a></nav></header>")
+    return (
+        f'<header><h1>finetrack report</h1><p class="sub">built {escape(when)} from the files of '
+        f"{len(runs)} run director{'y' if len(runs) == 1 else 'ies'}; hover a point for its exact value.</p>"
+        f'{_table(head, rows, raw=True)}<nav><a href="#training">training curves</a> · <a href="#trajectory">trajectory</a> · '
+        f'<a href="#answers">sample answers</a> · <a href="#facts-0">run facts</a></nav></header>'
+    )
 
 
 def _problems(runs: list[RunData]) -> str:
     items = [f"<li>{escape(r.name)}: {escape(p)}</li>" for r in runs for p in r.problems]
-    return f"<section class=\"problems\"><h2>Left out</h2><ul>{''.join(items)}</ul></section>" if items else ""
+    return f'<section class="problems"><h2>Left out</h2><ul>{"".join(items)}</ul></section>' if items else ""
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -75,7 +97,7 @@ def _training(runs: list[RunData], colors: dict[str, str]) -> str:
         series = [Series(r.name, colors[r.name], [(m["step"], float(m[key])) for m in r.metrics if _is_num(m.get(key))]) for r in runs]
         charts.append(Chart(title, STEP_AXIS, unit, series, _epoch_lines(runs)))
     same = len({r.resolved("steps_per_epoch") for r in runs}) == 1
-    note = "" if same else "<p class=\"sub\">Epoch boundaries are not drawn: the runs' epochs differ in length.</p>"
+    note = "" if same else '<p class="sub">Epoch boundaries are not drawn: the runs\' epochs differ in length.</p>'
     return _section("training", "Training curves", note + _grid(charts))
 
 
@@ -90,8 +112,16 @@ def _loss_chart(runs: list[RunData], colors: dict[str, str]) -> Chart:
             series.append(Series(f"{r.name} held-out" if len(runs) > 1 else "held-out loss", color, held, dashed=True, marker="dot"))
         marks = _checkpoint_marks(r, train)
         if marks:
-            series.append(Series(f"{r.name} checkpoints" if len(runs) > 1 else "checkpoints", color, [p for p, _ in marks],
-                                 line=False, marker="diamond", notes=[n for _, n in marks]))
+            series.append(
+                Series(
+                    f"{r.name} checkpoints" if len(runs) > 1 else "checkpoints",
+                    color,
+                    [p for p, _ in marks],
+                    line=False,
+                    marker="diamond",
+                    notes=[n for _, n in marks],
+                )
+            )
     return Chart("Loss per target token (checkpoints ◆)", STEP_AXIS, "loss (nats)", series, _epoch_lines(runs))
 
 
@@ -122,8 +152,12 @@ def _epoch_lines(runs: list[RunData]) -> list[tuple[float, str]]:
 def _trajectory(runs: list[RunData], colors: dict[str, str]) -> str:
     names = sorted({k for r in runs for e in r.evals for k in e.get("metrics", {})})
     if not names:
-        return _section("trajectory", "Trajectory", "<p class=\"empty\">No evaluation yet: <code>finetrack eval RUN_DIR</code> evaluates "
-                        "the base model (step 0) and every checkpoint; run this report again afterwards.</p>")
+        return _section(
+            "trajectory",
+            "Trajectory",
+            '<p class="empty">No evaluation yet: <code>finetrack eval RUN_DIR</code> evaluates '
+            "the base model (step 0) and every checkpoint; run this report again afterwards.</p>",
+        )
     charts = []
     for name in names:
         percent = name.endswith(("_rate", "_rate_filtered"))
@@ -131,9 +165,19 @@ def _trajectory(runs: list[RunData], colors: dict[str, str]) -> str:
         for r in runs:
             rows = [e for e in r.evals if _is_num(e.get("metrics", {}).get(name))]
             notes = [_count_note(name, e.get("counts", {})) for e in rows]
-            series.append(Series(r.name, colors[r.name], [(e["step"], float(e["metrics"][name])) for e in rows], marker="dot",
-                                 notes=notes, show_notes=len(rows) <= 12 and any(notes)))
-        charts.append(Chart(name, STEP_AXIS + " (0 = base model)", _metric_unit(name), series, hlines=_thresholds(name, runs), percent=percent))
+            series.append(
+                Series(
+                    r.name,
+                    colors[r.name],
+                    [(e["step"], float(e["metrics"][name])) for e in rows],
+                    marker="dot",
+                    notes=notes,
+                    show_notes=len(rows) <= 12 and any(notes),
+                )
+            )
+        charts.append(
+            Chart(name, STEP_AXIS + " (0 = base model)", _metric_unit(name), series, hlines=_thresholds(name, runs), percent=percent)
+        )
     return _section("trajectory", "Trajectory", _change_table(runs, names) + _grid(charts) + "".join(_trajectory_table(r) for r in runs))
 
 
@@ -174,13 +218,24 @@ def _metric_unit(name: str) -> str:
         return "share of scored answers"
     if metric in ("loss", "eval_loss"):
         return "loss (nats per token)"
-    known = {"ppl": "perplexity", "wasserstein": "Wasserstein-1 (options in [0, 1])", "mae_mean": "MAE of the means",
-             "pearson_means": "Pearson r of the means"}
+    known = {
+        "ppl": "perplexity",
+        "wasserstein": "Wasserstein-1 (options in [0, 1])",
+        "mae_mean": "MAE of the means",
+        "pearson_means": "Pearson r of the means",
+    }
     return known.get(metric, "mean judge score (0-100)")
 
 
 def _change_table(runs: list[RunData], names: list[str]) -> str:
-    head = ["metric", *(h for r in runs for h in ([f"{r.name}: base", "latest", "change"] if len(runs) > 1 else ["base (step 0)", "latest step", "change vs base"]))]
+    head = [
+        "metric",
+        *(
+            h
+            for r in runs
+            for h in ([f"{r.name}: base", "latest", "change"] if len(runs) > 1 else ["base (step 0)", "latest step", "change vs base"])
+        ),
+    ]
     rows = []
     for name in names:
         percent = name.endswith(("_rate", "_rate_filtered"))
@@ -189,14 +244,21 @@ def _change_table(runs: list[RunData], names: list[str]) -> str:
             values = [(e["step"], e["metrics"][name]) for e in r.evals if _is_num(e.get("metrics", {}).get(name))]
             base = next((v for s, v in values if s == 0), None)
             step, latest = values[-1] if values else (None, None)
-            cells += [_num(base, percent), "-" if latest is None else f"{fmt(latest, percent)} (step {step})", _change(base, latest, percent)]
+            cells += [
+                _num(base, percent),
+                "-" if latest is None else f"{fmt(latest, percent)} (step {step})",
+                _change(base, latest, percent),
+            ]
         rows.append(cells)
     return _table(head, rows, raw=True)
 
 
 def _trajectory_table(r: RunData) -> str:
     names = sorted({k for e in r.evals for k in e.get("metrics", {})})
-    rows = [[str(e["step"]), "base" if e["step"] == 0 else f"{e.get('epoch', 0):.2f}", *(_num(e.get("metrics", {}).get(n)) for n in names)] for e in r.evals]
+    rows = [
+        [str(e["step"]), "base" if e["step"] == 0 else f"{e.get('epoch', 0):.2f}", *(_num(e.get("metrics", {}).get(n)) for n in names)]
+        for e in r.evals
+    ]
     return f"<details><summary>Every evaluated step of {escape(r.name)} (eval/summary.csv)</summary>{_table(['step', 'epoch', *names], rows)}</details>"
 
 
@@ -209,8 +271,12 @@ def _answers(runs: list[RunData]) -> str:
             steps = sorted({s["step"] for s in r.samples if "step" in s})
             cells = {(s.get("prompt"), s.get("step")): s.get("answer", "") for s in r.samples}
             rows = [[escape(p), *(_answer(cells.get((p, st))) for st in steps)] for p in prompts]
-            parts.append(_collapsed(f"{r.name}: samples during training ({len(prompts)} prompt(s) x {len(steps)} step(s), samples.jsonl)",
-                                    _table(["prompt", *(f"step {s}" + (" (base)" if s == 0 else "") for s in steps)], rows, raw=True, wide=True)))
+            parts.append(
+                _collapsed(
+                    f"{r.name}: samples during training ({len(prompts)} prompt(s) x {len(steps)} step(s), samples.jsonl)",
+                    _table(["prompt", *(f"step {s}" + (" (base)" if s == 0 else "") for s in steps)], rows, raw=True, wide=True),
+                )
+            )
         by_suite: dict[str, dict] = {}
         for step, records in sorted(r.responses.items()):
             for rec in records:
@@ -219,11 +285,24 @@ def _answers(runs: list[RunData]) -> str:
                 slot["steps"].setdefault(step, []).append(rec)
         for suite, questions in by_suite.items():
             steps = sorted({s for q in questions.values() for s in q["steps"]})
-            rows = [[escape(f"{qid} #{para}: " if para else f"{qid}: ") + escape(q["question"]),
-                     *(_eval_cell(q["steps"].get(s, [])) for s in steps)] for (qid, para), q in questions.items()]
-            parts.append(_collapsed(f"{r.name}: eval suite '{suite}' ({len(questions)} question(s) x {len(steps)} step(s), first answer of each; "
-                                    "every answer is in eval/responses/)", _table(["question", *(f"step {s}" + (" (base)" if s == 0 else "") for s in steps)], rows, raw=True, wide=True)))
-    body = "".join(parts) or "<p class=\"empty\">No answers yet: set <code>train.sample_every_steps</code> for samples during training, or run a judge suite with <code>finetrack eval</code>.</p>"
+            rows = [
+                [
+                    escape(f"{qid} #{para}: " if para else f"{qid}: ") + escape(q["question"]),
+                    *(_eval_cell(q["steps"].get(s, [])) for s in steps),
+                ]
+                for (qid, para), q in questions.items()
+            ]
+            parts.append(
+                _collapsed(
+                    f"{r.name}: eval suite '{suite}' ({len(questions)} question(s) x {len(steps)} step(s), first answer of each; "
+                    "every answer is in eval/responses/)",
+                    _table(["question", *(f"step {s}" + (" (base)" if s == 0 else "") for s in steps)], rows, raw=True, wide=True),
+                )
+            )
+    body = (
+        "".join(parts)
+        or '<p class="empty">No answers yet: set <code>train.sample_every_steps</code> for samples during training, or run a judge suite with <code>finetrack eval</code>.</p>'
+    )
     return _section("answers", "Sample answers", body)
 
 
@@ -233,11 +312,11 @@ def _eval_cell(records: list[dict]) -> str:
     first = records[0]
     scores = " · ".join(f"{k} {'-' if v is None else f'{v:.0f}'}" for k, v in sorted(first.get("scores", {}).items()))
     more = f" · +{len(records) - 1} more" if len(records) > 1 else ""
-    return _answer(first.get("answer", "")) + (f"<div class=\"scores\">{escape(scores)}{more}</div>" if scores or more else "")
+    return _answer(first.get("answer", "")) + (f'<div class="scores">{escape(scores)}{more}</div>' if scores or more else "")
 
 
 def _answer(text: str | None) -> str:
-    return "" if text is None else f"<div class=\"ans\">{escape(text) or '<i>(empty)</i>'}</div>"
+    return "" if text is None else f'<div class="ans">{escape(text) or "<i>(empty)</i>"}</div>'
 
 
 # ------------------------------------------------------------------------------------------- facts
@@ -248,9 +327,17 @@ def _facts(r: RunData, color: str, index: int) -> str:
     remote = r.config.get("checkpoint", {}).get("remote")
     facts = [
         ("run directory", escape(str(r.path.resolve()))),
-        ("model", escape(f"{r.config.get('model', {}).get('name')} · {r.config.get('model', {}).get('method')} · "
-                         f"{r.config.get('model', {}).get('dtype')}")),
-        ("global batch", escape(f"{r.resolved('global_batch_size', '?')} rows per step · {r.resolved('steps_per_epoch', '?')} steps per epoch")),
+        (
+            "model",
+            escape(
+                f"{r.config.get('model', {}).get('name')} · {r.config.get('model', {}).get('method')} · "
+                f"{r.config.get('model', {}).get('dtype')}"
+            ),
+        ),
+        (
+            "global batch",
+            escape(f"{r.resolved('global_batch_size', '?')} rows per step · {r.resolved('steps_per_epoch', '?')} steps per epoch"),
+        ),
         ("duration", escape(_duration(r))),
         ("tokens seen", escape(f"{meta.get('tokens_seen', max([m.get('tokens', 0) for m in r.metrics] + [0])):,}")),
         ("versions", escape(", ".join(f"{k} {v}" for k, v in r.versions.items()) or "-")),
@@ -259,21 +346,46 @@ def _facts(r: RunData, color: str, index: int) -> str:
         ("remote copies", escape(_remote_fact(r, remote))),
         ("trackers", escape(json.dumps(r.trackers)) if r.trackers else "none"),
     ]
-    ck_rows = [[c.folder, f"{c.meta.get('epoch', 0):.2f}" if c.meta else "-", escape("+".join(c.meta.get("rules", [])) or "-"),
-                size_text(c.size_bytes), "yes" if c.resumable else "no", escape(c.meta.get("saved_at", "-")),
-                "complete" if c.complete else f"<span class=\"bad\">{escape(c.problem)}</span>"] for c in r.checkpoints]
+    ck_rows = [
+        [
+            c.folder,
+            f"{c.meta.get('epoch', 0):.2f}" if c.meta else "-",
+            escape("+".join(c.meta.get("rules", [])) or "-"),
+            size_text(c.size_bytes),
+            "yes" if c.resumable else "no",
+            escape(c.meta.get("saved_at", "-")),
+            "complete" if c.complete else f'<span class="bad">{escape(c.problem)}</span>',
+        ]
+        for c in r.checkpoints
+    ]
     columns = ["folder", "epoch", "rules", "size", "resume state", "saved at", "status"]
     if remote or r.remote:  # where each checkpoint's remote copy stands, from the uploader's remote.json
         columns.append("remote")
         for row, c in zip(ck_rows, r.checkpoints):
-            row.append("no upload record" if r.remote is None else "uploaded" if c.step in r.remote["uploaded_steps"]
-                       else "<span class=\"bad\">failed</span>" if c.step in r.remote["failed_steps"] else "not yet")
-    body = (_table(["", ""], [[k, v] for k, v in facts], raw=True, header=False)
-            + "<h3>Data</h3>" + _data_table(r.data_report)
-            + f"<h3>Checkpoints ({len(r.checkpoints)}, {size_text(sum(c.size_bytes for c in r.checkpoints))})</h3>"
-            + (_table(columns, ck_rows, raw=True) if ck_rows else "<p class=\"empty\">none</p>")
-            + _collapsed("Resolved config (config.resolved.yaml)", f"<pre>{escape(redact(yaml.safe_dump(r.config, sort_keys=False, width=120)))}</pre>")
-            + (_collapsed("Data report (data_report.json)", f"<pre>{escape(json.dumps(r.data_report, indent=2))}</pre>") if r.data_report else ""))
+            row.append(
+                "no upload record"
+                if r.remote is None
+                else "uploaded"
+                if c.step in r.remote["uploaded_steps"]
+                else '<span class="bad">failed</span>'
+                if c.step in r.remote["failed_steps"]
+                else "not yet"
+            )
+    body = (
+        _table(["", ""], [[k, v] for k, v in facts], raw=True, header=False)
+        + "<h3>Data</h3>"
+        + _data_table(r.data_report)
+        + f"<h3>Checkpoints ({len(r.checkpoints)}, {size_text(sum(c.size_bytes for c in r.checkpoints))})</h3>"
+        + (_table(columns, ck_rows, raw=True) if ck_rows else '<p class="empty">none</p>')
+        + _collapsed(
+            "Resolved config (config.resolved.yaml)", f"<pre>{escape(redact(yaml.safe_dump(r.config, sort_keys=False, width=120)))}</pre>"
+        )
+        + (
+            _collapsed("Data report (data_report.json)", f"<pre>{escape(json.dumps(r.data_report, indent=2))}</pre>")
+            if r.data_report
+            else ""
+        )
+    )
     return _section(f"facts-{index}", _swatch(color) + "Run facts: " + escape(r.name), body, raw_title=True)
 
 
@@ -284,24 +396,37 @@ def _remote_fact(r: RunData, remote: str | None) -> str:
     if r.remote is not None:
         url = redact(r.remote["url"]).rstrip("/")
         up, failed = r.remote["uploaded_steps"], r.remote["failed_steps"]
-        return (f"{url}/checkpoints/ · {len(up)} uploaded, {len(failed)} failed (remote.json; per checkpoint below) · "
-                f"`finetrack sync {url} DIR` fetches them")
+        return (
+            f"{url}/checkpoints/ · {len(up)} uploaded, {len(failed)} failed (remote.json; per checkpoint below) · "
+            f"`finetrack sync {url} DIR` fetches them"
+        )
     if remote:
-        return (f"{redact(remote).rstrip('/')}/checkpoints/ · no upload record (no remote.json in the run directory: "
-                f"nothing uploaded yet, or an older finetrack) · `finetrack sync {redact(remote)} DIR` fetches what is there")
+        return (
+            f"{redact(remote).rstrip('/')}/checkpoints/ · no upload record (no remote.json in the run directory: "
+            f"nothing uploaded yet, or an older finetrack) · `finetrack sync {redact(remote)} DIR` fetches what is there"
+        )
     return "none (checkpoint.remote not set)"
 
 
 def _data_table(report: dict | None) -> str:
     if not report:
-        return "<p class=\"empty\">no data_report.json</p>"
+        return '<p class="empty">no data_report.json</p>'
     t = report.get("train", {})
     tok = t.get("tokens", {})
     dropped = ", ".join(f"{k} {v}" for k, v in t.get("dropped", {}).items()) or "none"
-    rows = [["rows read / kept", f"{t.get('rows_read', '?')} / {t.get('rows_kept', '?')}"], ["dropped", dropped],
-            ["truncated rows", str(t.get("truncated_rows", "?"))], ["held out for eval", str(t.get("held_out_for_eval", report.get("eval", {}).get("rows_kept", 0)))],
-            ["tokens per row (min / mean / p95 / max)", " / ".join(str(tok.get(k, "?")) for k in ("min", "mean", "p95", "max"))],
-            ["tokens / trainable tokens", f"{tok.get('total', '?'):,} / {t.get('trainable_tokens', '?'):,}" if isinstance(tok.get("total"), int) and isinstance(t.get("trainable_tokens"), int) else "?"]]
+    rows = [
+        ["rows read / kept", f"{t.get('rows_read', '?')} / {t.get('rows_kept', '?')}"],
+        ["dropped", dropped],
+        ["truncated rows", str(t.get("truncated_rows", "?"))],
+        ["held out for eval", str(t.get("held_out_for_eval", report.get("eval", {}).get("rows_kept", 0)))],
+        ["tokens per row (min / mean / p95 / max)", " / ".join(str(tok.get(k, "?")) for k in ("min", "mean", "p95", "max"))],
+        [
+            "tokens / trainable tokens",
+            f"{tok.get('total', '?'):,} / {t.get('trainable_tokens', '?'):,}"
+            if isinstance(tok.get("total"), int) and isinstance(t.get("trainable_tokens"), int)
+            else "?",
+        ],
+    ]
     return _table(["", ""], [[escape(a), escape(b)] for a, b in rows], raw=True, header=False)
 
 
@@ -354,7 +479,7 @@ def _change(base, latest, percent: bool) -> str:
 
 
 def _swatch(color: str) -> str:
-    return f"<span class=\"sw\" style=\"background:{color}\"></span>"
+    return f'<span class="sw" style="background:{color}"></span>'
 
 
 def _table(columns: list[str], rows: list[list[str]], raw: bool = False, wide: bool = False, header: bool = True) -> str:
@@ -362,11 +487,11 @@ def _table(columns: list[str], rows: list[list[str]], raw: bool = False, wide: b
     cell = (lambda x: x) if raw else escape
     thead = "<thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in columns) + "</tr></thead>" if header else ""
     tbody = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<div class=\"tw{' wide' if wide else ''}\"><table>{thead}<tbody>{tbody}</tbody></table></div>"
+    return f'<div class="tw{" wide" if wide else ""}"><table>{thead}<tbody>{tbody}</tbody></table></div>'
 
 
 def _grid(charts: list[Chart]) -> str:
-    return "<div class=\"grid\">" + "".join(f"<figure>{render(c)}</figure>" for c in charts) + "</div>"
+    return '<div class="grid">' + "".join(f"<figure>{render(c)}</figure>" for c in charts) + "</div>"
 
 
 def _collapsed(summary: str, body: str) -> str:
@@ -374,7 +499,7 @@ def _collapsed(summary: str, body: str) -> str:
 
 
 def _section(anchor: str, title: str, body: str, raw_title: bool = False) -> str:
-    return f"<section id=\"{anchor}\"><h2>{title if raw_title else escape(title)}</h2>{body}</section>"
+    return f'<section id="{anchor}"><h2>{title if raw_title else escape(title)}</h2>{body}</section>'
 
 
 CSS = """
