@@ -1,0 +1,67 @@
+"""Credentials in URLs: found by parsing the URL's authority, never printed, logged or written.
+
+A user may paste `s3://KEY:p@ss/word@bucket/run` (a password holding `@` or `/`, unescaped). A pattern
+such as "the text between :// and the first @" leaks the part after the first `@`; here the userinfo is
+everything after `://` up to the *last* `@` of the authority-plus-path, when what precedes that `@`
+looks like credentials (it holds a `:`, or it holds no `/`). `hf://datasets/org/repo@main/file` (a
+revision, not a user) keeps its `@`. This module imports nothing heavy: the report and gate use it too.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+_STOP = " \t\r\n'\"<>()[]{},;"  # characters that end a URL inside free text
+
+
+def split_userinfo(url: str) -> tuple[str, str, str]:
+    """`s3://u:p@bucket/x` -> ('s3://', 'u:p', 'bucket/x'); no credentials -> (scheme, '', rest)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "", "", url
+    head = rest.split("?", 1)[0].split("#", 1)[0]
+    at = head.rfind("@")
+    if at <= 0:
+        return scheme + sep, "", rest
+    userinfo = head[:at]
+    if ":" in userinfo or "/" not in userinfo:
+        return scheme + sep, userinfo, rest[at + 1 :]
+    return scheme + sep, "", rest  # a path with an '@' in it (e.g. an hf:// revision)
+
+
+def has_credentials(url: str) -> bool:
+    """Does this URL carry a user or password in its authority?"""
+    return bool(split_userinfo(url)[1])
+
+
+def redact_url(url: str) -> str:
+    """One URL without its `user:password@` part."""
+    scheme, userinfo, rest = split_userinfo(url)
+    return scheme + rest if userinfo else url
+
+
+def redact(text: str) -> str:
+    """`text` (a URL, or free text holding URLs) with the credentials of every URL removed."""
+    out, i = [], 0
+    while (j := text.find("://", i)) != -1:
+        start = j
+        while start > i and (text[start - 1].isalnum() or text[start - 1] in "+.-"):
+            start -= 1
+        end = j + 3
+        while end < len(text) and text[end] not in _STOP:
+            end += 1
+        out.append(text[i:start])
+        out.append(redact_url(text[start:end]))
+        i = end
+    out.append(text[i:])
+    return "".join(out)
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` (e.g. an exception message from a storage backend) with every trace of `url`'s credentials removed:
+    backends echo paths, sometimes with the password alone or percent-decoded."""
+    userinfo = split_userinfo(url)[1]
+    secrets = {userinfo, userinfo.partition(":")[2], unquote(userinfo), unquote(userinfo.partition(":")[2])}
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return redact(text)
