@@ -11,4 +11,9 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core; } >/dev/null 2>&1 \
     || echo "[test] could not install chromium: the browser test will be skipped (CI fails it)" >&2
 fi
+# Formatting is part of the suite: the project's formatter (ruff, configured in pyproject) in check mode.
+if ! python -m ruff format --check --quiet src tests benchmarks scripts; then
+  echo "[test] files above are not formatted: run '.venv/bin/python -m ruff format src tests benchmarks scripts'" >&2
+  exit 1
+fi
 exec python -m pytest "$@"
