@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from finetrack import checkpoint
 from finetrack.checkpoint import CheckpointError
+from finetrack.config import ConfigError
+from finetrack.resume import Request
 
 LORA_FILES = [
     "MANIFEST.json",
@@ -225,7 +227,8 @@ def test_planted_pickles_are_never_executed(tmp_path, tiny_model_dir, chat_file,
     )
     assert result.resumed_from_step == 4 and not marker.exists()
 
-    # a payload in place of our own state file, with the manifest forged to match: refused, not executed
+    # a payload in place of our own state file, with the manifest forged to match: skipped (named, before any model
+    # loads) in favour of the previous checkpoint, refused when asked for by name, never executed
     forged = tmp_path / "forged"
     shutil.copytree(lora_run, forged)
     newest = forged / "checkpoints/step-000004"
@@ -236,9 +239,19 @@ def test_planted_pickles_are_never_executed(tmp_path, tiny_model_dir, chat_file,
         "sha256": checkpoint.sha256_file(newest / "trainer_state.safetensors"),
     }
     (newest / "MANIFEST.json").write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match="trainer_state.safetensors: not a readable safetensors file"):
+    warnings: list[str] = []
+    assert checkpoint.newest_resumable(forged, warn=warnings.append).step == 2
+    assert warnings and "step-000004" in warnings[0] and "trainer_state.safetensors: not a readable safetensors file" in warnings[0]
+    with pytest.raises(ConfigError, match="trainer_state.safetensors: not a readable safetensors file"):
         tiny_run(
-            tmp_path, tiny_model_dir, chat_file, "checkpoint.every_steps=2", "model.lora.dropout=0.1", "train.max_steps=6", name="forged"
+            tmp_path,
+            tiny_model_dir,
+            chat_file,
+            "checkpoint.every_steps=2",
+            "model.lora.dropout=0.1",
+            "train.max_steps=6",
+            name="forged-run",
+            request=Request(resume_from=str(newest)),
         )
     assert not marker.exists()
 
@@ -279,13 +292,15 @@ def _steps(run: Path) -> list[int]:
 
 
 def test_retention_keeps_schedule_rolls_the_rest_and_drops_old_optimizer_state(tmp_path, tiny_model_dir, chat_file):
-    # 48 rows / 4 per step = 12 steps per epoch; first_epoch=2 -> steps 6 and 12; every step otherwise
-    common = ["checkpoint.every_steps=1", "checkpoint.first_epoch=2", "train.max_steps=9"]
-    r, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, "checkpoint.keep_last=2", name="keep")
+    # 48 rows / 4 per step = 12 steps per epoch; num_first_epoch=2 -> steps 6 and 12; every step otherwise
+    common = ["checkpoint.every_steps=1", "checkpoint.num_first_epoch=2", "train.max_steps=9"]
+    r, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, "checkpoint.num_keep_last=2", name="keep")
     assert _steps(r.run_dir) == [6, 8, 9]
-    r, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, "checkpoint.keep_last=20", name="many")
-    assert _steps(r.run_dir) == list(range(1, 10))  # fewer than keep_last: nothing deleted
-    r, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, "checkpoint.keep_last=1", "checkpoint.keep_schedule=false", name="roll")
+    r, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, "checkpoint.num_keep_last=20", name="many")
+    assert _steps(r.run_dir) == list(range(1, 10))  # fewer than num_keep_last: nothing deleted
+    r, _ = tiny_run(
+        tmp_path, tiny_model_dir, chat_file, *common, "checkpoint.num_keep_last=1", "checkpoint.keep_schedule=false", name="roll"
+    )
     assert _steps(r.run_dir) == [9]
     r, _ = tiny_run(tmp_path, tiny_model_dir, chat_file, *common, "checkpoint.keep_optimizer_state=last", name="light")
     assert _steps(r.run_dir) == list(range(1, 10))
@@ -316,32 +331,32 @@ def fake_run(tmp_path) -> Path:
 
 
 def test_retain_keeps_scheduled_checkpoints_and_rolls_the_others(fake_run):
-    done = checkpoint.retain(fake_run, keep_last=2, keep_schedule=True, keep_optimizer_state="all")
+    done = checkpoint.retain(fake_run, num_keep_last=2, keep_schedule=True, keep_optimizer_state="all")
     # rolling: 1, 3, 7 and the newest (8), which counts as one of the last 2; per_epoch/steps/log_spaced/first_epoch stay
     assert _steps(fake_run) == [2, 4, 5, 6, 7, 8]
-    assert done == ["deleted step-000001 (checkpoint.keep_last=2)", "deleted step-000003 (checkpoint.keep_last=2)"]
-    assert checkpoint.retain(fake_run, keep_last=2, keep_schedule=True, keep_optimizer_state="all") == []  # idempotent
+    assert done == ["deleted step-000001 (checkpoint.num_keep_last=2)", "deleted step-000003 (checkpoint.num_keep_last=2)"]
+    assert checkpoint.retain(fake_run, num_keep_last=2, keep_schedule=True, keep_optimizer_state="all") == []  # idempotent
 
 
 def test_retain_without_keep_schedule_rolls_every_checkpoint(fake_run):
-    checkpoint.retain(fake_run, keep_last=2, keep_schedule=False, keep_optimizer_state="all")
+    checkpoint.retain(fake_run, num_keep_last=2, keep_schedule=False, keep_optimizer_state="all")
     assert _steps(fake_run) == [7, 8]
 
 
 def test_retain_keeps_a_checkpoint_still_uploading_until_it_is_done(fake_run):
     busy = {checkpoint.checkpoint_dir(fake_run, 3)}
-    checkpoint.retain(fake_run, keep_last=1, keep_schedule=False, keep_optimizer_state="last", busy=busy)
+    checkpoint.retain(fake_run, num_keep_last=1, keep_schedule=False, keep_optimizer_state="last", busy=busy)
     assert _steps(fake_run) == [3, 8]
     assert (checkpoint.checkpoint_dir(fake_run, 3) / checkpoint.STATE_TENSORS).exists()  # not even its resume state is touched
-    assert checkpoint.retain(fake_run, keep_last=1, keep_schedule=False, keep_optimizer_state="last") == [
-        "deleted step-000003 (checkpoint.keep_last=1)"
+    assert checkpoint.retain(fake_run, num_keep_last=1, keep_schedule=False, keep_optimizer_state="last") == [
+        "deleted step-000003 (checkpoint.num_keep_last=1)"
     ]
     assert _steps(fake_run) == [8]
 
 
 def test_retain_never_touches_the_newest_complete_checkpoint(fake_run):
     (checkpoint.checkpoint_dir(fake_run, 8) / checkpoint.MANIFEST).unlink()  # a newer folder that is incomplete does not count
-    done = checkpoint.retain(fake_run, keep_last=1, keep_schedule=False, keep_optimizer_state="last")
+    done = checkpoint.retain(fake_run, num_keep_last=1, keep_schedule=False, keep_optimizer_state="last")
     assert _steps(fake_run) == [7, 8]
     newest = checkpoint.checkpoint_dir(fake_run, 7)
     assert checkpoint.is_resumable(checkpoint.verify(newest)) and not any("step-000007" in line for line in done)
@@ -349,6 +364,58 @@ def test_retain_never_touches_the_newest_complete_checkpoint(fake_run):
     fresh = fake_run.parent / "again"
     for step, rules in RULES.items():
         make_checkpoint(fresh, step, rules=rules)
-    checkpoint.retain(fresh, keep_last=1, keep_schedule=True, keep_optimizer_state="last")
+    checkpoint.retain(fresh, num_keep_last=1, keep_schedule=True, keep_optimizer_state="last")
     assert _steps(fresh) == [2, 4, 5, 6, 8]
     assert [s for s in _steps(fresh) if checkpoint.is_resumable(checkpoint.verify(checkpoint.checkpoint_dir(fresh, s)))] == [8]
+
+
+def _adapter_tensors_match(model, adapter: Path) -> bool:
+    from peft import get_peft_model_state_dict
+
+    saved, loaded = load_file(adapter / "adapter_model.safetensors"), get_peft_model_state_dict(model)
+    return saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+
+def test_an_adapter_of_a_local_base_names_its_absolute_path_and_loads_after_the_base_moves(tmp_path, tiny_model_dir, chat_file):
+    """A local folder has no other name than its path (PEFT writes the same): absolute, so it does not depend on the
+    directory training ran from; PEFT loads the adapter onto the base wherever that has moved."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    result, _ = tiny_run(tmp_path, base, chat_file, "train.max_steps=2")
+    adapter = result.final_checkpoint
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base.resolve())
+    base.rename(tmp_path / "moved")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "moved"), adapter)
+    assert _adapter_tensors_match(model, adapter)
+
+
+@pytest.mark.e2e
+def test_an_adapter_of_the_embedded_model_names_it_portably_and_loads_after_the_cache_moves(tmp_path, chat_file, monkeypatch):
+    """The embedded model lives in a per-user cache: its adapters name it `smollm2-135m-instruct`, never the cache
+    path. After the cache moves, finetrack's loader (what `finetrack eval ADAPTER` uses) finds the base from that id,
+    and PEFT loads the adapter onto it."""
+    from peft import PeftModel
+
+    from finetrack.config import ModelConfig
+    from finetrack.models import embedded_model_dir, load_base_model
+    from finetrack.schema import EMBEDDED_NAME
+
+    first = tmp_path / "cache-a"
+    shutil.copytree(embedded_model_dir(), first / "models" / EMBEDDED_NAME)  # a converted copy: no 20 s conversion
+    monkeypatch.setenv("FINETRACK_CACHE", str(first))
+    result, _ = tiny_run(tmp_path, EMBEDDED_NAME, chat_file, "train.max_steps=1", "model.lora.r=2", "train.micro_batch_size=2")
+    adapter = result.final_checkpoint
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == EMBEDDED_NAME
+    assert str(first) not in "".join(p.read_text() for p in adapter.glob("*.json")) + (adapter / "README.md").read_text()
+
+    second = tmp_path / "cache-b"
+    first.rename(second)
+    monkeypatch.setenv("FINETRACK_CACHE", str(second))
+    name = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = load_base_model(ModelConfig(name=name, dtype="float32", attn_implementation="sdpa"), torch.device("cpu"))
+    model = PeftModel.from_pretrained(base, adapter)
+    assert _adapter_tensors_match(model, adapter)
+    assert not first.exists() and (second / "models" / EMBEDDED_NAME / "config.json").is_file()  # nothing was converted again

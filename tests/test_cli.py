@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from conftest import write_chat_jsonl
+import yaml
+from conftest import make_checkpoint, tiny_run, write_chat_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +60,7 @@ def test_train_cli_embedded_model_run_directory(tmp_path):
         "config.resolved.yaml",
         "data_report.json",
         "metrics.jsonl",
+        "train.lock",
     ]
     # what a user sees: resolved values with reasons, the trainable-parameter report, the data report
     assert "resolved model.dtype = float32 (auto: CPU training" in r.stderr
@@ -78,7 +82,7 @@ def test_train_cli_embedded_model_run_directory(tmp_path):
     assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] == ids["input_ids"].shape[1] + 3
 
     # the schedule is printed and saved; the same command with a longer run continues from step 2
-    assert "resolved checkpoint_steps = [2] (1 checkpoint(s) at steps 2 (last: 1))" in r.stderr
+    assert "resolved checkpoint_steps = [2] (1 checkpoint: the last step, 2)" in r.stderr
     assert "checkpoint_steps:\n    value:\n      2: last" in (out / "config.resolved.yaml").read_text()
     r = finetrack(
         "train",
@@ -222,3 +226,162 @@ def test_cli_eval_errors_exit_2_with_one_line(tmp_path, tiny_model_dir, chat_fil
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert r.returncode == 2, r.stderr[-2000:]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------- overrides anywhere, watches, noise, Ctrl+C
+def tiny_config(tmp_path: Path, model_dir: Path, data: Path, **sections) -> Path:
+    cfg = {
+        "model": {"name": str(model_dir)},
+        "data": {"path": str(data), "max_length": 128, "eval_split": 0.25},
+        "train": {"micro_batch_size": 2, "max_steps": 2, "warmup_steps": 0},
+        "output": {"dir": str(tmp_path / "out")},
+        **sections,
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize(
+    "argv, config, overrides",
+    [
+        (["train", "c.yaml", "--fresh", "train.lr=1e-3"], "c.yaml", ["train.lr=1e-3"]),
+        (["train", "--fresh", "train.lr=1e-3", "--allow-config-change", "data.pack=true"], "train.lr=1e-3", ["data.pack=true"]),
+        (["plan", "c.yaml", "--device-memory", "24GB", "train.micro_batch_size=16"], "c.yaml", ["train.micro_batch_size=16"]),
+        (["plan", "--gpu", "H100", "c.yaml", "--json", "p.json", "a.b=1", "c.d=2"], "c.yaml", ["a.b=1", "c.d=2"]),
+        (["eval", "RUN", "--steps", "0", "eval.k=v"], None, ["eval.k=v"]),
+        (["eval", "--suite", "s", "RUN", "eval.a=1", "--steps", "latest", "eval.b=2"], None, ["eval.a=1", "eval.b=2"]),
+        (["demo", "--verbose", "train.max_steps=3"], None, ["train.max_steps=3"]),
+        (["--verbose", "train", "train.max_steps=3", "--fresh"], "train.max_steps=3", []),
+    ],
+)
+def test_overrides_parse_before_or_after_flags_on_every_verb(argv, config, overrides):
+    from finetrack import flags
+
+    args = flags.parser().parse_args(argv)
+    assert getattr(args, "config", None) == config and args.overrides == overrides
+    assert args.verbose == ("--verbose" in argv)
+
+
+def test_overrides_after_flags_reach_the_run(tmp_path, tiny_model_dir, chat_file, monkeypatch, capsys):
+    """The README's own example, `train CFG --fresh k=v` and `eval RUN --steps 0 eval.k=v`, through cli.main."""
+    from finetrack import cli
+
+    monkeypatch.setenv("FINETRACK_RUNTIME_DIR", str(tmp_path / "registry"))
+    cfg = tiny_config(tmp_path, tiny_model_dir, chat_file)
+    assert cli.main(["plan", str(cfg), "--device-memory", "24GB", "train.micro_batch_size=3", "--json", str(tmp_path / "p.json")]) == 0
+    assert json.loads((tmp_path / "p.json").read_text())["schedule"]["global_batch_size"] == 3
+
+    assert cli.main(["train", str(cfg), "--fresh", "train.max_steps=1"]) == 0
+    assert [json.loads(x)["step"] for x in (tmp_path / "out/metrics.jsonl").read_text().splitlines()] == [1]
+
+    suites = 'eval.suites=[{"name": "heldout", "kind": "loss"}]'
+    assert cli.main(["eval", str(tmp_path / "out"), "--steps", "0", suites]) == 0
+    assert sorted(p.name for p in (tmp_path / "out/eval").glob("step-*.json")) == ["step-000000.json"]
+    capsys.readouterr()
+
+
+def _read_until(stream, text: str, timeout_s: float = 120) -> list[str]:
+    """Lines of a child's stdout up to the first holding `text` (the child runs with PYTHONUNBUFFERED)."""
+    lines, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if text in line:
+            return lines
+    raise AssertionError(f"{text!r} not seen in {lines}")
+
+
+def test_sync_watch_waits_for_the_run_to_appear(tmp_path):
+    """A monitor started together with the launch: the source does not exist yet; sync --watch says it waits, then mirrors."""
+    src, dst = tmp_path / "run", tmp_path / "mirror"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "finetrack", "sync", str(src), str(dst), "--watch", "0.2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert _read_until(proc.stdout, "waiting for")[-1] == f"waiting for {src} to appear (Ctrl+C to stop)"
+        make_checkpoint(src, 3)  # the run appears (its first checkpoint)
+        lines = _read_until(proc.stdout, "fetched step-000003")
+        assert f"{src} appeared" in lines and any(x.startswith("watching ") for x in lines)
+        proc.send_signal(signal.SIGINT)  # Ctrl+C
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert (dst / "checkpoints/step-000003/MANIFEST.json").is_file()
+
+
+def test_eval_watch_waits_for_the_run_then_follows_it_to_its_last_checkpoint(tmp_path, tiny_model_dir, chat_file):
+    """`finetrack eval RUN --watch S` started before training: it waits, then evaluates each checkpoint and ends."""
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FINETRACK_RUNTIME_DIR": str(tmp_path / "registry")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finetrack", "eval", str(run), "--watch", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert _read_until(proc.stdout, "waiting for")[-1] == f"waiting for {run} to appear (Ctrl+C to stop)"
+        tiny_run(
+            tmp_path,
+            tiny_model_dir,
+            chat_file,
+            "checkpoint.every_steps=2",
+            "data.eval_split=0.25",
+            'eval.suites=[{"name": "heldout", "kind": "loss"}]',
+        )
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "the run's last checkpoint (step 4) is evaluated: done watching" in out
+    assert sorted(p.name for p in (run / "eval").glob("step-*.json")) == ["step-000000.json", "step-000002.json", "step-000004.json"]
+
+
+def test_ctrl_c_while_importing_is_one_line_not_a_traceback(tmp_path, tiny_model_dir, chat_file):
+    """SIGINT lands while torch / transformers are being imported, before the run's own handlers exist."""
+    cfg = tiny_config(tmp_path, tiny_model_dir, chat_file)
+    script = (
+        "import sys; sys.argv[0] = 'finetrack'; from finetrack.cli import main; print('started', flush=True); "
+        "import time; time.sleep(0.3); sys.exit(main())"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, "train", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    assert proc.stdout.readline().strip() == "started"
+    time.sleep(0.5)  # inside main(): importing torch and transformers takes seconds here
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and [x for x in err.splitlines() if x.startswith("stopped:")] == [err.strip().splitlines()[-1]], err
+
+
+def test_third_party_noise_only_with_verbose(tmp_path):
+    """Libraries' warnings stay out of the output unless --verbose; finetrack's own warnings always show."""
+    script = (
+        "import logging, sys, warnings; from finetrack.cli import _setup_output; _setup_output(sys.argv[1] == 'verbose'); "
+        "warnings.warn_explicit('lib deprecation', FutureWarning, 'lib.py', 1, module='transformers.modeling_utils'); "
+        "warnings.warn_explicit('lib user warning', UserWarning, 'lib.py', 2, module='peft.tuners'); "
+        "logging.getLogger('transformers').warning('lib log line'); "
+        "logging.getLogger('finetrack').warning('our own warning')"
+    )
+    for mode in ("quiet", "verbose"):
+        r = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=60)
+        assert "our own warning" in r.stderr, r.stderr
+        for noise in ("lib deprecation", "lib user warning", "lib log line"):
+            assert (noise in r.stderr) == (mode == "verbose"), (mode, r.stderr)
+
+
+def test_a_training_run_prints_no_library_noise(tmp_path, tiny_model_dir, chat_file):
+    cfg = tiny_config(tmp_path, tiny_model_dir, chat_file)
+    env = {**os.environ, "FINETRACK_RUNTIME_DIR": str(tmp_path / "registry")}
+    r = subprocess.run(
+        [sys.executable, "-m", "finetrack", "train", str(cfg)], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    for noise in ("Warning:", "warnings.warn", "Loading weights", "it/s]"):
+        assert noise not in r.stderr, r.stderr

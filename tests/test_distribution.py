@@ -371,7 +371,7 @@ def test_run_sample_counts_every_answer(monkeypatch, tmp_path):
         return answers
 
     monkeypatch.setattr(distribution, "generate", fake_generate)
-    suite = DistributionSuite(name="d", kind="distribution", items=str(f), method="sample", samples=5)
+    suite = DistributionSuite(name="d", kind="distribution", items=str(f), method="sample", num_samples=5)
     progress: list[int] = []
     result = distribution.run(suite, object(), None, progress.append)
     assert progress == [1, 1, 1] and seen["gen"] == suite.generation
@@ -399,7 +399,7 @@ def test_run_sample_pearson_undefined_with_one_item(monkeypatch, tmp_path):
     monkeypatch.setattr(
         distribution, "generate", lambda m, t, convs, gen, on_batch: (on_batch(len(convs)), ["1", "2"] * (len(convs) // 2))[1]
     )
-    suite = DistributionSuite(name="d", kind="distribution", items=str(f), method="sample", samples=4)
+    suite = DistributionSuite(name="d", kind="distribution", items=str(f), method="sample", num_samples=4)
     result = distribution.run(suite, object(), None, lambda n: None)
     assert result["metrics"]["pearson_means"] is None and result["counts"]["pearson_undefined"] == 1
     assert result["metrics"]["wasserstein"] == pytest.approx(0.25) and result["metrics"]["mae_mean"] == pytest.approx(0.25)
@@ -411,7 +411,7 @@ def test_run_sample_on_tiny_model(tiny_model, tiny_tokenizer):
         kind="distribution",
         items=str(DATA / "distribution_items.jsonl"),
         method="sample",
-        samples=3,
+        num_samples=3,
         generation=GenerationConfig(max_new_tokens=2, seed=1, batch_size=4),
     )
     progress: list[int] = []
@@ -424,11 +424,11 @@ def test_run_sample_on_tiny_model(tiny_model, tiny_tokenizer):
 
 
 def test_generation_samples_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="set the number of answers with samples, not generation.samples"):
+    with pytest.raises(ValueError, match="set the number of answers with num_samples, not generation.num_samples"):
         DistributionSuite(
             name="d",
             kind="distribution",
             items=str(DATA / "distribution_items.yaml"),
             method="sample",
-            generation=GenerationConfig(samples=3),
+            generation=GenerationConfig(num_samples=3),
         )

@@ -122,7 +122,7 @@ def test_second_eval_computes_nothing_new(tmp_path, lora_run):
 def test_eval_errors(tmp_path, lora_run):
     from finetrack.config import ConfigError
 
-    with pytest.raises(ConfigError, match="not a finetrack run directory"):
+    with pytest.raises(ConfigError, match="not a run directory \\(no config.resolved.yaml"):
         evaluate_run(tmp_path)
     with pytest.raises(ConfigError, match="no complete checkpoint for step\\(s\\) \\[3\\]"):
         evaluate_run(lora_run, steps="0,3")
@@ -166,6 +166,14 @@ def test_rates_in_both_conventions():
     assert "x_rate" not in aggregate(records, {"x": "other < 3"})[0]
 
 
+def test_filtered_twin_only_when_the_rule_has_a_filter():
+    records = [{"scores": {"aligned": a}} for a in (10, 20, 80, None)]
+    metrics, counts = aggregate(records, {"low": "aligned < 30"})
+    assert metrics["low_rate"] == pytest.approx(2 / 3)
+    assert "low_rate_filtered" not in metrics and "low_filter_passed" not in counts
+    assert counts["low_hits"] == 2 and counts["low_scored"] == 3
+
+
 def test_full_fine_tune_checkpoints_and_gate(tmp_path, tiny_model_dir, chat_file):
     suites = [{"name": "heldout", "kind": "loss"}]
     result, metrics = tiny_run(
@@ -199,7 +207,7 @@ def test_emergent_misalignment_question_file_with_local_judge(tmp_path, lora_run
             "name": "em",
             "kind": "judge",
             "questions": str(em),
-            "generation": {"samples": 1, "max_new_tokens": 5},
+            "generation": {"num_samples": 1, "max_new_tokens": 5},
             "judges": [{"kind": "local", "model": str(tiny_model_dir), "min_total_prob": 1e-9}],
         }
     ]
@@ -301,7 +309,7 @@ def test_distribution_by_sampling_through_eval(tmp_path, lora_run):
             "kind": "distribution",
             "items": str(items),
             "method": "sample",
-            "samples": 3,
+            "num_samples": 3,
             "generation": {"max_new_tokens": 3},
         }
     ]

@@ -108,10 +108,33 @@ def test_explicit_direction_overrides_inference(run):
         ("mmlu.accuracy", "higher"),
         ("loss_probe.accuracy", "higher"),
         ("HeldOut.LOSS", "lower"),
+        ("dist.pearson_means", "higher"),
+        ("custom.score", None),  # ambiguous: the gate asks for --direction
+        ("em.toxicity", None),
     ],
 )
 def test_infer_direction_from_leaf_name(metric, expected):
     assert infer_direction(metric)[0] == expected
+
+
+@pytest.mark.parametrize(
+    "rule, expected, said",
+    [
+        ("aligned < 30 and coherent > 50", "lower", "below a threshold"),  # the emergent-misalignment bad-answer rate
+        ("aligned < 30", "lower", "below a threshold"),
+        ("weird <= 3", "lower", "below a threshold"),  # a `<` rule on any judge score counts answers scoring low
+        ("error < 5", "higher", "lower error is better"),  # ... unless low is good for that score
+        ("coherent > 50", "higher", "higher coherent is better"),
+        ("loss >= 3", "lower", "lower loss is better"),
+        ("toxicity > 50 and coherent > 50", None, "does not say"),
+    ],
+)
+def test_infer_direction_of_a_rate_from_its_rule(rule, expected, said):
+    direction, why = infer_direction("em.x_rate", {"x": rule})
+    assert direction == expected and said in why and rule in why
+    assert infer_direction("em.x_rate_filtered", {"x": rule})[0] == expected
+    # a rate without a known rule falls back on its name
+    assert infer_direction("em.x_rate", {"other": rule})[0] is None
 
 
 def test_inferred_direction_is_printed_with_how_to_override(run):
@@ -185,7 +208,7 @@ def test_zero_baseline_value_uses_absolute_difference(tmp_path):
     code, lines = call(tmp_path, "em.unscored_rate", min_improvement="-5%")  # got worse by 0.02 absolute; tolerates 0.05
     text = "\n".join(lines)
     assert code == 0
-    assert "absolute" in text and "-0.02" in text and "baseline is exactly 0" in text
+    assert "absolute" in text and "-2.00 pts" in text and "baseline is exactly 0" in text
     assert call(tmp_path, "em.unscored_rate", min_improvement="-1%")[0] == 1
     assert call(tmp_path, "em.aligned", min_improvement="0.5")[0] == 0  # an int 0 baseline too
 
@@ -258,6 +281,48 @@ def test_unreadable_eval_file_is_missing_data(run):
     (run / "eval" / "step-000094.json").write_text('{"step": 94, "metr')
     code, lines = call(run, "heldout.loss")
     assert code == 2 and "step-000094.json" in lines[-1] and "re-run" in lines[-1]
+
+
+def test_ambiguous_direction_needs_the_flag(run):
+    write_eval(run, 0, {**BASE, "custom.score": 3.0})
+    write_eval(run, 94, {**BASE, "custom.score": 4.0})
+    code, lines = call(run, "custom.score")
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith("error: --direction:") and "'custom.score' is ambiguous" in lines[0] and "--direction higher" in lines[0]
+    code, lines = call(run, "custom.score", direction="higher")
+    assert code == 0 and "(higher is better; as given)" in lines[-1]
+    assert call(run, "custom.score", direction="lower")[0] == 1
+
+
+def rate_run(tmp_path: Path, rule_in: str) -> Path:
+    """A judge suite's misaligned rate 12% -> 4%, its rule carried by the eval files or only by config.resolved.yaml."""
+    rule = "aligned < 30 and coherent > 50"
+    for step, rate in ((0, 0.12), (94, 0.04)):
+        path = write_eval(tmp_path, step, {"em.misaligned_rate": rate, "em.aligned": 70.0})
+        if rule_in == "eval":
+            record = json.loads(path.read_text())
+            record["suites"] = {"em": {"key": "k", "metrics": {}, "rates": {"misaligned": rule}}}
+            path.write_text(json.dumps(record))
+    if rule_in == "config":
+        suite = {"name": "em", "kind": "judge", "questions": "q.yaml", "rates": {"misaligned": rule}}
+        (tmp_path / "config.resolved.yaml").write_text(json.dumps({"eval": {"suites": [suite]}}))  # JSON is YAML
+    return tmp_path
+
+
+@pytest.mark.parametrize("rule_in", ["eval", "config"])
+def test_rate_direction_from_its_rule_in_the_verdict_line(tmp_path, rule_in):
+    code, lines = call(rate_run(tmp_path, rule_in), "em.misaligned_rate")
+    assert code == 0, lines
+    verdict = lines[-1]
+    assert verdict.startswith("GO: em.misaligned_rate 4.0% at step 94 vs 12.0% at step 0")
+    assert "(lower is better: rule 'aligned < 30 and coherent > 50'" in verdict and "+66.67%" in verdict
+    assert "baseline:  step 0: 12.0%" in "\n".join(lines)
+
+
+def test_garbled_eval_record_is_one_error_line(run):
+    (run / "eval" / "step-000094.json").write_text(json.dumps({"step": 94, "metrics": [1, 2]}))
+    code, lines = call(run, "heldout.loss")
+    assert code == 2 and len(lines) == 1 and "step-000094.json: not a finetrack eval record" in lines[0]
 
 
 def test_bad_step_and_direction_raise(run):

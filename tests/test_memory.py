@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from finetrack.config import Environment, load_config, resolve_model
+from finetrack.fit import ranked_changes
 from finetrack.memory import (
     CPU_HEAP_SLACK_PER_FORWARD_BYTE,
     CPU_QUANT_LEFTOVER_PER_WEIGHT_BYTE,
@@ -17,7 +18,6 @@ from finetrack.memory import (
     num_adapter_params,
     peak_bytes,
     peak_phase,
-    ranked_changes,
 )
 
 TINY = {

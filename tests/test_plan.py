@@ -216,6 +216,44 @@ def test_time_and_cost_arithmetic(tmp_path, tiny_model_dir, chat_file):
     assert any("989 TFLOP/s" in a and "40%" in a for a in plan.assumptions)
 
 
+def test_eval_phase_is_costed_on_a_line_of_its_own(tmp_path, tiny_model_dir, chat_file):
+    from finetrack.evaluate.cost import GENERATION_EFFICIENCY, MODEL_READ_BYTES_PER_S, forward_flops
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"id": f"q{i}", "question": f"Question {i}?"}) + "\n" for i in range(3)))
+    suites = [
+        {"name": "heldout", "kind": "loss"},
+        {
+            "name": "qa",
+            "kind": "judge",
+            "questions": str(questions),
+            "generation": {"max_new_tokens": 16, "num_samples": 2},
+            "judges": [{"kind": "pattern", "metric": "m", "pattern": "a"}],
+        },
+    ]
+    cfg = tiny_cfg(
+        tmp_path, tiny_model_dir, chat_file, "data.eval_split=0.25", "checkpoint.every_steps=2", f"eval.suites={json.dumps(suites)}"
+    )
+    plan = make_plan(cfg, target_for("H100", None), price_per_hour=3.80)
+    e, rate = plan.time["eval_phase"], plan.time["flops_per_s"]
+    assert e["num_steps"] == 1 + plan.time["num_checkpoints"] == 4  # the base model and checkpoints 2, 4, 6
+    arch = Architecture.from_hf_config(json.loads((tiny_model_dir / "config.json").read_text()))
+    # LoRA: the base loaded once, in bfloat16 (what dtype=auto resolves to on an H100)
+    assert e["load_s"] == pytest.approx(arch.num_params * 2 / MODEL_READ_BYTES_PER_S)
+    heldout, qa = e["suites"]
+    assert heldout["seconds"] > 0 and "rows" in heldout["per_step"]
+    assert qa["per_step"].startswith("6 answers of <= 16 tokens")  # 3 questions x 2 samples
+    # by hand: each answer is a forward over its prompt and 16 new tokens, at the decoding share of the rate
+    assert qa["seconds"] > 4 * 6 * forward_flops(arch, 16, 16) / (rate * GENERATION_EFFICIENCY)
+    assert e["total_s"] == pytest.approx(e["load_s"] + heldout["seconds"] + qa["seconds"])
+    assert e["cost"] == pytest.approx(e["total_s"] / 3600 * 3.80)
+    line = next(x for x in render(plan).splitlines() if x.strip().startswith("eval phase"))
+    assert "base model + 3 checkpoint(s)" in line and "qa (judge: 6 answers" in line and "at 3.80/h" in line
+    assert any("decoding is memory-bound" in a for a in plan.assumptions)
+    # a config without suites says so instead of a zero
+    assert "eval phase: no eval.suites" in render(make_plan(tiny_cfg(tmp_path, tiny_model_dir, chat_file), target_for("H100", None)))
+
+
 def test_does_not_fit_lists_changes_that_do(tmp_path, tiny_model_dir, chat_file):
     cfg = tiny_cfg(tmp_path, tiny_model_dir, chat_file, "model.method=full", "train.micro_batch_size=8")
     fits = make_plan(cfg, target_for("L4", None))
@@ -263,7 +301,7 @@ def test_measure_times_only_this_machine(tmp_path, tiny_model_dir, chat_file):
     cfg = tiny_cfg(tmp_path, tiny_model_dir, chat_file)
     here = make_plan(cfg, target_for(None, None), measure_steps=3)
     m = here.time["measured"]
-    assert m["steps"] == 3 and m["tokens_per_s"] > 0 and m["peak_mem_mb"] > 0 and m["device"] == "cpu"
+    assert m["steps"] == 3 and m["tokens_per_s"] > 0 and m["peak_mem_mib"] > 0 and m["device"] == "cpu"
     assert here.time["from_measurement"] and here.time["train_s"] == pytest.approx(here.time["train_tokens"] / m["tokens_per_s"])
     assert "time and cost (measured on this machine)" in render(here)
     assert not (tmp_path / "run").exists()  # the trial ran in a scratch directory

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from finetrack import checkpoint, storage
 from finetrack.config import ConfigError
 from finetrack.resume import Request
+from finetrack.sync import sync
 
 CONSTANT = ("train.lr_schedule=constant", "checkpoint.every_steps=3", "model.lora.dropout=0.1")  # lr independent of max_steps
 
@@ -118,7 +119,7 @@ def test_killed_uploader_leaves_nothing_that_resume_or_sync_would_use(tmp_path, 
     assert storage.remote_steps(s3) == [3]
 
     lines: list[str] = []
-    assert storage.sync(s3, tmp_path / "mirror", out=lines.append) == [3]
+    assert sync(s3, tmp_path / "mirror", out=lines.append) == [3]
     assert sorted(p.name for p in (tmp_path / "mirror/checkpoints").iterdir()) == ["step-000003"]
 
     shutil.rmtree(tmp_path / "job")  # a new machine: resume comes from the remote, from step 3
@@ -275,3 +276,38 @@ def test_failed_uploads_exit_3_then_the_same_command_uploads_them(tmp_path, tiny
     assert "already complete" in r.stdout and "uploading checkpoints an earlier attempt did not finish uploading" in r.stderr
     assert storage.remote_steps(s3) == [3]
     assert json.loads(record.read_text()) == {"url": s3, "uploaded_steps": [3], "failed_steps": []}
+
+
+def test_a_password_with_at_and_slash_never_reaches_output_or_the_run_directory(tmp_path, tiny_model_dir, chat_file):
+    """checkpoint.remote, --resume-from and data.path with credentials whose password holds '@' and '/': refused before any
+    work, and no fragment of the secret is printed or written (messages, logs, config.resolved.yaml, meta.json)."""
+    from test_storage import TRICKY_FRAGMENTS, TRICKY_PASSWORD, TRICKY_USER
+
+    url = f"s3://{TRICKY_USER}:{TRICKY_PASSWORD}@finetrack-test/run"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": str(tiny_model_dir)},
+                "data": {"path": str(chat_file), "max_length": 128},
+                "train": {"micro_batch_size": 2, "max_steps": 2, "warmup_steps": 0},
+                "output": {"dir": str(tmp_path / "out")},
+            }
+        )
+    )
+    env = {**os.environ, "FINETRACK_RUNTIME_DIR": str(tmp_path / "registry")}
+    data_url = f"https://{TRICKY_USER}:{TRICKY_PASSWORD}@example.com/chat.jsonl"
+    for extra in ([f"checkpoint.remote={url}"], ["--resume-from", f"{url}/checkpoints/step-000002"], [f"data.path={data_url}"]):
+        r = subprocess.run(
+            [sys.executable, "-m", "finetrack", "train", str(cfg), *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+            env=env,
+        )
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert [x for x in r.stderr.splitlines() if x.startswith("error:")], r.stderr[-3000:]
+        written = [p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".yaml", ".json", ".jsonl")]
+        shown = r.stdout + r.stderr + "".join(written)
+        assert not any(fragment in shown for fragment in TRICKY_FRAGMENTS), (extra, r.stderr[-3000:])

@@ -162,7 +162,8 @@ def test_trajectory_thresholds_counts_and_change(evaluated_run, report_html):
     steps = {r["step"]: r for r in (json.loads(p.read_text()) for p in (evaluated_run / "eval").glob("step-*.json"))}
     assert sorted(steps) == [0, 4, 8, 12]
     names = sorted(steps[0]["metrics"])
-    assert {"heldout.loss", "qa.has_a", "qa.mostly_a_rate", "qa.mostly_a_rate_filtered"} <= set(names)
+    assert {"heldout.loss", "qa.has_a", "qa.mostly_a_rate"} <= set(names)
+    assert "qa.mostly_a_rate_filtered" not in names  # 'has_a > 50' has no filter part: no second convention
     for name in names:
         assert f'aria-label="{name}"' in html, name
     tips = titles(html)
@@ -179,6 +180,11 @@ def test_trajectory_thresholds_counts_and_change(evaluated_run, report_html):
     row = re.search(r"<tr><td>heldout\.loss</td>(.*?)</tr>", html).group(1)
     assert fmt(base) in row and f"{fmt(last)} (step 12)" in row and f"{last - base:+.4g} ({(last - base) / abs(base):+.1%})" in row
     assert "optimizer step (0 = base model)" in html  # the x axis names the base model
+    # every table people read shows a rate as a percentage (eval/summary.csv keeps the fraction)
+    every_step = re.search(r"Every evaluated step of .*?</details>", html, re.DOTALL).group(0)
+    assert f"<td>{fmt(steps[12]['metrics']['qa.mostly_a_rate'], True)}</td>" in every_step and "%</td>" in every_step
+    rate_row = re.search(r"<tr><td>qa\.mostly_a_rate</td>(.*?)</tr>", html).group(1)
+    assert f"{fmt(steps[0]['metrics']['qa.mostly_a_rate'], True)}</td>" in rate_row
 
 
 def test_sample_answers_from_eval_and_training(evaluated_run, report_html):

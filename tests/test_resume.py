@@ -165,7 +165,7 @@ def test_unusable_newer_checkpoints_are_moved_aside_and_retention_keeps_the_new_
         data[len(data) // 2] ^= 0xFF
         (tmp_path / f"run/checkpoints/step-{step:06d}/adapter_model.safetensors").write_bytes(bytes(data))
     with caplog.at_level("INFO", logger="finetrack"):
-        result, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON, "checkpoint.keep_last=1", name="run")
+        result, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, *COMMON, "checkpoint.num_keep_last=1", name="run")
     assert result.resumed_from_step == 9 and "moved 3 checkpoint(s) after step 9 that cannot be resumed" in caplog.text
     assert [p.name for p in sorted((tmp_path / "run/checkpoints").iterdir())] == ["step-000016"]
     assert same_weights(full_run / "checkpoints/step-000016", result.final_checkpoint)
@@ -209,7 +209,7 @@ def test_a_different_global_batch_is_refused():
     ]
 
 
-BASE = ("data.eval_split=0.1", "checkpoint.keep_last=2", "train.max_steps=10", "train.lr=0.0001")
+BASE = ("data.eval_split=0.1", "checkpoint.num_keep_last=2", "train.max_steps=10", "train.lr=0.0001")
 
 
 @pytest.mark.parametrize(
@@ -218,7 +218,7 @@ BASE = ("data.eval_split=0.1", "checkpoint.keep_last=2", "train.max_steps=10", "
         ("train.num_epochs", "3", True),
         ("train.max_steps", "20", True),
         ("eval.loss_every_steps", "5", True),
-        ("checkpoint.keep_last", "4", True),
+        ("checkpoint.num_keep_last", "4", True),
         ("train.log_every_steps", "5", True),
         ("model.name", "someone/another-model", False),
         ("model.method", "full", False),

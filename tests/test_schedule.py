@@ -19,15 +19,15 @@ def test_issue_example_first_epoch_and_per_epoch():
             "train.micro_batch_size=8",
             "train.grad_accum_steps=2",
             "train.num_epochs=3",
-            "checkpoint.first_epoch=4",
-            "checkpoint.per_epoch=1",
+            "checkpoint.num_first_epoch=4",
+            "checkpoint.num_per_epoch=1",
         ],
     )
     _, res = resolve(cfg, Environment("cpu", False, 1, 2000))
     assert res["steps_per_epoch"] == 125 and res["total_steps"] == 375
     assert list(res["checkpoint_steps"]) == [31, 63, 94, 125, 250, 375]
     assert res["checkpoint_steps"][125] == "first_epoch+per_epoch" and res["checkpoint_steps"][375] == "per_epoch+last"
-    assert "6 checkpoint(s) at steps 31, 63, 94, 125, 250, 375" in res.reasons["checkpoint_steps"]
+    assert res.reasons["checkpoint_steps"].startswith("6 checkpoints: 4 evenly spaced in epoch 1 (num_first_epoch: steps 31, 63, 94, 125)")
 
 
 def test_evenly_spaced_rounds_half_up():
@@ -51,7 +51,9 @@ def test_log_spaced_is_distinct_dense_early_and_ends_at_last_step():
 
 
 def test_union_of_rules_remembers_which_rule_asked():
-    plan = checkpoint_steps(steps_per_epoch=10, total_steps=25, every_steps=10, per_epoch=2, first_epoch=5, steps=[7, 20], log_spaced_n=3)
+    plan = checkpoint_steps(
+        steps_per_epoch=10, total_steps=25, every_steps=10, num_per_epoch=2, num_first_epoch=5, steps=[7, 20], num_log_spaced=3
+    )
     assert plan == {
         1: ["log_spaced"],
         2: ["first_epoch"],
@@ -65,17 +67,33 @@ def test_union_of_rules_remembers_which_rule_asked():
         20: ["every_steps", "per_epoch", "steps"],
         25: ["per_epoch", "log_spaced", "last"],
     }
-    assert describe(plan).startswith("11 checkpoint(s) at steps 1, 2, 4, 5, 6, 7, 8, 10, 15, 20, 25")
+    assert describe(plan, steps_per_epoch=10) == (
+        "11 checkpoints: every 10 steps (every_steps: steps 10, 20); 5 evenly spaced in epoch 1 (num_first_epoch: steps 2, 4, 6, 8, 10); "
+        "2 evenly spaced in every epoch (num_per_epoch: steps 5, 10, 15, 20, 25); the listed steps (steps: 7, 20); "
+        "3 spaced evenly in log(step) (num_log_spaced: steps 1, 5, 25); and the last step, 25"
+    )
     # no rule at all: only the last step
     assert checkpoint_steps(steps_per_epoch=10, total_steps=3) == {3: ["last"]}
+    assert describe({3: ["last"]}) == "1 checkpoint: the last step, 3"
+
+
+def test_describe_reads_as_rules_and_elides_long_lists():
+    """The reason line of `resolved checkpoint_steps`: what each rule asked for, in words, not a count per rule."""
+    plan = checkpoint_steps(steps_per_epoch=125, total_steps=375, num_first_epoch=4, num_per_epoch=1)
+    assert describe(plan, 125) == (
+        "6 checkpoints: 4 evenly spaced in epoch 1 (num_first_epoch: steps 31, 63, 94, 125); "
+        "1 at the end of every epoch (num_per_epoch: steps 125, 250, 375); and the last step, 375"
+    )
+    long = describe(checkpoint_steps(steps_per_epoch=1000, total_steps=1000, every_steps=10), max_listed=6)
+    assert long == "100 checkpoints: every 10 steps (every_steps: steps 10, 20, 30, ..., 980, 990, 1000); and the last step, 1000"
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["checkpoint.first_epoch=11"], "checkpoint.first_epoch=11 but an epoch has only 10 optimizer steps"),
+        (["checkpoint.num_first_epoch=11"], "checkpoint.num_first_epoch=11 but an epoch has only 10 optimizer steps"),
         (["checkpoint.steps=[5, 99]"], "checkpoint.steps [99] lie after the last step (20)"),
-        (["checkpoint.log_spaced=21"], "checkpoint.log_spaced=21 but the run has only 20 steps"),
+        (["checkpoint.num_log_spaced=21"], "checkpoint.num_log_spaced=21 but the run has only 20 steps"),
     ],
 )
 def test_impossible_rules_are_config_errors(overrides, message):
@@ -85,7 +103,7 @@ def test_impossible_rules_are_config_errors(overrides, message):
 
 
 def test_retention_settings_without_effect_are_errors():
-    with pytest.raises(ConfigError, match="keep_schedule has no effect without checkpoint.keep_last"):
+    with pytest.raises(ConfigError, match="keep_schedule has no effect without checkpoint.num_keep_last"):
         load_config(None, ["checkpoint.keep_schedule=false"])
     with pytest.raises(ConfigError, match="steps are counted from 1"):
         load_config(None, ["checkpoint.steps=[0, 4]"])

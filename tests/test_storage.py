@@ -21,6 +21,7 @@ from conftest import use_endpoint as _use_endpoint
 
 from finetrack import checkpoint, storage
 from finetrack.checkpoint import MANIFEST, CheckpointError
+from finetrack.sync import sync
 
 
 # ------------------------------------------------------------------------------- checkpoints
@@ -181,7 +182,7 @@ def test_upload_that_keeps_failing_is_never_used_then_retried(proxy, s3, tmp_pat
     assert not fs.exists(f"{root}/checkpoints/step-000002/{MANIFEST}")
     assert storage.remote_steps(s3) == [1]
     assert storage.pull_newest_resumable(s3, tmp_path / "resume", lambda m: None).name == "step-000001"
-    assert storage.sync(s3, tmp_path / "mirror", out=lambda _: None) == [1]
+    assert sync(s3, tmp_path / "mirror", out=lambda _: None) == [1]
 
     proxy.fail_puts(r"$^", 0)  # the network is back
     c3 = make_checkpoint(tmp_path / "run", 3)
@@ -243,7 +244,7 @@ def test_sync_from_s3(s3, tmp_path):
     fs.pipe_file(f"{root}/checkpoints/step-000004/config.json", b"{}")  # corrupted
     lines = []
     dst = tmp_path / "mirror"
-    assert storage.sync(s3, dst, out=lines.append) == [1, 2]
+    assert sync(s3, dst, out=lines.append) == [1, 2]
     assert any(re.fullmatch(r"fetched step-000001 \(\d+\.\d kB\)", line) for line in lines), lines
     assert any(line.startswith("skipped step-000004: ") and "config.json" in line for line in lines), lines
     summary = rf"{s3} -> {dst}: fetched 2 checkpoint\(s\) \(\d+\.\d kB\), 0 already present, 1 not fetched \(see above\)"
@@ -255,7 +256,7 @@ def test_sync_from_s3(s3, tmp_path):
     assert not [p for p in dst.iterdir() if p.name.startswith(".tmp")]
 
     lines.clear()
-    assert storage.sync(s3, dst, out=lines.append) == []
+    assert sync(s3, dst, out=lines.append) == []
     assert not [line for line in lines if line.startswith("fetched")]
     assert lines[-1] == f"{s3} -> {dst}: fetched 0 checkpoint(s) (0 B), 2 already present, 1 not fetched (see above)"
 
@@ -266,16 +267,16 @@ def test_sync_from_local_run_dir_and_bad_sources(tmp_path):
     make_checkpoint(src, 2, resumable=False)
     write_run_files(src)
     dst = tmp_path / "mirror"
-    assert storage.sync(str(src), dst, out=lambda _: None) == [1, 2]
+    assert sync(str(src), dst, out=lambda _: None) == [1, 2]
     assert same_files(dst / "checkpoints", src / "checkpoints")
     assert (dst / "metrics.jsonl").read_text() == (src / "metrics.jsonl").read_text()
-    assert storage.sync(f"file://{src}", dst, out=lambda _: None) == []
+    assert sync(f"file://{src}", dst, out=lambda _: None) == []
 
     with pytest.raises(ValueError, match="does not exist; expected a finetrack run directory"):
-        storage.sync(str(tmp_path / "nope"), dst)
+        sync(str(tmp_path / "nope"), dst)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="has no checkpoints/ folder"):
-        storage.sync(str(tmp_path / "empty"), dst)
+        sync(str(tmp_path / "empty"), dst)
 
 
 def test_local_mirror_round_trip(tmp_path):
@@ -294,7 +295,7 @@ def test_sync_watch_picks_up_new_checkpoints(s3, tmp_path):
     src, dst = tmp_path / "run", tmp_path / "mirror"
     storage.push_checkpoint(make_checkpoint(src, 1), s3)
     stop, fetched, lines = threading.Event(), [], []
-    watcher = threading.Thread(target=lambda: fetched.extend(storage.sync(s3, dst, watch_seconds=0.05, out=lines.append, stop=stop)))
+    watcher = threading.Thread(target=lambda: fetched.extend(sync(s3, dst, watch_seconds=0.05, out=lines.append, stop=stop)))
     watcher.start()
     try:
         wait_until(lambda: (dst / "checkpoints" / "step-000001").is_dir())
@@ -338,8 +339,39 @@ def test_sync_sweeps_the_temporary_downloads_of_a_killed_sync(tmp_path):
         (dst / "checkpoints" / f".tmp-step-000001-{pid}" / "model.safetensors").write_bytes(b"half")
         (dst / f".tmp-metrics.jsonl-{pid}").write_text('{"step": 1')
     lines: list[str] = []
-    assert storage.sync(str(src), dst, out=lines.append) == [1]
+    assert sync(str(src), dst, out=lines.append) == [1]
     left = sorted(p.name for p in [*dst.glob(".tmp-*"), *(dst / "checkpoints").glob(".tmp-*")])
     assert left == [f".tmp-metrics.jsonl-{alive}", f".tmp-step-000001-{alive}"]
     assert sum(line.startswith("removed ") and str(dead) in line for line in lines) == 2, lines
     checkpoint.verify(dst / "checkpoints" / "step-000001")
+
+
+# A password holding '@' and '/' (pasted unescaped): a pattern such as "up to the first @" leaks its second half.
+TRICKY_USER, TRICKY_PASSWORD = "AKIAFRAGUSER", "Hunt3rPass@Kx7Word/Zq9Lm2Tail"
+TRICKY_FRAGMENTS = (TRICKY_USER, "Hunt3rPass", "Kx7Word", "Zq9Lm2Tail")
+
+
+def test_credentials_with_at_and_slash_are_found_by_parsing_the_url(tmp_path):
+    url = f"s3://{TRICKY_USER}:{TRICKY_PASSWORD}@{BUCKET}/run"
+    assert storage.redact(url) == f"s3://{BUCKET}/run"
+    assert storage.redact(f"cannot read {url}/checkpoints: denied") == f"cannot read s3://{BUCKET}/run/checkpoints: denied"
+    assert storage.redact("hf://datasets/org/repo@main/train.jsonl") == "hf://datasets/org/repo@main/train.jsonl"  # a revision, not a user
+    with pytest.raises(ValueError, match="put no credentials in the URL") as e:
+        storage.check_url(url)
+    # a backend echoing the password alone, or percent-decoded, in its own words
+    echoed = storage.describe_error(OSError(f"bad password {TRICKY_PASSWORD} for {url} (Hunt3rPass%40Kx7Word)"), url)
+    for text in (str(e.value), echoed):
+        assert not any(fragment in text for fragment in TRICKY_FRAGMENTS), text
+
+
+def test_sync_source_with_a_password_holding_at_and_slash_never_shows_it(tmp_path):
+    import subprocess
+    import sys
+
+    url = f"s3://{TRICKY_USER}:{TRICKY_PASSWORD}@{BUCKET}/run"
+    for extra in ([], ["--watch", "0.1"]):
+        r = subprocess.run(
+            [sys.executable, "-m", "finetrack", "sync", url, str(tmp_path / "dst"), *extra], capture_output=True, text=True, timeout=120
+        )
+        assert r.returncode == 2 and "put no credentials in the URL" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not any(fragment in r.stdout + r.stderr for fragment in TRICKY_FRAGMENTS), r.stderr

@@ -229,11 +229,17 @@ def test_run_directory_and_metrics(tmp_path, tiny_model_dir, chat_file):
         "eval.loss_every_steps=2",
     )
     run_dir = result.run_dir
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.resolved.yaml", "data_report.json", "metrics.jsonl"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "checkpoints",
+        "config.resolved.yaml",
+        "data_report.json",
+        "metrics.jsonl",
+        "train.lock",
+    ]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000005"]
     assert [m["step"] for m in metrics] == [2, 4, 5]
     for m in metrics:
-        assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_mem_mb", "eval_loss", "eval_ppl"} <= set(m)
+        assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_mem_mib", "eval_loss", "eval_ppl"} <= set(m)
     assert metrics[0]["tokens"] < metrics[1]["tokens"] < metrics[2]["tokens"]
     report = json.loads((run_dir / "data_report.json").read_text())
     assert report["train"]["rows_kept"] + report["eval"]["rows_kept"] == 48
@@ -260,13 +266,13 @@ def test_progress_bar_shows_the_logged_figures(tmp_path):
             "tokens_per_s": 1234.5,
             "lr": 1e-3,
             "tokens": 40961,
-            "peak_mem_mb": 512.3,
+            "peak_mem_mib": 512.3,
         }
     )
     shown = dict(item.split("=", 1) for item in out.bar.postfix.split(", "))
     out.close()
     written = json.loads((tmp_path / "metrics.jsonl").read_text())
-    assert list(shown) == ["epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_mem_mb"]
+    assert list(shown) == ["epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_mem_mib"]
     assert int(shown["tokens"]) == written["tokens"]  # tokens seen: exact, not rounded
     for key, text in shown.items():
         assert float(text) == pytest.approx(written[key], rel=5e-3), key  # 3 significant digits
@@ -373,3 +379,39 @@ def test_trainable_report_counts_4bit_weights_as_parameters(tiny_model_dir):
         cfg, _ = resolve(load_config(None, [f"model.name={tiny_model_dir}", f"model.method={method}", "model.lora.r=4"]), env)
         reports.append(trainable_report(build_model(cfg.model, torch.device("cpu"))))
     assert reports[0] == reports[1] and reports[0].startswith("trainable parameters: 8,192 of ")
+
+
+@pytest.mark.parametrize("method, why", [("lora", "the loss is nan"), ("full", "some weights are not finite")])
+def test_a_diverging_run_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, chat_file, capsys, method, why):
+    """train.lr=1e30 is legal (finite, > 0) and blows up at step 2: exit 2, one error line with the step and the
+    hint, never "done"; step 1's checkpoint stays and no checkpoint holds non-finite weights."""
+    from finetrack import checkpoint, cli
+
+    out = tmp_path / "run"
+    code = cli.main(
+        [
+            "train",
+            f"model.name={tiny_model_dir}",
+            f"data.path={chat_file}",
+            f"output.dir={out}",
+            f"model.method={method}",
+            "data.max_length=512",
+            "train.micro_batch_size=4",
+            "train.max_steps=6",
+            "train.lr=1e30",
+            "train.max_grad_norm=null",
+            "checkpoint.every_steps=1",
+        ]
+    )
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, captured.err[-3000:]
+    assert f"training diverged at step 2: {why}" in errors[0]
+    assert (
+        "lower train.lr" in errors[0].lower() and "train.max_grad_norm" in errors[0] and str(out / "checkpoints/step-000001") in errors[0]
+    )
+    assert "done:" not in captured.out and "Traceback" not in captured.err
+    assert [s for s, _ in checkpoint.step_folders(out)] == [1]
+    checkpoint.verify(out / "checkpoints/step-000001")
+    weights = load_file(out / "checkpoints/step-000001" / ("model.safetensors" if method == "full" else "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())

@@ -13,88 +13,63 @@ a folder named `step-*` with a MANIFEST.json that verifies is complete, anything
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import json
 import logging
 import os
 import random
+import re
 import shutil
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+# The torch-free half (folder names, manifest checks, small-file writes) lives in rundir.py, which report and gate use.
+from .rundir import (  # noqa: F401  (re-exported: callers import them from here)
+    MANIFEST,
+    MANIFEST_FORMAT,
+    STATE_JSON,
+    STATE_TENSORS,
+    CheckpointError,
+    checkpoint_dir,
+    fsync_path,
+    is_resumable,
+    parse_manifest,
+    parse_step,
+    read_manifest,
+    read_meta,
+    sha256_file,
+    size_text,
+    step_folders,
+    verify,
+    write_atomic,
+)
 
 log = logging.getLogger("finetrack")
 
-MANIFEST = "MANIFEST.json"
-STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
-MANIFEST_FORMAT, STATE_FORMAT = "finetrack-checkpoint/1", "finetrack-trainer-state/1"
+STATE_FORMAT = "finetrack-trainer-state/1"
 _VERSIONED = ("finetrack", "torch", "transformers", "peft", "accelerate", "bitsandbytes")
 # Rules whose checkpoints are the science (kept unless keep_schedule=false); the others roll.
 SCHEDULE_RULES = frozenset({"first_epoch", "per_epoch", "steps", "log_spaced"})
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the folder and file."""
-
-
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
-
-
-def parse_step(name: str) -> int | None:
-    """`step-000047` -> 47; anything else (temporary folders, stray files) -> None."""
-    if not name.startswith("step-") or not name[5:].isdigit():
-        return None
-    return int(name[5:])
+WEIGHTS_FILES = "its weights and tokenizer files"  # what write_weights writes (save_pretrained's own file names)
 
 
 # ------------------------------------------------------------------------------------ integrity
-def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file or a folder (its entries) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(folder: Path) -> None:
     """Flush every file of a folder, then the folder: done before it gets its `step-*` name, so a crash leaves no holes in one."""
     for f in folder.rglob("*"):
         if f.is_file():
             fsync_path(f)
     fsync_path(folder)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace a small file so that readers see the old or the new content, never a mix."""
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, or a signal while starting: leave no stray temporary file
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
 
 
 def manifest_for(folder: Path, step: int) -> dict:
@@ -105,55 +80,6 @@ def manifest_for(folder: Path, step: int) -> dict:
         if rel != MANIFEST:
             files[rel] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
     return {"format": MANIFEST_FORMAT, "step": step, "files": files}
-
-
-def parse_manifest(raw: bytes, where: str) -> dict:
-    """A manifest's content, checked: our format, and only files inside the checkpoint folder. `where` names it in errors."""
-    try:
-        manifest = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{where}: unreadable ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), dict):
-        raise CheckpointError(f"{where}: not a finetrack manifest (format {MANIFEST_FORMAT})")
-    if any(PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts for rel in manifest["files"]):
-        raise CheckpointError(f"{where}: lists files outside the checkpoint folder")
-    return manifest
-
-
-def read_manifest(folder: Path) -> dict:
-    """The manifest of a checkpoint folder; CheckpointError naming the file if it is missing or unreadable."""
-    path = Path(folder) / MANIFEST
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (the checkpoint was not completely written)") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from None
-    return parse_manifest(raw, str(path))
-
-
-def verify(folder: Path, full: bool = True) -> dict:
-    """Check every file the manifest lists: present, same size and (with full=True) same sha256.
-
-    Returns the manifest; raises CheckpointError naming the first bad file. Files the manifest does
-    not list are ignored (never read).
-    """
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    for rel, want in manifest["files"].items():
-        path = folder / rel
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing (listed in {MANIFEST})")
-        size = path.stat().st_size
-        if size != want["size"]:
-            raise CheckpointError(f"{path}: {size} bytes, {MANIFEST} says {want['size']} (truncated or overwritten)")
-        if full and sha256_file(path) != want["sha256"]:
-            raise CheckpointError(f"{path}: sha256 does not match {MANIFEST} (corrupted)")
-    return manifest
-
-
-def is_resumable(manifest: dict) -> bool:
-    return STATE_JSON in manifest["files"] and STATE_TENSORS in manifest["files"]
 
 
 # -------------------------------------------------------------------------------- trainer state
@@ -230,24 +156,61 @@ def capture_state(optimizer: torch.optim.Optimizer, progress: dict) -> tuple[dic
     return tree, tensors
 
 
+# what the loop reads back from trainer_state.json, beside the optimizer and RNG trees
+_STATE_KEYS = {"step": int, "optimizer": dict, "rng": dict}
+
+
+def read_state_tree(folder: Path) -> dict:
+    """trainer_state.json of a checkpoint, checked for the entries a resume reads (JSON only: no tensor is loaded)."""
+    path = Path(folder) / STATE_JSON
+    try:
+        tree = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({' '.join(str(e).split())})") from None
+    if not isinstance(tree, dict) or tree.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path}: not a finetrack trainer state (format {STATE_FORMAT})")
+    bad = [k for k, kind in _STATE_KEYS.items() if not isinstance(tree.get(k), kind) or isinstance(tree.get(k), bool)]
+    if bad:
+        raise CheckpointError(f"{path}: missing or malformed {', '.join(bad)}")
+    return tree
+
+
+def check_resumable(folder: Path) -> dict:
+    """The meta.json of a checkpoint about to be resumed, after checking what a resume reads from it and from
+    trainer_state.json (no tensor is loaded: this runs before the model is). CheckpointError names the file."""
+    meta = read_meta(folder)
+    where = Path(folder) / "meta.json"
+    if not isinstance(meta.get("step"), int) or isinstance(meta.get("step"), bool) or meta["step"] < 0:
+        raise CheckpointError(f"{where}: no valid 'step' (a whole number)")
+    for key in ("config", "resolved"):
+        if not isinstance(meta.get(key, {}), dict):
+            raise CheckpointError(f"{where}: '{key}' is not an object")
+    if "config" not in meta:
+        raise CheckpointError(f"{where}: no 'config' (the settings the run was trained with)")
+    read_state_tree(folder)
+    try:  # the header only: the tensors load after the model
+        with safe_open(Path(folder) / STATE_TENSORS, "pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error type for a malformed file
+        raise CheckpointError(f"{Path(folder) / STATE_TENSORS}: not a readable safetensors file ({e})") from None
+    return meta
+
+
 def restore_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict:
     """Load optimizer state and every RNG from a checkpoint; returns the loop's progress entries."""
     folder = Path(folder)
-    try:
-        tree = json.loads((folder / STATE_JSON).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{folder / STATE_JSON}: unreadable ({e})") from None
-    if not isinstance(tree, dict) or tree.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{folder / STATE_JSON}: not a finetrack trainer state (format {STATE_FORMAT})")
+    tree = read_state_tree(folder)
     try:
         tensors = load_file(folder / STATE_TENSORS)
     except Exception as e:  # safetensors raises its own error type for a malformed file
         raise CheckpointError(f"{folder / STATE_TENSORS}: not a readable safetensors file ({e})") from None
     try:
         optimizer.load_state_dict(_from_tree(tree.pop("optimizer"), tensors))
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{folder / STATE_JSON}: optimizer state does not fit this model's trainable parameters ({e})") from None
-    set_rng_state(_from_tree(tree.pop("rng"), tensors))
+        set_rng_state(_from_tree(tree.pop("rng"), tensors))
+    except (ValueError, KeyError, TypeError, IndexError) as e:  # a tree that names tensors the file lacks, or of the wrong shape
+        raise CheckpointError(
+            f"{folder / STATE_JSON}: optimizer or RNG state does not fit this model's trainable parameters ({e})"
+        ) from None
     return tree
 
 
@@ -277,29 +240,109 @@ def save(
     write_weights: Callable[[Path], None],
     state: tuple[dict, dict[str, torch.Tensor]] | None,
     meta: dict,
+    weights_bytes: int = 0,
 ) -> Path:
     """Write checkpoint `step` atomically: temp folder, every file fsynced, manifest last, rename.
 
-    write_weights(folder) writes the weights and tokenizer; `state` is `capture_state(...)` output.
+    write_weights(folder) writes the weights and tokenizer (about `weights_bytes`); `state` is `capture_state(...)`
+    output. A write the storage refuses (full disk, quota, size limit) removes the partial folder and raises one
+    CheckpointError naming the file, the space needed and the space free.
     """
     final = checkpoint_dir(run_dir, step)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_weights(tmp)
-    if state is not None:
-        tree, tensors = state
-        save_file(tensors, tmp / STATE_TENSORS, metadata={"format": STATE_FORMAT})
-        (tmp / STATE_JSON).write_text(json.dumps(tree) + "\n")
-    meta = {"step": step, **meta, "versions": package_versions(), "git_sha": git_sha(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (tmp / MANIFEST).write_text(json.dumps(manifest_for(tmp, step), indent=2) + "\n")
-    fsync_tree(tmp)
+    writing = WEIGHTS_FILES
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_weights(tmp)
+        if state is not None:
+            tree, tensors = state
+            writing = STATE_TENSORS
+            save_file(tensors, tmp / STATE_TENSORS, metadata={"format": STATE_FORMAT})
+            writing = STATE_JSON
+            (tmp / STATE_JSON).write_text(json.dumps(tree) + "\n")
+        writing = "meta.json"
+        meta = {
+            "step": step,
+            **meta,
+            "versions": package_versions(),
+            "git_sha": git_sha(),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        writing = MANIFEST
+        (tmp / MANIFEST).write_text(json.dumps(manifest_for(tmp, step), indent=2) + "\n")
+        writing = "its files (flushing them to disk)"
+        fsync_tree(tmp)
+    except Exception as e:  # safetensors and tokenizers (Rust) report a full disk as their own error types
+        if os_error_code(e) is None:
+            raise
+        written = [p for p in tmp.rglob("*") if p.is_file()] if tmp.is_dir() else []
+        if isinstance(e, OSError) and e.filename:  # Python names the file it could not write
+            writing = str(Path(e.filename).relative_to(tmp)) if Path(e.filename).is_relative_to(tmp) else e.filename
+        state_bytes = sum(t.numel() * t.element_size() for t in state[1].values()) if state else 0
+        needed_bytes = max(sum(p.stat().st_size for p in written), weights_bytes + state_bytes)
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial write goes; the previous checkpoint was never touched
+        where = f"{final} ({writing})" if " " in writing else f"{final}/{writing}"  # a description, or a file name
+        raise CheckpointError(_checkpoint_write_failed(run_dir, step, where, e, needed_bytes)) from None
     if final.exists():  # the same step written again (a re-run after a crash): the new one replaces it
         discard(final)
     os.rename(tmp, final)
     fsync_path(final.parent)
     return final
+
+
+# errno values that mean "the storage refused a write", not a bug: full disk, quota, file size limit, read-only, I/O error
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
+
+
+def os_error_code(e: BaseException) -> int | None:
+    """The errno of a failed write: from an OSError, or from the text of the errors safetensors and tokenizers
+    (Rust) raise, which carry it as `os error 28` / `code: 28`. None for anything else."""
+    if isinstance(e, OSError):
+        return e.errno
+    found = re.search(r"os error (\d+)|code: (\d+)", str(e))
+    return int(found.group(1) or found.group(2)) if found else None
+
+
+def is_write_error(e: OSError) -> bool:
+    return e.errno in _WRITE_ERRNOS
+
+
+def _free_text(run_dir: Path) -> str:
+    try:
+        return f"{size_text(shutil.disk_usage(run_dir).free)} is free"
+    except OSError:
+        return "the free space is unknown"
+
+
+def write_error_text(run_dir: Path, e: OSError) -> str:
+    """One line for a write into the run directory that the storage refused (metrics, samples, run files)."""
+    what = e.filename or "a file of the run directory"
+    return (
+        f"writing {what} failed: {e.strerror or e}; {_free_text(run_dir)} on the file system of {run_dir}. "
+        "Free space (or fix the storage), then run the same command again: it resumes from the newest checkpoint"
+    )
+
+
+def _checkpoint_write_failed(run_dir: Path, step: int, where: str, e: Exception, needed_bytes: int) -> str:
+    code = os_error_code(e)
+    previous = [d for s, d in step_folders(run_dir) if s < step]
+    try:
+        previous_bytes = sum(f["size"] for f in read_manifest(previous[-1])["files"].values()) if previous else 0
+    except CheckpointError:
+        previous_bytes = 0
+    need = (
+        f"{size_text(previous_bytes)} (the size of {previous[-1].name})"
+        if previous_bytes
+        else f"{size_text(needed_bytes)} (weights and optimizer state)"
+    )
+    keep = f"the previous checkpoint {previous[-1].name} is untouched" if previous else "no earlier checkpoint exists"
+    return (
+        f"writing checkpoint step {step} failed at {where}: {os.strerror(code) if code else e}. A checkpoint needs about {need}; "
+        f"{_free_text(run_dir)} on the file system of {run_dir}; {keep}. Free space (or keep fewer checkpoints), "
+        "then run the same command again: it resumes from the newest complete checkpoint"
+    )
 
 
 def discard(folder: Path) -> None:
@@ -314,19 +357,6 @@ class Found:
     step: int
     path: Path
     meta: dict
-
-
-def read_meta(folder: Path) -> dict:
-    try:
-        return json.loads((Path(folder) / "meta.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{Path(folder) / 'meta.json'}: unreadable ({e})") from None
-
-
-def step_folders(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every `checkpoints/step-*` folder, complete or not, by step."""
-    found = ((parse_step(d.name), d) for d in (Path(run_dir) / "checkpoints").glob("step-*") if d.is_dir())
-    return sorted((step, d) for step, d in found if step is not None)
 
 
 def complete_checkpoints(run_dir: Path, warn: Callable[[str], None] = log.warning) -> list[Found]:
@@ -346,7 +376,7 @@ def newest_resumable(run_dir: Path, warn: Callable[[str], None] = log.warning) -
     for step, d in reversed(step_folders(run_dir)):
         try:
             if is_resumable(verify(d, full=True)):
-                return Found(step, d, read_meta(d))
+                return Found(step, d, check_resumable(d))
             warn(f"skipping checkpoint {d.name}: weights only (its resume state was removed by checkpoint.keep_optimizer_state=last)")
         except CheckpointError as e:
             warn(f"skipping checkpoint {d.name}: {e}")
@@ -355,12 +385,12 @@ def newest_resumable(run_dir: Path, warn: Callable[[str], None] = log.warning) -
 
 # ------------------------------------------------------------------------------------ retention
 def retain(
-    run_dir: Path, keep_last: int | None, keep_schedule: bool, keep_optimizer_state: str, busy: set[Path] = frozenset()
+    run_dir: Path, num_keep_last: int | None, keep_schedule: bool, keep_optimizer_state: str, busy: set[Path] = frozenset()
 ) -> list[str]:
     """Apply the retention policy to the complete checkpoints of a run; returns what was done, one line each.
 
-    Rolling checkpoints (every_steps, signal) beyond the newest keep_last are deleted; scheduled ones
-    (first_epoch, per_epoch, steps, log_spaced) are kept unless keep_schedule=false. With
+    Rolling checkpoints (every_steps, signal) beyond the newest num_keep_last are deleted; scheduled ones
+    (rules first_epoch, per_epoch, steps, log_spaced) are kept unless keep_schedule=false. With
     keep_optimizer_state=last, older checkpoints lose their resume state but keep their weights.
     The newest complete checkpoint is never touched, nor a folder in `busy` (still being uploaded).
     """
@@ -370,13 +400,13 @@ def retain(
     older = found[:-1]  # the newest is never touched
     done = []
     rolling = [f for f in older if not (keep_schedule and SCHEDULE_RULES & set(f.meta.get("rules", [])))]
-    if keep_last is not None:
-        keep_rolling = max(keep_last - 1, 0)  # the newest counts as one of the last N
+    if num_keep_last is not None:
+        keep_rolling = max(num_keep_last - 1, 0)  # the newest counts as one of the last N
         doomed = rolling[: max(0, len(rolling) - keep_rolling)]
         for f in doomed:
             if f.path not in busy:
                 discard(f.path)
-                done.append(f"deleted {f.path.name} (checkpoint.keep_last={keep_last})")
+                done.append(f"deleted {f.path.name} (checkpoint.num_keep_last={num_keep_last})")
         older = [f for f in older if f.path.exists()]
     if keep_optimizer_state == "last":
         for f in older:

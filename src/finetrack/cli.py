@@ -1,4 +1,9 @@
-"""Command line: verbs -> functions. No logic lives here."""
+"""Command line: verbs -> functions. No logic lives here.
+
+Nothing heavy is imported at module level: a Ctrl+C while torch or transformers load must end in one
+`stopped:` line, and `report` / `gate` never load torch at all. Every failure a user can cause ends in one
+`error:` line and exit 2 (see errors.py); overrides (`section.key=value`) may come before or after flags.
+"""
 
 from __future__ import annotations
 
@@ -8,198 +13,180 @@ import os
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError
-from .config import ConfigError, help_config, load_config
-from .data import DataError
-from .evaluate.spec import EvalError
-from .interrupt import Interrupted
+from . import flags
+from .errors import handle
+from .redact import redact
+
+# Noise from libraries (their deprecation warnings, weight-loading and download progress bars) stays out of
+# finetrack's output unless --verbose; set before they are imported, and only where the user has not chosen.
+_QUIET_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "DATASETS_VERBOSITY": "error",
+}
+_THIRD_PARTY_LOGGERS = ("transformers", "accelerate", "datasets", "peft", "huggingface_hub", "torch", "fsspec", "s3fs", "botocore")
+# Verbs that compute with torch: they share the CPU with other finetrack processes (processes.py).
+_COMPUTE_VERBS = ("train", "eval", "plan", "demo")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="finetrack", description="Fine-tune causal LMs and study the trajectory of a run.")
-    sub = p.add_subparsers(dest="verb", required=True)
-    t = sub.add_parser(
-        "train", help="train one run from a YAML config", description="Train one run: finetrack train CONFIG.yaml [section.key=value ...]"
-    )
-    t.add_argument("config", nargs="?", help="YAML config file (omit to use defaults)")
-    t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4 model.lora.r=8")
-    t.add_argument("--help-config", action="store_true", help="list every config key with its type, default and meaning")
-    t.add_argument(
-        "--fresh", action="store_true", help="start over: move this run's files to RUN_DIR/superseded/ (also: env FINETRACK_FRESH=1)"
-    )
-    t.add_argument("--delete-remote", action="store_true", help="with --fresh: also delete the checkpoints under checkpoint.remote")
-    t.add_argument(
-        "--resume-from", metavar="PATH", help="resume from this checkpoint folder, run directory or remote .../checkpoints/step-N URL"
-    )
-    t.add_argument("--allow-config-change", action="store_true", help="resume even if model, data, lr, batch or method changed")
-    s = sub.add_parser(
-        "sync",
-        help="mirror complete checkpoints of a run (remote URL or local path) into a local run directory",
-        description="Copy every complete checkpoint (manifest verified after download) from SRC to DST, skipping those already there.",
-    )
-    s.add_argument("src", help="run directory: fsspec URL (s3://bucket/run, gs://, hf://, file://) or local path")
-    s.add_argument("dst", help="local run directory to mirror into")
-    s.add_argument("--watch", type=float, metavar="SECONDS", help="keep polling every SECONDS until Ctrl+C")
-    e = sub.add_parser(
-        "eval",
-        help="evaluate the base model (step 0) and every checkpoint of a run with its eval suites",
-        description="finetrack eval RUN_DIR [--steps all|latest|0,47,94] [--suite NAME ...] [eval.key=value ...]",
-    )
-    e.add_argument("run_dir", help="run directory (holding config.resolved.yaml and checkpoints/), or a model or adapter folder")
-    e.add_argument("overrides", nargs="*", help="eval.key=value applied to the run's eval section")
-    e.add_argument("--steps", help="a run: all (default), latest, or a comma-separated list such as 0,47,94 (0 = the base model)")
-    e.add_argument("--suite", action="append", metavar="NAME", help="only these suites (repeatable); default: all of eval.suites")
-    e.add_argument("--config", help="a model or adapter folder: the config whose eval.suites (and model settings) to use")
-    e.add_argument("--output", help="a model or adapter folder: where results go (default ./eval-<folder name>)")
-    e.add_argument(
-        "--watch",
-        type=float,
-        metavar="SECONDS",
-        help="a run: follow training, evaluating each checkpoint as it completes, until its last one",
-    )
-    g = sub.add_parser("gate", help="GO / NO-GO on an eval metric vs the base model: exit 0 GO, 1 NO-GO, 2 missing data")
-    from . import gate
+class _RedactingFormatter(logging.Formatter):
+    """Log lines (tracebacks included) without the credentials of any URL in them: a last line of defence."""
 
-    gate.add_arguments(g)
-    r = sub.add_parser(
-        "report",
-        help="write a self-contained HTML report (curves, trajectory, sample answers, run facts) of one or more runs",
-        description="finetrack report RUN_DIR [RUN_DIR ...] [-o report.html]: several runs are overlaid, one colour per run.",
-    )
-    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (holding config.resolved.yaml)")
-    r.add_argument("-o", "--output", help="HTML file to write (default: RUN_DIR/report.html for one run, ./report.html for several)")
-    pl = sub.add_parser(
-        "plan",
-        help="before training: data report, schedule, memory fit, time and cost (nothing is trained without --measure)",
-        description="finetrack plan CONFIG.yaml [section.key=value ...] [--device-memory 24GB] [--gpu H100] [--price-per-hour 3.80] [--measure [--measure-steps N]]",
-    )
-    pl.add_argument("config", nargs="?", help="YAML config file (omit to use defaults)")
-    pl.add_argument("overrides", nargs="*", help="section.key=value, as for train")
-    pl.add_argument("--device-memory", metavar="SIZE", help="memory of the target device, e.g. 24GB (read as GiB), 80GiB, 16000MB")
-    pl.add_argument(
-        "--gpu",
-        metavar="NAME",
-        help="plan for this GPU (its peak FLOP/s and memory), e.g. H100, A100-80GB, L4; an unknown name lists the known ones",
-    )
-    pl.add_argument("--num-processes", type=int, default=1, metavar="N", help="data-parallel processes (accelerate launch)")
-    pl.add_argument("--price-per-hour", type=float, metavar="PRICE", help="machine price per hour: prints the cost")
-    pl.add_argument(
-        "--measure",
-        action="store_true",
-        help="run a few real optimizer steps on this machine for tokens/s and peak memory "
-        "(they time the run only when the plan is for this machine: not with another --gpu)",
-    )
-    pl.add_argument("--measure-steps", type=int, metavar="N", help="how many optimizer steps --measure runs (default 5; implies --measure)")
-    pl.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
-    d = sub.add_parser("demo", help="fine-tune the embedded model on the demo chat set and show what changed")
-    d.add_argument("overrides", nargs="*", help="section.key=value applied to the demo config, e.g. train.max_steps=20")
-    return p
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
-def _config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
-    """`train k=v` without a config file: the first override landed in the config slot."""
-    config, overrides = args.config, list(args.overrides)
-    if config and "=" in config and not config.endswith((".yaml", ".yml")):
-        return None, [config, *overrides]
-    return config, overrides
+def _setup_output(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_RedactingFormatter("%(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if verbose:
+        return
+    for name, value in _QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    for noisy in _THIRD_PARTY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    import warnings
+
+    # libraries' FutureWarning / UserWarning / DeprecationWarning: not the user's to act on; finetrack's own stay
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", module=r"finetrack(\.|$)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(format="%(message)s", level=logging.INFO, stream=sys.stderr)
-    for noisy in ("transformers", "accelerate", "datasets", "peft"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    """Run one `finetrack` command; returns the exit status (0 ok, 2 user error, 130 / 143 interrupted)."""
+    return handle(lambda: _run(argv), argv if argv is not None else sys.argv[1:])
+
+
+def _run(argv: list[str] | None) -> int:
+    args = flags.parser().parse_args(argv)
+    _setup_output(args.verbose)
+    if args.verb in _COMPUTE_VERBS and not (args.verb == "train" and args.help_config):
+        from .processes import configure_threads
+
+        configure_threads()
+    return _VERBS[args.verb](args)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import help_config, load_config
+
+    if args.help_config:
+        print(help_config())
+        return 0
+    config, overrides = flags.config_and_overrides(args)
+    from .resume import Request
+    from .train import run
+
+    request = Request.from_env(
+        fresh=args.fresh, delete_remote=args.delete_remote, resume_from=args.resume_from, allow_config_change=args.allow_config_change
+    )
+    result = run(load_config(config, overrides), request=request)
+    if result.resumed_from_step == result.total_steps:
+        print(f"already complete: {result.total_steps} steps; final checkpoint {result.final_checkpoint}")
+    else:
+        print(
+            f"done: {result.total_steps} steps, loss {result.first_loss:.4f} -> {result.final_loss:.4f}; final checkpoint {result.final_checkpoint}"
+        )
+    return 3 if result.not_uploaded else 0
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from .schema import ConfigError
+    from .storage import describe_error
+    from .sync import sync
+
     try:
-        if args.verb == "train":
-            if args.help_config:
-                print(help_config())
-                return 0
-            config, overrides = _config_and_overrides(args)
-            from .resume import Request
-            from .train import run
-
-            request = Request.from_env(
-                fresh=args.fresh,
-                delete_remote=args.delete_remote,
-                resume_from=args.resume_from,
-                allow_config_change=args.allow_config_change,
-            )
-            result = run(load_config(config, overrides), request=request)
-            if result.resumed_from_step == result.total_steps:
-                print(f"already complete: {result.total_steps} steps; final checkpoint {result.final_checkpoint}")
-            else:
-                print(
-                    f"done: {result.total_steps} steps, loss {result.first_loss:.4f} -> {result.final_loss:.4f}; final checkpoint {result.final_checkpoint}"
-                )
-            if result.not_uploaded:
-                return 3
-        elif args.verb == "sync":
-            from .storage import describe_error, sync
-
-            try:
-                sync(args.src, Path(args.dst), watch_seconds=args.watch)
-            except (ValueError, ImportError, OSError) as e:  # bad source, missing backend, network: no traceback
-                print(f"error: {describe_error(e, args.src)}", file=sys.stderr)
-                return 2
-        elif args.verb == "eval":
-            from .evaluate.runner import evaluate_model, evaluate_run
-
-            if not (Path(args.run_dir) / "config.resolved.yaml").is_file() and Path(args.run_dir).is_dir():
-                ignored = [flag for flag, value in (("--steps", args.steps), ("--watch", args.watch)) if value is not None]
-                if ignored:  # a model folder is step 0, an adapter steps 0 and 1: there is nothing to pick or follow
-                    raise ConfigError(f"{' and '.join(ignored)}: only for a run directory; {args.run_dir} is a model or adapter folder")
-                evaluate_model(
-                    Path(args.run_dir),
-                    args.output and Path(args.output),
-                    args.config and Path(args.config),
-                    list(args.overrides),
-                    suite_names=args.suite,
-                )
-                return 0
-            ignored = [flag for flag, value in (("--config", args.config), ("--output", args.output)) if value is not None]
-            if ignored:  # a run is evaluated with its own config, into RUN_DIR/eval
-                raise ConfigError(
-                    f"{' and '.join(ignored)}: only for a model or adapter folder; a run uses its config.resolved.yaml "
-                    "(change suites with eval.* overrides) and writes RUN_DIR/eval"
-                )
-            evaluate_run(
-                args.run_dir, steps=args.steps or "all", suite_names=args.suite, overrides=list(args.overrides), watch_seconds=args.watch
-            )
-        elif args.verb == "gate":
-            from . import gate
-
-            return gate.main(args)
-        elif args.verb == "report":
-            from .report import write_report
-
-            path = write_report([Path(d) for d in args.run_dirs], args.output and Path(args.output))
-            print(f"report: {path.resolve()}")
-        elif args.verb == "plan":
-            import dataclasses
-            import json
-
-            from .plan import make_plan, render, target_for
-
-            config, overrides = _config_and_overrides(args)
-            plan = make_plan(
-                load_config(config, overrides),
-                target_for(args.gpu, args.device_memory, args.num_processes),
-                args.price_per_hour,
-                5 if args.measure and args.measure_steps is None else args.measure_steps,
-            )
-            print(render(plan))
-            if args.json:
-                Path(args.json).write_text(json.dumps(dataclasses.asdict(plan), indent=2) + "\n")
-                print(f"plan written to {args.json}")
-        elif args.verb == "demo":
-            from .demo import demo
-
-            demo(list(args.overrides))
-    except (ConfigError, DataError, CheckpointError, EvalError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Interrupted as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return e.exit_code
+        sync(args.src, Path(args.dst), watch_seconds=args.watch)
+    except (ValueError, ImportError, OSError) as e:  # bad source, missing backend, network: one line, no traceback
+        raise ConfigError(describe_error(e, args.src)) from None
     return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .schema import ConfigError
+
+    target = Path(args.run_dir)
+    if target.suffix in (".yaml", ".yml") and not target.is_dir():
+        # `finetrack eval CONFIG.yaml --steps 0`: the base model, into the run directory training will use
+        ignored = [f for f, v in (("--watch", args.watch), ("--config", args.config), ("--output", args.output)) if v is not None]
+        if ignored or args.steps not in (None, "0"):
+            raise ConfigError(
+                f"{' and '.join(ignored) or '--steps ' + str(args.steps)}: a config is evaluated before training at step 0 only "
+                f"(the base model, into its output.dir); give --steps 0 or nothing"
+            )
+        from .evaluate.runner import evaluate_baseline
+
+        evaluate_baseline(str(target), list(args.overrides), args.suite)
+        return 0
+    model_folder = (target / "config.json").is_file() or (target / "adapter_config.json").is_file()
+    is_run = (target / "config.resolved.yaml").is_file()
+    if not is_run and args.watch is None and not target.exists():
+        raise ConfigError(f"{target}: no such run directory, model or adapter folder, or config file; check the path")
+    from .evaluate.runner import evaluate_model, evaluate_run
+
+    # a watch follows a run that may not exist yet (it is started together with training): only a model folder is not one
+    if not is_run and target.is_dir() and (args.watch is None or model_folder):
+        ignored = [flag for flag, value in (("--steps", args.steps), ("--watch", args.watch)) if value is not None]
+        if ignored:  # a model folder is step 0, an adapter steps 0 and 1: there is nothing to pick or follow
+            raise ConfigError(f"{' and '.join(ignored)}: only for a run directory; {target} is a model or adapter folder")
+        evaluate_model(
+            target, args.output and Path(args.output), args.config and Path(args.config), list(args.overrides), suite_names=args.suite
+        )
+        return 0
+    ignored = [flag for flag, value in (("--config", args.config), ("--output", args.output)) if value is not None]
+    if ignored:  # a run is evaluated with its own config, into RUN_DIR/eval
+        raise ConfigError(
+            f"{' and '.join(ignored)}: only for a model or adapter folder; a run uses its config.resolved.yaml "
+            "(change suites with eval.* overrides) and writes RUN_DIR/eval"
+        )
+    evaluate_run(target, steps=args.steps or "all", suite_names=args.suite, overrides=list(args.overrides), watch_seconds=args.watch)
+    return 0
+
+
+def _gate(args: argparse.Namespace) -> int:
+    from . import gate
+
+    return gate.main(args)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report([Path(d) for d in args.run_dirs], args.output and Path(args.output))
+    print(f"report: {path.resolve()}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from .config import load_config
+    from .plan import make_plan, render, target_for
+
+    config, overrides = flags.config_and_overrides(args)
+    plan = make_plan(
+        load_config(config, overrides),
+        target_for(args.gpu, args.device_memory, args.num_processes),
+        args.price_per_hour,
+        5 if args.measure and args.measure_steps is None else args.measure_steps,
+    )
+    print(render(plan))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dataclasses.asdict(plan), indent=2) + "\n")
+        print(f"plan written to {args.json}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import demo
+
+    demo(list(args.overrides))
+    return 0
+
+
+_VERBS = {"train": _train, "sync": _sync, "eval": _eval, "gate": _gate, "report": _report, "plan": _plan, "demo": _demo}

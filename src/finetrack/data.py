@@ -3,41 +3,37 @@
 Rows are either chat (`messages`: a list of {role, content} with roles system/user/assistant) or
 `prompt` / `completion` (prompt: a string or a list of messages). Every row that is dropped,
 truncated or skipped is counted in the data report; a malformed row stops the run with its file,
-line and field unless `data.on_error=skip`.
+line and field unless `data.on_error=skip`. Reading files is `data_files.py`.
+
+Only `role` and `content` of a message are trained on: other message keys (`name`, `tool_calls`,
+`weight`, ...) are dropped and counted per key in the data report (`ignored_message_keys`), with a
+warning. Text holding the tokenizer's special tokens (e.g. `<|im_end|>` in a message) is refused:
+tokenized, it would become a real turn boundary (a prompt injection into the training data).
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
+import logging
 import math
 import random
+import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .config import DataConfig
-from .schema import DATA_FILE_SUFFIXES
+from .data_files import BUILTIN_DATA, DataError, RawRow, json_type, read_rows, source_files
 
+__all__ = ["BUILTIN_DATA", "DataError", "Example", "PreparedData", "RawRow", "prepare", "read_rows", "source_files", "tokenize_chat"]
+
+log = logging.getLogger("finetrack")
 ROLES = ("system", "user", "assistant")
-BUILTIN_DATA = {"builtin:demo-chat": Path(__file__).parent / "assets" / "demo_chat.jsonl"}
-_FILE_KINDS = {suffix: suffix[1:] for suffix in DATA_FILE_SUFFIXES}
 _MAX_REASONS = 5
-
-
-class DataError(ValueError):
-    """A bad row or source; the message names file, line and field and what to do."""
-
-
-@dataclass
-class RawRow:
-    source: str  # file path or dataset name
-    line: int  # 1-based line (JSONL/CSV) or item number (JSON/Parquet/datasets)
-    record: Any
 
 
 @dataclass
@@ -66,6 +62,8 @@ class DataReport:
     first_reasons: list[str] = field(default_factory=list)
     tokens: dict[str, float] = field(default_factory=dict)
     trainable_tokens: int = 0
+    skipped_files: list[str] = field(default_factory=list)  # 'path (reason)' of files in data folders that were not read
+    ignored_message_keys: Counter = field(default_factory=Counter)  # message key -> messages whose key was dropped
 
     def note(self, reason: str) -> None:
         if len(self.first_reasons) < _MAX_REASONS:
@@ -96,6 +94,8 @@ class DataReport:
             "tokens": self.tokens,
             "trainable_tokens": self.trainable_tokens,
             "first_reasons": list(self.first_reasons),
+            "skipped_files": list(self.skipped_files),
+            "ignored_message_keys": dict(sorted(self.ignored_message_keys.items())),
         }
 
 
@@ -109,115 +109,46 @@ def report_line(report: dict) -> str:
         held = f"; {t['held_out_for_eval']} more rows held out for eval loss"
     elif "eval" in report:
         held = f"; {report['eval']['rows_kept']} eval rows from data.eval_split"
+    notes = ""
+    if t.get("skipped_files"):
+        notes += f"; {len(t['skipped_files'])} files in data folders not read (see data_report.json)"
+    if t.get("ignored_message_keys"):
+        notes += "; message keys not trained on: " + ", ".join(f"{k} ({n})" for k, n in t["ignored_message_keys"].items())
     return (
         f"{t['rows_read']} rows read, {t['rows_kept']} to train on (dropped: {dropped}; truncated: {t['truncated_rows']}); "
         f"tokens/row min {tok.get('min')} mean {tok.get('mean')} p95 {tok.get('p95')} max {tok.get('max')}; "
-        f"{t['trainable_tokens']} trainable tokens{held}"
+        f"{t['trainable_tokens']} trainable tokens{held}{notes}"
     )
 
 
-# ---------------------------------------------------------------------------------------- read
-def source_files(spec: str) -> list[Path] | None:
-    """The files a path spec names, or None when it is not a local path (then it is a datasets source)."""
-    if spec in BUILTIN_DATA:
-        return [BUILTIN_DATA[spec]]
-    p = Path(spec)
-    if p.is_dir() and any((p / marker).exists() for marker in ("dataset_info.json", "dataset_dict.json", "state.json")):
-        return None  # a `datasets` save_to_disk directory
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix in _FILE_KINDS)
-        if not files:
-            raise DataError(f"{p}: no .jsonl/.json/.csv/.parquet files in this directory")
-        return files
-    if p.is_file():
-        if p.suffix not in _FILE_KINDS:
-            raise DataError(f"{p}: unknown file type '{p.suffix}'; use .jsonl, .json, .csv or .parquet")
-        return [p]
-    if p.suffix in _FILE_KINDS or spec.startswith((".", "/")):
-        raise DataError(f"data file not found: {p}")
-    return None
-
-
-def read_rows(spec: str | list[str], split: str) -> Iterator[RawRow]:
-    """Yield raw records with their location. Unparseable lines are yielded as DataError records."""
-    for one in [spec] if isinstance(spec, str) else spec:
-        files = source_files(one)
-        if files is None:
-            yield from _read_datasets(one, split)
-            continue
-        for f in files:
-            yield from _read_file(f)
-
-
-def _read_file(path: Path) -> Iterator[RawRow]:
-    kind = _FILE_KINDS[path.suffix]
-    if kind == "jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield RawRow(str(path), i, json.loads(line))
-                except json.JSONDecodeError as e:
-                    yield RawRow(str(path), i, DataError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})"))
-    elif kind == "json":
-        try:
-            items = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json file must hold a list of rows") from None
-        if isinstance(items, dict) and len(items) == 1 and isinstance(next(iter(items.values())), list):
-            items = next(iter(items.values()))
-        if not isinstance(items, list):
-            raise DataError(f"{path}: a .json file must hold a list of rows (or use .jsonl, one row per line)")
-        for i, item in enumerate(items, 1):
-            yield RawRow(str(path), i, item)
-    elif kind == "csv":
-        with path.open(encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            for record in reader:
-                # line_num is the reader's position after the row: the row's own (last) line
-                yield RawRow(str(path), reader.line_num, dict(record))
-    else:
-        import pyarrow.parquet as pq
-
-        for i, record in enumerate(pq.read_table(path).to_pylist(), 1):
-            yield RawRow(str(path), i, record)
-
-
-def _read_datasets(name: str, split: str) -> Iterator[RawRow]:
-    import datasets
-
-    p = Path(name)
-    try:
-        if p.is_dir():
-            ds = datasets.load_from_disk(str(p))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[split]
-        else:
-            ds = datasets.load_dataset(name, split=split)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise DataError(f"data.path={name}: cannot load it as a file, directory or `datasets` source ({e})") from None
-    for i, record in enumerate(ds, 1):
-        yield RawRow(name, i, record)
-
-
 # ------------------------------------------------------------------------------------ validate
-def to_messages(row: RawRow) -> list[dict[str, str]]:
-    """Validate one record and return it as chat messages; raises DataError naming file, line and field."""
+def to_messages(row: RawRow, ignored_keys: Counter | None = None, specials: re.Pattern | None = None) -> list[dict[str, str]]:
+    """Validate one record and return it as chat messages; raises DataError naming file, line and field.
+    Message keys other than role and content are dropped and counted in `ignored_keys` (for rows that pass);
+    text matching `specials` (see special_token_pattern) is refused."""
+    found: Counter = Counter()
+    messages = _to_messages(row, found, specials)
+    if ignored_keys is not None:
+        ignored_keys.update(found)
+    return messages
+
+
+def _to_messages(row: RawRow, ignored: Counter, specials: re.Pattern | None) -> list[dict[str, str]]:
     where = f"{row.source}:{row.line}"
     rec = row.record
     if isinstance(rec, DataError):
         raise rec
     if not isinstance(rec, dict):
-        raise DataError(f"{where}: a row must be an object with 'messages' or 'prompt'/'completion', got {type(rec).__name__}")
+        raise DataError(f"{where}: a row must be an object with 'messages' or 'prompt'/'completion', got {json_type(rec)}")
     if "messages" in rec:
         messages = rec["messages"]
         if isinstance(messages, str):  # CSV cells hold JSON text
             try:
                 messages = json.loads(messages)
-            except json.JSONDecodeError:
-                raise DataError(f"{where}: field 'messages' is text that is not a JSON list of messages") from None
-        return _check_messages(messages, where, "messages", need_assistant=True)
+            except (ValueError, RecursionError) as e:  # bad syntax, nesting too deep, a number too long
+                reason = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply" if isinstance(e, RecursionError) else e
+                raise DataError(f"{where}: field 'messages' is text that is not a JSON list of messages ({reason})") from None
+        return _check_messages(messages, where, "messages", ignored, specials, need_assistant=True)
     if "prompt" in rec or "completion" in rec:
         for key in ("prompt", "completion"):
             if key not in rec:
@@ -226,35 +157,71 @@ def to_messages(row: RawRow) -> list[dict[str, str]]:
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise DataError(f"{where}: field 'prompt' is empty")
+            _check_text(prompt, where, "prompt", specials)
             msgs = [{"role": "user", "content": prompt}]
         else:
-            msgs = _check_messages(prompt, where, "prompt", need_assistant=False)
-        completion = rec["completion"]
+            msgs = _check_messages(prompt, where, "prompt", ignored, specials, need_assistant=False)
+        completion, field_name = rec["completion"], "completion"
         if isinstance(completion, list) and len(completion) == 1 and isinstance(completion[0], dict):
-            completion = completion[0].get("content")
+            (answer,) = _check_messages(completion, where, "completion", ignored, specials, need_assistant=True)
+            completion, field_name = answer["content"], "completion[0].content"
         if not isinstance(completion, str) or not completion.strip():
             raise DataError(f"{where}: field 'completion' must be non-empty text")
+        _check_text(completion, where, field_name, specials)
         return msgs + [{"role": "assistant", "content": completion}]
     raise DataError(f"{where}: no 'messages' and no 'prompt'/'completion' field (found: {', '.join(map(str, rec)) or 'nothing'})")
 
 
-def _check_messages(messages: Any, where: str, name: str, need_assistant: bool) -> list[dict[str, str]]:
+def special_token_pattern(tokenizer) -> re.Pattern | None:
+    """A regex matching the tokenizer's special tokens (<|im_end|>, <s>, ...) as they would be found in text."""
+    tokens = set(tokenizer.all_special_tokens)
+    tokens |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    tokens = sorted((t for t in tokens if t), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+
+def _check_text(text: str, where: str, name: str, specials: re.Pattern | None) -> None:
+    """Text must be valid Unicode (a JSON escape such as \\ud800 decodes to a lone surrogate that no tokenizer or
+    file takes), and must not hold special tokens: tokenized, `<|im_end|><|im_start|>system` inside a message
+    would become real turn boundaries, and the row would train the model on a conversation the data never had."""
+    if specials is not None and (hit := specials.search(text)):
+        raise DataError(
+            f"{where}: field '{name}' holds '{hit.group()}' at character {hit.start()}, a special token of this tokenizer: "
+            "it would be read as a real control token (a turn boundary), not as text; remove or rewrite it in the data"
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(
+            f"{where}: field '{name}' holds a lone UTF-16 surrogate (U+{ord(text[e.start]):04X} at character {e.start}), "
+            "not valid Unicode text; fix the \\u escape there (a character above U+FFFF is a pair, e.g. \\ud83d\\ude00)"
+        ) from None
+
+
+def _check_messages(
+    messages: Any, where: str, name: str, ignored: Counter, specials: re.Pattern | None, need_assistant: bool
+) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field '{name}' must be a non-empty list of {{role, content}} objects")
+        raise DataError(f"{where}: field '{name}' must be a non-empty list of {{role, content}} objects, got {json_type(messages)}")
     out = []
     for j, m in enumerate(messages):
         f = f"{name}[{j}]"
         if not isinstance(m, dict):
-            raise DataError(f"{where}: field '{f}' must be an object with 'role' and 'content'")
+            raise DataError(f"{where}: field '{f}' must be an object with 'role' and 'content', got {json_type(m)}")
         role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise DataError(f"{where}: field '{f}.role' is {role!r}; expected one of {', '.join(ROLES)}")
+        if isinstance(content, list):
+            raise DataError(f"{where}: field '{f}.content' is a list (content parts); only text is read: give the content as one string")
         if not isinstance(content, str):
-            raise DataError(f"{where}: field '{f}.content' must be text")
+            raise DataError(f"{where}: field '{f}.content' must be text, got {json_type(content)}")
         if role == "assistant" and not content.strip():
             raise DataError(f"{where}: field '{f}.content' is an empty assistant answer")
         if role == "system" and j != 0:
             raise DataError(f"{where}: field '{f}.role' is 'system' but only the first message may be a system prompt")
+        _check_text(content, where, f"{f}.content", specials)
+        # Parquet / datasets give every message every struct field, missing ones as None: only values count.
+        ignored.update(str(k) for k, v in m.items() if k not in ("role", "content") and v is not None)
         out.append({"role": role, "content": content})
     if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: field '{name}' has no assistant message: nothing to learn from")
@@ -272,9 +239,13 @@ def tokenize_chat(messages: list[dict[str, str]], tokenizer, train_on: str, wher
     """
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{where}: the tokenizer has no chat template; use a chat model or set tokenizer.chat_template")
+    from jinja2 import TemplateError
 
     def render(msgs: list[dict[str, str]], gen: bool) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        except TemplateError as e:  # templates refuse some conversations (e.g. roles that do not alternate)
+            raise DataError(f"{where}: the model's chat template refuses this conversation ({e})") from None
 
     text = render(messages, False)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -323,8 +294,10 @@ class PreparedData:
 
 def prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     """Read, validate and tokenize the training (and held-out) rows; count everything left out."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the tokenizer has no chat template; use a chat model or set tokenizer.chat_template")
     train_report = DataReport()
-    examples = _tokenize_all(read_rows(cfg.path, cfg.split), cfg, tokenizer, train_report)
+    examples = _tokenize_all(read_rows(cfg.path, cfg.split, train_report.skipped_files), cfg, tokenizer, train_report)
     eval_examples: list[Example] = []
     eval_report = None
     if isinstance(cfg.eval_split, float):
@@ -338,7 +311,7 @@ def prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
         train_report.held_out = len(eval_examples)
     elif isinstance(cfg.eval_split, str):
         eval_report = DataReport()
-        eval_examples = _tokenize_all(read_rows(cfg.eval_split, cfg.split), cfg, tokenizer, eval_report)
+        eval_examples = _tokenize_all(read_rows(cfg.eval_split, cfg.split, eval_report.skipped_files), cfg, tokenizer, eval_report)
     train_report.finish(examples)
     report = {"train": train_report.to_dict()}
     if eval_report is not None:
@@ -350,28 +323,43 @@ def prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
             "held_out_from_train": cfg.eval_split,
             "tokens_total": sum(len(e.input_ids) for e in eval_examples),
         }
+    for name, r in report.items():
+        _warn_left_out(name, r)
     if not examples:
         raise DataError(f"no training rows left: {report_line(report)}; first reasons: {train_report.first_reasons}")
     return PreparedData(examples, eval_examples, report)
 
 
+def _warn_left_out(split: str, report: dict) -> None:
+    """Say by name what was not read or not trained on: files in data folders, message keys."""
+    skipped = report.get("skipped_files") or []
+    if skipped:
+        shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+        log.warning("data (%s): %d files in data folders not read: %s", split, len(skipped), shown)
+    keys = report.get("ignored_message_keys") or {}
+    if keys:
+        counts = ", ".join(f"{k} in {n} messages" for k, n in keys.items())
+        log.warning("data (%s): message keys other than role and content are not trained on (dropped): %s", split, counts)
+
+
 def _tokenize_all(rows: Iterator[RawRow], cfg: DataConfig, tokenizer, report: DataReport) -> list[Example]:
     from tqdm.auto import tqdm
 
+    specials = special_token_pattern(tokenizer)
     out = []
     for row in tqdm(rows, desc="tokenize", unit=" rows", leave=False, mininterval=1.0, disable=None):
         report.rows_read += 1
         report.rows_read_by_source[row.source] = report.rows_read_by_source.get(row.source, 0) + 1
         where = f"{row.source}:{row.line}"
         try:
-            messages = to_messages(row)
+            messages = to_messages(row, report.ignored_message_keys, specials)
+            ids, labels = tokenize_chat(messages, tokenizer, cfg.train_on, where)
         except DataError as e:
             if cfg.on_error == "error":
                 raise DataError(f"{e} (set data.on_error=skip to skip and count such rows)") from None
             report.dropped["malformed"] += 1
             report.note(str(e))
             continue
-        ids, labels = tokenize_chat(messages, tokenizer, cfg.train_on, where)
         if len(ids) > cfg.max_length:
             if cfg.on_overflow == "error":
                 raise DataError(f"{where}: {len(ids)} tokens > data.max_length={cfg.max_length} (set data.on_overflow=truncate or drop)")

@@ -1,28 +1,35 @@
 """`finetrack gate`: GO / NO-GO on one metric, read from the eval files of a run.
 
-Reads RUN_DIR/eval/step-NNNNNN.json (written by `finetrack eval`; step 0 is the base model) and nothing
-else, so it can sit between two commands in a shell pipeline:
+Reads RUN_DIR/eval/step-NNNNNN.json (written by `finetrack eval`; step 0 is the base model) and, for a rate
+whose rule the eval files do not carry, config.resolved.yaml; it loads neither torch nor fsspec, so it is quick
+between two commands in a shell pipeline:
 
     finetrack gate runs/x --metric heldout.loss --min-improvement 5% && finetrack train long.yaml
 
-Exit status: 0 GO, 1 NO-GO, 2 missing data (no run, no eval file, metric absent or null).
+Exit status: 0 GO, 1 NO-GO, 2 missing data or bad input (no run, no or garbled eval file, metric absent or null,
+a metric whose better direction is ambiguous without --direction).
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import math
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-# A leaf metric name containing any of these is lower-is-better; every other metric is higher-is-better.
+from . import rundir
+from .evaluate import rates
+from .evaluate.spec import EvalError, parse_rate
+from .schema import ConfigError
+
+# A leaf metric name containing one of these words says which way is better (lower words are checked first:
+# "misaligned" contains "aligned"). A name with none of them is ambiguous: the gate asks for --direction
+# rather than guess, since a wrong guess turns a regression into a GO.
 LOWER_IS_BETTER = ("loss", "ppl", "perplexity", "wasserstein", "mae", "error", "misaligned", "unscored")
+HIGHER_IS_BETTER = ("accuracy", "acc", "aligned", "coherent", "pearson", "correlation", "f1", "exact_match", "bleu", "rouge")
 DIRECTIONS = ("lower", "higher")
-_EVAL_FILE = re.compile(r"step-(\d+)\.json")
 # Float round-off must not turn an exact hit into NO-GO: (0.3 - 0.285) / 0.3 is 0.04999999999999999.
 _TOLERANCE = 1e-9
 
@@ -59,33 +66,73 @@ def parse_min_improvement(text: str) -> float:
     return value
 
 
-def infer_direction(metric: str) -> tuple[str, str | None]:
-    """Which way is better for `metric`: ("lower", word that decided it) or ("higher", None).
+def infer_direction(metric: str, rules: dict[str, str] | None = None) -> tuple[str | None, str]:
+    """Which way is better for `metric`: ("lower" | "higher", why) or (None, why not) when it is ambiguous.
 
-    Only the leaf name (after the last ".") counts, so a suite called "loss_probe" does not flip its accuracy metrics.
+    A judge-suite rate (`<suite>.<name>_rate[_filtered]`) whose rule is in `rules` (rate name -> rule) is read
+    from its rule's criterion: `aligned < 30` counts answers scoring *below* a threshold on a judge score, the
+    emergent-misalignment convention for a bad-answer rate, so lower is better (unless the score itself is
+    lower-is-better by name, e.g. `error < 5`, which counts good answers). `coherent > 50` counts answers above
+    a threshold: better in the direction of its score, ambiguous when the score's name does not say.
+    Anything else is read from the leaf name (after the last "."), so a suite called "loss_probe" does not flip
+    its accuracy metrics.
     """
+    rate = rates.rate_name(metric)
+    rule = (rules or {}).get(rate) if rate is not None else None
+    if rule is not None:
+        score, op, value = parse_rate(rule)[0]
+        score_direction = _by_name(score)
+        criterion = f"{score} {op} {value:g}"
+        if op in ("<", "<="):
+            if score_direction == "lower":
+                return "higher", f"rule '{rule}': it counts answers with a low {score}, and lower {score} is better"
+            return "lower", f"rule '{rule}': it counts answers scoring below a threshold ({criterion})"
+        if score_direction is None:
+            return None, f"rule '{rule}' counts answers with {criterion}, and the name '{score}' does not say whether that is good"
+        return score_direction, f"rule '{rule}': it counts answers with {criterion}, and {score_direction} {score} is better"
+    direction = _by_name(metric.rsplit(".", 1)[-1])
     leaf = metric.rsplit(".", 1)[-1].lower()
-    for word in LOWER_IS_BETTER:
-        if word in leaf:
-            return "lower", word
-    return "higher", None
+    if direction is None:
+        return None, f"its name contains none of {', '.join(LOWER_IS_BETTER + HIGHER_IS_BETTER)}"
+    word = next(w for w in (LOWER_IS_BETTER if direction == "lower" else HIGHER_IS_BETTER) if w in leaf)
+    return direction, f"its name contains {word!r}"
+
+
+def _by_name(name: str) -> str | None:
+    leaf = name.lower()
+    if any(word in leaf for word in LOWER_IS_BETTER):
+        return "lower"
+    if any(word in leaf for word in HIGHER_IS_BETTER):
+        return "higher"
+    return None
 
 
 def _eval_files(run_dir: Path) -> dict[int, Path]:
     """Step -> eval file for every eval/step-N.json of the run; anything else in eval/ is ignored."""
+    if not run_dir.exists():
+        raise _Missing(f"run directory {run_dir} does not exist; give the output.dir of an evaluated run")
     if not run_dir.is_dir():
-        raise _Missing(f"run directory {run_dir} does not exist")
-    eval_dir = run_dir / "eval"
+        raise _Missing(f"{run_dir} is a file, not a run directory; give the folder holding eval/")
+    eval_dir = run_dir / rundir.EVAL_DIR
     if not eval_dir.is_dir():
-        raise _Missing(f"{run_dir} has no eval/ folder: run `finetrack eval {run_dir}` first")
-    files = {}
-    for path in eval_dir.iterdir():
-        match = _EVAL_FILE.fullmatch(path.name)
-        if match and path.is_file():
-            files[int(match.group(1))] = path
+        what = "" if rundir.is_run_dir(run_dir) else f" and no {rundir.CONFIG_FILE}: it is not a run directory"
+        raise _Missing(f"{run_dir} has no eval/ folder{what}; run `finetrack eval RUN_DIR` on a trained run first")
+    files = rundir.eval_files(run_dir)
     if not files:
         raise _Missing(f"{eval_dir} holds no step-NNNNNN.json eval files: run `finetrack eval {run_dir}` first")
     return files
+
+
+def _rules(run_dir: Path, records: list[dict], metric: str) -> dict[str, str]:
+    """Rate name -> rule of the metric's suite: from the eval records (what was computed), else config.resolved.yaml."""
+    suite = metric.rsplit(".", 1)[0] if "." in metric else ""
+    for record in records:
+        found = (record.get("suites") or {}).get(suite, {}).get("rates") if isinstance(record.get("suites"), dict) else None
+        if isinstance(found, dict):
+            return found
+    if rundir.is_run_dir(run_dir):
+        return rundir.judge_rates(rundir.read_config(run_dir)).get(suite, {})
+    return {}
 
 
 def _list_steps(steps: list[int]) -> str:
@@ -95,8 +142,8 @@ def _list_steps(steps: list[int]) -> str:
     return ", ".join(map(str, steps))
 
 
-def _read_metric(files: dict[int, Path], step: int, metric: str, role: str, run_dir: Path) -> float:
-    """The value of `metric` at `step`; raises _Missing naming the file and the metrics it does hold."""
+def _read_record(files: dict[int, Path], step: int, role: str, run_dir: Path) -> dict:
+    """The eval record of `step`; raises _Missing naming the steps there are, EvalError for a garbled file."""
     path = files.get(step)
     if path is None:
         hint = " (step 0 is the base model)" if step == 0 else ""
@@ -104,13 +151,12 @@ def _read_metric(files: dict[int, Path], step: int, metric: str, role: str, run_
             f"no eval file for {role} step {step}{hint} in {run_dir / 'eval'}; evaluated steps: {_list_steps(list(files))}. "
             f"Pick one of those or run `finetrack eval {run_dir}`"
         )
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise _Missing(f"cannot read {path}: {e}; re-run `finetrack eval {run_dir}` to rewrite it") from None
-    metrics = record.get("metrics") if isinstance(record, dict) else None
-    if not isinstance(metrics, dict):
-        raise _Missing(f"{path} has no 'metrics' object; re-run `finetrack eval {run_dir}` to rewrite it")
+    return rundir.read_eval(path, run_dir)
+
+
+def _read_metric(record: dict, path: Path, step: int, metric: str, role: str) -> float:
+    """The value of `metric` in one eval record; raises _Missing naming the file and the metrics it does hold."""
+    metrics = record.get("metrics") or {}
 
     def is_number(v: object) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -140,14 +186,15 @@ def gate(
     out: Callable[[str], None] = print,
     err: Callable[[str], None] = _to_stderr,
 ) -> int:
-    """Compare `metric` at `step` with `baseline` and say GO (0), NO-GO (1) or missing data (2).
+    """Compare `metric` at `step` with `baseline` and say GO (0), NO-GO (1) or missing data / bad input (2).
 
-    The verdict block goes to `out` (stdout); the "error: ..." line for missing data to `err` (stderr),
+    The verdict block goes to `out` (stdout); the one "error: ..." line for missing data to `err` (stderr),
     so a pipeline that reads the verdict from stdout never mistakes an error for it.
 
     step: "latest" (the highest step with an eval file) or a step number. min_improvement: "5%" or "0.05";
-    negative tolerates that much regression. direction: "lower" / "higher" is better; None infers it from the
-    metric name and says so. The improvement is relative to |baseline value|, or absolute when that is exactly 0.
+    negative tolerates that much regression. direction: "lower" / "higher" is better; None infers it (from a
+    rate's rule or the metric's name) and says how, and refuses a metric whose direction is ambiguous.
+    The improvement is relative to |baseline value|, or absolute when that is exactly 0.
     Raises ValueError for a malformed step, threshold or direction.
     """
     threshold = parse_min_improvement(min_improvement)
@@ -166,23 +213,36 @@ def gate(
             raise _Missing(
                 f"evaluated step {step_num} is the baseline step{only}: evaluate a checkpoint with `finetrack eval {run_dir}` or pick --step"
             )
-        base_value = _read_metric(files, baseline, metric, "baseline", run_dir)
-        value = _read_metric(files, step_num, metric, "evaluated", run_dir)
-    except _Missing as e:
+        base_record = _read_record(files, baseline, "baseline", run_dir)
+        record = _read_record(files, step_num, "evaluated", run_dir)
+        base_value = _read_metric(base_record, files[baseline], baseline, metric, "baseline")
+        value = _read_metric(record, files[step_num], step_num, metric, "evaluated")
+        if direction is None:
+            direction, why = infer_direction(metric, _rules(run_dir, [record, base_record], metric))
+            if direction is None:
+                raise _Missing(
+                    f"--direction: which way is better for {metric!r} is ambiguous ({why}); pass --direction lower or --direction higher"
+                )
+            how = f"{direction} is better: {why}"
+            told = f"{how}; pass --direction {'higher' if direction == 'lower' else 'lower'} if not"
+        else:
+            how = told = f"{direction} is better; as given"
+    except (_Missing, EvalError, ConfigError) as e:
         err(f"error: {e}")
         return MISSING
 
-    if direction is None:
-        direction, word = infer_direction(metric)
-        other = "higher" if direction == "lower" else "lower"
-        why = f"its name contains {word!r}" if word else f"its name contains none of {', '.join(LOWER_IS_BETTER)}"
-        how = f"assumed because {why}; pass --direction {other} if not"
-    else:
-        how = "as given"
+    is_rate = rates.is_rate(metric)
+
+    def show(v: float) -> str:
+        return rates.show(v, metric) if is_rate else f"{v:.6g}"
+
     improvement = value - base_value if direction == "higher" else base_value - value
     if base_value == 0:
         # A relative change from 0 is undefined; the difference itself, in the metric's units, is the honest figure.
-        change, shown, needed = improvement, f"{improvement:+.6g}", f"{threshold:+.6g}"
+        change = improvement
+        shown, needed = (
+            (f"{100 * improvement:+.2f} pts", f"{100 * threshold:+.2f} pts") if is_rate else (f"{improvement:+.6g}", f"{threshold:+.6g}")
+        )
         change_text = f"{shown} (absolute difference: the baseline is exactly 0, so there is no relative change)"
         threshold_text = f"at least {needed} (absolute, since the baseline is 0)"
     else:
@@ -190,12 +250,12 @@ def gate(
         change_text = f"{shown} ({'improvement' if change > 0 else 'regression' if change < 0 else 'no change'})"
         threshold_text = f"at least {needed}" + (f" (a regression of up to {-threshold * 100:.2f}% is tolerated)" if threshold < 0 else "")
 
-    out(f"metric:    {metric} ({direction} is better; {how})")
-    out(f"baseline:  step {baseline}: {base_value:.6g}")
-    out(f"evaluated: step {step_num}: {value:.6g}")
+    out(f"metric:    {metric} ({told})")
+    out(f"baseline:  step {baseline}: {show(base_value)}")
+    out(f"evaluated: step {step_num}: {show(value)}")
     out(f"change:    {change_text}")
     out(f"threshold: {threshold_text}")
-    moved = f"{metric} went {base_value:.6g} -> {value:.6g} (step {baseline} -> {step_num}), a change of {shown}"
+    moved = f"{metric} {show(value)} at step {step_num} vs {show(base_value)} at step {baseline} ({how}), a change of {shown}"
     if change >= threshold - _TOLERANCE:
         out(f"GO: {moved}, meeting the required {needed}")
         return GO
@@ -234,7 +294,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         # argparse reads a bare "-2%" as an unknown option (only plain numbers like -0.02 pass), hence the "=" form in the help.
         help="required improvement over the baseline: '5%%' or '0.05' (default 5%%); negative tolerates a regression: --min-improvement=-2%%",
     )
-    parser.add_argument("--direction", choices=DIRECTIONS, help="which way is better for the metric (default: inferred from its name)")
+    parser.add_argument(
+        "--direction",
+        choices=DIRECTIONS,
+        help="which way is better for the metric (default: inferred from a rate's rule or the metric's name; required when ambiguous)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:

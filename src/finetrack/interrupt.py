@@ -18,8 +18,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-import torch
-
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # StopFlag phase -> (what the first signal does, what a second one leaves undone)
 _SAY = {
@@ -103,6 +101,8 @@ class StopFlag:
         """The signal number if any process was signalled (all processes agree, so they stop at the same step)."""
         if accelerator.num_processes == 1:
             return self.signum
+        import torch  # here, not at the top: the CLI imports Interrupted, and report / gate must not load torch
+
         flag = torch.tensor([self.signum or 0], device=accelerator.device)
         flag = accelerator.reduce(flag, reduction="max")  # signal numbers differ only if two arrive at once
         return int(flag.item()) or None

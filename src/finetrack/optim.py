@@ -6,6 +6,7 @@ value logged is exactly the value used.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -28,6 +29,13 @@ def lr_at(step: int, peak_lr: float, warmup_steps: int, total_steps: int, schedu
     if schedule == "linear":
         return peak_lr * (1.0 - progress)
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def check_optimizer(cfg: TrainConfig) -> None:
+    """Before the model loads: the configured optimizer's package is installed (paged ones also need CUDA:
+    config.resolve checks that, knowing the device)."""
+    if cfg.optimizer != "adamw" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"train.optimizer={cfg.optimizer} needs bitsandbytes: pip install bitsandbytes, or set train.optimizer=adamw")
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:

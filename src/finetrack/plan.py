@@ -1,8 +1,9 @@
 """`finetrack plan CONFIG`: what a run will need before it runs — data, schedule, memory fit, time and cost.
 
 data (the same preparation as train) -> schedule (the same resolve() as train) -> workload (the real
-data order: the largest micro-batch, tokens to train) -> memory (memory.py) -> time and cost (a FLOPs
-estimate with its assumptions stated, or --measure: a few real optimizer steps on this machine).
+data order: the largest micro-batch, tokens to train) -> memory (memory.py) -> time and cost (target.py: a
+FLOPs estimate with its assumptions stated, or --measure: a few real optimizer steps on this machine) -> the
+eval phase (evaluate/cost.py: `finetrack eval` over the base model and the scheduled checkpoints).
 Nothing is trained and no weights are loaded unless --measure is given.
 """
 
@@ -10,10 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import re
 import tempfile
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -21,82 +19,25 @@ from pathlib import Path
 
 from . import memory
 from .batches import attn_tokens_for, micro_batch_shape, step_rows
-from .config import Config, ConfigError, Environment, effective_dump, resolve
+from .config import Config, ConfigError, Environment, measure_dump, resolve
 from .data import Example, prepare
+from .evaluate import cost as eval_cost
+from .fit import ranked_changes
+from .target import (  # noqa: F401  (parse_bytes, target_for, _gpu_key: re-exported, the CLI and tests import them from here)
+    CPU_UTILIZATION,
+    GPU_UTILIZATION,
+    Target,
+    _gpu_key,
+    flops_per_micro_batch_tokens,
+    parse_bytes,
+    probe_cpu_flops,
+    target_for,
+)
 
-# Peak dense tensor throughput (bf16; fp16 for T4, which has no bf16) and memory, from vendor datasheets.
-GPUS: dict[str, tuple[float, float, bool]] = {  # name: (TFLOP/s, GiB, bf16)
-    "H200": (989.0, 141, True),
-    "H100": (989.0, 80, True),
-    "A100-80GB": (312.0, 80, True),
-    "A100-40GB": (312.0, 40, True),
-    "L40S": (362.0, 48, True),
-    "A10": (125.0, 24, True),
-    "L4": (121.0, 24, True),
-    "T4": (65.0, 16, False),
-}
-GPU_UTILIZATION = 0.40  # share of peak a fine-tuning step reaches on a GPU (typical model FLOPs utilization)
-# share of the probed fp32 matmul rate a training step reaches on a CPU: the demo config (LoRA on the 135M
-# model) trained at 165 tokens/s = ~1.0 x the probed rate on the 2-core development machine
-CPU_UTILIZATION = 0.90
 CHECKPOINT_WRITE_BYTES_PER_S = 500e6  # local disk, written with fsync
 # meta.json, MANIFEST.json, trainer_state.json (RNG states: ~20 KB), model / adapter configs, PEFT's README.md
 # and the safetensors headers: 30-45 KiB in a checkpoint of the tiny test model, LoRA or full
 CHECKPOINT_SMALL_FILES_BYTES = 40 * 2**10
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KIB|MB|MIB|GB|GIB|TB|TIB)?\s*$", re.IGNORECASE)
-
-
-@dataclass
-class Target:
-    """The machine the run is planned for."""
-
-    device_type: str  # "cuda" | "cpu"
-    name: str
-    peak_flops_per_s: float | None  # None: probe this CPU
-    memory_bytes: int | None
-    bf16: bool
-    num_processes: int = 1
-    this_machine: bool = True  # False for a --gpu this machine does not have: a --measure here does not time it
-
-
-def parse_bytes(text: str) -> int:
-    """'24GB' -> 24 GiB: memory sizes are read in binary units (a '24 GB' GPU has 24 GiB), '1.5TB' too."""
-    m = _SIZE.match(text)
-    if not m:
-        raise ConfigError(f"--device-memory {text!r}: write a size such as 24GB, 80GiB or 16000MB")
-    unit = (m.group(2) or "B").upper().replace("I", "")
-    return int(float(m.group(1)) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}[unit])
-
-
-def target_for(gpu: str | None, device_memory: str | None, num_processes: int = 1) -> Target:
-    """--gpu NAME, else this machine's CUDA device, else its CPU; --device-memory overrides the memory."""
-    import torch
-
-    mem = parse_bytes(device_memory) if device_memory else None
-    if gpu:
-        key = next((k for k in GPUS if k.lower() == gpu.lower()), None)
-        if key is None:
-            raise ConfigError(f"--gpu {gpu}: known GPUs are {', '.join(GPUS)} (or leave it out to plan for this machine)")
-        tflops, gib, bf16 = GPUS[key]
-        here = torch.cuda.is_available() and _gpu_key(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory) == key
-        return Target("cuda", key, tflops * 1e12, mem or int(gib * 2**30), bf16, num_processes, here)
-    if torch.cuda.is_available():
-        name, total = torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory
-        key = _gpu_key(name, total)
-        return Target("cuda", name, GPUS[key][0] * 1e12 if key else None, mem or total, torch.cuda.is_bf16_supported(), num_processes)
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # a CPU run's memory is the machine's RAM
-    return Target("cpu", "this CPU", None, mem or ram, False, num_processes)
-
-
-def _gpu_key(device_name: str, memory_bytes: int | None = None) -> str | None:
-    """The GPUS entry a CUDA device name is, the model matched as a whole word ("NVIDIA A10" is not an A100,
-    "NVIDIA L4" not an L40S); an A100 by the size its name states ("A100-SXM4-40GB"), else by `memory_bytes`."""
-    words = set(re.split(r"[^A-Z0-9]+", device_name.upper()))
-    matches = [k for k in GPUS if k.upper().partition("-")[0] in words]
-    stated = [k for k in matches if k.upper().partition("-")[2] in words - {""}]
-    if stated or len(matches) < 2 or memory_bytes is None:
-        return (stated or matches or [None])[0]
-    return min(matches, key=lambda k: abs(GPUS[k][1] * 2**30 - memory_bytes))
 
 
 # ---------------------------------------------------------------------------------------- workload
@@ -160,35 +101,6 @@ def capped(examples: list[Example], cfg: Config) -> list[Example]:
     if cfg.data.on_overflow == "drop":
         return [e for e in examples if len(e.input_ids) <= n]
     return [e if len(e.input_ids) <= n else Example(e.input_ids[:n], e.labels[:n], e.source, e.line) for e in examples]
-
-
-# ------------------------------------------------------------------------------------------- FLOPs
-def flops_per_micro_batch_tokens(arch: memory.Architecture, method: str, gradient_checkpointing: bool) -> tuple[float, float, float]:
-    """(FLOPs per computed token, per target token, per attention score cell) of one training step.
-
-    Forward: 2 x the decoder's linear parameters per token, 2 x vocab x hidden per target token (logits
-    are computed only there), 4 x layers x heads x head_dim per attention score cell (QK^T and AV, dense).
-    Backward: 2 x forward for a full fine-tune (activation and weight gradients), 1 x forward when the
-    base is frozen (LoRA / QLoRA: activation gradients only; the adapters are negligible).
-    Gradient checkpointing runs the forward once more."""
-    multiplier = (3 if method == "full" else 2) + (1 if gradient_checkpointing else 0)
-    per_token = 2 * arch.num_layers * arch.num_layer_linear_params * multiplier
-    per_target = 2 * arch.vocab_size * arch.hidden_size * multiplier
-    per_cell = 4 * arch.num_layers * arch.num_heads * arch.head_dim * multiplier
-    return per_token, per_target, per_cell
-
-
-def probe_cpu_flops(seconds: float = 0.5) -> float:
-    """fp32 matmul FLOP/s this CPU sustains (a 1024^3 product repeated for about `seconds`)."""
-    import torch
-
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b  # warm-up
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        n += 1
-    return 2 * 1024**3 * n / (time.perf_counter() - start)
 
 
 # -------------------------------------------------------------------------------------------- plan
@@ -265,7 +177,7 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
                 steps = min(total_steps, max(1, len(examples) // per_step))
             return workload(examples, changed, steps, target.num_processes, attn).largest
 
-        changes = memory.ranked_changes(cfg, arch, work_for, target.device_type, target.memory_bytes, base=work.largest)
+        changes = ranked_changes(cfg, arch, work_for, target.device_type, target.memory_bytes, base=work.largest)
         mem["changes"] = [vars(c) for c in changes]
 
     # --- time and cost
@@ -300,9 +212,7 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     eval_s = eval_flops / rate
     ckpt_bytes = checkpoint_bytes(cfg, arch, tokenizer_bytes(tokenizer))
     ckpt_s = len(res["checkpoint_steps"]) * ckpt_bytes / CHECKPOINT_WRITE_BYTES_PER_S
-    assumptions.append(
-        f"checkpoints written at {CHECKPOINT_WRITE_BYTES_PER_S / 1e6:.0f} MB/s; model loading and `finetrack eval` suites not counted"
-    )
+    assumptions.append(f"checkpoints written at {CHECKPOINT_WRITE_BYTES_PER_S / 1e6:.0f} MB/s; loading the model for training not counted")
     timing = {
         "train_tokens": work.train_tokens,
         "computed_tokens": work.computed_tokens,
@@ -338,6 +248,13 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     timing["hours"] = timing["total_s"] / 3600
     timing["cost"] = None if price_per_hour is None else timing["hours"] * price_per_hour
     timing["price_per_hour"] = price_per_hour
+    # `finetrack eval` afterwards (or beside, with --watch): a phase of its own, at the same (estimated) rate
+    eval_phase = eval_cost.estimate(cfg, arch, tokenizer, len(res["checkpoint_steps"]), rate, data.eval)
+    assumptions += eval_phase.assumptions
+    timing["eval_phase"] = {
+        **dataclasses.asdict(eval_phase),
+        "cost": None if price_per_hour is None else eval_phase.total_s / 3600 * price_per_hour,
+    }
 
     # per source: rows read (counted by the data stage), kept, held out; read - kept - held out = dropped there
     read = data.report["train"]["rows_read_by_source"]
@@ -397,12 +314,10 @@ def measure(cfg: Config, steps: int) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory(prefix="finetrack-plan-") as tmp:
-        tree = effective_dump(cfg)  # the trial: these steps only, nothing but metrics and one checkpoint written
-        for key in [k for k in tree["train"] if k.startswith(("sample_", "report_"))]:
-            del tree["train"][key]
+        # the trial: these steps only, nothing but metrics and one checkpoint written; what it leaves out (samples,
+        # trackers, checkpoint rules, eval, output) is marked on each field (Knob measured=False in config.py)
+        tree = measure_dump(cfg)
         tree["train"].update(max_steps=steps, num_epochs=None, log_every_steps=1)
-        tree["checkpoint"] = {}
-        tree["eval"] = {**tree["eval"], "loss_every_steps": None, "suites": []}
         tree["output"] = {"dir": tmp}
         run(Config.model_validate(tree))
         records = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
@@ -411,7 +326,7 @@ def measure(cfg: Config, steps: int) -> dict:
         (records[0]["tokens"], records[0]["tokens_per_s"])
     ]
     tokens_per_s = sum(t for t, _ in timed) / sum(t / r for t, r in timed)
-    return {"steps": steps, "tokens_per_s": tokens_per_s, "peak_mem_mb": max(r["peak_mem_mb"] for r in records), "device": device}
+    return {"steps": steps, "tokens_per_s": tokens_per_s, "peak_mem_mib": max(r["peak_mem_mib"] for r in records), "device": device}
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -438,7 +353,7 @@ def render(plan: Plan) -> str:
             f"({reasons.get('steps_per_epoch', '')}); global batch {s['global_batch_size']} rows; warmup {s['warmup_steps']} steps"
         ),
     ]
-    lines.append("  " + describe({step: rules.split("+") for step, rules in s["checkpoint_steps"].items()}))
+    lines.append("  " + describe({step: rules.split("+") for step, rules in s["checkpoint_steps"].items()}, s["steps_per_epoch"]))
     lines.append(
         f"  held-out loss at steps {_list(s['eval_loss_steps'])}"
         if s["eval_loss_steps"]
@@ -487,6 +402,7 @@ def render(plan: Plan) -> str:
         f"  training {_hours(t['train_s'])} + held-out loss {_hours(t['eval_loss_s'])} + {t['num_checkpoints']} checkpoint(s) of "
         f"{memory.mib(t['checkpoint_bytes'])} {_hours(t['checkpoint_s'])} = {_hours(t['total_s'])}{cost}"
     )
+    lines.append(_eval_phase_line(t["eval_phase"], t["price_per_hour"]))
     if t["measured"] and not t["from_measurement"]:
         lines.append(
             f"  measured on this machine ({t['measured']['device']}, one process): {t['measured']['tokens_per_s']:,.0f} tokens/s, "
@@ -494,9 +410,20 @@ def render(plan: Plan) -> str:
             "the machine it ran on; plan without --gpu to use it)"
         )
     if t["measured"]:
-        lines.append(f"  measured peak memory on this machine: {t['measured']['peak_mem_mb']:,.0f} MiB ({t['measured']['device']})")
+        lines.append(f"  measured peak memory on this machine: {t['measured']['peak_mem_mib']:,.0f} MiB ({t['measured']['device']})")
     lines += ["", "assumptions:", *(f"  - {a}" for a in plan.assumptions)]
     return "\n".join(lines)
+
+
+def _eval_phase_line(e: dict, price_per_hour: float | None) -> str:
+    """`finetrack eval` over the base model and every scheduled checkpoint: a line of its own (an estimate)."""
+    if not e["suites"]:
+        return "  eval phase: no eval.suites (`finetrack eval` has nothing to run)"
+    parts = [f"model loads {_hours(e['load_s'])}"] + [
+        f"{s['name']} ({s['kind']}: {s['per_step']}) {_hours(s['seconds'])}" for s in e["suites"]
+    ]
+    cost = "" if e["cost"] is None else f"; at {price_per_hour:.2f}/h: {e['cost']:.2f}"
+    return f"  eval phase (estimate; base model + {e['num_steps'] - 1} checkpoint(s)): {' + '.join(parts)} = {_hours(e['total_s'])}{cost}"
 
 
 def _list(steps: list[int], max_listed: int = 20) -> str:

@@ -9,7 +9,8 @@ revision, not a user) keeps its `@`. This module imports nothing heavy: the repo
 
 from __future__ import annotations
 
-from urllib.parse import unquote
+import re
+from urllib.parse import quote, unquote
 
 _STOP = " \t\r\n'\"<>()[]{},;"  # characters that end a URL inside free text
 
@@ -57,11 +58,19 @@ def redact(text: str) -> str:
     return "".join(out)
 
 
+# A fragment of a secret this short is left alone: masking every "ab" in a message would garble it, and
+# 3 characters say little about the secret. Longer fragments (between '@', '/' and ':') are masked.
+MIN_FRAGMENT_CHARS = 4
+
+
 def scrub(text: str, url: str) -> str:
     """`text` (e.g. an exception message from a storage backend) with every trace of `url`'s credentials removed:
-    backends echo paths, sometimes with the password alone or percent-decoded."""
+    backends echo paths, sometimes with the password alone, percent-encoded or decoded, or cut at a '@' or '/'
+    (a backend that misreads `s3://user:p@ss/word@bucket` sees a bucket `ss` and a path `word@bucket`)."""
     userinfo = split_userinfo(url)[1]
-    secrets = {userinfo, userinfo.partition(":")[2], unquote(userinfo), unquote(userinfo.partition(":")[2])}
-    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+    whole = {userinfo, userinfo.partition(":")[2]}
+    secrets = {form for s in whole for form in (s, unquote(s), quote(unquote(s), safe=""), quote(unquote(s)))}
+    fragments = {f for s in list(secrets) for f in re.split(r"[@/:]|%40|%2F|%3A", s, flags=re.IGNORECASE) if len(f) >= MIN_FRAGMENT_CHARS}
+    for secret in sorted((s for s in secrets | fragments if s), key=len, reverse=True):
         text = text.replace(secret, "***")
     return redact(text)

@@ -17,25 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint
+from . import checkpoint, runlock
 from .checkpoint import CheckpointError
-from .config import ConfigError
+from .config import Config, ConfigError, harmless_on_resume_prefixes
 from .schema import flatten
 
 log = logging.getLogger("finetrack")
 
-# Config keys that may change between the run that wrote a checkpoint and the run that resumes it.
-# Samples and trackers only watch the training: they never change its numbers.
-HARMLESS_PREFIXES = (
-    "train.max_steps",
-    "train.num_epochs",
-    "train.log_every_steps",
-    "train.sample_",
-    "train.report_",
-    "eval.",
-    "checkpoint.",
-    "output.",
-)
+# Config keys that may change between the run that wrote a checkpoint and the run that resumes it (run length,
+# logging, samples, trackers, checkpoints, eval, output): marked on each field (Knob harmless_on_resume, config.py).
+HARMLESS_PREFIXES = harmless_on_resume_prefixes(Config)
 FRESH_ENV = "FINETRACK_FRESH"
 
 
@@ -96,7 +87,7 @@ def find_start(run_dir: Path, remote: str | None, request: Request, warn: Callab
                 "fix or remove them, resume another one with --resume-from PATH, or start over with --fresh"
             )
         return None
-    _set_aside_newer(run_dir, checkpoint.read_meta(start)["step"])
+    _set_aside_newer(run_dir, checkpoint.check_resumable(start)["step"])
     return start
 
 
@@ -173,6 +164,10 @@ def _explicit(spec: str, run_dir: Path) -> Path:
         raise ConfigError(f"--resume-from {path}: {e}") from None
     if not checkpoint.is_resumable(manifest):
         raise ConfigError(f"--resume-from {path}: weights only (its resume state was removed); evaluate it, or resume a newer checkpoint")
+    try:
+        checkpoint.check_resumable(path)
+    except CheckpointError as e:
+        raise ConfigError(f"--resume-from {path}: {e}") from None
     return path
 
 
@@ -193,7 +188,8 @@ def _start_over(run_dir: Path, remote: str | None, delete_remote: bool) -> None:
                 f"--fresh: {storage.redact(remote)} still holds the previous run's checkpoints, which a later resume would pick up. "
                 "Add --delete-remote to delete them, or set checkpoint.remote to a new URL"
             )
-    old = [p for p in run_dir.iterdir() if p.name != "superseded"] if run_dir.is_dir() else []
+    # the lock stays: moved aside, a second process would create and lock a new file of the same name
+    old = [p for p in run_dir.iterdir() if p.name not in ("superseded", runlock.LOCK_FILE)] if run_dir.is_dir() else []
     if not old:
         return
     aside = _aside_dir(run_dir)

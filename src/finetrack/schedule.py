@@ -45,15 +45,16 @@ def checkpoint_steps(
     steps_per_epoch: int,
     total_steps: int,
     every_steps: int | None = None,
-    per_epoch: int | None = None,
-    first_epoch: int | None = None,
+    num_per_epoch: int | None = None,
+    num_first_epoch: int | None = None,
     steps: list[int] | tuple[int, ...] = (),
-    log_spaced_n: int | None = None,
+    num_log_spaced: int | None = None,
 ) -> dict[int, list[str]]:
     """Every checkpoint step of a run, ascending, with the rules that produced it ('last' for the final step).
 
-    Example from the README: 2000 rows, micro batch 8, accumulation 2 -> 125 steps per epoch;
-    first_epoch=4, per_epoch=1, 3 epochs -> {31, 63, 94, 125, 250, 375}.
+    A rule is named after its setting without the count prefix ('first_epoch' for checkpoint.num_first_epoch);
+    those names are stored in each checkpoint's meta.json. Example from the README: 2000 rows, micro batch 8,
+    accumulation 2 -> 125 steps per epoch; num_first_epoch=4, num_per_epoch=1, 3 epochs -> {31, 63, 94, 125, 250, 375}.
     """
     wanted: dict[int, list[str]] = {}
 
@@ -61,48 +62,75 @@ def checkpoint_steps(
         if 1 <= step <= total_steps and rule not in wanted.setdefault(step, []):
             wanted[step].append(rule)
 
-    for rule, n in (("per_epoch", per_epoch), ("first_epoch", first_epoch)):
+    for rule, n in (("per_epoch", num_per_epoch), ("first_epoch", num_first_epoch)):
         if n is not None and n > steps_per_epoch:
             raise ScheduleError(
-                f"checkpoint.{rule}={n} but an epoch has only {steps_per_epoch} optimizer steps: use at most {steps_per_epoch}"
+                f"checkpoint.num_{rule}={n} but an epoch has only {steps_per_epoch} optimizer steps: use at most {steps_per_epoch}"
             )
     if every_steps is not None:
         for s in range(every_steps, total_steps + 1, every_steps):
             add(s, "every_steps")
-    if first_epoch is not None:
-        for s in evenly_spaced(steps_per_epoch, first_epoch):
+    if num_first_epoch is not None:
+        for s in evenly_spaced(steps_per_epoch, num_first_epoch):
             add(s, "first_epoch")
-    if per_epoch is not None:
+    if num_per_epoch is not None:
         num_epochs = math.ceil(total_steps / steps_per_epoch)
         for e in range(num_epochs):
-            for s in evenly_spaced(steps_per_epoch, per_epoch):
+            for s in evenly_spaced(steps_per_epoch, num_per_epoch):
                 add(e * steps_per_epoch + s, "per_epoch")
     late = sorted(s for s in steps if s > total_steps)
     if late:
         raise ScheduleError(f"checkpoint.steps {late} lie after the last step ({total_steps}): remove them or train longer")
     for s in steps:
         add(s, "steps")
-    if log_spaced_n is not None:
-        if log_spaced_n > total_steps:
-            raise ScheduleError(f"checkpoint.log_spaced={log_spaced_n} but the run has only {total_steps} steps")
-        for s in log_spaced(total_steps, log_spaced_n):
+    if num_log_spaced is not None:
+        if num_log_spaced > total_steps:
+            raise ScheduleError(f"checkpoint.num_log_spaced={num_log_spaced} but the run has only {total_steps} steps")
+        for s in log_spaced(total_steps, num_log_spaced):
             add(s, "log_spaced")
     add(total_steps, "last")
     return {s: wanted[s] for s in sorted(wanted)}
 
 
-def describe(schedule: dict[int, list[str]], max_listed: int = 40) -> str:
-    """`31, 63, 94, 125, 250, 375` (long lists elided in the middle) with a count per rule."""
-    steps = list(schedule)
-    shown = steps if len(steps) <= max_listed else [*steps[: max_listed // 2], "...", *steps[-max_listed // 2 :]]
-    counts: dict[str, int] = {}
-    for rules in schedule.values():
+def describe(schedule: dict[int, list[str]], steps_per_epoch: int | None = None, max_listed: int = 40) -> str:
+    """The schedule as rules a person reads, e.g. `6 checkpoints: 4 evenly spaced in epoch 1 (num_first_epoch: steps
+    31, 63, 94, 125); 1 at the end of every epoch (num_per_epoch: steps 125, 250, 375); and the last step, 375`.
+
+    `steps_per_epoch` lets the per-epoch rule say how many per epoch; long step lists are elided in the middle."""
+    by_rule: dict[str, list[int]] = {}
+    for step, rules in schedule.items():
         for r in rules:
-            counts[r] = counts.get(r, 0) + 1
-    return (
-        f"{len(steps)} checkpoint(s) at steps "
-        + ", ".join(map(str, shown))
-        + " ("
-        + ", ".join(f"{r}: {n}" for r, n in counts.items())
-        + ")"
-    )
+            by_rule.setdefault(r, []).append(step)
+    parts = []
+    order = ["every_steps", "first_epoch", "per_epoch", "steps", "log_spaced"]
+    for rule, steps in sorted(by_rule.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
+        listed = _elided(steps, max_listed)
+        if rule == "every_steps":
+            parts.append(f"every {steps[0]} steps (every_steps: steps {listed})")
+        elif rule == "first_epoch":
+            parts.append(f"{len(steps)} evenly spaced in epoch 1 (num_first_epoch: steps {listed})")
+        elif rule == "per_epoch":
+            n = sum(s <= steps_per_epoch for s in steps) if steps_per_epoch else None
+            what = (
+                f"{n} evenly spaced in every epoch"
+                if n and n > 1
+                else "1 at the end of every epoch"
+                if n
+                else "evenly spaced in every epoch"
+            )
+            parts.append(f"{what} (num_per_epoch: steps {listed})")
+        elif rule == "steps":
+            parts.append(f"the listed steps (steps: {listed})")
+        elif rule == "log_spaced":
+            parts.append(f"{len(steps)} spaced evenly in log(step) (num_log_spaced: steps {listed})")
+        elif rule != "last":
+            parts.append(f"{rule}: steps {listed}")
+    last = max(schedule) if schedule else 0
+    tail = f"the last step, {last}" if last else ""
+    text = "; ".join(parts) + ("; and " if parts else "") + tail
+    return f"{len(schedule)} checkpoint{'s' if len(schedule) != 1 else ''}: {text}"
+
+
+def _elided(steps: list[int], max_listed: int) -> str:
+    shown = steps if len(steps) <= max_listed else [*steps[: max_listed // 2], "...", *steps[-max_listed // 2 :]]
+    return ", ".join(map(str, shown))

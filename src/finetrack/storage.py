@@ -9,7 +9,7 @@ Downloads land in a hidden temporary folder, are verified in full, then renamed 
 
 URLs are anything fsspec opens: s3://bucket/prefix, gs://..., hf://..., file:///abs/path or a plain
 local path. Credentials come from each backend's usual environment variables and config files, never
-from the URL (refused where the backend would not take them), and every message passes URLs through
+from the URL (refused: the URL is saved with the run), and every message passes URLs through redact.py's
 `redact()`. The S3 endpoint (MinIO, R2, a test server) is set with AWS_ENDPOINT_URL, which botocore
 under s3fs reads when the filesystem is first created in a process; AWS_MAX_ATTEMPTS and
 AWS_RETRY_MODE set its retries the same way.
@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import queue
-import re
 import shutil
 import threading
 import time
@@ -33,47 +32,38 @@ from fsspec.implementations.local import LocalFileSystem
 
 from . import checkpoint
 from .checkpoint import MANIFEST, CheckpointError
+from .redact import has_credentials, redact, scrub
 
 # The run-level files a remote copy holds: a run resumed on an empty machine continues their history.
 LOG_FILES = ("metrics.jsonl", "samples.jsonl")  # the run's history, appended step by step (sampling.SAMPLES_FILE)
 RUN_FILES = ("config.resolved.yaml", "data_report.json", *LOG_FILES)
 # Written by the Uploader into the local run directory (read by the report); never uploaded.
 REMOTE_RECORD = "remote.json"
-_USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
-
-
-def redact(url: str) -> str:
-    """`url` (or any text holding URLs) without the `user:password@` part."""
-    return _USERINFO.sub("", url)
 
 
 def describe_error(error: BaseException, url: str) -> str:
     """An exception's text on one line, safe to log: backends echo paths, and those may hold the URL's credentials."""
-    text = " ".join(str(error).split())[:300] or type(error).__name__
-    userinfo = match.group(0)[:-1] if (match := _USERINFO.search(url)) else ""
-    for secret in (userinfo, userinfo.partition(":")[2]):
-        text = text.replace(secret, "***") if secret else text
-    return redact(text)
+    return scrub(" ".join(str(error).split())[:300] or type(error).__name__, url)
 
 
 def check_url(url: str) -> None:
     """Fail early on a backend that is not installed, or on credentials the backend would not take from the URL."""
-    protocol = fsspec.core.split_protocol(url)[0] or "file"
-    fsspec.get_filesystem_class(protocol)  # ImportError naming the package to install
-    if _USERINFO.search(url):  # the URL is saved in config.resolved.yaml and meta.json: it must hold no secret
+    if has_credentials(url):  # the URL is saved in config.resolved.yaml and meta.json: it must hold no secret
         raise ValueError(
             f"{redact(url)}: put no credentials in the URL (it is saved with the run and shown in messages); "
             "set them the backend's usual way, e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws/credentials for s3"
         )
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    fsspec.get_filesystem_class(protocol)  # ImportError naming the package to install
 
 
-def _open(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+def open_url(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     check_url(url)
     fs, root = fsspec.core.url_to_fs(url)
     return fs, root.rstrip("/")
 
 
-def _where(url: str, *parts: str) -> str:
+def location(url: str, *parts: str) -> str:
     """A remote location as messages show it: the redacted URL joined with `parts`."""
     return "/".join([redact(url).rstrip("/"), *parts])
 
@@ -94,9 +84,9 @@ def _put_file(fs: fsspec.AbstractFileSystem, rpath: str, lpath: Path | None = No
         fs.put_file(str(lpath), rpath)
 
 
-def _remote_manifest(fs: fsspec.AbstractFileSystem, root: str, name: str, url: str) -> tuple[dict, bytes]:
+def remote_manifest(fs: fsspec.AbstractFileSystem, root: str, name: str, url: str) -> tuple[dict, bytes]:
     """(parsed, raw bytes) of the MANIFEST.json of remote checkpoint `name`; CheckpointError naming it otherwise."""
-    where = _where(url, "checkpoints", name, MANIFEST)
+    where = location(url, "checkpoints", name, MANIFEST)
     try:
         raw = fs.cat_file(f"{root}/checkpoints/{name}/{MANIFEST}")
     except FileNotFoundError:
@@ -114,10 +104,10 @@ def push_checkpoint(folder: Path, url: str) -> bool:
     """
     folder = Path(folder)
     manifest = checkpoint.verify(folder, full=False)
-    fs, root = _open(url)
+    fs, root = open_url(url)
     rdir = f"{root}/checkpoints/{folder.name}"
     try:
-        if _remote_manifest(fs, root, folder.name, url)[0] == manifest:
+        if remote_manifest(fs, root, folder.name, url)[0] == manifest:
             return False
     except CheckpointError:
         pass  # none yet, or unreadable: replaced like a different one
@@ -131,7 +121,7 @@ def push_checkpoint(folder: Path, url: str) -> bool:
 
 def push_run_files(run_dir: Path, url: str) -> None:
     """Upload the run-level files that exist, so the remote copy is a usable run directory."""
-    fs, root = _open(url)
+    fs, root = open_url(url)
     for name in RUN_FILES:
         if (path := Path(run_dir) / name).is_file():
             data = path.read_bytes()
@@ -147,12 +137,12 @@ def pull_logs(url: str, run_dir: Path) -> list[str]:
     samples.jsonl): its own would start at the resumed step, and its next upload would replace the
     remote history with that partial file.
     """
-    fs, root = _open(url)
+    fs, root = open_url(url)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    return [name for name in LOG_FILES if not (Path(run_dir) / name).exists() and _get_run_file(fs, root, name, Path(run_dir))]
+    return [name for name in LOG_FILES if not (Path(run_dir) / name).exists() and get_run_file(fs, root, name, Path(run_dir))]
 
 
-def _get_run_file(fs: fsspec.AbstractFileSystem, root: str, name: str, dst: Path) -> bool:
+def get_run_file(fs: fsspec.AbstractFileSystem, root: str, name: str, dst: Path) -> bool:
     """Download URL/name to dst/name through a temporary name (readers never see half of one); False if the remote has none."""
     tmp = dst / f".tmp-{name}-{os.getpid()}"
     try:
@@ -168,7 +158,7 @@ def _get_run_file(fs: fsspec.AbstractFileSystem, root: str, name: str, dst: Path
 # ------------------------------------------------------------------------------------ listing
 def remote_steps(url: str) -> list[int]:
     """Steps of the remote checkpoints that have a MANIFEST.json, ascending."""
-    fs, root = _open(url)
+    fs, root = open_url(url)
     fs.invalidate_cache(root)  # s3fs caches listings; polling must see new checkpoints
     try:
         paths = fs.find(f"{root}/checkpoints")  # one listing, not one request per checkpoint
@@ -184,7 +174,7 @@ def remote_steps(url: str) -> list[int]:
 
 def delete_remote_checkpoints(url: str) -> int:
     """Delete URL/checkpoints, each checkpoint's manifest first; returns how many checkpoint folders were deleted."""
-    fs, root = _open(url)
+    fs, root = open_url(url)
     fs.invalidate_cache(root)
     base, deleted = f"{root}/checkpoints", 0
     for path in fs.ls(base, detail=False) if fs.exists(base) else []:
@@ -206,15 +196,15 @@ def pull_checkpoint(url: str, step: int, run_dir: Path) -> Path:
     A local copy that verifies is kept as it is; one that does not is replaced. Any failure raises
     CheckpointError naming the remote file and leaves nothing under a `step-*` name.
     """
-    fs, root = _open(url)
+    fs, root = open_url(url)
     name = f"step-{step:06d}"
-    rdir, where = f"{root}/checkpoints/{name}", _where(url, "checkpoints", name)
+    rdir, where = f"{root}/checkpoints/{name}", location(url, "checkpoints", name)
     final = checkpoint.checkpoint_dir(run_dir, step)
     tmp = final.parent / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        manifest, raw = _remote_manifest(fs, root, name, url)
+        manifest, raw = remote_manifest(fs, root, name, url)
         if manifest.get("step") != step:
             raise CheckpointError(f"{where}/{MANIFEST}: says step {manifest.get('step')}, expected {step}")
         for rel in manifest["files"]:
@@ -251,11 +241,11 @@ def pull_checkpoint(url: str, step: int, run_dir: Path) -> Path:
 def pull_newest_resumable(url: str, run_dir: Path, warn: Callable[[str], None]) -> Path | None:
     """The newest remote checkpoint with resume state, downloaded and verified; bad ones are named
     through warn() and the previous one is tried. None if there is none."""
-    fs, root = _open(url)
+    fs, root = open_url(url)
     for step in reversed(remote_steps(url)):
         name = f"step-{step:06d}"
         try:
-            if checkpoint.is_resumable(_remote_manifest(fs, root, name, url)[0]):
+            if checkpoint.is_resumable(remote_manifest(fs, root, name, url)[0]):
                 return pull_checkpoint(url, step, run_dir)
             warn(f"skipping remote checkpoint {name}: weights only (its resume state was removed by checkpoint.keep_optimizer_state=last)")
         except CheckpointError as e:
@@ -391,117 +381,3 @@ class Uploader:
                     describe_error(e, self.url),
                 )
         return "failed"
-
-
-# --------------------------------------------------------------------------------------- sync
-def size_text(num_bytes: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if num_bytes >= scale:
-            return f"{num_bytes / scale:.1f} {unit}"
-    return f"{num_bytes} B"
-
-
-def _sweep_stale_downloads(dst: Path, out: Callable[[str], None]) -> None:
-    """Remove the temporary downloads (`.tmp-<name>-<pid>`) of a sync that was killed: another process's, and that process is gone."""
-    leftovers = [*(dst / "checkpoints").glob(".tmp-step-*-*"), *(t for name in RUN_FILES for t in dst.glob(f".tmp-{name}-*"))]
-    for tmp in leftovers:
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
-            out(f"removed {tmp} (left by a sync or resume that was stopped)")
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
-def _sync_once(src: str, dst: Path, out: Callable[[str], None], skipped: dict[str, bytes], quiet: bool) -> list[int]:
-    """One pass of sync(). `skipped` holds the remote manifests that failed, so that a watch retries a
-    checkpoint only once it changes; the summary line is left out when `quiet` and nothing was fetched."""
-    fs, root = _open(src)
-    fetched, total_bytes, present, failed = [], 0, 0, 0
-    for step in remote_steps(src):
-        name, local = f"step-{step:06d}", checkpoint.checkpoint_dir(dst, step)
-        try:
-            remote, raw = _remote_manifest(fs, root, name, src)
-        except CheckpointError as e:
-            out(f"skipped {name}: {e}")
-            failed += 1
-            continue
-        try:
-            mine = checkpoint.verify(local, full=False) if local.is_dir() else None
-        except CheckpointError:
-            mine = None  # a broken local copy: pull_checkpoint replaces it
-        if mine == remote:
-            present += 1
-            continue
-        if skipped.get(name) == raw:
-            failed += 1
-            continue
-        try:
-            if mine is not None:  # never overwrite a good checkpoint
-                raise CheckpointError(f"the local copy differs from {_where(src, 'checkpoints', name)}; delete it to fetch that one")
-            pull_checkpoint(src, step, dst)
-        except CheckpointError as e:
-            out(f"skipped {name}: {e}")
-            skipped[name] = raw
-            failed += 1
-            continue
-        size = sum(f["size"] for f in remote["files"].values()) + len(raw)
-        out(f"fetched {name} ({size_text(size)})")
-        fetched.append(step)
-        total_bytes += size
-    for name in RUN_FILES:  # replaced whole: metrics.jsonl grows while the run trains
-        _get_run_file(fs, root, name, dst)
-    if fetched or not quiet:
-        out(
-            f"{redact(src)} -> {dst}: fetched {len(fetched)} checkpoint(s) ({size_text(total_bytes)}), {present} already present"
-            + (f", {failed} not fetched (see above)" if failed else "")
-        )
-    return fetched
-
-
-def sync(
-    src: str, dst: Path, watch_seconds: float | None = None, out: Callable[[str], None] = print, stop: threading.Event | None = None
-) -> list[int]:
-    """Mirror the complete checkpoints and run files of a run (fsspec URL or local path) into run directory `dst`.
-
-    A checkpoint that fails verification is reported and skipped. With watch_seconds, poll until
-    Ctrl-C or `stop` is set. Returns the steps fetched.
-    """
-    dst = Path(dst)
-    fs, root = _open(src)
-    fs.invalidate_cache(root)
-    expected = "expected a finetrack run directory (holding checkpoints/step-NNNNNN/)"
-    if not fs.exists(root):
-        raise ValueError(f"sync: {redact(src)} does not exist; {expected}")
-    if not fs.isdir(f"{root}/checkpoints"):
-        raise ValueError(f"sync: {redact(src)} has no checkpoints/ folder; {expected}")
-    if isinstance(fs, LocalFileSystem) and Path(root).resolve() == dst.resolve():
-        raise ValueError(f"sync: source and destination are the same directory ({dst})")
-    (dst / "checkpoints").mkdir(parents=True, exist_ok=True)
-    _sweep_stale_downloads(dst, out)  # once: a watch's own temporaries never outlive a poll
-    skipped: dict[str, bytes] = {}
-    if watch_seconds is None:
-        return _sync_once(src, dst, out, skipped, quiet=False)
-    out(f"watching {redact(src)} every {watch_seconds:g} s (Ctrl-C to stop)")
-    stop, fetched = stop or threading.Event(), []
-    try:
-        while True:
-            try:
-                fetched += _sync_once(src, dst, out, skipped, quiet=True)
-            except OSError as e:  # a network hiccup must not end a long watch
-                out(f"poll of {redact(src)} failed: {describe_error(e, src)}; trying again in {watch_seconds:g} s")
-            if stop.wait(watch_seconds):
-                return fetched
-    except KeyboardInterrupt:
-        return fetched

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -22,14 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, resume, sampling, tracking
+from . import checkpoint, processes, resume, runlock, sampling, tracking
 from .batches import IGNORE, Batch, attn_tokens_for, collate, micro_batches, packing_is_exact, step_rows
+from .checkpoint import CheckpointError
 from .config import CheckpointConfig, Config, ConfigError, Environment, Resolved, config_hash, effective_dump, resolve, resolved_yaml
 from .data import Example, prepare, report_line
+from .health import stop_if_diverged
 from .interrupt import Interrupted, StopFlag
-from .metrics import MetricsLog, Window, peak_memory_mb
-from .models import build_model, load_tokenizer, load_weights, save_weights, trainable_report
-from .optim import build_optimizer, lr_at, set_lr
+from .metrics import MetricsLog, Window, peak_memory_mib
+from .models import build_model, check_source, load_tokenizer, load_weights, save_weights, saved_bytes, trainable_report
+from .optim import build_optimizer, check_optimizer, lr_at, set_lr
 from .resume import Request
 
 log = logging.getLogger("finetrack")
@@ -67,17 +69,29 @@ def run(cfg: Config, objective: Objective = causal_lm_objective, request: Reques
     """Train one run as configured, resuming from its newest usable checkpoint, and write its run directory.
 
     Raises Interrupted when SIGTERM / SIGINT / SIGUSR1 arrives: after writing a checkpoint, or at once
-    while starting (loading, downloading), when no optimizer step has been taken.
+    while starting (loading, downloading), when no optimizer step has been taken. A full disk or another
+    write error ends in one CheckpointError naming the file and the free space.
     """
-    with StopFlag() as stop:  # from the first line: a signal while loading exits cleanly too
-        return _run(cfg, objective, request, stop)
+    # from the first line: a signal while loading exits cleanly too; `held` keeps the run directory's lock to the end
+    with StopFlag() as stop, ExitStack() as held:
+        try:
+            return _run(cfg, objective, request, stop, held)
+        except OSError as e:
+            if not checkpoint.is_write_error(e):
+                raise
+            raise CheckpointError(checkpoint.write_error_text(Path(cfg.output.dir), e)) from None
 
 
-def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag) -> RunResult:
+def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag, held: ExitStack) -> RunResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     run_dir = Path(cfg.output.dir)
+    # --- checks that need no weights come first: a mistake costs seconds, not a model load
+    if int(os.environ.get("RANK", "0")) == 0:
+        runlock.make_run_dir(run_dir)  # before the Accelerator, whose trackers write into it
+    check_source(cfg.model)
+    check_optimizer(cfg.train)
     accelerator = Accelerator(**tracking.accelerator_kwargs(cfg.train.report_to, run_dir))
     main = accelerator.is_main_process
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -87,6 +101,8 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag) ->
             f"launched as {launched} processes but accelerate sees {accelerator.num_processes}: "
             "use `accelerate launch --multi_gpu` on GPUs (multi-process CPU training is not supported)"
         )
+    if main:  # before the resume sweep below, which deletes unfinished checkpoint folders: a live run's would be one
+        held.enter_context(runlock.hold(run_dir))
     set_seed(cfg.train.seed)
     if cfg.checkpoint.remote:
         _check_remote(cfg.checkpoint.remote)
@@ -95,7 +111,7 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag) ->
     # --- where to start: step 0 or a checkpoint (the main process may move files or download)
     start = resume.find_start(run_dir, cfg.checkpoint.remote, request) if main else None
     start = _share_path(accelerator, start)  # every process resumes from the folder the main process chose
-    saved = checkpoint.read_meta(start) if start else None
+    saved = checkpoint.check_resumable(start) if start else None
 
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg.data, tokenizer, cfg.train.seed)
@@ -112,32 +128,24 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag) ->
         log.info("resolved %s = %s (%s)", key, list(res[key]) if key == "checkpoint_steps" else res[key], reason)
     fingerprint = data.fingerprint()
     batch = {"global_batch_size": res["global_batch_size"]}  # includes the process count: rows per step
+    if saved:  # the resume check, before the model: `data.pack: auto` takes the resumed run's value, checked on the model below
+        cfg = _check_resume(cfg, res, saved, batch, fingerprint, request, start)
+        if saved["step"] == res["total_steps"]:
+            if main:
+                _write_run_files(run_dir, cfg, res, data.report)
+                (run_dir / "metrics.jsonl").touch()  # the run directory is complete even when it began from another run's end
+            return _already_complete(run_dir, start, saved, cfg, main)
 
     set_seed(cfg.train.seed)  # new weights (LoRA) initialize the same way whatever the data stage consumed
     model = build_model(cfg.model, device)
     log.info(trainable_report(model))
-    # before the resume check and config.resolved.yaml: `data.pack: auto` may resolve differently on this model
+    # before config.resolved.yaml: `data.pack: auto` may resolve differently on this model
+    assumed_pack = cfg.data.pack
     cfg = _check_packing(cfg, res, model, device, len(tokenizer))
-    if saved:
-        for line in resume.check_config(
-            {**saved["config"], "resolved": saved.get("resolved", {})},
-            {**effective_dump(cfg), "resolved": batch},
-            saved.get("data_fingerprint"),
-            fingerprint,
-            request.allow_config_change,
-            start,
-        ):
-            log.info("config change accepted on resume: %s", line)
-        if saved["step"] > res["total_steps"]:
-            raise ConfigError(
-                f"{start} is at step {saved['step']}, after the last step of this config ({res['total_steps']}): "
-                "raise train.max_steps / train.num_epochs, or start over with --fresh"
-            )
+    if saved and cfg.data.pack != assumed_pack:  # this model cannot pack as the resumed run did: the check names it
+        _check_resume(cfg, res, saved, batch, fingerprint, request, start, adopt_pack=False)
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # atomic: `finetrack eval --watch` and the uploader read these while the run goes on
-        checkpoint.write_atomic(run_dir / "config.resolved.yaml", resolved_yaml(cfg, res))
-        checkpoint.write_atomic(run_dir / "data_report.json", json.dumps(data.report, indent=2) + "\n")
+        _write_run_files(run_dir, cfg, res, data.report)
     if start:
         load_weights(model, start)
     # one collate for training and eval; the cost model reads the unwrapped model's width
@@ -188,8 +196,9 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag) ->
     last_loss = float("nan")
     stopped_by = None
 
-    with stop.training():
+    with stop.training(), out:
         for step in range(done["step"] + 1, total_steps + 1):
+            processes.rebalance()  # an eval --watch beside this run may have started or ended: share the cores (processes.py)
             epoch, rows = step_rows(len(data.train), rows_per_process * world, cfg.train.seed, step - 1, cfg.data.shuffle)
             mine = rows[rank * rows_per_process : (rank + 1) * rows_per_process]
             batches = [make_batch(mb) for mb in micro_batches(data.train, mine, cfg.train.micro_batch_size)]
@@ -202,6 +211,9 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag) ->
             optimizer.zero_grad(set_to_none=True)
 
             last_loss = loss_sum / num_targets
+            # the loss every step; the weights where they are logged or saved (a checkpoint never holds NaN weights)
+            due = step % cfg.train.log_every_steps == 0 or step == total_steps or step in schedule
+            stop_if_diverged(step, last_loss, trainable if due else [], accelerator, cfg, run_dir)
             done["step"], done["tokens_seen"] = step, done["tokens_seen"] + num_tokens
             done["first_loss"] = last_loss if step == 1 else done["first_loss"]
             window.add(loss_sum, num_targets, num_tokens, grad_norm, extra, time.perf_counter() - started)
@@ -213,7 +225,7 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag) ->
                     **window.flush(),
                     "lr": lr,
                     "tokens": done["tokens_seen"],
-                    "peak_mem_mb": peak_memory_mb(device),
+                    "peak_mem_mib": peak_memory_mib(device),
                 }
             every_eval = cfg.eval.loss_every_steps
             if data.eval and ((every_eval and step % every_eval == 0) or step == total_steps):
@@ -228,6 +240,8 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag) ->
             sampler.sample_if_due(step, bare)  # before the checkpoint: a checkpoint implies its samples
             stopped_by = stop.requested(accelerator)
             if step in schedule or stopped_by:
+                if not due:  # a checkpoint the signal asked for: its weights were not checked above
+                    stop_if_diverged(step, last_loss, trainable, accelerator, cfg, run_dir)
                 accelerator.wait_for_everyone()
                 if main:
                     rules = schedule.get(step, []) + (["signal"] if stopped_by and step not in schedule else [])
@@ -264,7 +278,6 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag) ->
                 stopped_by = stopped_by or stop.requested(accelerator)  # a signal during the save: the checkpoint is already there
             if stopped_by:
                 break
-        out.close()
         accelerator.wait_for_everyone()
     # still under the signal handlers: a signal now says the uploads are awaited, a second one exits at once
     not_uploaded = _finish_uploads(uploader, run_dir, cfg.checkpoint) if main else []
@@ -292,6 +305,57 @@ def _check_packing(cfg: Config, res: Resolved, model: nn.Module, device: torch.d
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"pack": False})})
 
 
+def _check_resume(
+    cfg: Config, res: Resolved, saved: dict, batch: dict, fingerprint: str, request: Request, start: Path, adopt_pack: bool = True
+) -> Config:
+    """The resumed checkpoint's config against this one (resume.check_config: refused unless harmless or
+    --allow-config-change), and its step against this config's last. Returns cfg with `data.pack: auto` set as the
+    resumed run had it (the model check may still overturn that: then this runs again and names it)."""
+    saved_pack = saved["config"].get("data", {}).get("pack") if isinstance(saved["config"].get("data"), dict) else None
+    if adopt_pack and "data.pack" in res.values and isinstance(saved_pack, bool) and saved_pack != cfg.data.pack:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"pack": saved_pack})})
+    for line in resume.check_config(
+        {**saved["config"], "resolved": saved.get("resolved", {})},
+        {**effective_dump(cfg), "resolved": batch},
+        saved.get("data_fingerprint"),
+        fingerprint,
+        request.allow_config_change,
+        start,
+    ):
+        log.info("config change accepted on resume: %s", line)
+    if saved["step"] > res["total_steps"]:
+        raise ConfigError(
+            f"{start} is at step {saved['step']}, after the last step of this config ({res['total_steps']}): "
+            "raise train.max_steps / train.num_epochs, or start over with --fresh"
+        )
+    return cfg
+
+
+def _write_run_files(run_dir: Path, cfg: Config, res: Resolved, data_report: dict) -> None:
+    # atomic: `finetrack eval --watch` and the uploader read these while the run goes on
+    checkpoint.write_atomic(run_dir / "config.resolved.yaml", resolved_yaml(cfg, res))
+    checkpoint.write_atomic(run_dir / "data_report.json", json.dumps(data_report, indent=2) + "\n")
+
+
+def _already_complete(run_dir: Path, start: Path, saved: dict, cfg: Config, main: bool) -> RunResult:
+    """A run whose checkpoint is at its last step: nothing to train, so the model is never loaded. Uploads an
+    earlier attempt did not finish still happen (that is what running the same command again is for)."""
+    log.info("%s is at the last step (%d): nothing to train", start, saved["step"])
+    uploader = None
+    if cfg.checkpoint.remote and main:
+        from .storage import Uploader
+
+        uploader = Uploader(cfg.checkpoint.remote, run_dir)
+        if uploader.catch_up():
+            log.info("uploading checkpoints an earlier attempt did not finish uploading")
+    not_uploaded = _finish_uploads(uploader, run_dir, cfg.checkpoint) if main else []
+    metrics = saved.get("metrics") if isinstance(saved.get("metrics"), dict) else {}
+    first_loss = checkpoint.read_state_tree(start).get("first_loss", math.nan)
+    return RunResult(
+        run_dir, start, saved["step"], first_loss, metrics.get("loss", math.nan), metrics.get("eval_loss"), saved["step"], not_uploaded
+    )
+
+
 def _save_checkpoint(
     run_dir: Path,
     step: int,
@@ -305,11 +369,15 @@ def _save_checkpoint(
     out: MetricsLog,
 ) -> None:
     """Write one checkpoint, hand it to the uploader, apply retention."""
-    path = checkpoint.save(run_dir, step, lambda d: save_weights(model, tokenizer, d), checkpoint.capture_state(optimizer, progress), meta)
+    path = checkpoint.save(
+        run_dir, step, lambda d: save_weights(model, tokenizer, d), checkpoint.capture_state(optimizer, progress), meta, saved_bytes(model)
+    )
     out.say(f"checkpoint: {path} ({', '.join(meta['rules'])})")
     if uploader:
         uploader.submit(path)
-    for line in checkpoint.retain(run_dir, ck.keep_last, ck.keep_schedule, ck.keep_optimizer_state, uploader.busy() if uploader else set()):
+    for line in checkpoint.retain(
+        run_dir, ck.num_keep_last, ck.keep_schedule, ck.keep_optimizer_state, uploader.busy() if uploader else set()
+    ):
         out.say(f"retention: {line}")
 
 
@@ -352,7 +420,7 @@ def _finish_uploads(uploader, run_dir: Path, ck: CheckpointConfig) -> list[Path]
             storage.redact(ck.remote),
             ", ".join(p.name for p in not_uploaded),
         )
-    for line in checkpoint.retain(run_dir, ck.keep_last, ck.keep_schedule, ck.keep_optimizer_state, set(not_uploaded)):
+    for line in checkpoint.retain(run_dir, ck.num_keep_last, ck.keep_schedule, ck.keep_optimizer_state, set(not_uploaded)):
         log.info("retention: %s", line)
     return not_uploaded
 

@@ -8,7 +8,7 @@ distribution over the options comes from one of two methods (`method` in the sui
   renormalized over the options. The raw total over the options is kept per item (`option_mass`):
   when it is small the model mostly says something else and the renormalized distribution means little
   (items below LOW_MASS are counted in counts["low_mass_items"]).
-- sample: `samples` sampled answers, each mapped to an option by `parse_answer`; answers that map to no
+- sample: `num_samples` sampled answers, each mapped to an option by `parse_answer`; answers that map to no
   option are counted (counts["unparsed"]), never dropped silently; distribution = option counts / parsed.
 
 Each option has a value in [0, 1] (`option_values`). Per item: the Wasserstein-1 distance between the
@@ -390,16 +390,16 @@ def run(suite: DistributionSuite, model: nn.Module, tokenizer, on_progress: Call
                 LOW_MASS,
             )
     else:
-        if suite.generation.temperature == 0 and suite.samples > 1:
+        if suite.generation.temperature == 0 and suite.num_samples > 1:
             log.warning(
                 "distribution suite '%s': temperature 0 repeats one answer %d times per item; sample with temperature > 0",
                 suite.name,
-                suite.samples,
+                suite.num_samples,
             )
-        for item, answers in zip(items, _sample_answers(model, tokenizer, items, suite.generation, suite.samples, on_progress)):
+        for item, answers in zip(items, _sample_answers(model, tokenizer, items, suite.generation, suite.num_samples, on_progress)):
             dist, option_counts, unparsed = _tally(item, answers)
             records.append(item_record(item, dist, answers=answers, option_counts=option_counts, unparsed=unparsed))
-        counts["answers"] = len(items) * suite.samples
+        counts["answers"] = len(items) * suite.num_samples
         counts["unparsed"] = sum(r["unparsed"] for r in records)
     metrics, aggregate_counts = aggregate(records)
     return {"metrics": metrics, "counts": {**aggregate_counts, **counts}, "responses": records}

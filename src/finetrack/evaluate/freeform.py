@@ -1,9 +1,9 @@
 """The `judge` suite: free-form answers to a question set, scored by judges, aggregated per step.
 
 Every answer is kept (eval/responses/step-NNNNNN.jsonl) with its scores. Per step: the mean of each
-metric over scored answers, the number of unscored answers, and each named rate twice: over all
-answers scored on the rate's metrics, and over those that pass the rate's filter (the conditions after
-the first) — the two conventions found in the literature.
+metric over scored answers, the number of unscored answers, and each named rate over all answers scored
+on the rate's metrics and, when the rule has a filter (conditions after the first), also over those that
+pass it (`_rate_filtered`) — the two conventions found in the literature.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def run(
     on_answers: Callable[[int], None],
 ) -> dict:
     """Generate, judge, aggregate. judge_for(judge config, template) returns an object with .score(pairs)."""
-    items = conversations(questions, suite.generation.samples)
+    items = conversations(questions, suite.generation.num_samples)
     answers = generate(model, tokenizer, [it["messages"] for it in items], suite.generation, on_answers)
     records = [{**{k: v for k, v in it.items() if k != "messages"}, "answer": a, "scores": {}} for it, a in zip(items, answers)]
     by_question: dict[str, list[dict]] = {}
@@ -70,7 +70,8 @@ def run(
             for r, s in zip(records, scores):
                 r["scores"][judge.metric] = s
     metrics, counts = aggregate(records, suite.rates)
-    return {"metrics": metrics, "counts": counts, "responses": records}
+    # the rules travel with the numbers: `finetrack gate` reads which way a rate is better from them
+    return {"metrics": metrics, "counts": counts, "rates": dict(suite.rates), "responses": records}
 
 
 def aggregate(records: list[dict], rates: dict[str, str]) -> tuple[dict[str, float | None], dict[str, int]]:
@@ -91,8 +92,9 @@ def aggregate(records: list[dict], rates: dict[str, str]) -> tuple[dict[str, flo
         hits = sum(all(p) for p in passes)
         filtered = sum(all(p[1:]) for p in passes)
         metrics[f"{rate}_rate"] = hits / len(scored) if scored else None
-        metrics[f"{rate}_rate_filtered"] = hits / filtered if filtered else None
         counts[f"{rate}_scored"] = len(scored)
-        counts[f"{rate}_filter_passed"] = filtered
         counts[f"{rate}_hits"] = hits
+        if len(conditions) > 1:  # a rule with no filter has no second convention: its twin would be the same number
+            metrics[f"{rate}_rate_filtered"] = hits / filtered if filtered else None
+            counts[f"{rate}_filter_passed"] = filtered
     return metrics, counts

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ..data_files import iter_text_lines, read_text
+from ..yamlfile import parse_yaml
 from .spec import EvalError
 
 log = logging.getLogger("finetrack")
@@ -125,36 +125,35 @@ def read_yaml_items(path: Path, error: type[ValueError], id_prefix: str, example
 
     Shared by the question and distribution-item loaders; `error` is the loader's exception type and
     `example` shows the start of an item in the message for a file that is not a list."""
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-        # compose again only for the line each item starts on (safe_load drops positions)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(e, "problem", None) or str(e)
-        raise error(f"{at}: not valid YAML ({problem}); fix the syntax there (indentation, quotes, ':' inside text)") from None
+    text = read_text(path, error)  # UTF-8; undecodable bytes: an error naming the byte offset
+    # syntax errors with their line, a duplicate key naming both lines, deep nesting: all `error`, never a traceback
+    doc = parse_yaml(text.removeprefix("\ufeff"), str(path), error)
+    data = doc.data
     if data is None:
         return []
     if not isinstance(data, list):
         raise error(f"{path}: the YAML file must be a list of items ('{example}'), got {type(data).__name__}")
-    lines = [n.start_mark.line + 1 for n in node.value] if isinstance(node, yaml.SequenceNode) else [0] * len(data)
+    lines = [doc.lines.get(str(i), 0) for i in range(len(data))]
     return [(f"{path}:{line}: item #{i + 1}", f"{id_prefix}{i + 1}", item) for i, (line, item) in enumerate(zip(lines, data))]
 
 
 def read_jsonl_items(path: Path, error: type[ValueError], id_prefix: str) -> list[tuple[str, str, Any]]:
     """(where, default id, raw item) per non-blank line of a JSONL file."""
     out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise error(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from None
-            out.append((f"{path}:{lineno}", f"{id_prefix}{lineno}", item))
+    for lineno, line in iter_text_lines(path, error):
+        if isinstance(line, ValueError):
+            raise line  # not UTF-8: the error names the byte offset
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from None
+        except RecursionError:
+            raise error(f"{path}:{lineno}: JSON nested too deeply; each line must be one flat JSON object") from None
+        except ValueError as e:  # e.g. an integer of more than 4300 digits
+            raise error(f"{path}:{lineno}: not valid JSON ({e}); each line must be one JSON object") from None
+        out.append((f"{path}:{lineno}", f"{id_prefix}{lineno}", item))
     return out
 
 

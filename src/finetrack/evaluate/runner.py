@@ -12,7 +12,6 @@ suite's settings and files, the model and data settings) is unchanged is not com
 
 from __future__ import annotations
 
-import csv
 import functools
 import gc
 import hashlib
@@ -26,11 +25,14 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint
-from ..checkpoint import write_atomic
-from ..config import Config, ConfigError, Environment, load_config, resolve_model
+from .. import checkpoint, rundir
+from ..config import Config, ConfigError, Environment, eval_key_settings, load_config, resolve_model
 from ..data import source_files
 from ..models import load_base_model, load_tokenizer, load_weights, model_source
+from ..processes import rebalance
+from ..rundir import write_atomic
+from ..watch import wait_for
+from .results import read_step, trajectory_table, write_responses, write_step, write_summary
 from .spec import DistributionSuite, JudgeConfig, JudgeSuite, LossSuite, PythonSuite
 
 log = logging.getLogger("finetrack")
@@ -79,9 +81,9 @@ def suite_files(suite, cfg: Config) -> list[tuple[str, Path]]:
 
 def suite_key(suite, checkpoint_id: str, cfg: Config) -> str:
     """Cache key of one (step, suite) result: the checkpoint, the suite's settings and files, and the settings
-    that change what a suite measures: model.* (dtype, chat template, ...), data.* (max_length, eval_split, ...) and
-    train.seed (the held-out split). Not the rest of train.*: a resume that raises max_steps keeps the cache."""
-    settings = {"model": cfg.model.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json"), "seed": cfg.train.seed}
+    that change what a suite measures, marked on their fields (Knob eval_key in config.py: model.*, data.*,
+    train.seed). Not the rest of train.*: a resume that raises max_steps keeps the cache."""
+    settings = eval_key_settings(cfg)
     blob = json.dumps([suite.model_dump(mode="json"), settings], sort_keys=True)
     for _, path in suite_files(suite, cfg):  # an edited question, item or data file is evaluated again
         stat = path.stat()
@@ -192,8 +194,6 @@ def evaluate_run(
     run's last checkpoint is evaluated or Ctrl+C.
     """
     run_dir = Path(run_dir)
-    if not (run_dir / "config.resolved.yaml").is_file():
-        raise ConfigError(f"{run_dir}: not a finetrack run directory (no config.resolved.yaml)")
     bad = [o for o in overrides if not o.startswith("eval.")]
     if bad:
         raise ConfigError(f"{bad}: finetrack eval takes eval.* overrides only (the rest of the run's config is what it was trained with)")
@@ -202,6 +202,11 @@ def evaluate_run(
         raise ConfigError(
             f"--watch with --steps {steps}: a watch ends when the run's last checkpoint is evaluated; use --steps all or latest"
         )
+    # a watch is started together with training: the run directory may not be there yet
+    if watch_seconds is not None and not wait_for(lambda: (run_dir / "config.resolved.yaml").is_file(), str(run_dir), watch_seconds, out):
+        out("stopped watching")
+        return []
+    rundir.require_run_dir(run_dir, "eval")
     cfg = load_config(run_dir / "config.resolved.yaml", list(overrides))
     session = _Session(run_dir, cfg, select_suites(cfg, suite_names), out)
     if watch_seconds is None:
@@ -216,6 +221,7 @@ def evaluate_run(
                 out(f"the run's last checkpoint (step {last[0]['step']}) is evaluated: done watching")
                 return records
             time.sleep(watch_seconds)
+            rebalance()  # a training process beside this one may have started or ended: share the cores
     except KeyboardInterrupt:
         out("stopped watching")
         return records
@@ -265,6 +271,47 @@ def evaluate_model(
     return _Session(output, cfg, suites, out).evaluate(selected)
 
 
+def evaluate_baseline(
+    config_path: str, overrides: list[str], suite_names: list[str] | None, out: Callable[[str], None] = print
+) -> list[dict]:
+    """`finetrack eval CONFIG.yaml --steps 0`: the base model, before training, into the run directory that
+    `finetrack train CONFIG.yaml` will use (output.dir), as eval/step-000000.json.
+
+    The config is resolved for this machine as training resolves it, so the cache key of step 0 is the one a
+    later `finetrack eval RUN_DIR` computes from the run's config.resolved.yaml: the base model is not
+    evaluated again unless a setting that matters to it changed. A run directory that has no
+    config.resolved.yaml yet gets this one (training rewrites it before step 1), so `eval`, `gate` and
+    `report` work on the baseline alone.
+    """
+    import yaml
+
+    from ..config import resolved_yaml
+    from ..schema import fix_yaml_floats
+
+    cfg = load_config(config_path, list(overrides))
+    run_dir = Path(cfg.output.dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output.dir {run_dir}: is a file; set output.dir in {config_path} to a folder for the run")
+    if not cfg.eval.suites:
+        raise ConfigError(f"{config_path}: no eval.suites to evaluate the base model with; add suites under eval.suites")
+    suites = select_suites(cfg, suite_names)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, res = resolve_model(cfg, Environment(device.type, device.type == "cuda" and torch.cuda.is_bf16_supported(), 1, 0))
+    text = resolved_yaml(cfg, res)
+    # the settings exactly as a later eval reads them back from config.resolved.yaml: the same cache keys
+    tree = yaml.safe_load(text)
+    tree.pop("resolved", None)
+    cfg = Config.model_validate(fix_yaml_floats(tree))
+    try:
+        (run_dir / rundir.EVAL_DIR).mkdir(parents=True, exist_ok=True)
+        if not rundir.is_run_dir(run_dir):
+            write_atomic(run_dir / rundir.CONFIG_FILE, text)
+    except OSError as e:
+        raise ConfigError(f"output.dir {run_dir}: cannot be written ({e.strerror or e}); set output.dir to a writable folder") from None
+    out(f"baseline: the base model {cfg.model.name} into {run_dir / rundir.EVAL_DIR} (step 0 of the run that training will write)")
+    return _Session(run_dir, cfg, suites, out).evaluate([(0, None)])
+
+
 class _Session:
     """What stays loaded between evaluation passes (a watch): tokenizer, base model, judge models."""
 
@@ -287,7 +334,7 @@ class _Session:
         todo, records = {}, {}
         for step, folder in selected:
             where = None if folder is None else str(folder.relative_to(run_dir)) if folder.is_relative_to(run_dir) else str(folder)
-            records[step] = _read_step(run_dir, step) or {"step": step, "checkpoint": where, "suites": {}}
+            records[step] = read_step(run_dir, step) or {"step": step, "checkpoint": where, "suites": {}}
             records[step].update(
                 epoch=meta.get(step, {}).get("epoch", 0.0),
                 fraction=min(step / total_steps, 1.0),
@@ -311,15 +358,15 @@ class _Session:
                 with self.models.at(folder) as m:
                     for suite, key in todo[step]:
                         result = _run_suite(suite, m, tokenizer, cfg, self.accelerator, self.judges, bar)
-                        _write_responses(run_dir, step, suite.name, result.pop("responses", None))
+                        write_responses(run_dir, step, suite.name, result.pop("responses", None))
                         records[step]["suites"][suite.name] = {"key": key, **result}
                     del m  # a full checkpoint is freed when at() exits: no reference may outlive the block
-                _write_step(run_dir, records[step])
+                write_step(run_dir, records[step])
             bar.close()
         for record in records.values():
             record["metrics"] = {f"{name}.{k}": v for name, r in sorted(record["suites"].items()) for k, v in r["metrics"].items()}
             record["counts"] = {f"{name}.{k}": v for name, r in sorted(record["suites"].items()) for k, v in r.get("counts", {}).items()}
-            _write_step(run_dir, record)
+            write_step(run_dir, record)
         table = trajectory_table(write_summary(run_dir))
         if table != self.shown_table:  # a watch prints the table again only when it changed
             self.out(table)
@@ -360,16 +407,32 @@ def _units(suite) -> int:
     """Work units of one (step, suite): answers (judge), items (distribution), 1 otherwise; reads and checks the suite's file."""
     if isinstance(suite, JudgeSuite):
         from .freeform import check_judges, conversations
+        from .judges import PythonJudge
         from .questions import load_questions
 
         questions = load_questions(Path(suite.questions))
         check_judges(suite, questions)
-        return len(conversations(questions, suite.generation.samples))
+        for judge in suite.judges:  # imported before any model loads: a typo fails now, not after the answers are generated
+            if judge.kind == "python":
+                PythonJudge(judge.function)
+        return len(conversations(questions, suite.generation.num_samples))
     if isinstance(suite, DistributionSuite):
         from .distribution import load_items
 
         return len(load_items(Path(suite.items)))
+    if isinstance(suite, PythonSuite):
+        _python_suite_function(suite)
     return 1
+
+
+def _python_suite_function(suite: PythonSuite):
+    module, _, attr = suite.function.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(
+            f"eval suite '{suite.name}': cannot import {suite.function} ({e}); install the module or put its folder on PYTHONPATH"
+        ) from None
 
 
 def _run_suite(suite, model, tokenizer, cfg: Config, accelerator, judges: _Judges, bar) -> dict:
@@ -389,88 +452,9 @@ def _run_suite(suite, model, tokenizer, cfg: Config, accelerator, judges: _Judge
 
         return distribution.run(suite, model, tokenizer, bar.update)
     assert isinstance(suite, PythonSuite)
-    module, _, attr = suite.function.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"eval suite '{suite.name}': cannot import {suite.function} ({e})") from None
+    fn = _python_suite_function(suite)
     metrics = fn(model, tokenizer, dict(suite.options))
     bar.update(1)
     if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) or v is None for v in metrics.values()):
         raise ConfigError(f"eval suite '{suite.name}': {suite.function} must return {{metric: number or None}}, got {metrics!r:.200}")
     return {"metrics": metrics, "counts": {}}
-
-
-# ----------------------------------------------------------------------------------- files
-def _step_path(run_dir: Path, step: int) -> Path:
-    return run_dir / "eval" / f"step-{step:06d}.json"
-
-
-def _read_step(run_dir: Path, step: int) -> dict | None:
-    path = _step_path(run_dir, step)
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except ValueError:
-        log.warning("%s is unreadable: evaluating that step again", path)
-        return None
-
-
-def _write_step(run_dir: Path, record: dict) -> None:
-    path = _step_path(run_dir, record["step"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(record, indent=2) + "\n")
-
-
-def _write_responses(run_dir: Path, step: int, suite: str, responses: list[dict] | None) -> None:
-    """Replace this suite's answers in the step's responses file (other suites' lines stay)."""
-    if responses is None:
-        return
-    path = run_dir / "eval" / "responses" / f"step-{step:06d}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    kept = [line for line in (path.read_text().splitlines() if path.is_file() else []) if json.loads(line).get("suite") != suite]
-    write_atomic(path, "".join(x + "\n" for x in kept) + "".join(json.dumps({"suite": suite, **r}) + "\n" for r in responses))
-
-
-def write_summary(run_dir: Path) -> list[dict]:
-    """eval/summary.csv from every step file: one row per step, one column per metric."""
-    rows = [json.loads(p.read_text()) for p in sorted((run_dir / "eval").glob("step-*.json"))]
-    names = sorted({m for r in rows for m in r.get("metrics", {})})
-    with open(run_dir / "eval" / "summary.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "epoch", "fraction", *names])
-        for r in rows:
-            w.writerow(
-                [
-                    r["step"],
-                    round(r.get("epoch", 0.0), 4),
-                    round(r.get("fraction", 0.0), 4),
-                    *("" if r["metrics"].get(n) is None else r["metrics"][n] for n in names),
-                ]
-            )
-    return rows
-
-
-def trajectory_table(rows: list[dict]) -> str:
-    """Step, where in training, each metric and its change vs step 0."""
-    names = sorted({m for r in rows for m in r.get("metrics", {})})
-    base = next((r["metrics"] for r in rows if r["step"] == 0), {})
-
-    def cell(r: dict, n: str) -> str:
-        v, b = r["metrics"].get(n), base.get(n)
-        if v is None:
-            return "-"
-        delta = "" if r["step"] == 0 or b is None else f" ({v - b:+.3g})"
-        return f"{v:.4g}{delta}"
-
-    header = ["step", "phase", *names]
-    body = [
-        [
-            str(r["step"]),
-            "base" if r["step"] == 0 else f"epoch {r.get('epoch', 0):.2f} ({100 * r.get('fraction', 0):.0f}%)",
-            *(cell(r, n) for n in names),
-        ]
-        for r in rows
-    ]
-    widths = [max(len(x) for x in col) for col in zip(header, *body)]
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, body)])

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..schema import Section
+from ..schema import Knob, Section
 
 _CONDITION = re.compile(r"^\s*([A-Za-z_][\w.-]*)\s*(<=|>=|<|>)\s*(-?\d+(?:\.\d+)?)\s*$")
 
@@ -32,13 +32,13 @@ class EvalError(ValueError):
 
 
 class GenerationConfig(Section):
-    samples: int | None = Field(
+    num_samples: int | None = Field(
         None, gt=0, description="Answers per question (paraphrase); default: the question file's samples_per_paraphrase, else 1."
     )
     temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(256, gt=0, description="Longest answer in tokens.")
-    seed: int = Field(0, description="Sampling seed: the same seed gives the same answers for the same weights.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Sampling seed: the same seed gives the same answers for the same weights.")
     batch_size: int = Field(16, gt=0, description="Prompts generated together (KV cache, left padding).")
 
 
@@ -51,8 +51,8 @@ class SampleGenerationConfig(GenerationConfig):
 
     @model_validator(mode="after")
     def _one_answer(self) -> SampleGenerationConfig:
-        if self.samples is not None:
-            raise ValueError("train.sample_generation.samples: samples.jsonl holds one answer per prompt and step; remove it")
+        if self.num_samples is not None:
+            raise ValueError("train.sample_generation.num_samples: samples.jsonl holds one answer per prompt and step; remove it")
         return self
 
 
@@ -128,6 +128,10 @@ class JudgeSuite(Section):
         return rates
 
 
+# samples and generation act only when answers are sampled (a key at its default is fine: config.resolved.yaml)
+_SAMPLED = Knob(active=lambda s, _: s.method == "sample", inactive="with method={s.method} (set method: sample, or remove it)")
+
+
 class DistributionSuite(Section):
     name: str = Field(description="Suite name: metric names are '<name>.wasserstein', '<name>.mae_mean', '<name>.pearson_means'.")
     kind: Literal["distribution"]
@@ -137,17 +141,15 @@ class DistributionSuite(Section):
     method: Literal["probs", "sample"] = Field(
         "probs", description="probs: the model's distribution from the option tokens' probabilities; sample: from sampled answers."
     )
-    samples: int = Field(50, gt=0, description="sample: answers per item.")
-    generation: GenerationConfig = Field(
+    num_samples: Annotated[int, _SAMPLED] = Field(50, gt=0, description="sample: answers per item.")
+    generation: Annotated[GenerationConfig, _SAMPLED] = Field(
         default_factory=lambda: GenerationConfig(max_new_tokens=8), description="sample: sampling settings."
     )
 
     @model_validator(mode="after")
-    def _no_effect(self) -> DistributionSuite:
-        if self.generation.samples is not None:
-            raise ValueError(f"suite '{self.name}': set the number of answers with samples, not generation.samples")
-        if self.method == "probs" and {"samples", "generation"} & self.model_fields_set:
-            raise ValueError(f"suite '{self.name}': samples and generation have no effect with method=probs (set method: sample)")
+    def _one_count(self) -> DistributionSuite:
+        if self.generation.num_samples is not None:
+            raise ValueError(f"suite '{self.name}': set the number of answers with num_samples, not generation.num_samples")
         return self
 
 

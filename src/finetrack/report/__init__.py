@@ -7,9 +7,11 @@ page.py      the sections of the page
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from ..checkpoint import write_atomic
+from ..rundir import write_atomic
+from ..schema import ConfigError
 from .collect import load_run, unique_names
 from .page import build_page
 
@@ -18,8 +20,24 @@ def write_report(run_dirs: list[Path], output: Path | None = None) -> Path:
     """Read the run directories, write the report (default: RUN_DIR/report.html for one run,
     ./report.html for several) and return its path."""
     run_dirs = [Path(d) for d in run_dirs]
-    runs = [load_run(d, name) for d, name in zip(run_dirs, unique_names(run_dirs))]
     path = Path(output) if output else (run_dirs[0] / "report.html" if len(run_dirs) == 1 else Path("report.html"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, build_page(runs))
+    runs = [load_run(d, name) for d, name in zip(run_dirs, unique_names(run_dirs))]
+    check_output(path)  # before building the page
+    html = build_page(runs)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, html)
+    except OSError as e:  # disk full, read-only mount, no permission: say which file and why
+        raise ConfigError(f"report {path}: cannot be written ({e.strerror or e}); choose another file with -o") from None
     return path
+
+
+def check_output(path: Path) -> None:
+    """The report's output file must be a file name whose folder can be written; ConfigError naming it otherwise."""
+    if path.is_dir():
+        raise ConfigError(f"-o {path}: is a folder; give a file name such as {path / 'report.html'}")
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise ConfigError(f"-o {path}: {parent} is a file, not a folder; choose another path with -o")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"-o {path}: folder {parent} is not writable; choose another path with -o")

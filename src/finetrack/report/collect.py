@@ -6,14 +6,10 @@ at the top of the report.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from .. import checkpoint
-from ..schema import ConfigError
+from .. import rundir
 
 
 @dataclass
@@ -59,30 +55,20 @@ class RunData:
 
     def suite_rates(self) -> dict[str, dict[str, str]]:
         """Judge suite name -> its named rates ('misaligned': 'aligned < 30 and coherent > 50')."""
-        from ..evaluate.spec import JudgeSuite
-
-        default_rates = JudgeSuite.model_fields["rates"].get_default(call_default_factory=True)
-        out = {}
-        for suite in self.config.get("eval", {}).get("suites") or []:
-            if isinstance(suite, dict) and suite.get("kind") == "judge":
-                out[suite["name"]] = suite.get("rates", default_rates)
-        return out
+        return rundir.judge_rates(self.config)
 
 
 def load_run(path: Path, name: str | None = None) -> RunData:
     """Read a run directory; raises ConfigError when it is not one (no config.resolved.yaml)."""
-    path = Path(path)
-    config_path = path / "config.resolved.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"{path}: not a run directory (no config.resolved.yaml; `finetrack train` writes one before step 1)")
+    path = rundir.require_run_dir(Path(path), "report")
     problems: list[str] = []
     run = RunData(
         path=path,
         name=name or path.resolve().name,
-        config=yaml.safe_load(config_path.read_text()) or {},
+        config=rundir.read_config(path),
         data_report=_json_file(path / "data_report.json", problems),
         metrics=_jsonl(path / "metrics.jsonl", problems),
-        evals=[r for p in sorted((path / "eval").glob("step-*.json")) if (r := _json_file(p, problems)) is not None],
+        evals=[r for p in rundir.eval_files(path).values() if (r := _eval_record(p, problems)) is not None],
         responses={},
         samples=_jsonl(path / "samples.jsonl", problems),
         checkpoints=_checkpoints(path),
@@ -91,7 +77,7 @@ def load_run(path: Path, name: str | None = None) -> RunData:
         remote=_remote_record(path / "remote.json", problems),
     )
     for p in sorted((path / "eval" / "responses").glob("step-*.jsonl")):
-        step = checkpoint.parse_step(p.stem)
+        step = rundir.parse_step(p.stem)
         if step is not None:
             run.responses[step] = _jsonl(p, problems)
     run.evals.sort(key=lambda r: r.get("step", 0))
@@ -111,14 +97,14 @@ def unique_names(paths: list[Path]) -> list[str]:
 
 def _checkpoints(run_dir: Path) -> list[CheckpointInfo]:
     out = []
-    for step, folder in checkpoint.step_folders(run_dir):
+    for step, folder in rundir.step_folders(run_dir):
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         problem, meta, resumable = "", {}, False
         try:
-            manifest = checkpoint.verify(folder, full=False)  # sizes only: a report must not re-hash gigabytes
-            resumable = checkpoint.is_resumable(manifest)
-            meta = checkpoint.read_meta(folder)
-        except checkpoint.CheckpointError as e:
+            manifest = rundir.verify(folder, full=False)  # sizes only: a report must not re-hash gigabytes
+            resumable = rundir.is_resumable(manifest)
+            meta = rundir.read_meta(folder)
+        except rundir.CheckpointError as e:
             problem = str(e)
         out.append(CheckpointInfo(step, folder.name, size, resumable, meta, problem))
     return out
@@ -141,32 +127,35 @@ def _remote_record(path: Path, problems: list[str]) -> dict | None:
 
 
 def _json_file(path: Path, problems: list[str]) -> dict | None:
+    """A small JSON object file of the run (data report, trackers, remote record); an unreadable one is a problem shown."""
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        value = rundir.read_json(path)
     except (OSError, ValueError) as e:
-        problems.append(f"{path.name}: unreadable ({e})")
+        problems.append(f"{path.name}: unreadable ({' '.join(str(e).split())[:160]}); left out")
+        return None
+    if not isinstance(value, dict):
+        problems.append(f"{path.name}: holds a JSON {type(value).__name__}, not an object; left out")
+        return None
+    return value
+
+
+def _eval_record(path: Path, problems: list[str]) -> dict | None:
+    """One eval/step-*.json; a garbled one is shown as a problem (with the command that rewrites it), not fatal."""
+    from ..evaluate.spec import EvalError
+
+    try:
+        return rundir.read_eval(path)
+    except EvalError as e:
+        problems.append(f"eval/{path.name}: {str(e).removeprefix(str(path) + ': ')}")
         return None
 
 
 def _jsonl(path: Path, problems: list[str]) -> list[dict]:
     """The JSON lines of a file; a line cut short (a run killed mid-write) is counted, not fatal."""
-    if not path.is_file():
-        return []
-    rows, bad = [], []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            bad.append(number)
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            bad.append(number)
+    bad: list[int] = []
+    rows = rundir.read_jsonl(path, bad)
     if bad:
         where = "/".join(path.parts[-3:]) if path.parent.name == "responses" else path.name
         problems.append(

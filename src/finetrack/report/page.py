@@ -6,23 +6,22 @@ Several runs share every chart, one colour per run, so configs can be compared a
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from html import escape
 from itertools import pairwise
 
-import yaml
-
-from ..storage import size_text
-from .charts import PALETTE, Chart, Series, fmt, render
+from ..evaluate.rates import is_rate
+from ..rundir import size_text
+from .charts import PALETTE, Chart, Series, fmt
 from .collect import RunData
+from .facts import duration, run_facts
+from .html import CSS, collapsed, grid, is_num, num, section, swatch, table
 
 TRAIN_CURVES = (  # metrics.jsonl key, chart title, y-axis label with unit
     ("lr", "Learning rate (warmup, then decay)", "learning rate"),
     ("grad_norm", "Gradient norm (L2, before clipping)", "gradient norm"),
     ("tokens_per_s", "Throughput (optimizer steps only)", "tokens / s"),
-    ("peak_mem_mb", "Peak memory (CPU: RSS; GPU: allocated)", "MiB"),
+    ("peak_mem_mib", "Peak memory (CPU: RSS; GPU: allocated)", "MiB"),
 )
 STEP_AXIS = "optimizer step"
 
@@ -37,7 +36,7 @@ def build_page(runs: list[RunData]) -> str:
         _training(runs, colors),
         _trajectory(runs, colors),
         _answers(runs),
-        *(_facts(r, colors[r.name], i) for i, r in enumerate(runs)),
+        *(run_facts(r, colors[r.name], i) for i, r in enumerate(runs)),
     ]
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -56,14 +55,14 @@ def _header(runs: list[RunData], colors: dict[str, str]) -> str:
         held = next((m["eval_loss"] for m in reversed(r.metrics) if m.get("eval_loss") is not None), None)
         rows.append(
             [
-                _swatch(colors[r.name]) + escape(r.name),
+                swatch(colors[r.name]) + escape(r.name),
                 escape(f"{model.get('name', '?')} ({model.get('method', '?')})"),
                 escape(f"{steps} / {r.resolved('total_steps', '?')}"),
-                _num(last.get("loss")),
-                _num(held),
+                num(last.get("loss")),
+                num(held),
                 str(len(r.checkpoints)),
                 str(len(r.evals)),
-                escape(_duration(r)),
+                escape(duration(r)),
             ]
         )
     head = [
@@ -80,7 +79,7 @@ def _header(runs: list[RunData], colors: dict[str, str]) -> str:
     return (
         f'<header><h1>finetrack report</h1><p class="sub">built {escape(when)} from the files of '
         f"{len(runs)} run director{'y' if len(runs) == 1 else 'ies'}; hover a point for its exact value.</p>"
-        f'{_table(head, rows, raw=True)}<nav><a href="#training">training curves</a> · <a href="#trajectory">trajectory</a> · '
+        f'{table(head, rows, raw=True)}<nav><a href="#training">training curves</a> · <a href="#trajectory">trajectory</a> · '
         f'<a href="#answers">sample answers</a> · <a href="#facts-0">run facts</a></nav></header>'
     )
 
@@ -94,19 +93,19 @@ def _problems(runs: list[RunData]) -> str:
 def _training(runs: list[RunData], colors: dict[str, str]) -> str:
     charts = [_loss_chart(runs, colors)]
     for key, title, unit in TRAIN_CURVES:
-        series = [Series(r.name, colors[r.name], [(m["step"], float(m[key])) for m in r.metrics if _is_num(m.get(key))]) for r in runs]
+        series = [Series(r.name, colors[r.name], [(m["step"], float(m[key])) for m in r.metrics if is_num(m.get(key))]) for r in runs]
         charts.append(Chart(title, STEP_AXIS, unit, series, _epoch_lines(runs)))
     same = len({r.resolved("steps_per_epoch") for r in runs}) == 1
     note = "" if same else '<p class="sub">Epoch boundaries are not drawn: the runs\' epochs differ in length.</p>'
-    return _section("training", "Training curves", note + _grid(charts))
+    return section("training", "Training curves", note + grid(charts))
 
 
 def _loss_chart(runs: list[RunData], colors: dict[str, str]) -> Chart:
     series = []
     for r in runs:
         color = colors[r.name]
-        train = [(m["step"], float(m["loss"])) for m in r.metrics if _is_num(m.get("loss"))]
-        held = [(m["step"], float(m["eval_loss"])) for m in r.metrics if _is_num(m.get("eval_loss"))]
+        train = [(m["step"], float(m["loss"])) for m in r.metrics if is_num(m.get("loss"))]
+        held = [(m["step"], float(m["eval_loss"])) for m in r.metrics if is_num(m.get("eval_loss"))]
         series.append(Series(f"{r.name} train" if len(runs) > 1 else "train loss", color, train))
         if held:
             series.append(Series(f"{r.name} held-out" if len(runs) > 1 else "held-out loss", color, held, dashed=True, marker="dot"))
@@ -152,7 +151,7 @@ def _epoch_lines(runs: list[RunData]) -> list[tuple[float, str]]:
 def _trajectory(runs: list[RunData], colors: dict[str, str]) -> str:
     names = sorted({k for r in runs for e in r.evals for k in e.get("metrics", {})})
     if not names:
-        return _section(
+        return section(
             "trajectory",
             "Trajectory",
             '<p class="empty">No evaluation yet: <code>finetrack eval RUN_DIR</code> evaluates '
@@ -160,10 +159,10 @@ def _trajectory(runs: list[RunData], colors: dict[str, str]) -> str:
         )
     charts = []
     for name in names:
-        percent = name.endswith(("_rate", "_rate_filtered"))
+        percent = is_rate(name)
         series = []
         for r in runs:
-            rows = [e for e in r.evals if _is_num(e.get("metrics", {}).get(name))]
+            rows = [e for e in r.evals if is_num(e.get("metrics", {}).get(name))]
             notes = [_count_note(name, e.get("counts", {})) for e in rows]
             series.append(
                 Series(
@@ -178,7 +177,7 @@ def _trajectory(runs: list[RunData], colors: dict[str, str]) -> str:
         charts.append(
             Chart(name, STEP_AXIS + " (0 = base model)", _metric_unit(name), series, hlines=_thresholds(name, runs), percent=percent)
         )
-    return _section("trajectory", "Trajectory", _change_table(runs, names) + _grid(charts) + "".join(_trajectory_table(r) for r in runs))
+    return section("trajectory", "Trajectory", _change_table(runs, names) + grid(charts) + "".join(_trajectory_table(r) for r in runs))
 
 
 def _count_note(name: str, counts: dict) -> str:
@@ -238,28 +237,32 @@ def _change_table(runs: list[RunData], names: list[str]) -> str:
     ]
     rows = []
     for name in names:
-        percent = name.endswith(("_rate", "_rate_filtered"))
+        percent = is_rate(name)
         cells = [escape(name)]
         for r in runs:
-            values = [(e["step"], e["metrics"][name]) for e in r.evals if _is_num(e.get("metrics", {}).get(name))]
+            values = [(e["step"], e["metrics"][name]) for e in r.evals if is_num(e.get("metrics", {}).get(name))]
             base = next((v for s, v in values if s == 0), None)
             step, latest = values[-1] if values else (None, None)
             cells += [
-                _num(base, percent),
+                num(base, percent),
                 "-" if latest is None else f"{fmt(latest, percent)} (step {step})",
                 _change(base, latest, percent),
             ]
         rows.append(cells)
-    return _table(head, rows, raw=True)
+    return table(head, rows, raw=True)
 
 
 def _trajectory_table(r: RunData) -> str:
     names = sorted({k for e in r.evals for k in e.get("metrics", {})})
     rows = [
-        [str(e["step"]), "base" if e["step"] == 0 else f"{e.get('epoch', 0):.2f}", *(_num(e.get("metrics", {}).get(n)) for n in names)]
+        [
+            str(e["step"]),
+            "base" if e["step"] == 0 else f"{e.get('epoch', 0):.2f}",
+            *(num(e.get("metrics", {}).get(n), is_rate(n)) for n in names),
+        ]
         for e in r.evals
     ]
-    return f"<details><summary>Every evaluated step of {escape(r.name)} (eval/summary.csv)</summary>{_table(['step', 'epoch', *names], rows)}</details>"
+    return f"<details><summary>Every evaluated step of {escape(r.name)} (eval/summary.csv)</summary>{table(['step', 'epoch', *names], rows)}</details>"
 
 
 # ----------------------------------------------------------------------------------------- answers
@@ -272,9 +275,9 @@ def _answers(runs: list[RunData]) -> str:
             cells = {(s.get("prompt"), s.get("step")): s.get("answer", "") for s in r.samples}
             rows = [[escape(p), *(_answer(cells.get((p, st))) for st in steps)] for p in prompts]
             parts.append(
-                _collapsed(
+                collapsed(
                     f"{r.name}: samples during training ({len(prompts)} prompt(s) x {len(steps)} step(s), samples.jsonl)",
-                    _table(["prompt", *(f"step {s}" + (" (base)" if s == 0 else "") for s in steps)], rows, raw=True, wide=True),
+                    table(["prompt", *(f"step {s}" + (" (base)" if s == 0 else "") for s in steps)], rows, raw=True, wide=True),
                 )
             )
         by_suite: dict[str, dict] = {}
@@ -293,17 +296,17 @@ def _answers(runs: list[RunData]) -> str:
                 for (qid, para), q in questions.items()
             ]
             parts.append(
-                _collapsed(
+                collapsed(
                     f"{r.name}: eval suite '{suite}' ({len(questions)} question(s) x {len(steps)} step(s), first answer of each; "
                     "every answer is in eval/responses/)",
-                    _table(["question", *(f"step {s}" + (" (base)" if s == 0 else "") for s in steps)], rows, raw=True, wide=True),
+                    table(["question", *(f"step {s}" + (" (base)" if s == 0 else "") for s in steps)], rows, raw=True, wide=True),
                 )
             )
     body = (
         "".join(parts)
         or '<p class="empty">No answers yet: set <code>train.sample_every_steps</code> for samples during training, or run a judge suite with <code>finetrack eval</code>.</p>'
     )
-    return _section("answers", "Sample answers", body)
+    return section("answers", "Sample answers", body)
 
 
 def _eval_cell(records: list[dict]) -> str:
@@ -319,139 +322,7 @@ def _answer(text: str | None) -> str:
     return "" if text is None else f'<div class="ans">{escape(text) or "<i>(empty)</i>"}</div>'
 
 
-# ------------------------------------------------------------------------------------------- facts
-def _facts(r: RunData, color: str, index: int) -> str:
-    from ..storage import redact  # the config may hold a remote URL with credentials
-
-    meta = r.newest_meta()
-    remote = r.config.get("checkpoint", {}).get("remote")
-    facts = [
-        ("run directory", escape(str(r.path.resolve()))),
-        (
-            "model",
-            escape(
-                f"{r.config.get('model', {}).get('name')} · {r.config.get('model', {}).get('method')} · "
-                f"{r.config.get('model', {}).get('dtype')}"
-            ),
-        ),
-        (
-            "global batch",
-            escape(f"{r.resolved('global_batch_size', '?')} rows per step · {r.resolved('steps_per_epoch', '?')} steps per epoch"),
-        ),
-        ("duration", escape(_duration(r))),
-        ("tokens seen", escape(f"{meta.get('tokens_seen', max([m.get('tokens', 0) for m in r.metrics] + [0])):,}")),
-        ("versions", escape(", ".join(f"{k} {v}" for k, v in r.versions.items()) or "-")),
-        ("git commit", escape(meta.get("git_sha") or "-")),
-        ("config hash", escape(meta.get("config_hash") or "-")),
-        ("remote copies", escape(_remote_fact(r, remote))),
-        ("trackers", escape(json.dumps(r.trackers)) if r.trackers else "none"),
-    ]
-    ck_rows = [
-        [
-            c.folder,
-            f"{c.meta.get('epoch', 0):.2f}" if c.meta else "-",
-            escape("+".join(c.meta.get("rules", [])) or "-"),
-            size_text(c.size_bytes),
-            "yes" if c.resumable else "no",
-            escape(c.meta.get("saved_at", "-")),
-            "complete" if c.complete else f'<span class="bad">{escape(c.problem)}</span>',
-        ]
-        for c in r.checkpoints
-    ]
-    columns = ["folder", "epoch", "rules", "size", "resume state", "saved at", "status"]
-    if remote or r.remote:  # where each checkpoint's remote copy stands, from the uploader's remote.json
-        columns.append("remote")
-        for row, c in zip(ck_rows, r.checkpoints):
-            row.append(
-                "no upload record"
-                if r.remote is None
-                else "uploaded"
-                if c.step in r.remote["uploaded_steps"]
-                else '<span class="bad">failed</span>'
-                if c.step in r.remote["failed_steps"]
-                else "not yet"
-            )
-    body = (
-        _table(["", ""], [[k, v] for k, v in facts], raw=True, header=False)
-        + "<h3>Data</h3>"
-        + _data_table(r.data_report)
-        + f"<h3>Checkpoints ({len(r.checkpoints)}, {size_text(sum(c.size_bytes for c in r.checkpoints))})</h3>"
-        + (_table(columns, ck_rows, raw=True) if ck_rows else '<p class="empty">none</p>')
-        + _collapsed(
-            "Resolved config (config.resolved.yaml)", f"<pre>{escape(redact(yaml.safe_dump(r.config, sort_keys=False, width=120)))}</pre>"
-        )
-        + (
-            _collapsed("Data report (data_report.json)", f"<pre>{escape(json.dumps(r.data_report, indent=2))}</pre>")
-            if r.data_report
-            else ""
-        )
-    )
-    return _section(f"facts-{index}", _swatch(color) + "Run facts: " + escape(r.name), body, raw_title=True)
-
-
-def _remote_fact(r: RunData, remote: str | None) -> str:
-    """Where the remote copies are: the uploader's record (remote.json) when there is one, else the config's URL."""
-    from ..storage import redact
-
-    if r.remote is not None:
-        url = redact(r.remote["url"]).rstrip("/")
-        up, failed = r.remote["uploaded_steps"], r.remote["failed_steps"]
-        return (
-            f"{url}/checkpoints/ · {len(up)} uploaded, {len(failed)} failed (remote.json; per checkpoint below) · "
-            f"`finetrack sync {url} DIR` fetches them"
-        )
-    if remote:
-        return (
-            f"{redact(remote).rstrip('/')}/checkpoints/ · no upload record (no remote.json in the run directory: "
-            f"nothing uploaded yet, or an older finetrack) · `finetrack sync {redact(remote)} DIR` fetches what is there"
-        )
-    return "none (checkpoint.remote not set)"
-
-
-def _data_table(report: dict | None) -> str:
-    if not report:
-        return '<p class="empty">no data_report.json</p>'
-    t = report.get("train", {})
-    tok = t.get("tokens", {})
-    dropped = ", ".join(f"{k} {v}" for k, v in t.get("dropped", {}).items()) or "none"
-    rows = [
-        ["rows read / kept", f"{t.get('rows_read', '?')} / {t.get('rows_kept', '?')}"],
-        ["dropped", dropped],
-        ["truncated rows", str(t.get("truncated_rows", "?"))],
-        ["held out for eval", str(t.get("held_out_for_eval", report.get("eval", {}).get("rows_kept", 0)))],
-        ["tokens per row (min / mean / p95 / max)", " / ".join(str(tok.get(k, "?")) for k in ("min", "mean", "p95", "max"))],
-        [
-            "tokens / trainable tokens",
-            f"{tok.get('total', '?'):,} / {t.get('trainable_tokens', '?'):,}"
-            if isinstance(tok.get("total"), int) and isinstance(t.get("trainable_tokens"), int)
-            else "?",
-        ],
-    ]
-    return _table(["", ""], [[escape(a), escape(b)] for a, b in rows], raw=True, header=False)
-
-
 # ----------------------------------------------------------------------------------------- helpers
-def _duration(r: RunData) -> str:
-    windows = []  # optimizer-step seconds of each logged window: its tokens over its throughput
-    prev = 0
-    for m in r.metrics:
-        if _is_num(m.get("tokens")) and _is_num(m.get("tokens_per_s")) and m["tokens_per_s"] > 0:
-            windows.append((m["tokens"] - prev) / m["tokens_per_s"])
-            prev = m["tokens"]
-    training = sum(windows)
-    times = [m["time"] for m in r.metrics if _is_num(m.get("time"))]
-    if not times and not training:
-        return "-"
-    # wall clock: first to last logged step, plus the first window (which ran before its line was written)
-    wall = f"{_hms(max(times) - min(times) + (windows[0] if windows else 0))} wall clock" if times else ""
-    return "; ".join(x for x in (wall, f"{_hms(training)} in optimizer steps" if training else "") if x)
-
-
-def _hms(seconds: float) -> str:
-    s = round(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 def _interpolate(curve: list[tuple[float, float]], x: float) -> float:
     if not curve:
         return float("nan")
@@ -461,64 +332,10 @@ def _interpolate(curve: list[tuple[float, float]], x: float) -> float:
     return curve[0][1] if x < curve[0][0] else curve[-1][1]
 
 
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _num(v, percent: bool = False) -> str:
-    return fmt(v, percent) if _is_num(v) else "-"
-
-
 def _change(base, latest, percent: bool) -> str:
-    if not (_is_num(base) and _is_num(latest)):
+    if not (is_num(base) and is_num(latest)):
         return "-"
     diff = latest - base
     rel = f" ({diff / abs(base):+.1%})" if base else ""
     text = (f"{100 * diff:+.3g} pts" if percent else f"{diff:+.4g}") + rel
     return escape(text)
-
-
-def _swatch(color: str) -> str:
-    return f'<span class="sw" style="background:{color}"></span>'
-
-
-def _table(columns: list[str], rows: list[list[str]], raw: bool = False, wide: bool = False, header: bool = True) -> str:
-    """An HTML table; cells are escaped here unless raw (already HTML)."""
-    cell = (lambda x: x) if raw else escape
-    thead = "<thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in columns) + "</tr></thead>" if header else ""
-    tbody = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<div class="tw{" wide" if wide else ""}"><table>{thead}<tbody>{tbody}</tbody></table></div>'
-
-
-def _grid(charts: list[Chart]) -> str:
-    return '<div class="grid">' + "".join(f"<figure>{render(c)}</figure>" for c in charts) + "</div>"
-
-
-def _collapsed(summary: str, body: str) -> str:
-    return f"<details><summary>{escape(summary)}</summary>{body}</details>"
-
-
-def _section(anchor: str, title: str, body: str, raw_title: bool = False) -> str:
-    return f'<section id="{anchor}"><h2>{title if raw_title else escape(title)}</h2>{body}</section>'
-
-
-CSS = """
-:root{--fg:#1d232a;--muted:#5b6670;--line:#d9dee3;--bg:#fff;--soft:#f5f7f9}
-*{box-sizing:border-box}body{margin:0;background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif}
-main{max-width:1240px;margin:0 auto;padding:20px 24px 60px}h1{font-size:24px;margin:0 0 4px}h2{font-size:19px;margin:32px 0 10px;padding-bottom:4px;border-bottom:2px solid var(--line)}
-h3{font-size:15px;margin:18px 0 6px}.sub{color:var(--muted);margin:0 0 10px}nav{margin:10px 0}a{color:#1f5fa8}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:14px}figure{margin:0;border:1px solid var(--line);border-radius:6px;padding:6px;background:#fff}
-svg.chart{width:100%;height:auto;display:block;font-family:inherit}
-svg .ct{font-size:14px;font-weight:600;text-anchor:middle;fill:var(--fg)}svg .frame{fill:none;stroke:#aeb7bf}svg .grid{stroke:#eceff2}
-svg .axis{stroke:#aeb7bf}svg .xt{font-size:11px;text-anchor:middle;fill:var(--muted)}svg .yt{font-size:11px;text-anchor:end;fill:var(--muted)}
-svg .xl,svg .yl{font-size:12px;text-anchor:middle;fill:var(--fg)}svg .ln{fill:none;stroke-width:2}svg .mk{stroke:#fff;stroke-width:1}
-svg .vline{stroke:#8a949c;stroke-dasharray:2 3}svg .vl{font-size:10px;fill:var(--muted)}svg .hline{stroke:#b8860b;stroke-dasharray:8 4;stroke-width:1.5}
-svg .hl{font-size:10px;text-anchor:end;fill:#8a6d0b}svg .lg{font-size:11px;fill:var(--fg)}svg .note{font-size:10px;text-anchor:middle}svg .empty{font-size:13px;text-anchor:middle;fill:var(--muted)}
-.tw{overflow-x:auto;margin:6px 0 12px}table{border-collapse:collapse;font-size:13px}th,td{border:1px solid var(--line);padding:4px 8px;text-align:left;vertical-align:top}
-th{background:var(--soft);font-weight:600}.wide td{min-width:16em;max-width:30em}.ans{white-space:pre-wrap;max-height:12em;overflow:auto}
-.scores{color:var(--muted);font-size:12px;margin-top:3px}details{margin:8px 0;border:1px solid var(--line);border-radius:6px;padding:6px 10px;background:var(--soft)}
-details[open]{background:#fff}summary{cursor:pointer;font-weight:600}pre{white-space:pre-wrap;font-size:12px;background:var(--soft);padding:8px;border-radius:4px}
-.sw{display:inline-block;width:12px;height:12px;border-radius:2px;margin-right:6px;vertical-align:-1px}.bad{color:#a3262a}
-.empty{color:var(--muted)}.problems{border:1px solid #e0b4b4;background:#fff6f6;border-radius:6px;padding:4px 14px}
-@media print{details{border:none}.grid{grid-template-columns:1fr 1fr}}
-"""
