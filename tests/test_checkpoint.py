@@ -13,7 +13,6 @@ from conftest import make_checkpoint, tiny_run
 from safetensors.torch import load_file
 
 from finetrack import checkpoint
-from finetrack.checkpoint import CheckpointError
 from finetrack.config import ConfigError
 from finetrack.resume import Request
 

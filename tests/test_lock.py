@@ -87,26 +87,28 @@ def test_a_second_train_beside_a_live_training_then_kill_9_and_resume(tmp_path, 
     """A real training run holds the lock; a second identical command is refused while the first keeps training
     and keeps its checkpoints; after kill -9 of the first the same command resumes from its newest checkpoint."""
     run = tmp_path / "run"
-    long = ("train.max_steps=100000", "checkpoint.every_steps=3", "model.lora.r=4")
-    first = subprocess.Popen(train_cmd(run, tiny_model_dir, chat_file, *long), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not checkpoint.complete_checkpoints(run, warn=lambda _: None) and time.monotonic() < deadline and first.poll() is None:
-            time.sleep(0.1)
-        assert first.poll() is None, first.communicate()[1][-3000:]
-        r = subprocess.run(train_cmd(run, tiny_model_dir, chat_file, *long), capture_output=True, text=True, timeout=600, check=False)
-        assert r.returncode == 2, r.stderr[-3000:]
-        (line,) = error_lines(r.stderr)
-        assert str(run) in line and f"pid {first.pid} " in line and "Traceback" not in r.stderr
-        steps_before = [s for s, _ in checkpoint.step_folders(run)]
-        time.sleep(2)
-        assert first.poll() is None  # the first run is unharmed and still training
-        for step, folder in checkpoint.step_folders(run):
-            checkpoint.verify(folder)  # every checkpoint it had is still there and complete
-        assert {s for s, _ in checkpoint.step_folders(run)} >= set(steps_before[:-1])  # retention off: none deleted
-    finally:
-        first.kill()
-        first.communicate()
+    long = ("train.max_steps=3000", "checkpoint.every_steps=3", "model.lora.r=4")
+    # a file, not a pipe nobody reads while it trains (a full pipe would block it)
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(train_cmd(run, tiny_model_dir, chat_file, *long), stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not checkpoint.complete_checkpoints(run, warn=lambda _: None) and time.monotonic() < deadline and first.poll() is None:
+                time.sleep(0.1)
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            r = subprocess.run(train_cmd(run, tiny_model_dir, chat_file, *long), capture_output=True, text=True, timeout=600, check=False)
+            assert r.returncode == 2, r.stderr[-3000:]
+            (line,) = error_lines(r.stderr)
+            assert str(run) in line and f"pid {first.pid} " in line and "Traceback" not in r.stderr
+            steps_before = [s for s, _ in checkpoint.step_folders(run)]
+            time.sleep(2)
+            assert first.poll() is None  # the first run is unharmed and still training
+            for step, folder in checkpoint.step_folders(run):
+                checkpoint.verify(folder)  # every checkpoint it had is still there and complete
+            assert {s for s, _ in checkpoint.step_folders(run)} >= set(steps_before[:-1])  # retention off: none deleted
+        finally:
+            first.kill()
+            first.wait()
     newest = checkpoint.newest_resumable(run, warn=lambda _: None)
     assert newest is not None
     target = newest.step + 2  # a shorter run: train.max_steps is a harmless change on resume

@@ -24,6 +24,7 @@ from typing import Any
 
 from .redact import redact
 from .schema import DATA_FILE_SUFFIXES
+from .errors import UserError
 
 log = logging.getLogger("finetrack")
 
@@ -41,7 +42,7 @@ UTF8_HINT = "finetrack reads text files as UTF-8: re-save the file as UTF-8 (e.g
 CSV_FIELD_LIMIT_CHARS = 2**31 - 1  # the csv module's default (128 KiB) would refuse a long conversation in one cell
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A bad row or source; the message names file, line and field and what to do."""
 
 

@@ -1,10 +1,9 @@
 """How a command ends when something goes wrong: the user's fault is one `error:` line and exit 2, an
 interruption one `stopped:` line, and only our own bugs show a traceback.
 
-User errors are recognised by class, not by message: each stage raises its own type (ConfigError,
-DataError, CheckpointError, EvalError, ScheduleError). They are matched by module and name along the
-exception's class hierarchy, so this module imports none of those stages (a Ctrl+C while torch loads is
-handled here too, and `report` / `gate` never load torch). An OSError from a path the user gave (permission
+User errors are recognised by class, not by message: each stage raises its own subclass of UserError
+(ConfigError, DataError, CheckpointError, EvalError, ScheduleError). This module imports none of those
+stages (a Ctrl+C while torch loads is handled here too, and `report` / `gate` never load torch). An OSError from a path the user gave (permission
 denied, a folder where a file belongs, no space left) is the user's too: it names the path and what to do.
 Everything printed passes through redact(): no URL credentials, even inside an exception's text.
 """
@@ -23,18 +22,11 @@ from .redact import redact
 EXIT_USER_ERROR = 2
 EXIT_SIGINT = 130
 
-# (module, class name) of every exception type that means "the input is wrong" (subclasses count too)
-USER_ERRORS = frozenset(
-    {
-        ("finetrack.schema", "ConfigError"),
-        ("finetrack.data", "DataError"),
-        ("finetrack.data_files", "DataError"),  # defined with the file readers, re-exported by finetrack.data
-        ("finetrack.rundir", "CheckpointError"),
-        ("finetrack.checkpoint", "CheckpointError"),
-        ("finetrack.evaluate.spec", "EvalError"),
-        ("finetrack.schedule", "ScheduleError"),
-    }
-)
+
+class UserError(Exception):
+    """The base of every "the input is wrong" error: each stage subclasses it (ConfigError, DataError,
+    CheckpointError, EvalError, ScheduleError) and its message says what, where and what to do."""
+
 
 # errno -> what the user can do about it
 OS_ERROR_HINTS = {
@@ -54,14 +46,14 @@ _NEED_NO_PATH = (errno.ENOSPC, errno.EDQUOT)  # a write to an open file fails wi
 
 def is_user_error(error: BaseException) -> bool:
     """Is `error` one of finetrack's "the input is wrong" types (or an OSError about a path the user gave)?"""
-    if any((cls.__module__, cls.__qualname__) in USER_ERRORS for cls in type(error).__mro__):
+    if isinstance(error, UserError):
         return True
     return isinstance(error, OSError) and error.errno in OS_ERROR_HINTS and (error.filename is not None or error.errno in _NEED_NO_PATH)
 
 
 def describe(error: BaseException) -> str:
     """The one line a user error is shown as (without the `error: ` prefix)."""
-    if isinstance(error, OSError) and not any((c.__module__, c.__qualname__) in USER_ERRORS for c in type(error).__mro__):
+    if isinstance(error, OSError) and not isinstance(error, UserError):
         return _describe_os_error(error)
     return " ".join(str(error).split()) or type(error).__name__
 

@@ -6,6 +6,7 @@ import json
 import resource
 import time
 from pathlib import Path
+from typing import Self
 
 import torch
 
@@ -82,7 +83,7 @@ class MetricsLog:
         if self.file:
             self.file.close()
 
-    def __enter__(self) -> MetricsLog:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

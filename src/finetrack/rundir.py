@@ -15,6 +15,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 from .schema import ConfigError
+from .errors import UserError
 
 CONFIG_FILE = "config.resolved.yaml"
 CHECKPOINTS_DIR, EVAL_DIR = "checkpoints", "eval"
@@ -24,7 +25,7 @@ MANIFEST_FORMAT = "finetrack-checkpoint/1"
 _STEP_PREFIX = "step-"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names the folder and file."""
 
 

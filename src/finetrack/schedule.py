@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 
+from .errors import UserError
 
-class ScheduleError(ValueError):
+
+class ScheduleError(UserError, ValueError):
     """A checkpoint rule that cannot be met by this run; the message says what to change."""
 
 

