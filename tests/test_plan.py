@@ -371,7 +371,7 @@ def test_plan_cli_prints_and_writes_json(tmp_path, tiny_model_dir, chat_file):
     for part in (
         "data: 48 rows read, 48 to train on",
         "schedule: 6 optimizer steps",
-        "3 checkpoint(s) at steps 2, 4, 6",
+        "3 checkpoints: every 2 steps (every_steps: steps 2, 4, 6)",
         "memory on A10 (cuda)",
         "predicted peak",
         "DOES NOT FIT",

@@ -280,3 +280,18 @@ def test_fresh_through_the_command_line_and_the_environment(tmp_path, tiny_model
             assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
             assert [json.loads(x)["step"] for x in (aside / "metrics.jsonl").read_text().splitlines()] == [1, 2]
         assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_key_written_on_one_side_only_at_its_default_is_no_change(tmp_path):
+    """A checkpoint written by a version whose dump kept data.split (no effect on files) resumes without
+    --allow-config-change; a real difference on one side only still blocks."""
+    from finetrack.config import Config, effective_dump
+    from finetrack.resume import check_config
+
+    current = effective_dump(Config())
+    assert "split" not in current["data"]  # files: no effect, not written
+    saved = {**current, "data": {**current["data"], "split": "train"}}
+    assert check_config(saved, current, None, "x", allow_change=False, source=tmp_path) == []
+    saved["data"]["split"] = "validation"
+    with pytest.raises(ConfigError, match="data.split: validation -> \\(unset\\)"):
+        check_config(saved, current, None, "x", allow_change=False, source=tmp_path)

@@ -106,7 +106,10 @@ def test_prompt_files_and_config_errors(tmp_path):
         (["train.sample_prompts=[x]"], "train.sample_prompts has no effect without train.sample_every_steps"),
         (["train.sample_generation.max_new_tokens=8"], "train.sample_generation has no effect without train.sample_every_steps"),
         (["train.sample_every_steps=5"], "train.sample_every_steps needs prompts"),
-        (["train.sample_every_steps=5", "train.sample_prompts=[x]", "train.sample_generation.num_samples=2"], "one answer per prompt and step"),
+        (
+            ["train.sample_every_steps=5", "train.sample_prompts=[x]", "train.sample_generation.num_samples=2"],
+            "one answer per prompt and step",
+        ),
         (["train.sample_every_steps=0", "train.sample_prompts=[x]"], "greater than 0"),
     ]:
         with pytest.raises(ConfigError, match=message):

@@ -11,6 +11,7 @@ Everything printed passes through redact(): no URL credentials, even inside an e
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import sys
 import traceback
@@ -87,6 +88,11 @@ def handle(command: Callable[[], int], argv: Sequence[str] = ()) -> int:
         return EXIT_SIGINT
     except SystemExit:
         raise
+    except BrokenPipeError:
+        # the reader of our output went away (`finetrack train --help-config | head`): nothing to say, and Python
+        # must not complain again when it flushes stdout at exit (https://docs.python.org/3/library/signal.html#note-on-sigpipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except BaseException as e:
         interrupted = sys.modules.get("finetrack.interrupt")
         if interrupted is not None and isinstance(e, interrupted.Interrupted):

@@ -208,11 +208,23 @@ def _aside_dir(run_dir: Path) -> Path:
     return aside
 
 
+_DEFAULTS = flatten(Config().model_dump(mode="json"))
+
+
+def _differs(key: str, old: dict, new: dict) -> bool:
+    """Does `key` differ between two flattened dumps? A key written on one side only, at its default, does not: the
+    dump leaves out settings that have no effect, and which ones has changed between versions (e.g. data.split on files)."""
+    if key in old and key in new:
+        return old[key] != new[key]
+    written = old if key in old else new
+    return key not in _DEFAULTS or written[key] != _DEFAULTS[key]
+
+
 def check_config(saved: dict, current: dict, saved_data: str | None, current_data: str, allow_change: bool, source: Path) -> list[str]:
     """Compare the checkpoint's config with this run's. Returns the accepted changes, one line each;
     raises ConfigError listing the others unless allow_change (then they are returned too)."""
     old, new = flatten(saved), flatten(current)
-    changes = [(k, old.get(k, "(unset)"), new.get(k, "(unset)")) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    changes = [(k, old.get(k, "(unset)"), new.get(k, "(unset)")) for k in sorted(set(old) | set(new)) if _differs(k, old, new)]
     harmless = [f"{k}: {a} -> {b}" for k, a, b in changes if k.startswith(HARMLESS_PREFIXES)]
     blocking = [f"{k}: {a} -> {b}" for k, a, b in changes if not k.startswith(HARMLESS_PREFIXES)]
     if saved_data and saved_data != current_data:

@@ -87,9 +87,8 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag, he
     from accelerate.utils import set_seed
 
     run_dir = Path(cfg.output.dir)
-    # --- checks that need no weights come first: a mistake costs seconds, not a model load
-    if int(os.environ.get("RANK", "0")) == 0:
-        runlock.make_run_dir(run_dir)  # before the Accelerator, whose trackers write into it
+    # --- checks that need no weights come first: a mistake costs seconds, not a model load (and a refused
+    # run leaves no output.dir behind)
     check_source(cfg.model)
     check_optimizer(cfg.train)
     accelerator = Accelerator(**tracking.accelerator_kwargs(cfg.train.report_to, run_dir))
@@ -101,12 +100,12 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag, he
             f"launched as {launched} processes but accelerate sees {accelerator.num_processes}: "
             "use `accelerate launch --multi_gpu` on GPUs (multi-process CPU training is not supported)"
         )
-    if main:  # before the resume sweep below, which deletes unfinished checkpoint folders: a live run's would be one
-        held.enter_context(runlock.hold(run_dir))
-    set_seed(cfg.train.seed)
     if cfg.checkpoint.remote:
         _check_remote(cfg.checkpoint.remote)
     prompts = sampling.load_prompts(cfg.train)  # a bad prompt file fails before any work
+    if main:  # the lock before the resume sweep below, which deletes unfinished checkpoint folders: a live run's would be one
+        held.enter_context(runlock.hold(runlock.make_run_dir(run_dir)))
+    set_seed(cfg.train.seed)
 
     # --- where to start: step 0 or a checkpoint (the main process may move files or download)
     start = resume.find_start(run_dir, cfg.checkpoint.remote, request) if main else None
