@@ -385,3 +385,11 @@ def test_a_training_run_prints_no_library_noise(tmp_path, tiny_model_dir, chat_f
     assert r.returncode == 0, r.stderr[-3000:]
     for noise in ("Warning:", "warnings.warn", "Loading weights", "it/s]"):
         assert noise not in r.stderr, r.stderr
+
+
+def test_a_message_of_several_lines_is_shown_as_one_readable_line():
+    from finetrack.errors import one_line
+
+    assert one_line("a.yaml: 2 problems in the config:\n  a.yaml:2: x\n  a.yaml:3:  y  z\n") == (
+        "a.yaml: 2 problems in the config: a.yaml:2: x; a.yaml:3: y z"
+    )

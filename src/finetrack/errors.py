@@ -56,7 +56,17 @@ def describe(error: BaseException) -> str:
     """The one line a user error is shown as (without the `error: ` prefix)."""
     if isinstance(error, OSError) and not isinstance(error, UserError):
         return _describe_os_error(error)
-    return " ".join(str(error).split()) or type(error).__name__
+    return one_line(str(error)) or type(error).__name__
+
+
+def one_line(text: str) -> str:
+    """A message of several lines as one: a line that ends in ':' introduces the next, the others are joined by '; '
+    ("2 problems in the config:\n  a.yaml:2: ...\n  a.yaml:3: ..." -> "2 problems in the config: a.yaml:2: ...; a.yaml:3: ...")."""
+    out = ""
+    for line in (" ".join(line.split()) for line in text.splitlines()):
+        if line:
+            out += line if not out else (" " if out.endswith(":") else "; ") + line
+    return out
 
 
 def _describe_os_error(error: OSError) -> str:
