@@ -151,7 +151,13 @@ def test_copied_resolved_config_with_one_change_loads(change, tmp_path):
     tree = yaml.safe_load(f.read_text())
     tree["train"]["sample_prompts"] = [] if change.startswith("train.sample_every_steps") else tree["train"]["sample_prompts"]
     f.write_text(yaml.safe_dump(tree))
-    load_config(f, [change])
+    loaded = load_config(f, [change])
+    key, value = change.split("=", 1)
+    section, *rest = key.split(".")
+    node = getattr(loaded, section)
+    for part in rest:
+        node = getattr(node, part)
+    assert node == yaml.safe_load(value) or (node is None and value == "null")  # the one change took effect
 
 
 @pytest.mark.parametrize(

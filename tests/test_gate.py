@@ -111,6 +111,12 @@ def test_explicit_direction_overrides_inference(run):
         ("dist.pearson_means", "higher"),
         ("custom.score", None),  # ambiguous: the gate asks for --direction
         ("em.toxicity", None),
+        # whole words only: a substring must not decide (a wrong guess turns a regression into a GO)
+        ("s.unaligned", "lower"),
+        ("fruit.apple_mentions", None),
+        ("qa.accent_score", None),
+        ("qa.exact_match", "higher"),
+        ("dist.mae_mean", "lower"),
     ],
 )
 def test_infer_direction_from_leaf_name(metric, expected):

@@ -27,8 +27,6 @@ _QUIET_ENV = {
     "DATASETS_VERBOSITY": "error",
 }
 _THIRD_PARTY_LOGGERS = ("transformers", "accelerate", "datasets", "peft", "huggingface_hub", "torch", "fsspec", "s3fs", "botocore")
-# Verbs that compute with torch: they share the CPU with other finetrack processes (processes.py).
-_COMPUTE_VERBS = ("train", "eval", "plan", "demo")
 
 
 class _RedactingFormatter(logging.Formatter):
@@ -64,11 +62,15 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     args = flags.parser().parse_args(argv)
     _setup_output(args.verbose)
-    if args.verb in _COMPUTE_VERBS and not (args.verb == "train" and args.help_config):
-        from .processes import configure_threads
-
-        configure_threads()
     return _VERBS[args.verb](args)
+
+
+def _share_cores() -> None:
+    """A command about to compute with torch shares the CPU with the other finetrack processes (processes.py); called
+    once its input is read, so a command that fails on its input neither registers nor says anything about threads."""
+    from .processes import configure_threads
+
+    configure_threads()
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -84,7 +86,9 @@ def _train(args: argparse.Namespace) -> int:
     request = Request.from_env(
         fresh=args.fresh, delete_remote=args.delete_remote, resume_from=args.resume_from, allow_config_change=args.allow_config_change
     )
-    result = run(load_config(config, overrides), request=request)
+    cfg = load_config(config, overrides)
+    _share_cores()
+    result = run(cfg, request=request)
     if result.resumed_from_step == result.total_steps:
         print(f"already complete: {result.total_steps} steps; final checkpoint {result.final_checkpoint}")
     else:
@@ -120,6 +124,7 @@ def _eval(args: argparse.Namespace) -> int:
             )
         from .evaluate.runner import evaluate_baseline
 
+        _share_cores()
         evaluate_baseline(str(target), list(args.overrides), args.suite)
         return 0
     model_folder = (target / "config.json").is_file() or (target / "adapter_config.json").is_file()
@@ -127,6 +132,8 @@ def _eval(args: argparse.Namespace) -> int:
     if not is_run and args.watch is None and not target.exists():
         raise ConfigError(f"{target}: no such run directory, model or adapter folder, or config file; check the path")
     from .evaluate.runner import evaluate_model, evaluate_run
+
+    _share_cores()
 
     # a watch follows a run that may not exist yet (it is started together with training): only a model folder is not one
     if not is_run and target.is_dir() and (args.watch is None or model_folder):
@@ -169,8 +176,11 @@ def _plan(args: argparse.Namespace) -> int:
     from .plan import make_plan, render, target_for
 
     config, overrides = flags.config_and_overrides(args)
+    cfg = load_config(config, overrides)
+    if args.measure or args.measure_steps is not None:  # only a measurement computes: a plain plan reads and counts
+        _share_cores()
     plan = make_plan(
-        load_config(config, overrides),
+        cfg,
         target_for(args.gpu, args.device_memory, args.num_processes),
         args.price_per_hour,
         5 if args.measure and args.measure_steps is None else args.measure_steps,
@@ -185,6 +195,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import demo
 
+    _share_cores()
     demo(list(args.overrides))
     return 0
 

@@ -177,7 +177,7 @@ def _hint(key: str) -> str:
     if key in RENAMED:
         return f": renamed to '{RENAMED[key]}' (count keys start with num_)"
     key = ".".join(p for p in parts if not p.isdigit())  # eval.suites.0.x -> eval.suites.x for the lookups below
-    if leaf in RENAMED_LEAVES:
+    if leaf in RENAMED_LEAVES and parts[0] in ("eval", "train") and len(parts) > 2:  # a suite's or a generation's count
         return f": renamed to '{'.'.join([*parts[:-1], RENAMED_LEAVES[leaf]])}' (count keys start with num_)"
     if leaf in FOREIGN_KEYS:
         return f" (finetrack calls it {FOREIGN_KEYS[leaf]})"

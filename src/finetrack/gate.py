@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,7 @@ from .schema import ConfigError
 # A leaf metric name containing one of these words says which way is better (lower words are checked first:
 # "misaligned" contains "aligned"). A name with none of them is ambiguous: the gate asks for --direction
 # rather than guess, since a wrong guess turns a regression into a GO.
-LOWER_IS_BETTER = ("loss", "ppl", "perplexity", "wasserstein", "mae", "error", "misaligned", "unscored")
+LOWER_IS_BETTER = ("loss", "ppl", "perplexity", "wasserstein", "mae", "mse", "error", "misaligned", "unaligned", "unscored")
 HIGHER_IS_BETTER = ("accuracy", "acc", "aligned", "coherent", "pearson", "correlation", "f1", "exact_match", "bleu", "rouge")
 DIRECTIONS = ("lower", "higher")
 # Float round-off must not turn an exact hit into NO-GO: (0.3 - 0.285) / 0.3 is 0.04999999999999999.
@@ -90,21 +91,25 @@ def infer_direction(metric: str, rules: dict[str, str] | None = None) -> tuple[s
         if score_direction is None:
             return None, f"rule '{rule}' counts answers with {criterion}, and the name '{score}' does not say whether that is good"
         return score_direction, f"rule '{rule}': it counts answers with {criterion}, and {score_direction} {score} is better"
-    direction = _by_name(metric.rsplit(".", 1)[-1])
-    leaf = metric.rsplit(".", 1)[-1].lower()
+    direction, word = _name_word(metric.rsplit(".", 1)[-1])
     if direction is None:
-        return None, f"its name contains none of {', '.join(LOWER_IS_BETTER + HIGHER_IS_BETTER)}"
-    word = next(w for w in (LOWER_IS_BETTER if direction == "lower" else HIGHER_IS_BETTER) if w in leaf)
-    return direction, f"its name contains {word!r}"
+        return None, f"its name contains none of the words {', '.join(LOWER_IS_BETTER + HIGHER_IS_BETTER)}"
+    return direction, f"its name contains the word {word!r}"
+
+
+def _name_word(name: str) -> tuple[str | None, str | None]:
+    """("lower" | "higher" | None, the word that says so). Whole words only, split at . _ - and spaces: `apple_mentions`
+    holds no 'ppl', `accent_score` no 'acc', and 'unaligned' is not 'aligned' (a wrong guess turns a regression into a GO)."""
+    padded = "_" + "_".join(w for w in re.split(r"[._\-\s]+", name.lower()) if w) + "_"
+    for direction, words in (("lower", LOWER_IS_BETTER), ("higher", HIGHER_IS_BETTER)):
+        for word in words:
+            if f"_{word}_" in padded:
+                return direction, word
+    return None, None
 
 
 def _by_name(name: str) -> str | None:
-    leaf = name.lower()
-    if any(word in leaf for word in LOWER_IS_BETTER):
-        return "lower"
-    if any(word in leaf for word in HIGHER_IS_BETTER):
-        return "higher"
-    return None
+    return _name_word(name)[0]
 
 
 def _eval_files(run_dir: Path) -> dict[int, Path]:

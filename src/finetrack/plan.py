@@ -333,7 +333,7 @@ def measure(cfg: Config, steps: int) -> dict:
 def render(plan: Plan) -> str:
     """The plan as the text `finetrack plan` prints."""
     from .data import report_line
-    from .schedule import describe
+    from .schedule import describe, elided
 
     s, m, t = plan.schedule, plan.memory, plan.time
     lines = [f"data: {report_line(plan.data)}"]
@@ -355,7 +355,7 @@ def render(plan: Plan) -> str:
     ]
     lines.append("  " + describe({step: rules.split("+") for step, rules in s["checkpoint_steps"].items()}, s["steps_per_epoch"]))
     lines.append(
-        f"  held-out loss at steps {_list(s['eval_loss_steps'])}"
+        f"  held-out loss at steps {elided(s['eval_loss_steps'])}"
         if s["eval_loss_steps"]
         else "  no held-out loss (data.eval_split not set)"
     )
@@ -424,11 +424,6 @@ def _eval_phase_line(e: dict, price_per_hour: float | None) -> str:
     ]
     cost = "" if e["cost"] is None else f"; at {price_per_hour:.2f}/h: {e['cost']:.2f}"
     return f"  eval phase (estimate; base model + {e['num_steps'] - 1} checkpoint(s)): {' + '.join(parts)} = {_hours(e['total_s'])}{cost}"
-
-
-def _list(steps: list[int], max_listed: int = 20) -> str:
-    shown = steps if len(steps) <= max_listed else [*steps[: max_listed // 2], "...", *steps[-max_listed // 2 :]]
-    return ", ".join(map(str, shown))
 
 
 def _hours(seconds: float) -> str:

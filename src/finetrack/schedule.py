@@ -106,7 +106,7 @@ def describe(schedule: dict[int, list[str]], steps_per_epoch: int | None = None,
     parts = []
     order = ["every_steps", "first_epoch", "per_epoch", "steps", "log_spaced"]
     for rule, steps in sorted(by_rule.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
-        listed = _elided(steps, max_listed)
+        listed = elided(steps, max_listed)
         if rule == "every_steps":
             parts.append(f"every {steps[0]} steps (every_steps: steps {listed})")
         elif rule == "first_epoch":
@@ -133,6 +133,7 @@ def describe(schedule: dict[int, list[str]], steps_per_epoch: int | None = None,
     return f"{len(schedule)} checkpoint{'s' if len(schedule) != 1 else ''}: {text}"
 
 
-def _elided(steps: list[int], max_listed: int) -> str:
+def elided(steps: list[int], max_listed: int = 20) -> str:
+    """Steps as text, the middle of a long list elided: '1, 2, ..., 99, 100'."""
     shown = steps if len(steps) <= max_listed else [*steps[: max_listed // 2], "...", *steps[-max_listed // 2 :]]
     return ", ".join(map(str, shown))

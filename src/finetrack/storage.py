@@ -33,6 +33,7 @@ from fsspec.implementations.local import LocalFileSystem
 from . import checkpoint
 from .checkpoint import MANIFEST, CheckpointError
 from .redact import has_credentials, redact, scrub
+from .rundir import step_name
 
 # The run-level files a remote copy holds: a run resumed on an empty machine continues their history.
 LOG_FILES = ("metrics.jsonl", "samples.jsonl")  # the run's history, appended step by step (sampling.SAMPLES_FILE)
@@ -197,7 +198,7 @@ def pull_checkpoint(url: str, step: int, run_dir: Path) -> Path:
     CheckpointError naming the remote file and leaves nothing under a `step-*` name.
     """
     fs, root = open_url(url)
-    name = f"step-{step:06d}"
+    name = step_name(step)
     rdir, where = f"{root}/checkpoints/{name}", location(url, "checkpoints", name)
     final = checkpoint.checkpoint_dir(run_dir, step)
     tmp = final.parent / f".tmp-{name}-{os.getpid()}"
@@ -243,7 +244,7 @@ def pull_newest_resumable(url: str, run_dir: Path, warn: Callable[[str], None]) 
     through warn() and the previous one is tried. None if there is none."""
     fs, root = open_url(url)
     for step in reversed(remote_steps(url)):
-        name = f"step-{step:06d}"
+        name = step_name(step)
         try:
             if checkpoint.is_resumable(remote_manifest(fs, root, name, url)[0]):
                 return pull_checkpoint(url, step, run_dir)

@@ -20,7 +20,7 @@ from . import checkpoint, storage
 from .checkpoint import CheckpointError
 from .processes import process_alive
 from .redact import redact
-from .rundir import size_text
+from .rundir import size_text, step_name
 from .watch import wait_for
 
 _EXPECTED = "expected a finetrack run directory (holding checkpoints/step-NNNNNN/)"
@@ -45,7 +45,7 @@ def _sync_once(src: str, dst: Path, out: Callable[[str], None], skipped: dict[st
     fs, root = storage.open_url(src)
     fetched, total_bytes, present, failed = [], 0, 0, 0
     for step in storage.remote_steps(src):
-        name, local = f"step-{step:06d}", checkpoint.checkpoint_dir(dst, step)
+        name, local = step_name(step), checkpoint.checkpoint_dir(dst, step)
         try:
             remote, raw = storage.remote_manifest(fs, root, name, src)
         except CheckpointError as e:

@@ -8,19 +8,7 @@ filter, as `<name>_rate_filtered` (hits over the answers that pass the filter).
 
 from __future__ import annotations
 
-from .spec import parse_rate
-
 RATE_SUFFIXES = ("_rate_filtered", "_rate")  # longest first: "x_rate_filtered" must not read as rate "x_rate_filtered"[:-5]
-
-
-def rate_metrics(rate: str, expr: str) -> list[str]:
-    """The metric names one rate produces: ['misaligned_rate', 'misaligned_rate_filtered'], the second only with a filter."""
-    return [f"{rate}_rate"] + ([f"{rate}_rate_filtered"] if has_filter(expr) else [])
-
-
-def has_filter(expr: str) -> bool:
-    """'aligned < 30 and coherent > 50' -> True; 'aligned < 30' -> False."""
-    return len(parse_rate(expr)) > 1
 
 
 def is_rate(metric: str) -> bool:
