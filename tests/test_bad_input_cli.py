@@ -38,6 +38,7 @@ def workdir(tmp_path, tiny_model_dir, chat_file, monkeypatch):
 CASES = [
     (["sync", "not-a-run", "dst"], "not-a-run has no checkpoints/ folder"),
     (["sync", "gone", "dst"], "gone does not exist"),
+    (["sync", "run", "cfg.yaml"], "cfg.yaml: DST is a file"),
     (["sync", "run", "dst", "--watch", "0"], "--watch: '0' is out of range"),
     (["sync", "run", "dst", "--watch", "-5"], "--watch: '-5' is out of range"),
     (["sync", "run", "dst", "--watch", "inf"], "--watch: 'inf' is not a finite number"),

@@ -32,7 +32,7 @@ FILE_CASES = [
     ("temperature_inf", SUITE + b"      method: sample\n      generation: {temperature: .inf}\n", ["generation.temperature", "finite"]),
     ("duplicate_key", b"train:\n  lr: 1.0e-4\n  max_steps: 5\n  lr: 2.0e-4\n", [":4:", "duplicate key 'train.lr'", "line 2"]),
     ("duplicate_section", b"train:\n  lr: 1.0e-4\ndata:\n  max_length: 64\ntrain:\n  max_steps: 2\n", [":5:", "'train'", "line 1"]),
-    ("undecodable", b"train:\n  lr: 1.0e-4\n  seed: \xff\xfe\n", [":3:", "byte 28 (0xff)", "UTF-8"]),
+    ("undecodable", b"train:\n  lr: 1.0e-4\n  seed: \xff\xfe\n", [":3:", "byte 0xff at byte offset 28", "UTF-8"]),
     ("nested_mappings", NESTED, ["nested", "flatten"]),
     ("nested_lists", DEEP_LIST, ["nested"]),
     ("self_alias", b"x: &a [1, *a]\n", ["alias"]),

@@ -387,3 +387,19 @@ def test_plan_cli_prints_and_writes_json(tmp_path, tiny_model_dir, chat_file):
     assert saved["memory"]["fits"] is False and saved["target"]["memory_bytes"] == 2**20 and saved["time"]["price_per_hour"] == 2
     assert saved["time"]["measured"]["steps"] == 2 and saved["time"]["from_measurement"] is False
     assert saved["memory"]["gradient_checkpointing"]["on"]["peak_bytes"] < saved["memory"]["gradient_checkpointing"]["off"]["peak_bytes"]
+
+
+def test_plan_runs_trains_checks_that_need_no_weights(tmp_path, tiny_model_dir, chat_file, capsys, monkeypatch):
+    """A missing model folder is the error train gives (not a tokenizer's); an output.dir that train would refuse here
+    is a warning (the plan may be for another machine); flash-attn is the training machine's business."""
+    from finetrack.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", f"model.name={tmp_path / 'nope'}", f"data.path={chat_file}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "nope" in err and "Traceback" not in err and "tokenizer" not in err, err
+    (tmp_path / "afile").write_text("x")
+    args = [f"model.name={tiny_model_dir}", f"data.path={chat_file}", "data.max_length=256", "train.micro_batch_size=4"]
+    assert main(["plan", *args, f"output.dir={tmp_path / 'afile'}", "model.attn_implementation=flash_attention_2"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: output.dir=" in err and "is a file" in err and "error:" not in err, err

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import flags
 from .errors import handle
-from .redact import redact
+from .redact import looks_like_url, redact
 
 # Noise from libraries (their deprecation warnings, weight-loading and download progress bars) stays out of
 # finetrack's output unless --verbose; set before they are imported, and only where the user has not chosen.
@@ -103,6 +103,10 @@ def _sync(args: argparse.Namespace) -> int:
     from .storage import describe_error
     from .sync import sync
 
+    if looks_like_url(args.dst):  # Path() would make it a local folder named after the URL, credentials and all
+        raise ConfigError(f"{redact(args.dst)}: DST is a URL; sync mirrors into a local folder (SRC may be remote)")
+    if Path(args.dst).exists() and not Path(args.dst).is_dir():
+        raise ConfigError(f"{args.dst}: DST is a file; give the local folder to mirror the run into")
     try:
         sync(args.src, Path(args.dst), watch_seconds=args.watch)
     except (ValueError, ImportError, OSError) as e:  # bad source, missing backend, network: one line, no traceback

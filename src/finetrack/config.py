@@ -11,9 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .evaluate.spec import SampleGenerationConfig, SuiteConfig
+from .redact import looks_like_url
 from .schema import (
     EMBEDDED_NAME,
     ConfigError,
@@ -281,6 +282,13 @@ class EvalConfig(Section):
 
 class OutputConfig(Section):
     dir: str = Field("runs/latest", description="Run directory (see the run-directory contract in the README).")
+
+    @field_validator("dir")
+    @classmethod
+    def _local(cls, value: str) -> str:
+        if looks_like_url(value):  # Path() would make `s3://...` a local folder named after the URL, credentials and all
+            raise ValueError("is a URL; output.dir is a local folder: mirror the run to remote storage with checkpoint.remote")
+        return value
 
 
 _STORED = Knob(harmless_on_resume=True, measured=False)  # where and when results are stored: not the training numbers

@@ -141,7 +141,7 @@ def resolve(cfg: Config, env: Environment) -> tuple[Config, Resolved]:
         # A warning, not an error: a short trial of a long config (plan --measure, a smoke copy) is legitimate.
         reached = t.lr * total / t.warmup_steps  # optim.lr_at: linear warmup, the run ends inside it
         why = (
-            f"train.warmup_steps; longer than the run ({total} steps): the learning rate only reaches {reached:.3g} at the last "
+            f"train.warmup_steps={t.warmup_steps} is longer than the run ({total} steps): the learning rate only reaches {reached:.3g} at the last "
             f"step, the peak {t.lr:g} is never reached; lower train.warmup_steps if that is not intended"
         )
         log.warning("warning: %s", why)

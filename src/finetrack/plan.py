@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
-from . import memory
+from . import memory, runlock
 from .batches import attn_tokens_for, micro_batch_shape, step_rows
 from .config import Config, ConfigError, Environment, measure_dump, resolve
 from .data import Example, prepare
@@ -33,6 +34,8 @@ from .target import (  # noqa: F401  (parse_bytes, target_for, _gpu_key: re-expo
     probe_cpu_flops,
     target_for,
 )
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_WRITE_BYTES_PER_S = 500e6  # local disk, written with fsync
 # meta.json, MANIFEST.json, trainer_state.json (RNG states: ~20 KB), model / adapter configs, PEFT's README.md
@@ -118,10 +121,15 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     """Everything `finetrack plan` prints, as plain data."""
     from transformers import AutoConfig
 
-    from .models import load_tokenizer, model_source
+    from .models import check_source, load_tokenizer, model_source
 
     if measure_steps is not None and measure_steps < 1:
         raise ConfigError(f"--measure-steps {measure_steps}: measure at least 1 optimizer step (default 5)")
+    # train's checks that need no weights, where they hold on any machine: the model folder (its kernels, e.g.
+    # flash-attn, are the training machine's business); the output folder is only a warning (it may be another machine's)
+    check_source(cfg.model.model_copy(update={"attn_implementation": "auto"}))
+    if problem := runlock.run_dir_problem(Path(cfg.output.dir)):
+        log.warning("warning: %s (on this machine: finetrack train here would refuse it)", problem)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg.data, tokenizer, cfg.train.seed)
     as_given = cfg  # --measure resolves it again for this machine

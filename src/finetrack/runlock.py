@@ -21,6 +21,21 @@ from .schema import ConfigError
 LOCK_FILE = "train.lock"
 
 
+def run_dir_problem(run_dir: Path) -> str | None:
+    """What stands in the way of output.dir on this machine without creating anything (a file where the folder or
+    one of its parents belongs, a nearest existing folder that is not writable), or None. `plan` warns with it."""
+    run_dir = Path(run_dir)
+    where = f"output.dir={run_dir}"
+    if run_dir.exists() and not run_dir.is_dir():
+        return f"{where}: is a file, not a folder; choose another output.dir or move the file away"
+    existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"{where}: {existing} is a file, not a folder; choose another output.dir"
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        return f"{where}: {existing} is not writable; fix its permissions or choose another output.dir"
+    return None
+
+
 def make_run_dir(run_dir: Path) -> Path:
     """Create output.dir (and its parents) and check that files can be written in it; ConfigError saying what is
     in the way otherwise. Runs before anything is loaded."""

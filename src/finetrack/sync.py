@@ -100,7 +100,7 @@ def sync(
     """Mirror the complete checkpoints and run files of a run (fsspec URL or local path) into run directory `dst`.
 
     A checkpoint that fails verification is reported and skipped. With watch_seconds, wait for the run to
-    appear if it does not exist yet, then poll until Ctrl-C or `stop` is set. Returns the steps fetched.
+    appear if it does not exist yet, then poll until Ctrl+C or `stop` is set. Returns the steps fetched.
     Raises ValueError for a source that is not a run (without watch_seconds) or is the destination itself.
     """
     dst = Path(dst)
@@ -121,7 +121,7 @@ def sync(
     skipped: dict[str, bytes] = {}
     if watch_seconds is None:
         return _sync_once(src, dst, out, skipped, quiet=False)
-    out(f"watching {redact(src)} every {watch_seconds:g} s (Ctrl-C to stop)")
+    out(f"watching {redact(src)} every {watch_seconds:g} s (Ctrl+C to stop)")
     fetched: list[int] = []
     try:
         while True:

@@ -48,7 +48,7 @@ def read_yaml(path: Path, error: type[Exception] = ConfigError) -> YamlDoc:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise error(
-            f"{path}:{line}: byte {e.start} (0x{raw[e.start]:02x}) is not valid UTF-8; finetrack reads YAML files as UTF-8: "
+            f"{path}:{line}: byte 0x{raw[e.start]:02x} at byte offset {e.start} is not valid UTF-8; finetrack reads YAML files as UTF-8: "
             "save the file as UTF-8"
         ) from None
     return parse_yaml(text.removeprefix("\ufeff"), str(path), error)
