@@ -28,6 +28,12 @@ def test_issue_example_first_epoch_and_per_epoch():
     assert list(res["checkpoint_steps"]) == [31, 63, 94, 125, 250, 375]
     assert res["checkpoint_steps"][125] == "first_epoch+per_epoch" and res["checkpoint_steps"][375] == "per_epoch+last"
     assert res.reasons["checkpoint_steps"].startswith("6 checkpoints: 4 evenly spaced in epoch 1 (num_first_epoch: steps 31, 63, 94, 125)")
+    # the typed run shape carries the same facts, the rules as tuples (config.resolved.yaml keeps "rule+rule")
+    shape = res.shape
+    assert (shape.steps_per_epoch, shape.total_steps, shape.warmup_steps, shape.global_batch_size) == (125, 375, round(0.03 * 375), 16)
+    assert list(shape.checkpoint_steps) == [31, 63, 94, 125, 250, 375]
+    assert shape.rules_at(125) == ["first_epoch", "per_epoch"] and shape.rules_at(375) == ["per_epoch", "last"] and shape.rules_at(7) == []
+    assert {s: "+".join(r) for s, r in shape.checkpoint_steps.items()} == res["checkpoint_steps"]
 
 
 def test_evenly_spaced_rounds_half_up():

@@ -315,7 +315,7 @@ class Config(Section):
 
 # Loading and resolving, re-exported: callers import everything config from here.
 from .config_load import config_keys, help_config, load_config, parse_override
-from .config_resolve import Environment, Resolved, config_hash, resolve, resolve_model, resolved_yaml
+from .config_resolve import Environment, Resolved, RunShape, config_hash, resolve, resolve_model, resolved_yaml
 
 __all__ = [
     "CheckpointConfig",
@@ -329,6 +329,7 @@ __all__ = [
     "OutputConfig",
     "QloraConfig",
     "Resolved",
+    "RunShape",
     "TrainConfig",
     "config_hash",
     "config_keys",

@@ -20,12 +20,29 @@ from .schema import ConfigError, effective_dump
 log = logging.getLogger("finetrack")
 
 
+@dataclass(frozen=True)
+class RunShape:
+    """The derived numbers a run is laid out by, typed: what train, plan and resume read instead of looking
+    values up by name in `Resolved` (whose `values` stay the record written to config.resolved.yaml)."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    global_batch_size: int  # rows per optimizer step over all processes
+    checkpoint_steps: dict[int, tuple[str, ...]]  # step -> the rules that chose it, e.g. {125: ("first_epoch", "per_epoch")}
+
+    def rules_at(self, step: int) -> list[str]:
+        """The schedule's rules for a checkpoint at `step` (empty when the schedule has none there)."""
+        return list(self.checkpoint_steps.get(step, ()))
+
+
 @dataclass
 class Resolved:
-    """Values decided automatically, each with the reason it was chosen."""
+    """Values decided automatically, each with the reason it was chosen; `shape` is set by resolve() (not resolve_model())."""
 
     values: dict[str, Any] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
+    shape: RunShape | None = None
 
     def set(self, key: str, value: Any, reason: str) -> None:
         self.values[key] = value
@@ -148,6 +165,13 @@ def resolve(cfg: Config, env: Environment) -> tuple[Config, Resolved]:
         res.set("warmup_steps", t.warmup_steps, why)
     else:
         res.set("warmup_steps", t.warmup_steps, "train.warmup_steps")
+    res.shape = RunShape(
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warmup_steps=res["warmup_steps"],
+        global_batch_size=global_batch_rows,
+        checkpoint_steps={s: tuple(rules) for s, rules in plan.items()},
+    )
     return cfg, res
 
 

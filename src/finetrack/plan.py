@@ -137,13 +137,15 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
         device_type=target.device_type, bf16_supported=target.bf16, num_processes=target.num_processes, num_train_rows=len(data.train)
     )
     cfg, res = resolve(cfg, env)
+    shape = res.shape
+    assert shape is not None  # resolve() always sets it
     arch = memory.Architecture.from_hf_config(
         AutoConfig.from_pretrained(
             model_source(cfg.model), revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
         ).to_dict()
     )
     attn = attn_tokens_for(arch.hidden_size)
-    total_steps = res["total_steps"]
+    total_steps = shape.total_steps
     work = workload(data.train, cfg, total_steps, target.num_processes, attn)
     assumptions: list[str] = []
 
@@ -151,11 +153,11 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     every_eval = cfg.eval.loss_every_steps
     eval_steps = sorted({s for s in range(1, total_steps + 1) if every_eval and s % every_eval == 0} | {total_steps}) if data.eval else []
     schedule = {
-        "steps_per_epoch": res["steps_per_epoch"],
+        "steps_per_epoch": shape.steps_per_epoch,
         "total_steps": total_steps,
-        "global_batch_size": res["global_batch_size"],
-        "warmup_steps": res["warmup_steps"],
-        "checkpoint_steps": res["checkpoint_steps"],
+        "global_batch_size": shape.global_batch_size,
+        "warmup_steps": shape.warmup_steps,
+        "checkpoint_steps": res.values["checkpoint_steps"],  # as config.resolved.yaml shows it ("rule+rule")
         "eval_loss_steps": eval_steps,
         "reasons": {k: res.reasons[k] for k in ("steps_per_epoch", "total_steps", "checkpoint_steps") if k in res.reasons},
     }
@@ -179,7 +181,7 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
             """The largest micro-batch over every step of a changed config, its steps resolved as train would."""
             examples = capped(data.train, changed)
             try:
-                steps = resolve(changed, dataclasses.replace(env, num_train_rows=len(examples)))[1]["total_steps"]
+                steps = resolve(changed, dataclasses.replace(env, num_train_rows=len(examples)))[1].shape.total_steps
             except ConfigError:  # resolve refuses it (e.g. fewer rows left than one step takes): the steps its rows fill
                 per_step = changed.train.micro_batch_size * changed.train.grad_accum_steps * target.num_processes
                 steps = min(total_steps, max(1, len(examples) // per_step))
@@ -219,7 +221,7 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     train_s = train_flops / rate
     eval_s = eval_flops / rate
     ckpt_bytes = checkpoint_bytes(cfg, arch, tokenizer_bytes(tokenizer))
-    ckpt_s = len(res["checkpoint_steps"]) * ckpt_bytes / CHECKPOINT_WRITE_BYTES_PER_S
+    ckpt_s = len(shape.checkpoint_steps) * ckpt_bytes / CHECKPOINT_WRITE_BYTES_PER_S
     assumptions.append(f"checkpoints written at {CHECKPOINT_WRITE_BYTES_PER_S / 1e6:.0f} MB/s; loading the model for training not counted")
     timing = {
         "train_tokens": work.train_tokens,
@@ -230,7 +232,7 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
         "train_s": train_s,
         "eval_loss_s": eval_s,
         "checkpoint_bytes": ckpt_bytes,
-        "num_checkpoints": len(res["checkpoint_steps"]),
+        "num_checkpoints": len(shape.checkpoint_steps),
         "checkpoint_s": ckpt_s,
         "measured": None,
         "from_measurement": False,
@@ -257,7 +259,7 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     timing["cost"] = None if price_per_hour is None else timing["hours"] * price_per_hour
     timing["price_per_hour"] = price_per_hour
     # `finetrack eval` afterwards (or beside, with --watch): a phase of its own, at the same (estimated) rate
-    eval_phase = eval_cost.estimate(cfg, arch, tokenizer, len(res["checkpoint_steps"]), rate, data.eval)
+    eval_phase = eval_cost.estimate(cfg, arch, tokenizer, len(shape.checkpoint_steps), rate, data.eval)
     assumptions += eval_phase.assumptions
     timing["eval_phase"] = {
         **dataclasses.asdict(eval_phase),

@@ -25,7 +25,18 @@ from torch import nn
 from . import checkpoint, processes, resume, runlock, sampling, tracking
 from .batches import IGNORE, Batch, attn_tokens_for, collate, micro_batches, packing_is_exact, step_rows
 from .checkpoint import CheckpointError
-from .config import CheckpointConfig, Config, ConfigError, Environment, Resolved, config_hash, effective_dump, resolve, resolved_yaml
+from .config import (
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    Environment,
+    Resolved,
+    RunShape,
+    config_hash,
+    effective_dump,
+    resolve,
+    resolved_yaml,
+)
 from .data import Example, prepare, report_line
 from .health import stop_if_diverged
 from .interrupt import Interrupted, StopFlag
@@ -125,11 +136,13 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag, he
     cfg, res = resolve(cfg, env)
     for key, reason in res.reasons.items():
         log.info("resolved %s = %s (%s)", key, list(res[key]) if key == "checkpoint_steps" else res[key], reason)
+    shape = res.shape
+    assert shape is not None  # resolve() always sets it
     fingerprint = data.fingerprint()
-    batch = {"global_batch_size": res["global_batch_size"]}  # includes the process count: rows per step
+    batch = {"global_batch_size": shape.global_batch_size}  # includes the process count: rows per step
     if saved:  # the resume check, before the model: `data.pack: auto` takes the resumed run's value, checked on the model below
-        cfg = _check_resume(cfg, res, saved, batch, fingerprint, request, start)
-        if saved["step"] == res["total_steps"]:
+        cfg = _check_resume(cfg, res, shape, saved, batch, fingerprint, request, start)
+        if saved["step"] == shape.total_steps:
             if main:
                 _write_run_files(run_dir, cfg, res, data.report)
                 (run_dir / "metrics.jsonl").touch()  # the run directory is complete even when it began from another run's end
@@ -142,7 +155,7 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag, he
     assumed_pack = cfg.data.pack
     cfg = _check_packing(cfg, res, model, device, len(tokenizer))
     if saved and cfg.data.pack != assumed_pack:  # this model cannot pack as the resumed run did: the check names it
-        _check_resume(cfg, res, saved, batch, fingerprint, request, start, adopt_pack=False)
+        _check_resume(cfg, res, shape, saved, batch, fingerprint, request, start, adopt_pack=False)
     if main:
         _write_run_files(run_dir, cfg, res, data.report)
     if start:
@@ -160,8 +173,8 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag, he
     bare = accelerator.unwrap_model(model)  # what sampling and checkpoints use: the same module, without DDP/FSDP wrappers
     model.train()
 
-    total_steps, steps_per_epoch = res["total_steps"], res["steps_per_epoch"]
-    schedule = {step: rules.split("+") for step, rules in res["checkpoint_steps"].items()}
+    total_steps, steps_per_epoch = shape.total_steps, shape.steps_per_epoch
+    schedule = shape.checkpoint_steps
     rows_per_process = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
     rank, world = accelerator.process_index, accelerator.num_processes
     # Progress of the run so far: what a checkpoint stores and a resume restores (RNG last, right before the loop).
@@ -201,7 +214,7 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag, he
             epoch, rows = step_rows(len(data.train), rows_per_process * world, cfg.train.seed, step - 1, cfg.data.shuffle)
             mine = rows[rank * rows_per_process : (rank + 1) * rows_per_process]
             batches = [make_batch(mb) for mb in micro_batches(data.train, mine, cfg.train.micro_batch_size)]
-            lr = lr_at(step, cfg.train.lr, res["warmup_steps"], total_steps, cfg.train.lr_schedule)
+            lr = lr_at(step, cfg.train.lr, shape.warmup_steps, total_steps, cfg.train.lr_schedule)
             set_lr(optimizer, lr)
             started = time.perf_counter()
             loss_sum, num_targets, num_tokens, extra = _accumulate(model, batches, objective, accelerator)
@@ -243,7 +256,7 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag, he
                     stop_if_diverged(step, last_loss, trainable, accelerator, cfg, run_dir)
                 accelerator.wait_for_everyone()
                 if main:
-                    rules = schedule.get(step, []) + (["signal"] if stopped_by and step not in schedule else [])
+                    rules = shape.rules_at(step) + (["signal"] if stopped_by and step not in schedule else [])
                     progress = {
                         **done,
                         "window": window.state(),
@@ -257,7 +270,7 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag, he
                         },
                         "lr_schedule": {
                             "peak_lr": cfg.train.lr,
-                            "warmup_steps": res["warmup_steps"],
+                            "warmup_steps": shape.warmup_steps,
                             "total_steps": total_steps,
                             "kind": cfg.train.lr_schedule,
                         },
@@ -305,7 +318,15 @@ def _check_packing(cfg: Config, res: Resolved, model: nn.Module, device: torch.d
 
 
 def _check_resume(
-    cfg: Config, res: Resolved, saved: dict, batch: dict, fingerprint: str, request: Request, start: Path, adopt_pack: bool = True
+    cfg: Config,
+    res: Resolved,
+    shape: RunShape,
+    saved: dict,
+    batch: dict,
+    fingerprint: str,
+    request: Request,
+    start: Path,
+    adopt_pack: bool = True,
 ) -> Config:
     """The resumed checkpoint's config against this one (resume.check_config: refused unless harmless or
     --allow-config-change), and its step against this config's last. Returns cfg with `data.pack: auto` set as the
@@ -322,9 +343,9 @@ def _check_resume(
         start,
     ):
         log.info("config change accepted on resume: %s", line)
-    if saved["step"] > res["total_steps"]:
+    if saved["step"] > shape.total_steps:
         raise ConfigError(
-            f"{start} is at step {saved['step']}, after the last step of this config ({res['total_steps']}): "
+            f"{start} is at step {saved['step']}, after the last step of this config ({shape.total_steps}): "
             "raise train.max_steps / train.num_epochs, or start over with --fresh"
         )
     return cfg
