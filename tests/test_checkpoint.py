@@ -15,6 +15,9 @@ from safetensors.torch import load_file
 from finetrack import checkpoint
 from finetrack.config import ConfigError
 from finetrack.resume import Request
+from finetrack.train_state import DataPosition, TrainState
+
+V1_CHECKPOINT = Path(__file__).parent / "data/checkpoint_v1/step-000009"  # written by the code before TrainState
 
 LORA_FILES = [
     "MANIFEST.json",
@@ -133,6 +136,29 @@ def test_optimizer_and_rng_state_round_trip_exactly(tmp_path, name):
     assert checkpoint.restore_state(checkpoint.checkpoint_dir(tmp_path, 3), opt2)["step"] == 3
     assert [step(net2, opt2) for _ in range(3)] == expected
     assert all(torch.equal(a, b) for a, b in zip(net2.parameters(), net.parameters()))
+
+
+def test_trainer_state_json_keeps_schema_1_layout():
+    """TrainState reads and writes trainer_state.json exactly as the code before it did (a checkpoint it wrote, kept)."""
+    tree = json.loads((V1_CHECKPOINT / "trainer_state.json").read_text())
+    assert tree["format"] == checkpoint.STATE_FORMAT == "finetrack-trainer-state/1"
+    progress = {k: v for k, v in tree.items() if k not in ("format", "rng", "optimizer")}
+    state = TrainState.from_json(tree)
+    assert (state.step, state.tokens_seen, state.epoch, state.step_in_epoch) == (9, 4585, 0, 9)
+    assert state.data == DataPosition(seed=42, shuffle=True, num_rows=48, rows_per_step=4) and state.lr_schedule.kind == "cosine"
+    assert json.dumps(state.to_json()) == json.dumps(progress)  # same keys, same order, same values
+
+
+def test_another_trainer_state_schema_is_refused_naming_both_versions(tmp_path):
+    folder = make_checkpoint(tmp_path, 3)
+    tree = json.loads((folder / "trainer_state.json").read_text())
+    (folder / "trainer_state.json").write_text(json.dumps({**tree, "format": "finetrack-trainer-state/2"}))
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.read_state_tree(folder)  # what check_resumable and a resume read it with
+    assert "finetrack-trainer-state/2" in str(e.value) and "reads finetrack-trainer-state/1" in str(e.value)
+    (folder / "trainer_state.json").write_text(json.dumps({**tree, "format": "something-else/1"}))
+    with pytest.raises(checkpoint.CheckpointError, match="not a finetrack trainer state"):
+        checkpoint.read_state_tree(folder)  # what check_resumable and a resume read it with
 
 
 def _damage(path: Path, how: str) -> None:

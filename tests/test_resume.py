@@ -50,6 +50,24 @@ def test_mid_epoch_resume_continues_the_same_data_order_and_is_bit_exact(tmp_pat
     assert same_weights(full_run / "checkpoints/step-000016", result.final_checkpoint)
 
 
+def test_a_checkpoint_kept_from_schema_1_code_resumes_bit_exact(tmp_path, tiny_model_dir, chat_file, caplog):
+    """tests/data/checkpoint_v1: step 9 of this run written by the code before TrainState (trainer state schema /1), and
+    the metrics.jsonl of that run uninterrupted. Logging every 4 steps, step 12's line averages steps 9-12: the window
+    restored from the old file counts too."""
+    v1 = Path(__file__).parent / "data/checkpoint_v1"
+    shutil.copytree(v1 / "step-000009", tmp_path / "run/checkpoints/step-000009")
+    with caplog.at_level("INFO", logger="finetrack"):
+        # the run that wrote it lived in other temporary folders: its paths differ, nothing else
+        result, metrics = tiny_run(
+            tmp_path, tiny_model_dir, chat_file, *COMMON, "train.log_every_steps=4", request=Request(allow_config_change=True)
+        )
+    accepted = [r.getMessage() for r in caplog.records if r.getMessage().startswith("config change accepted on resume")]
+    assert accepted and all(line.split(": ")[1] in ("model.name", "data.path", "output.dir") for line in accepted), accepted
+    assert result.resumed_from_step == 9
+    ref = [json.loads(x) for x in (v1 / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["loss"], m["tokens"]) for m in metrics] == [(m["step"], m["loss"], m["tokens"]) for m in ref if m["step"] > 9]
+
+
 def test_harmless_changes_are_listed_others_refused(tmp_path, tiny_model_dir, chat_file, full_run, caplog):
     cut_after(full_run, tmp_path / "run", 12)
     with caplog.at_level("INFO", logger="finetrack"):

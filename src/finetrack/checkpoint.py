@@ -56,7 +56,9 @@ from .rundir import (  # noqa: F401  (re-exported: callers import them from here
 
 log = logging.getLogger("finetrack")
 
-STATE_FORMAT = "finetrack-trainer-state/1"
+# The schema of trainer_state.json (train_state.TrainState plus rng and optimizer trees): bump the number when its layout changes.
+_STATE_FAMILY = "finetrack-trainer-state/"
+STATE_FORMAT = f"{_STATE_FAMILY}1"
 _VERSIONED = ("finetrack", "torch", "transformers", "peft", "accelerate", "bitsandbytes")
 # Rules whose checkpoints are the science (kept unless keep_schedule=false); the others roll.
 SCHEDULE_RULES = frozenset({"first_epoch", "per_epoch", "steps", "log_spaced"})
@@ -167,7 +169,14 @@ def read_state_tree(folder: Path) -> dict:
         tree = json.loads(path.read_bytes())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable ({' '.join(str(e).split())})") from None
-    if not isinstance(tree, dict) or tree.get("format") != STATE_FORMAT:
+    written = tree.get("format") if isinstance(tree, dict) else None
+    if isinstance(written, str) and written.startswith(_STATE_FAMILY) and written != STATE_FORMAT:
+        # another schema version of ours: name both, the fix is a finetrack version that reads it (or --fresh)
+        raise CheckpointError(
+            f"{path}: trainer state schema {written}, but this finetrack reads {STATE_FORMAT}: "
+            "resume it with the finetrack version that wrote it, or start over with --fresh"
+        )
+    if written != STATE_FORMAT:
         raise CheckpointError(f"{path}: not a finetrack trainer state (format {STATE_FORMAT})")
     bad = [k for k, kind in _STATE_KEYS.items() if not isinstance(tree.get(k), kind) or isinstance(tree.get(k), bool)]
     if bad:

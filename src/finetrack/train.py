@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -40,10 +40,11 @@ from .config import (
 from .data import Example, prepare, report_line
 from .health import stop_if_diverged
 from .interrupt import Interrupted, StopFlag
-from .metrics import MetricsLog, Window, peak_memory_mib
+from .metrics import MetricsLog, peak_memory_mib
 from .models import build_model, check_source, load_tokenizer, load_weights, save_weights, saved_bytes, trainable_report
 from .optim import build_optimizer, check_optimizer, lr_at, set_lr
 from .resume import Request
+from .train_state import DataPosition, LrSchedule, TrainState
 
 log = logging.getLogger("finetrack")
 
@@ -178,12 +179,16 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag, he
     rows_per_process = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
     rank, world = accelerator.process_index, accelerator.num_processes
     # Progress of the run so far: what a checkpoint stores and a resume restores (RNG last, right before the loop).
-    done = {"step": 0, "tokens_seen": 0, "first_loss": float("nan"), "eval_loss": None, "window": Window().state()}
+    state = TrainState(
+        data=DataPosition(cfg.train.seed, cfg.data.shuffle, len(data.train), rows_per_process * world),
+        lr_schedule=LrSchedule(cfg.train.lr, shape.warmup_steps, total_steps, cfg.train.lr_schedule),
+    )
     if start:
-        restored = checkpoint.restore_state(start, optimizer)
-        done.update({k: restored[k] for k in done if k in restored})
-        log.info("resuming from %s: step %d of %d, %s tokens seen", start, done["step"], total_steps, f"{done['tokens_seen']:,}")
-    kept_through = done["step"] if start else -1  # what an earlier attempt logged after this is logged again (a fresh start: step 0 too)
+        resumed = TrainState.from_json(checkpoint.restore_state(start, optimizer))
+        # the data order and the schedule follow this config (checked against the checkpoint's above), not the recorded copies
+        state = replace(resumed, data=state.data, lr_schedule=state.lr_schedule)
+        log.info("resuming from %s: step %d of %d, %s tokens seen", start, state.step, total_steps, f"{state.tokens_seen:,}")
+    kept_through = state.step if start else -1  # what an earlier attempt logged after this is logged again (a fresh start: step 0 too)
     if main:
         for name in ("metrics.jsonl", sampling.SAMPLES_FILE):
             dropped = resume.trim_log(run_dir / name, kept_through)
@@ -199,17 +204,15 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag, he
         uploader = Uploader(cfg.checkpoint.remote, run_dir)
         if uploader.catch_up():
             log.info("uploading checkpoints an earlier attempt did not finish uploading")
-    out = MetricsLog(run_dir / "metrics.jsonl", total_steps, done["step"], main)
+    out = MetricsLog(run_dir / "metrics.jsonl", total_steps, state.step, main)
     sampler = sampling.Sampler(prompts, cfg.train, tokenizer, run_dir, total_steps, steps_per_epoch, out, trackers, main)
     if not start:
         sampler.sample_if_due(0, bare)  # the starting weights' answers
-    window = Window()
-    window.restore(done["window"])
     last_loss = float("nan")
     stopped_by = None
 
     with stop.training(), out:
-        for step in range(done["step"] + 1, total_steps + 1):
+        for step in range(state.step + 1, total_steps + 1):
             processes.rebalance()  # an eval --watch beside this run may have started or ended: share the cores (processes.py)
             epoch, rows = step_rows(len(data.train), rows_per_process * world, cfg.train.seed, step - 1, cfg.data.shuffle)
             mine = rows[rank * rows_per_process : (rank + 1) * rows_per_process]
@@ -226,25 +229,26 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag, he
             # the loss every step; the weights where they are logged or saved (a checkpoint never holds NaN weights)
             due = step % cfg.train.log_every_steps == 0 or step == total_steps or step in schedule
             stop_if_diverged(step, last_loss, trainable if due else [], accelerator, cfg, run_dir)
-            done["step"], done["tokens_seen"] = step, done["tokens_seen"] + num_tokens
-            done["first_loss"] = last_loss if step == 1 else done["first_loss"]
-            window.add(loss_sum, num_targets, num_tokens, grad_norm, extra, time.perf_counter() - started)
+            state.step, state.tokens_seen = step, state.tokens_seen + num_tokens
+            state.epoch, state.step_in_epoch = epoch, step - epoch * steps_per_epoch
+            state.first_loss = last_loss if step == 1 else state.first_loss
+            state.window.add(loss_sum, num_targets, num_tokens, grad_norm, extra, time.perf_counter() - started)
             record = None
             if step % cfg.train.log_every_steps == 0 or step == total_steps:
                 record = {
                     "step": step,
                     "epoch": round(step / steps_per_epoch, 4),
-                    **window.flush(),
+                    **state.window.flush(),
                     "lr": lr,
-                    "tokens": done["tokens_seen"],
+                    "tokens": state.tokens_seen,
                     "peak_mem_mib": peak_memory_mib(device),
                 }
             every_eval = cfg.eval.loss_every_steps
             if data.eval and ((every_eval and step % every_eval == 0) or step == total_steps):
-                done["eval_loss"] = evaluate_loss(
+                state.eval_loss = evaluate_loss(
                     model, data.eval, cfg.eval.micro_batch_size or cfg.train.micro_batch_size, make_batch, objective, accelerator
                 )
-                record = {**(record or {"step": step}), "eval_loss": done["eval_loss"], "eval_ppl": math.exp(min(done["eval_loss"], 50))}
+                record = {**(record or {"step": step}), "eval_loss": state.eval_loss, "eval_ppl": math.exp(min(state.eval_loss, 50))}
             if record:
                 out.write(record)
                 trackers.log_metrics(record)
@@ -257,36 +261,18 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag, he
                 accelerator.wait_for_everyone()
                 if main:
                     rules = shape.rules_at(step) + (["signal"] if stopped_by and step not in schedule else [])
-                    progress = {
-                        **done,
-                        "window": window.state(),
-                        "epoch": epoch,
-                        "step_in_epoch": step - epoch * steps_per_epoch,
-                        "data": {
-                            "seed": cfg.train.seed,
-                            "shuffle": cfg.data.shuffle,
-                            "num_rows": len(data.train),
-                            "rows_per_step": rows_per_process * world,
-                        },
-                        "lr_schedule": {
-                            "peak_lr": cfg.train.lr,
-                            "warmup_steps": shape.warmup_steps,
-                            "total_steps": total_steps,
-                            "kind": cfg.train.lr_schedule,
-                        },
-                    }
                     meta = {
                         "epoch": step / steps_per_epoch,
                         "total_steps": total_steps,
-                        "tokens_seen": done["tokens_seen"],
+                        "tokens_seen": state.tokens_seen,
                         "rules": rules,
-                        "metrics": {"loss": last_loss, "eval_loss": done["eval_loss"], "lr": lr, "grad_norm": grad_norm},
+                        "metrics": {"loss": last_loss, "eval_loss": state.eval_loss, "lr": lr, "grad_norm": grad_norm},
                         "config_hash": config_hash(cfg),
                         "config": effective_dump(cfg),
                         "resolved": batch,
                         "data_fingerprint": fingerprint,
                     }
-                    _save_checkpoint(run_dir, step, bare, tokenizer, optimizer, progress, meta, cfg.checkpoint, uploader, out)
+                    _save_checkpoint(run_dir, step, bare, tokenizer, optimizer, state, meta, cfg.checkpoint, uploader, out)
                 stopped_by = stopped_by or stop.requested(accelerator)  # a signal during the save: the checkpoint is already there
             if stopped_by:
                 break
@@ -294,12 +280,10 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag, he
     # still under the signal handlers: a signal now says the uploads are awaited, a second one exits at once
     not_uploaded = _finish_uploads(uploader, run_dir, cfg.checkpoint) if main else []
     accelerator.end_training()
-    final = checkpoint.checkpoint_dir(run_dir, done["step"])
-    if stopped_by and done["step"] < total_steps:
+    final = checkpoint.checkpoint_dir(run_dir, state.step)
+    if stopped_by and state.step < total_steps:
         raise Interrupted(stopped_by, str(final))
-    return RunResult(
-        run_dir, final, total_steps, done["first_loss"], last_loss, done["eval_loss"], saved["step"] if saved else 0, not_uploaded
-    )
+    return RunResult(run_dir, final, total_steps, state.first_loss, last_loss, state.eval_loss, saved["step"] if saved else 0, not_uploaded)
 
 
 def _check_packing(cfg: Config, res: Resolved, model: nn.Module, device: torch.device, vocab_size: int) -> Config:
@@ -370,7 +354,7 @@ def _already_complete(run_dir: Path, start: Path, saved: dict, cfg: Config, main
             log.info("uploading checkpoints an earlier attempt did not finish uploading")
     not_uploaded = _finish_uploads(uploader, run_dir, cfg.checkpoint) if main else []
     metrics = saved.get("metrics") if isinstance(saved.get("metrics"), dict) else {}
-    first_loss = checkpoint.read_state_tree(start).get("first_loss", math.nan)
+    first_loss = TrainState.from_json(checkpoint.read_state_tree(start)).first_loss
     return RunResult(
         run_dir, start, saved["step"], first_loss, metrics.get("loss", math.nan), metrics.get("eval_loss"), saved["step"], not_uploaded
     )
@@ -382,7 +366,7 @@ def _save_checkpoint(
     model: nn.Module,
     tokenizer,
     optimizer,
-    progress: dict,
+    state: TrainState,
     meta: dict,
     ck: CheckpointConfig,
     uploader,
@@ -390,7 +374,12 @@ def _save_checkpoint(
 ) -> None:
     """Write one checkpoint, hand it to the uploader, apply retention."""
     path = checkpoint.save(
-        run_dir, step, lambda d: save_weights(model, tokenizer, d), checkpoint.capture_state(optimizer, progress), meta, saved_bytes(model)
+        run_dir,
+        step,
+        lambda d: save_weights(model, tokenizer, d),
+        checkpoint.capture_state(optimizer, state.to_json()),
+        meta,
+        saved_bytes(model),
     )
     out.say(f"checkpoint: {path} ({', '.join(meta['rules'])})")
     if uploader:
