@@ -2,7 +2,7 @@
 
 start point -> tokenizer -> data -> resolve -> model -> optimizer -> resume state -> loop
 (checkpoints on the schedule, background uploads, retention) -> final checkpoint.
-The loop is our own, on `accelerate.Accelerator`, so `accelerate launch` scales it out.
+The loop is our own (loop.py: `fit()` and `train_step()`), on `accelerate.Accelerator`, so `accelerate launch` scales it out.
 """
 
 from __future__ import annotations
@@ -11,19 +11,17 @@ import json
 import logging
 import math
 import os
-import time
-from collections.abc import Callable
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, processes, resume, runlock, sampling, tracking
-from .batches import IGNORE, Batch, attn_tokens_for, collate, micro_batches, packing_is_exact, step_rows
+from . import checkpoint, resume, runlock, sampling, tracking
+from .batches import attn_tokens_for, collate, packing_is_exact
 from .checkpoint import CheckpointError
 from .config import (
     CheckpointConfig,
@@ -37,32 +35,16 @@ from .config import (
     resolve,
     resolved_yaml,
 )
-from .data import Example, prepare, report_line
-from .health import stop_if_diverged
+from .data import prepare, report_line
 from .interrupt import Interrupted, StopFlag
-from .metrics import MetricsLog, peak_memory_mib
+from .loop import Loop, Objective, causal_lm_objective, evaluate_loss, fit  # noqa: F401  (evaluate_loss: re-exported)
+from .metrics import MetricsLog
 from .models import build_model, check_source, load_tokenizer, load_weights, save_weights, saved_bytes, trainable_report
-from .optim import build_optimizer, check_optimizer, lr_at, set_lr
+from .optim import build_optimizer, check_optimizer
 from .resume import Request
 from .train_state import DataPosition, LrSchedule, TrainState
 
 log = logging.getLogger("finetrack")
-
-# An objective maps (model, batch) to the SUM of per-token losses and extra metrics. The loop divides
-# by the number of loss-carrying tokens in the whole accumulated batch, so micro-batch size and
-# accumulation do not change what is optimized.
-Objective = Callable[[nn.Module, Batch], "tuple[torch.Tensor, dict[str, float]]"]
-
-
-def causal_lm_objective(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-    """Next-token cross-entropy, summed over target tokens. Logits are computed only where a target
-    exists (boolean `logits_to_keep`): on chat data most positions carry no loss."""
-    keep = batch.targets != IGNORE  # (B, T)
-    logits = model(**batch.inputs, logits_to_keep=keep, use_cache=False).logits
-    if logits.dim() == 3:  # a model that ignores a boolean logits_to_keep returns (B, T, V)
-        logits = logits[keep]
-    loss_sum = F.cross_entropy(logits.float(), batch.targets[keep], reduction="sum")  # logits: (N, V)
-    return loss_sum, {}
 
 
 @dataclass
@@ -174,116 +156,72 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag, he
     bare = accelerator.unwrap_model(model)  # what sampling and checkpoints use: the same module, without DDP/FSDP wrappers
     model.train()
 
-    total_steps, steps_per_epoch = shape.total_steps, shape.steps_per_epoch
-    schedule = shape.checkpoint_steps
-    rows_per_process = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
-    rank, world = accelerator.process_index, accelerator.num_processes
-    # Progress of the run so far: what a checkpoint stores and a resume restores (RNG last, right before the loop).
-    state = TrainState(
-        data=DataPosition(cfg.train.seed, cfg.data.shuffle, len(data.train), rows_per_process * world),
-        lr_schedule=LrSchedule(cfg.train.lr, shape.warmup_steps, total_steps, cfg.train.lr_schedule),
+    rows_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * accelerator.num_processes
+    fresh = TrainState(
+        data=DataPosition(cfg.train.seed, cfg.data.shuffle, len(data.train), rows_per_step),
+        lr_schedule=LrSchedule(cfg.train.lr, shape.warmup_steps, shape.total_steps, cfg.train.lr_schedule),
     )
-    if start:
-        resumed = TrainState.from_json(checkpoint.restore_state(start, optimizer))
-        # the data order and the schedule follow this config (checked against the checkpoint's above), not the recorded copies
-        state = replace(resumed, data=state.data, lr_schedule=state.lr_schedule)
-        log.info("resuming from %s: step %d of %d, %s tokens seen", start, state.step, total_steps, f"{state.tokens_seen:,}")
+    state = resume_state(start, optimizer, fresh, shape.total_steps)  # the RNG last, right before the loop
     kept_through = state.step if start else -1  # what an earlier attempt logged after this is logged again (a fresh start: step 0 too)
     if main:
-        for name in ("metrics.jsonl", sampling.SAMPLES_FILE):
-            dropped = resume.trim_log(run_dir / name, kept_through)
-            if dropped:
-                after = f"after step {kept_through}" if start else "(a fresh start)"
-                log.info("%s: dropped %d line(s) an earlier attempt logged %s: those steps run again", name, dropped, after)
+        _trim_logs(run_dir, kept_through, bool(start))
     trackers = tracking.start(accelerator, cfg, res, run_dir, kept_through)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    uploader = None
-    if cfg.checkpoint.remote and main:
-        from .storage import Uploader
-
-        uploader = Uploader(cfg.checkpoint.remote, run_dir)
-        if uploader.catch_up():
-            log.info("uploading checkpoints an earlier attempt did not finish uploading")
-    out = MetricsLog(run_dir / "metrics.jsonl", total_steps, state.step, main)
-    sampler = sampling.Sampler(prompts, cfg.train, tokenizer, run_dir, total_steps, steps_per_epoch, out, trackers, main)
+    uploader = _start_uploader(cfg, run_dir) if main else None
+    out = MetricsLog(run_dir / "metrics.jsonl", shape.total_steps, state.step, main)
+    sampler = sampling.Sampler(prompts, cfg.train, tokenizer, run_dir, shape.total_steps, shape.steps_per_epoch, out, trackers, main)
     if not start:
         sampler.sample_if_due(0, bare)  # the starting weights' answers
-    last_loss = float("nan")
-    stopped_by = None
-
+    save = CheckpointWriter(run_dir, accelerator, cfg, shape, bare, tokenizer, optimizer, batch, fingerprint, uploader, out)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    loop = Loop(
+        cfg=cfg,
+        shape=shape,
+        run_dir=run_dir,
+        accelerator=accelerator,
+        model=model,
+        bare=bare,
+        optimizer=optimizer,
+        trainable=trainable,
+        objective=objective,
+        train_rows=data.train,
+        eval_rows=data.eval,
+        make_batch=make_batch,
+        save=save,
+        out=out,
+        trackers=trackers,
+        sampler=sampler,
+    )
     with stop.training(), out:
-        for step in range(state.step + 1, total_steps + 1):
-            processes.rebalance()  # an eval --watch beside this run may have started or ended: share the cores (processes.py)
-            epoch, rows = step_rows(len(data.train), rows_per_process * world, cfg.train.seed, step - 1, cfg.data.shuffle)
-            mine = rows[rank * rows_per_process : (rank + 1) * rows_per_process]
-            batches = [make_batch(mb) for mb in micro_batches(data.train, mine, cfg.train.micro_batch_size)]
-            lr = lr_at(step, cfg.train.lr, shape.warmup_steps, total_steps, cfg.train.lr_schedule)
-            set_lr(optimizer, lr)
-            started = time.perf_counter()
-            loss_sum, num_targets, num_tokens, extra = _accumulate(model, batches, objective, accelerator)
-            grad_norm = _clip(accelerator, trainable, cfg.train.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            last_loss = loss_sum / num_targets
-            # the loss every step; the weights where they are logged or saved (a checkpoint never holds NaN weights)
-            due = step % cfg.train.log_every_steps == 0 or step == total_steps or step in schedule
-            stop_if_diverged(step, last_loss, trainable if due else [], accelerator, cfg, run_dir)
-            state.step, state.tokens_seen = step, state.tokens_seen + num_tokens
-            state.epoch, state.step_in_epoch = epoch, step - epoch * steps_per_epoch
-            state.first_loss = last_loss if step == 1 else state.first_loss
-            state.window.add(loss_sum, num_targets, num_tokens, grad_norm, extra, time.perf_counter() - started)
-            record = None
-            if step % cfg.train.log_every_steps == 0 or step == total_steps:
-                record = {
-                    "step": step,
-                    "epoch": round(step / steps_per_epoch, 4),
-                    **state.window.flush(),
-                    "lr": lr,
-                    "tokens": state.tokens_seen,
-                    "peak_mem_mib": peak_memory_mib(device),
-                }
-            every_eval = cfg.eval.loss_every_steps
-            if data.eval and ((every_eval and step % every_eval == 0) or step == total_steps):
-                state.eval_loss = evaluate_loss(
-                    model, data.eval, cfg.eval.micro_batch_size or cfg.train.micro_batch_size, make_batch, objective, accelerator
-                )
-                record = {**(record or {"step": step}), "eval_loss": state.eval_loss, "eval_ppl": math.exp(min(state.eval_loss, 50))}
-            if record:
-                out.write(record)
-                trackers.log_metrics(record)
-            out.bar.update(1)
-            sampler.sample_if_due(step, bare)  # before the checkpoint: a checkpoint implies its samples
-            stopped_by = stop.requested(accelerator)
-            if step in schedule or stopped_by:
-                if not due:  # a checkpoint the signal asked for: its weights were not checked above
-                    stop_if_diverged(step, last_loss, trainable, accelerator, cfg, run_dir)
-                accelerator.wait_for_everyone()
-                if main:
-                    rules = shape.rules_at(step) + (["signal"] if stopped_by and step not in schedule else [])
-                    meta = {
-                        "epoch": step / steps_per_epoch,
-                        "total_steps": total_steps,
-                        "tokens_seen": state.tokens_seen,
-                        "rules": rules,
-                        "metrics": {"loss": last_loss, "eval_loss": state.eval_loss, "lr": lr, "grad_norm": grad_norm},
-                        "config_hash": config_hash(cfg),
-                        "config": effective_dump(cfg),
-                        "resolved": batch,
-                        "data_fingerprint": fingerprint,
-                    }
-                    _save_checkpoint(run_dir, step, bare, tokenizer, optimizer, state, meta, cfg.checkpoint, uploader, out)
-                stopped_by = stopped_by or stop.requested(accelerator)  # a signal during the save: the checkpoint is already there
-            if stopped_by:
-                break
-        accelerator.wait_for_everyone()
+        last_loss, stopped_by = fit(loop, state, stop)
     # still under the signal handlers: a signal now says the uploads are awaited, a second one exits at once
     not_uploaded = _finish_uploads(uploader, run_dir, cfg.checkpoint) if main else []
     accelerator.end_training()
     final = checkpoint.checkpoint_dir(run_dir, state.step)
-    if stopped_by and state.step < total_steps:
+    if stopped_by and state.step < shape.total_steps:
         raise Interrupted(stopped_by, str(final))
-    return RunResult(run_dir, final, total_steps, state.first_loss, last_loss, state.eval_loss, saved["step"] if saved else 0, not_uploaded)
+    return RunResult(
+        run_dir, final, shape.total_steps, state.first_loss, last_loss, state.eval_loss, saved["step"] if saved else 0, not_uploaded
+    )
+
+
+def resume_state(start: Path | None, optimizer: torch.optim.Optimizer, fresh: TrainState, total_steps: int) -> TrainState:
+    """The progress to continue from: `fresh` (step 0) without a checkpoint, else the checkpoint's, with its optimizer
+    state and every RNG restored. The data order and the lr schedule follow this config (checked against the checkpoint's
+    before the model was loaded), not the copies the checkpoint recorded."""
+    if not start:
+        return fresh
+    resumed = TrainState.from_json(checkpoint.restore_state(start, optimizer))
+    log.info("resuming from %s: step %d of %d, %s tokens seen", start, resumed.step, total_steps, f"{resumed.tokens_seen:,}")
+    return replace(resumed, data=fresh.data, lr_schedule=fresh.lr_schedule)
+
+
+def _trim_logs(run_dir: Path, kept_through: int, resumed: bool) -> None:
+    """Drop the log lines an earlier attempt wrote after the step this one starts from: those steps run again."""
+    for name in ("metrics.jsonl", sampling.SAMPLES_FILE):
+        dropped = resume.trim_log(run_dir / name, kept_through)
+        if dropped:
+            after = f"after step {kept_through}" if resumed else "(a fresh start)"
+            log.info("%s: dropped %d line(s) an earlier attempt logged %s: those steps run again", name, dropped, after)
 
 
 def _check_packing(cfg: Config, res: Resolved, model: nn.Module, device: torch.device, vocab_size: int) -> Config:
@@ -345,13 +283,7 @@ def _already_complete(run_dir: Path, start: Path, saved: dict, cfg: Config, main
     """A run whose checkpoint is at its last step: nothing to train, so the model is never loaded. Uploads an
     earlier attempt did not finish still happen (that is what running the same command again is for)."""
     log.info("%s is at the last step (%d): nothing to train", start, saved["step"])
-    uploader = None
-    if cfg.checkpoint.remote and main:
-        from .storage import Uploader
-
-        uploader = Uploader(cfg.checkpoint.remote, run_dir)
-        if uploader.catch_up():
-            log.info("uploading checkpoints an earlier attempt did not finish uploading")
+    uploader = _start_uploader(cfg, run_dir) if main else None
     not_uploaded = _finish_uploads(uploader, run_dir, cfg.checkpoint) if main else []
     metrics = saved.get("metrics") if isinstance(saved.get("metrics"), dict) else {}
     first_loss = TrainState.from_json(checkpoint.read_state_tree(start)).first_loss
@@ -360,34 +292,66 @@ def _already_complete(run_dir: Path, start: Path, saved: dict, cfg: Config, main
     )
 
 
-def _save_checkpoint(
-    run_dir: Path,
-    step: int,
-    model: nn.Module,
-    tokenizer,
-    optimizer,
-    state: TrainState,
-    meta: dict,
-    ck: CheckpointConfig,
-    uploader,
-    out: MetricsLog,
-) -> None:
-    """Write one checkpoint, hand it to the uploader, apply retention."""
-    path = checkpoint.save(
-        run_dir,
-        step,
-        lambda d: save_weights(model, tokenizer, d),
-        checkpoint.capture_state(optimizer, state.to_json()),
-        meta,
-        saved_bytes(model),
-    )
-    out.say(f"checkpoint: {path} ({', '.join(meta['rules'])})")
-    if uploader:
-        uploader.submit(path)
-    for line in checkpoint.retain(
-        run_dir, ck.num_keep_last, ck.keep_schedule, ck.keep_optimizer_state, uploader.busy() if uploader else set()
-    ):
-        out.say(f"retention: {line}")
+def _start_uploader(cfg: Config, run_dir: Path) -> Any:
+    """The background uploader of checkpoint.remote (None without one), first taking up what an earlier attempt left."""
+    if not cfg.checkpoint.remote:
+        return None
+    from .storage import Uploader
+
+    uploader = Uploader(cfg.checkpoint.remote, run_dir)
+    if uploader.catch_up():
+        log.info("uploading checkpoints an earlier attempt did not finish uploading")
+    return uploader
+
+
+@dataclass(frozen=True)
+class CheckpointWriter:
+    """Writes the checkpoint of a step. Every process calls it (they meet here, so the weights are final on all of
+    them); the main process writes, hands the folder to the uploader and applies retention."""
+
+    run_dir: Path
+    accelerator: Any
+    cfg: Config
+    shape: RunShape
+    model: nn.Module  # unwrapped
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    resolved: dict  # the resolved values a resume checks (global_batch_size)
+    data_fingerprint: str
+    uploader: Any  # storage.Uploader or None
+    out: MetricsLog
+
+    def __call__(self, step: int, state: TrainState, rules: list[str], metrics: dict[str, Any]) -> None:
+        """Write checkpoint `step` of `state`, saved by `rules`, with the step's `metrics` in its meta.json."""
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return
+        cfg, ck = self.cfg, self.cfg.checkpoint
+        meta = {
+            "epoch": step / self.shape.steps_per_epoch,
+            "total_steps": self.shape.total_steps,
+            "tokens_seen": state.tokens_seen,
+            "rules": rules,
+            "metrics": metrics,
+            "config_hash": config_hash(cfg),
+            "config": effective_dump(cfg),
+            "resolved": self.resolved,
+            "data_fingerprint": self.data_fingerprint,
+        }
+        path = checkpoint.save(
+            self.run_dir,
+            step,
+            lambda d: save_weights(self.model, self.tokenizer, d),
+            checkpoint.capture_state(self.optimizer, state.to_json()),
+            meta,
+            saved_bytes(self.model),
+        )
+        self.out.say(f"checkpoint: {path} ({', '.join(rules)})")
+        if self.uploader:
+            self.uploader.submit(path)
+        busy = self.uploader.busy() if self.uploader else set()
+        for line in checkpoint.retain(self.run_dir, ck.num_keep_last, ck.keep_schedule, ck.keep_optimizer_state, busy):
+            self.out.say(f"retention: {line}")
 
 
 def _share_path(accelerator, path: Path | None) -> Path | None:
@@ -432,59 +396,6 @@ def _finish_uploads(uploader, run_dir: Path, ck: CheckpointConfig) -> list[Path]
     for line in checkpoint.retain(run_dir, ck.num_keep_last, ck.keep_schedule, ck.keep_optimizer_state, set(not_uploaded)):
         log.info("retention: %s", line)
     return not_uploaded
-
-
-def _accumulate(model: nn.Module, batches: list[Batch], objective: Objective, accelerator) -> tuple[float, int, int, dict[str, float]]:
-    """Forward/backward every micro-batch of one optimizer step; gradients are the mean over all
-    target tokens of the step on all processes. Returns (loss sum, target tokens, tokens) of all
-    processes, and the objective's own metrics averaged over this process's micro-batches."""
-    device = accelerator.device
-    counts = torch.tensor([sum(b.num_target_tokens for b in batches), sum(b.num_tokens for b in batches)], device=device)
-    counts = accelerator.reduce(counts, reduction="sum")
-    num_targets = max(1, int(counts[0]))
-    loss_total = torch.zeros((), device=device)
-    extra: dict[str, float] = {}
-    for i, batch in enumerate(batches):
-        # DDP averages gradients over processes; multiplying by the world size turns that into a sum.
-        sync = nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
-        with sync:
-            loss_sum, metrics = objective(model, batch.to(device))
-            accelerator.backward(loss_sum * accelerator.num_processes / num_targets)
-        loss_total += loss_sum.detach()
-        for k, v in metrics.items():
-            extra[k] = extra.get(k, 0.0) + float(v) / len(batches)
-    loss_total = accelerator.reduce(loss_total, reduction="sum")
-    return float(loss_total), num_targets, int(counts[1]), extra
-
-
-def _clip(accelerator, params: list[torch.Tensor], max_norm: float | None) -> float:
-    if max_norm is not None:
-        return float(accelerator.clip_grad_norm_(params, max_norm))
-    grads = [p.grad for p in params if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
-
-
-@torch.no_grad()
-def evaluate_loss(
-    model: nn.Module,
-    examples: list[Example],
-    micro_batch_size: int,
-    make_batch: Callable[[list[Example]], Batch],
-    objective: Objective,
-    accelerator,
-) -> float:
-    """Mean loss per target token over the held-out rows (each process takes a share)."""
-    was_training = model.training
-    model.eval()
-    mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
-    totals = torch.zeros(2, device=accelerator.device)
-    for mb in micro_batches(examples, mine, micro_batch_size):
-        batch = make_batch(mb).to(accelerator.device)
-        loss_sum, _ = objective(model, batch)
-        totals += torch.stack([loss_sum.float(), torch.tensor(float(batch.num_target_tokens), device=accelerator.device)])
-    totals = accelerator.reduce(totals, reduction="sum")
-    model.train(was_training)
-    return float(totals[0] / totals[1].clamp(min=1))
 
 
 def _attn_tokens(model: nn.Module) -> int:

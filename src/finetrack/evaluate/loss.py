@@ -26,7 +26,7 @@ def load_rows(suite: LossSuite, cfg: Config, tokenizer) -> list:
 
 def run(suite: LossSuite, model: nn.Module, tokenizer, rows: list, cfg: Config, accelerator) -> dict:
     """{'metrics': {loss, ppl}, 'counts': {rows, target_tokens}} with the same masking and batching as training."""
-    from ..train import causal_lm_objective, evaluate_loss
+    from ..loop import causal_lm_objective, evaluate_loss
 
     make_batch = partial(collate, pad_id=tokenizer.pad_token_id, pack=bool(cfg.data.pack), pack_row_tokens=cfg.data.pack_row_tokens)
     loss = evaluate_loss(model, rows, suite.micro_batch_size, make_batch, causal_lm_objective, accelerator)

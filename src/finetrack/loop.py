@@ -1,0 +1,224 @@
+"""The loop: `fit()` runs optimizer steps with `train_step()` over a typed `TrainState`; train.run builds what it needs.
+
+Plain functions over small typed objects (no Trainer class): `Loop` holds the parts, `TrainState` the progress a
+checkpoint stores, `RunShape` the step counts and the checkpoint schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import processes
+from .batches import IGNORE, Batch, micro_batches, step_rows
+from .config import Config, RunShape
+from .data import Example
+from .health import stop_if_diverged
+from .interrupt import StopFlag
+from .metrics import MetricsLog, peak_memory_mib
+from .optim import lr_at, set_lr
+from .train_state import TrainState
+
+# An objective maps (model, batch) to the SUM of per-token losses and extra metrics. The loop divides
+# by the number of loss-carrying tokens in the whole accumulated batch, so micro-batch size and
+# accumulation do not change what is optimized.
+Objective = Callable[[nn.Module, Batch], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+def causal_lm_objective(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    """Next-token cross-entropy, summed over target tokens. Logits are computed only where a target
+    exists (boolean `logits_to_keep`): on chat data most positions carry no loss."""
+    keep = batch.targets != IGNORE  # (B, T)
+    logits = model(**batch.inputs, logits_to_keep=keep, use_cache=False).logits
+    if logits.dim() == 3:  # a model that ignores a boolean logits_to_keep returns (B, T, V)
+        logits = logits[keep]
+    loss_sum = F.cross_entropy(logits.float(), batch.targets[keep], reduction="sum")  # logits: (N, V)
+    return loss_sum, {}
+
+
+# step, state, rules, metrics -> None: writes the checkpoint of `step` (every process calls it; see train.CheckpointWriter)
+SaveCheckpoint = Callable[[int, TrainState, list[str], dict[str, Any]], None]
+
+
+@dataclass
+class Loop:
+    """What the loop works with, built once by train.run: references only, no behaviour of its own."""
+
+    cfg: Config
+    shape: RunShape
+    run_dir: Path
+    accelerator: Any
+    model: nn.Module  # as accelerate prepared it (DDP / FSDP wrapped when launched so)
+    bare: nn.Module  # the same module unwrapped: what sampling and checkpoints use
+    optimizer: torch.optim.Optimizer
+    trainable: list[torch.Tensor]
+    objective: Objective
+    train_rows: list[Example]
+    eval_rows: list[Example]
+    make_batch: Callable[[list[Example]], Batch]  # one collate for training and eval
+    save: SaveCheckpoint
+    out: MetricsLog
+    trackers: Any  # tracking.Trackers
+    sampler: Any  # sampling.Sampler
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step, summed over every micro-batch and process."""
+
+    loss_sum: float
+    num_targets: int  # loss-carrying tokens
+    num_tokens: int
+    grad_norm: float  # before clipping
+    extra: dict[str, float]  # the objective's own metrics, averaged over this process's micro-batches
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.num_targets
+
+
+def fit(loop: Loop, state: TrainState, stop: StopFlag) -> tuple[float, str | None]:
+    """Optimizer steps from state.step + 1 to the last, with logging, held-out loss, samples and checkpoints on their
+    schedules. Returns the last step's loss and the signal that ended the loop early (None when it ran to the end)."""
+    cfg, shape, acc = loop.cfg, loop.shape, loop.accelerator
+    last_loss, stopped_by = math.nan, None
+    for step in range(state.step + 1, shape.total_steps + 1):
+        processes.rebalance()  # an eval --watch beside this run may have started or ended: share the cores (processes.py)
+        epoch, batches = step_batches(loop, step)
+        lr = lr_at(step, cfg.train.lr, shape.warmup_steps, shape.total_steps, cfg.train.lr_schedule)
+        started = time.perf_counter()
+        result = train_step(loop, batches, lr)
+        last_loss = result.loss
+        # the loss every step; the weights where they are logged or saved (a checkpoint never holds NaN weights)
+        checked = _is_log_step(loop, step) or step in shape.checkpoint_steps
+        stop_if_diverged(step, last_loss, loop.trainable if checked else [], acc, cfg, loop.run_dir)
+        _advance(state, step, epoch, shape.steps_per_epoch, result, time.perf_counter() - started)
+        _log_step(loop, state, step, lr)
+        loop.sampler.sample_if_due(step, loop.bare)  # before the checkpoint: a checkpoint implies its samples
+        stopped_by = stop.requested(acc)
+        if step in shape.checkpoint_steps or stopped_by:
+            if not checked:  # a checkpoint the signal asked for: its weights were not checked above
+                stop_if_diverged(step, last_loss, loop.trainable, acc, cfg, loop.run_dir)
+            rules = shape.rules_at(step) + (["signal"] if stopped_by and step not in shape.checkpoint_steps else [])
+            loop.save(step, state, rules, {"loss": last_loss, "eval_loss": state.eval_loss, "lr": lr, "grad_norm": result.grad_norm})
+            stopped_by = stopped_by or stop.requested(acc)  # a signal during the save: the checkpoint is already there
+        if stopped_by:
+            break
+    acc.wait_for_everyone()
+    return last_loss, stopped_by
+
+
+def step_batches(loop: Loop, step: int) -> tuple[int, list[Batch]]:
+    """(epoch, this process's micro-batches) of optimizer step `step` (from 1): a pure function of the step, so a
+    resume at any step sees the rows an uninterrupted run would."""
+    train, acc = loop.cfg.train, loop.accelerator
+    rows_per_process = train.micro_batch_size * train.grad_accum_steps
+    epoch, rows = step_rows(len(loop.train_rows), rows_per_process * acc.num_processes, train.seed, step - 1, loop.cfg.data.shuffle)
+    mine = rows[acc.process_index * rows_per_process : (acc.process_index + 1) * rows_per_process]
+    return epoch, [loop.make_batch(mb) for mb in micro_batches(loop.train_rows, mine, train.micro_batch_size)]
+
+
+def train_step(loop: Loop, batches: list[Batch], lr: float) -> StepResult:
+    """One optimizer step at learning rate `lr`: forward/backward every micro-batch, clip, step, clear the gradients."""
+    set_lr(loop.optimizer, lr)
+    loss_sum, num_targets, num_tokens, extra = _accumulate(loop.model, batches, loop.objective, loop.accelerator)
+    grad_norm = _clip(loop.accelerator, loop.trainable, loop.cfg.train.max_grad_norm)
+    loop.optimizer.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_sum, num_targets, num_tokens, grad_norm, extra)
+
+
+def _advance(state: TrainState, step: int, epoch: int, steps_per_epoch: int, result: StepResult, seconds: float) -> None:
+    state.step, state.tokens_seen = step, state.tokens_seen + result.num_tokens
+    state.epoch, state.step_in_epoch = epoch, step - epoch * steps_per_epoch
+    state.first_loss = result.loss if step == 1 else state.first_loss
+    state.window.add(result.loss_sum, result.num_targets, result.num_tokens, result.grad_norm, result.extra, seconds)
+
+
+def _is_log_step(loop: Loop, step: int) -> bool:
+    return step % loop.cfg.train.log_every_steps == 0 or step == loop.shape.total_steps
+
+
+def _log_step(loop: Loop, state: TrainState, step: int, lr: float) -> None:
+    """The metrics line of a logged step, with the held-out loss on its own schedule (a line of its own when due alone)."""
+    cfg, record = loop.cfg, None
+    if _is_log_step(loop, step):
+        record = {
+            "step": step,
+            "epoch": round(step / loop.shape.steps_per_epoch, 4),
+            **state.window.flush(),
+            "lr": lr,
+            "tokens": state.tokens_seen,
+            "peak_mem_mib": peak_memory_mib(loop.accelerator.device),
+        }
+    every_eval = cfg.eval.loss_every_steps
+    if loop.eval_rows and ((every_eval and step % every_eval == 0) or step == loop.shape.total_steps):
+        micro_batch_size = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
+        state.eval_loss = evaluate_loss(loop.model, loop.eval_rows, micro_batch_size, loop.make_batch, loop.objective, loop.accelerator)
+        record = {**(record or {"step": step}), "eval_loss": state.eval_loss, "eval_ppl": math.exp(min(state.eval_loss, 50))}
+    if record:
+        loop.out.write(record)
+        loop.trackers.log_metrics(record)
+    loop.out.bar.update(1)
+
+
+def _accumulate(model: nn.Module, batches: list[Batch], objective: Objective, accelerator) -> tuple[float, int, int, dict[str, float]]:
+    """Forward/backward every micro-batch of one optimizer step; gradients are the mean over all
+    target tokens of the step on all processes. Returns (loss sum, target tokens, tokens) of all
+    processes, and the objective's own metrics averaged over this process's micro-batches."""
+    device = accelerator.device
+    counts = torch.tensor([sum(b.num_target_tokens for b in batches), sum(b.num_tokens for b in batches)], device=device)
+    counts = accelerator.reduce(counts, reduction="sum")
+    num_targets = max(1, int(counts[0]))
+    loss_total = torch.zeros((), device=device)
+    extra: dict[str, float] = {}
+    for i, batch in enumerate(batches):
+        # DDP averages gradients over processes; multiplying by the world size turns that into a sum.
+        sync = nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
+        with sync:
+            loss_sum, metrics = objective(model, batch.to(device))
+            accelerator.backward(loss_sum * accelerator.num_processes / num_targets)
+        loss_total += loss_sum.detach()
+        for k, v in metrics.items():
+            extra[k] = extra.get(k, 0.0) + float(v) / len(batches)
+    loss_total = accelerator.reduce(loss_total, reduction="sum")
+    return float(loss_total), num_targets, int(counts[1]), extra
+
+
+def _clip(accelerator, params: list[torch.Tensor], max_norm: float | None) -> float:
+    if max_norm is not None:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module,
+    examples: list[Example],
+    micro_batch_size: int,
+    make_batch: Callable[[list[Example]], Batch],
+    objective: Objective,
+    accelerator,
+) -> float:
+    """Mean loss per target token over the held-out rows (each process takes a share)."""
+    was_training = model.training
+    model.eval()
+    mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
+    totals = torch.zeros(2, device=accelerator.device)
+    for mb in micro_batches(examples, mine, micro_batch_size):
+        batch = make_batch(mb).to(accelerator.device)
+        loss_sum, _ = objective(model, batch)
+        totals += torch.stack([loss_sum.float(), torch.tensor(float(batch.num_target_tokens), device=accelerator.device)])
+    totals = accelerator.reduce(totals, reduction="sum")
+    model.train(was_training)
+    return float(totals[0] / totals[1].clamp(min=1))
