@@ -89,7 +89,8 @@ class StepResult:
 def fit(loop: Loop, state: TrainState, stop: StopFlag) -> tuple[float, str | None]:
     """Optimizer steps from state.step + 1 to the last, with logging, held-out loss, samples and checkpoints on their
     schedules. Returns the last step's loss and the signal that ended the loop early (None when it ran to the end)."""
-    cfg, shape, acc = loop.cfg, loop.shape, loop.accelerator
+    cfg: Config = loop.cfg  # read through an annotated name: the unread-field test (test_config) follows reads statically
+    shape, acc = loop.shape, loop.accelerator
     last_loss, stopped_by = math.nan, None
     for step in range(state.step + 1, shape.total_steps + 1):
         processes.rebalance()  # an eval --watch beside this run may have started or ended: share the cores (processes.py)
@@ -120,18 +121,20 @@ def fit(loop: Loop, state: TrainState, stop: StopFlag) -> tuple[float, str | Non
 def step_batches(loop: Loop, step: int) -> tuple[int, list[Batch]]:
     """(epoch, this process's micro-batches) of optimizer step `step` (from 1): a pure function of the step, so a
     resume at any step sees the rows an uninterrupted run would."""
-    train, acc = loop.cfg.train, loop.accelerator
+    cfg: Config = loop.cfg
+    train, acc = cfg.train, loop.accelerator
     rows_per_process = train.micro_batch_size * train.grad_accum_steps
-    epoch, rows = step_rows(len(loop.train_rows), rows_per_process * acc.num_processes, train.seed, step - 1, loop.cfg.data.shuffle)
+    epoch, rows = step_rows(len(loop.train_rows), rows_per_process * acc.num_processes, train.seed, step - 1, cfg.data.shuffle)
     mine = rows[acc.process_index * rows_per_process : (acc.process_index + 1) * rows_per_process]
     return epoch, [loop.make_batch(mb) for mb in micro_batches(loop.train_rows, mine, train.micro_batch_size)]
 
 
 def train_step(loop: Loop, batches: list[Batch], lr: float) -> StepResult:
     """One optimizer step at learning rate `lr`: forward/backward every micro-batch, clip, step, clear the gradients."""
+    cfg: Config = loop.cfg
     set_lr(loop.optimizer, lr)
     loss_sum, num_targets, num_tokens, extra = _accumulate(loop.model, batches, loop.objective, loop.accelerator)
-    grad_norm = _clip(loop.accelerator, loop.trainable, loop.cfg.train.max_grad_norm)
+    grad_norm = _clip(loop.accelerator, loop.trainable, cfg.train.max_grad_norm)
     loop.optimizer.step()
     loop.optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_sum, num_targets, num_tokens, grad_norm, extra)
@@ -145,12 +148,14 @@ def _advance(state: TrainState, step: int, epoch: int, steps_per_epoch: int, res
 
 
 def _is_log_step(loop: Loop, step: int) -> bool:
-    return step % loop.cfg.train.log_every_steps == 0 or step == loop.shape.total_steps
+    cfg: Config = loop.cfg
+    return step % cfg.train.log_every_steps == 0 or step == loop.shape.total_steps
 
 
 def _log_step(loop: Loop, state: TrainState, step: int, lr: float) -> None:
     """The metrics line of a logged step, with the held-out loss on its own schedule (a line of its own when due alone)."""
-    cfg, record = loop.cfg, None
+    cfg: Config = loop.cfg
+    record = None
     if _is_log_step(loop, step):
         record = {
             "step": step,
