@@ -6,6 +6,7 @@ import http.client
 import http.server
 import json
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -309,3 +310,22 @@ def proxy(s3, moto_endpoint, monkeypatch):
     use_endpoint(monkeypatch, p.url)
     yield p
     p.stop()
+
+
+# The tiny Llama's architecture as config.json holds it (build_tiny_model's sizes; vocab as the memory tests use it):
+# input to the memory model and plan, which read a model's config, not its weights.
+TINY_ARCH = {
+    "model_type": "llama",
+    "vocab_size": 300,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": False,
+}
+
+
+def train_argv(model_dir: Path, data: Path, out: Path, *overrides: str) -> list[str]:
+    """`python -m finetrack train` on the tiny model, as a user runs it (for tests that need a real process)."""
+    return [sys.executable, "-m", "finetrack", "train", f"model.name={model_dir}", f"data.path={data}", f"output.dir={out}", *overrides]

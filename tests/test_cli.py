@@ -30,18 +30,9 @@ def tree(root: Path) -> list[str]:
 def test_train_cli_embedded_model_run_directory(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text((ROOT / "examples/lora_chat.yaml").read_text())
-    r = finetrack(
-        "train",
-        str(cfg),
-        "train.max_steps=2",
-        "train.micro_batch_size=2",
-        "train.grad_accum_steps=1",
-        "eval.loss_every_steps=1",
-        "data.max_length=256",
-        "train.log_every_steps=1",
-        f"output.dir={tmp_path / 'out'}",
-        cwd=tmp_path,
-    )
+    settings = ("train.micro_batch_size=2", "train.grad_accum_steps=1", "eval.loss_every_steps=1", "data.max_length=256")
+    settings += ("train.log_every_steps=1", f"output.dir={tmp_path / 'out'}")
+    r = finetrack("train", str(cfg), "train.max_steps=2", *settings, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "out"
     assert tree(out) == [
@@ -84,18 +75,7 @@ def test_train_cli_embedded_model_run_directory(tmp_path):
     # the schedule is printed and saved; the same command with a longer run continues from step 2
     assert "resolved checkpoint_steps = [2] (1 checkpoint: the last step, 2)" in r.stderr
     assert "checkpoint_steps:\n    value:\n      2: last" in (out / "config.resolved.yaml").read_text()
-    r = finetrack(
-        "train",
-        str(cfg),
-        "train.max_steps=3",
-        "train.micro_batch_size=2",
-        "train.grad_accum_steps=1",
-        "eval.loss_every_steps=1",
-        "data.max_length=256",
-        "train.log_every_steps=1",
-        f"output.dir={tmp_path / 'out'}",
-        cwd=tmp_path,
-    )
+    r = finetrack("train", str(cfg), "train.max_steps=3", *settings, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "config change accepted on resume: train.max_steps: 2 -> 3" in r.stderr and "step 2 of 3" in r.stderr
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

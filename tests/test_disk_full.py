@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import resource
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import train_argv
 
 from finetrack import checkpoint
 
@@ -20,17 +20,7 @@ COMMON = ("data.max_length=512", "train.micro_batch_size=4", "checkpoint.every_s
 
 
 def train(model_dir: Path, data: Path, out: Path, *overrides: str, preexec_fn=None) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "finetrack",
-        "train",
-        f"model.name={model_dir}",
-        f"data.path={data}",
-        f"output.dir={out}",
-        *COMMON,
-        *overrides,
-    ]
+    cmd = train_argv(model_dir, data, out, *COMMON, *overrides)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, preexec_fn=preexec_fn, check=False)
 
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import train_argv
 
 from finetrack import checkpoint
 from finetrack.config import ConfigError
@@ -23,18 +24,7 @@ HOLD = (
 
 
 def train_cmd(run: Path, model_dir: Path, data: Path, *overrides: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "finetrack",
-        "train",
-        f"model.name={model_dir}",
-        f"data.path={data}",
-        f"output.dir={run}",
-        "data.max_length=512",
-        "train.micro_batch_size=4",
-        *overrides,
-    ]
+    return train_argv(model_dir, data, run, "data.max_length=512", "train.micro_batch_size=4", *overrides)
 
 
 def error_lines(stderr: str) -> list[str]:

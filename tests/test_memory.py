@@ -4,6 +4,7 @@ hidden 64, intermediate 128, 2 layers, 4 heads of 16, 2 KV heads (kv width 32), 
 from __future__ import annotations
 
 import pytest
+from conftest import TINY_ARCH
 
 from finetrack.config import Environment, load_config, resolve_model
 from finetrack.fit import ranked_changes
@@ -20,17 +21,7 @@ from finetrack.memory import (
     peak_phase,
 )
 
-TINY = {
-    "model_type": "llama",
-    "vocab_size": 300,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "tie_word_embeddings": False,
-    "dtype": "float32",
-}
+TINY = {**TINY_ARCH, "dtype": "float32"}
 ARCH = Architecture.from_hf_config(TINY)
 WORK = Workload(micro_batch_tokens=16, longest_row_tokens=8, target_tokens=6, num_rows=2, masked=False)  # 2 rows of 8, 6 carry loss
 

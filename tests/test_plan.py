@@ -13,22 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import chat_rows, folder_bytes, tiny_run, write_chat_jsonl
+from conftest import TINY_ARCH, chat_rows, folder_bytes, tiny_run, write_chat_jsonl
 
 from finetrack.config import ConfigError, load_config
 from finetrack.memory import Architecture
 from finetrack.plan import CHECKPOINT_SMALL_FILES_BYTES, Target, flops_per_micro_batch_tokens, make_plan, parse_bytes, render, target_for
 
-TINY = {
-    "vocab_size": 300,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "tie_word_embeddings": False,
-    "model_type": "llama",
-}
+TINY = TINY_ARCH
 
 
 def tiny_cfg(tmp_path: Path, model_dir: Path, data: Path, *overrides: str):
