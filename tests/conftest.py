@@ -113,7 +113,7 @@ def tiny_run(tmp_path: Path, model_dir: Path, data: Path, *overrides: str, name:
     """Train the tiny model in-process; returns (RunResult, metrics.jsonl records)."""
     from finetrack.config import load_config
     from finetrack.resume import Request
-    from finetrack.train import causal_lm_objective, run
+    from finetrack.train import run
 
     cfg = load_config(
         None,
@@ -129,7 +129,7 @@ def tiny_run(tmp_path: Path, model_dir: Path, data: Path, *overrides: str, name:
             *overrides,
         ],
     )
-    result = run(cfg, objective=objective or causal_lm_objective, request=request or Request())
+    result = run(cfg, request=request or Request(), objective=objective)
     metrics = read_jsonl(result.run_dir / "metrics.jsonl")
     return result, metrics
 

@@ -129,7 +129,7 @@ def test_packing_check_detects_a_model_that_mixes_sequences(tiny_tokenizer):
 def test_pack_auto_falls_back_to_padded_batches_where_packing_is_not_exact(tmp_path, tiny_model_dir, chat_file, monkeypatch, caplog):
     """`data.pack: auto` on a model whose attention mixes packed sequences: padded batches, a logged reason, the same
     reason in config.resolved.yaml. An explicit `data.pack: true` on that model stays an error."""
-    from finetrack import train
+    from finetrack import objectives, train
     from finetrack.config import ConfigError
 
     build = train.build_model
@@ -138,7 +138,7 @@ def test_pack_auto_falls_back_to_padded_batches_where_packing_is_not_exact(tmp_p
 
     def objective(model, batch):
         layouts.append(sorted(batch.inputs))
-        return train.causal_lm_objective(model, batch)
+        return objectives.causal_lm(model, batch)
 
     with caplog.at_level("WARNING", logger="finetrack"):
         result, metrics = tiny_run(tmp_path, tiny_model_dir, chat_file, "model.method=full", "train.max_steps=2", objective=objective)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -13,7 +14,8 @@ from safetensors.torch import load_file
 
 from finetrack.config import ConfigError, load_config
 from finetrack.optim import lr_at
-from finetrack.train import causal_lm_objective, run
+from finetrack.objectives import causal_lm
+from finetrack.train import run
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_first_losses.json"
 
@@ -55,7 +57,7 @@ def _base_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 class Capture:
-    """An objective that trains exactly like causal_lm_objective and keeps the model the run trains (not a copy loaded
+    """An objective that trains exactly like objectives.causal_lm and keeps the model the run trains (not a copy loaded
     from disk), with its parameters as they were before the first optimizer step."""
 
     def __init__(self) -> None:
@@ -66,7 +68,7 @@ class Capture:
         if self.model is None:
             self.model = model
             self.initial = {n: p.data.detach().clone() for n, p in model.named_parameters()}
-        return causal_lm_objective(model, batch)
+        return causal_lm(model, batch)
 
 
 def test_lora_trains_adapters_only(tmp_path, tiny_model_dir, chat_file):
@@ -327,44 +329,27 @@ def test_paged_optimizer_needs_cuda(tmp_path, tiny_model_dir, chat_file):
         tiny_run(tmp_path, tiny_model_dir, chat_file, "train.optimizer=paged_adamw_8bit")
 
 
-def test_custom_objective_plugs_in(tmp_path, tiny_model_dir, chat_file):
-    """An objective is a function (model, batch) -> (summed loss, metrics); its metrics reach metrics.jsonl."""
-    from finetrack.train import causal_lm_objective
-
-    calls = []
-
-    def doubled(model, batch):
-        loss_sum, _ = causal_lm_objective(model, batch)
-        calls.append(batch.num_target_tokens)
-        return 2 * loss_sum, {"half_loss_sum": loss_sum.item()}
-
-    cfg = load_config(
-        None,
-        [
-            f"model.name={tiny_model_dir}",
-            f"data.path={chat_file}",
-            f"output.dir={tmp_path / 'o'}",
-            "train.micro_batch_size=4",
-            "train.grad_accum_steps=2",
-            "train.max_steps=2",
-            "model.method=full",
-        ],
+def test_python_objective_from_a_file(tmp_path, tiny_model_dir, chat_file):
+    """objective.kind=python: a function in a .py file, (model, batch) -> {name: Term}; the loss is the weighted sum of
+    each term per unit, its terms reach metrics.jsonl, and its source's sha256 is in every checkpoint."""
+    loss_file = tmp_path / "my_loss.py"
+    loss_file.write_text(
+        "from finetrack.objectives import Term, next_token_sum\n"
+        "calls = []\n"
+        "def doubled(model, batch):\n"
+        "    calls.append(batch.num_target_tokens)\n"
+        "    s = next_token_sum(model, batch)\n"
+        "    return {'lm': Term(2 * s, 'tokens'), 'per_row': Term(s.detach(), 'rows', 0.0)}\n"
     )
-    result = run(cfg, objective=doubled)
-    metrics = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(calls) == 4  # 2 steps x 2 micro-batches
-    assert all("half_loss_sum" in m for m in metrics)
+    common = ["model.method=full", "train.micro_batch_size=4", "train.grad_accum_steps=2", "train.max_steps=2"]
+    result, metrics = tiny_run(
+        tmp_path, tiny_model_dir, chat_file, *common, "objective.kind=python", f"objective.python.function={loss_file}:doubled"
+    )
+    assert all("per_row" in m for m in metrics)
+    meta = json.loads((result.final_checkpoint / "meta.json").read_text())
+    assert meta["resolved"]["objective_sha256"] == hashlib.sha256(loss_file.read_bytes()).hexdigest()
     # the logged loss is the objective's value per target token: twice the plain cross-entropy
-    _, plain = tiny_run(
-        tmp_path,
-        tiny_model_dir,
-        chat_file,
-        "model.method=full",
-        "train.micro_batch_size=4",
-        "train.grad_accum_steps=2",
-        "train.max_steps=1",
-        name="plain",
-    )
+    _, plain = tiny_run(tmp_path, tiny_model_dir, chat_file, *common[:3], "train.max_steps=1", name="plain")
     assert metrics[0]["loss"] == pytest.approx(2 * plain[0]["loss"], rel=1e-5)
 
 

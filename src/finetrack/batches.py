@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -51,9 +52,34 @@ class Batch:
     targets: torch.Tensor  # (B, T) next-token ids, IGNORE where no loss
     num_tokens: int  # real (non-pad) tokens
     num_target_tokens: int  # tokens that carry loss
+    # Where hidden states are read (regression, contrastive): pool[n] averages the states of the input's flattened
+    # positions it weighs; values[n] is the regression target there. A triplet batch lays out anchors, positives,
+    # negatives, so pool rows [0, B) are anchors, [B, 2B) positives, [2B, 3B) negatives.
+    pool: torch.Tensor | None = None  # (N, B * T)
+    values: torch.Tensor | None = None  # (N,)
+    num_rows: int = 0  # data rows (a triplet is one row)
+    num_triplets: int = 0
+
+    @property
+    def units(self) -> dict[str, int]:
+        """What objective terms are normalized by, known before the forward: the loop sums them over every
+        micro-batch and process of an optimizer step first (objectives.py)."""
+        units = {"tokens": self.num_target_tokens, "rows": self.num_rows}
+        if self.values is not None:
+            units["targets"] = len(self.values)
+        if self.num_triplets:
+            units["triplets"] = self.num_triplets
+        return units
 
     def to(self, device: torch.device) -> Batch:
-        return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.targets.to(device), self.num_tokens, self.num_target_tokens)
+        move = lambda t: None if t is None else t.to(device)
+        return replace(
+            self,
+            inputs={k: v.to(device) for k, v in self.inputs.items()},
+            targets=self.targets.to(device),
+            pool=move(self.pool),
+            values=move(self.values),
+        )
 
 
 def _shifted(ex: Example) -> list[int]:
@@ -63,10 +89,14 @@ def _shifted(ex: Example) -> list[int]:
 
 def collate(examples: list[Example], pad_id: int, pack: bool, pack_row_tokens: int | None, attn_tokens: int = DEFAULT_ATTN_TOKENS) -> Batch:
     """Tensors for a micro-batch: packed rows (padding only where rows differ in length), or right-padded
-    rows with an attention mask. attn_tokens: see _pack."""
+    rows with an attention mask. attn_tokens: see _pack. Triplet rows run as three sequences each (anchors first)."""
+    num_rows = len(examples)
+    num_triplets = sum(1 for e in examples if e.pair)
+    if num_triplets:
+        examples = [e for e in examples] + [e.pair[0] for e in examples] + [e.pair[1] for e in examples]  # type: ignore[index]
     num_tokens = sum(len(e.input_ids) for e in examples)
     if pack:
-        rows = _pack(examples, pack_row_tokens, attn_tokens)
+        rows, placed = _pack(examples, pack_row_tokens, attn_tokens)
         width = max(len(r[0]) for r in rows)
         ids, pos, tgt = [], [], []
         for r_ids, r_pos, r_tgt in rows:
@@ -81,21 +111,40 @@ def collate(examples: list[Example], pad_id: int, pack: bool, pack_row_tokens: i
         mask = [[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in examples]
         tgt = [_shifted(e) + [IGNORE] * (width - len(e.input_ids)) for e in examples]
         inputs = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+        placed = [(i, 0) for i in range(len(examples))]
     targets = torch.tensor(tgt)
-    return Batch(inputs, targets, num_tokens, int((targets != IGNORE).sum()))
+    pool, values = _pool(examples, placed, len(ids) * width, width)
+    return Batch(inputs, targets, num_tokens, int((targets != IGNORE).sum()), pool, values, num_rows, num_triplets)
 
 
-def _pack(examples: list[Example], row_tokens: int | None, attn_tokens: int) -> list[tuple[list[int], list[int], list[int]]]:
-    """(ids, position ids, targets) of each packed row."""
-    out = []
-    for members in pack_rows([len(e.input_ids) for e in examples], row_tokens, attn_tokens):
+def _pool(examples: list[Example], placed: list[tuple[int, int]], size: int, width: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The (N, size) averaging weights of every pool of every example at its (row, offset) in the batch, and the
+    regression targets (None when no example has one)."""
+    pools = [(i, p) for i, e in enumerate(examples) for p in e.pools]
+    if not pools:
+        return None, None
+    weights = torch.zeros(len(pools), size)
+    for n, (i, positions) in enumerate(pools):
+        row, offset = placed[i]
+        weights[n, [row * width + offset + p for p in positions]] = 1.0 / len(positions)
+    values = [v for e in examples for v in e.values]
+    return weights, (torch.tensor(values, dtype=torch.float32) if values else None)
+
+
+def _pack(
+    examples: list[Example], row_tokens: int | None, attn_tokens: int
+) -> tuple[list[tuple[list[int], list[int], list[int]]], list[tuple[int, int]]]:
+    """(ids, position ids, targets) of each packed row, and the (row, offset) each example landed at."""
+    out, placed = [], [(0, 0)] * len(examples)
+    for r, members in enumerate(pack_rows([len(e.input_ids) for e in examples], row_tokens, attn_tokens)):
         ids, pos, tgt = [], [], []
         for i in members:
+            placed[i] = (r, len(ids))
             ids.extend(examples[i].input_ids)
             pos.extend(range(len(examples[i].input_ids)))
             tgt.extend(_shifted(examples[i]))
         out.append((ids, pos, tgt))
-    return out
+    return out, placed
 
 
 def pack_rows(lengths: list[int], row_tokens: int | None, attn_tokens: int = DEFAULT_ATTN_TOKENS) -> list[list[int]]:
@@ -144,6 +193,13 @@ def micro_batch_shape(
 def attn_tokens_for(hidden_size: int | None) -> int:
     """Packed-row width at which attention costs as much as the linear layers (~6 x hidden size)."""
     return 6 * hidden_size if hidden_size else DEFAULT_ATTN_TOKENS
+
+
+def batch_builder(pad_id: int, pack: bool, pack_row_tokens: int | None, model: torch.nn.Module | None) -> Callable[[list[Example]], Batch]:
+    """The one collate of a run, for training, the held-out loss and the eval suites alike (the cost model reads the
+    model's width: pass the unwrapped model, or None for the default)."""
+    hidden_size = getattr(getattr(model, "config", None), "hidden_size", None)
+    return functools.partial(collate, pad_id=pad_id, pack=pack, pack_row_tokens=pack_row_tokens, attn_tokens=attn_tokens_for(hidden_size))
 
 
 def micro_batches(examples: list[Example], rows: list[int], micro_batch_size: int) -> list[list[Example]]:

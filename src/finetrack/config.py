@@ -152,6 +152,97 @@ class DataConfig(Section):
         return self
 
 
+# ------------------------------------------------------------------------------------ objective
+def _kind_is(kind: str) -> Knob:
+    return Knob(lambda o, _: o.kind == kind, f"with objective.kind={{s.kind}}: remove it or set objective.kind={kind}")
+
+
+class HeadConfig(Section):
+    hidden_sizes: list[Annotated[int, Field(gt=0)]] = Field(
+        default_factory=list, description="Hidden layer widths of the head: [] = one linear layer, [256] = a small MLP."
+    )
+    activation: Literal["gelu", "relu", "tanh", "silu"] = Field("gelu", description="Activation between the head's layers.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the pooled state and between the head's layers.")
+
+
+class RegressionConfig(Section):
+    level: Literal["sequence", "step"] = Field(
+        "sequence",
+        description="sequence: one target per row (row field `target`); step: one label per reasoning step (rows with "
+        "`prompt`, `steps` and `labels`), read at the separator after each step (process reward).",
+    )
+    target_field: str = Field("target", min_length=1, description="Row field holding the target of a sequence-level row.")
+    layer: int = Field(-1, description="Hidden state read by the head: -1 = the last layer (after the final norm), 0 = the embeddings.")
+    pool: Literal["last", "mean", "prompt_mean", "answer_mean", "marker"] = Field(
+        "last",
+        description="Where a sequence-level row is read: its last token, the mean of all / prompt / answer tokens, or the "
+        "last occurrence of `marker`. Step-level rows are read at each step's separator.",
+    )
+    marker: Annotated[
+        str | None, Knob(lambda r, _: r.pool == "marker" and r.level == "sequence", "unless pool=marker (sequence level)")
+    ] = Field(None, min_length=1, description="Text whose last occurrence in a row is read (pool=marker).")
+    step_separator: Annotated[str, Knob(lambda r, _: r.level == "step", "with level=sequence: remove it")] = Field(
+        "\n", min_length=1, description="Text after each step (level=step); its last token carries the step's label."
+    )
+    head: HeadConfig = Field(default_factory=HeadConfig, description="The head on the pooled hidden state (1 output).")
+    loss: Literal["mse", "huber", "mae"] = Field("mse", description="Regression loss, summed over targets and divided by their number.")
+    huber_delta: Annotated[float, Knob(lambda r, _: r.loss == "huber", "with loss={s.loss}: remove it")] = Field(
+        1.0, gt=0, description="Where huber turns from quadratic to linear."
+    )
+    normalize_targets: bool = Field(
+        False, description="Train on (target - mean) / std of the training targets (stored with the head; predictions are un-normalized)."
+    )
+    lm_weight: float = Field(0.0, ge=0, description="Also train the next-token loss on answer tokens, with this weight (0 = off).")
+    freeze_backbone: bool = Field(False, description="Train only the head (a probe): the model (and its adapters) stay frozen.")
+
+    @model_validator(mode="after")
+    def _checks(self) -> RegressionConfig:
+        if self.level == "sequence" and self.pool == "marker" and self.marker is None:
+            raise ValueError("objective.regression.pool=marker needs objective.regression.marker (the text to read at)")
+        return self
+
+
+class ContrastiveConfig(Section):
+    layer: int = Field(-1, description="Hidden state compared: -1 = the last layer (after the final norm).")
+    pool: Literal["last", "mean"] = Field(
+        "last", description="Representation of a prompt: its last token's state, or the mean of its tokens."
+    )
+    loss: Literal["weighted", "infonce"] = Field(
+        "weighted",
+        description="weighted: lambda_task*CE(anchor) - lambda_pos*cos(a,p)/tau + lambda_neg*cos(a,n)/tau; "
+        "infonce: lambda_task*CE(anchor) + lambda_pos*InfoNCE (the other rows' positives and negatives of a micro-batch are negatives too).",
+    )
+    tau: float = Field(0.07, gt=0, description="Temperature dividing the cosine similarities.")
+    lambda_task: float = Field(1.0, ge=0, description="Weight of the anchor's next-token loss (rows with a `completion`).")
+    lambda_pos: float = Field(1.0, ge=0, description="Weight of the pull towards the positive (the InfoNCE term for loss=infonce).")
+    lambda_neg: Annotated[float, Knob(lambda c, _: c.loss == "weighted", "with loss=infonce: remove it")] = Field(
+        1.0, ge=0, description="Weight of the push away from the negative."
+    )
+
+
+class PythonObjectiveConfig(Section):
+    function: str = Field(
+        pattern=r"^[^:]+:\w+$",
+        description="'path/to/file.py:function' (relative to the working directory, like data paths) or 'module:function' "
+        "(importable), called as function(model, batch) -> {name: finetrack.objectives.Term}; see the README's objective protocol.",
+    )
+
+
+class ObjectiveConfig(Section):
+    kind: Literal["causal_lm", "regression", "contrastive", "python"] = Field(
+        "causal_lm", description="What training minimizes: next-token loss, a regression head, contrastive triplets, or your function."
+    )
+    regression: Annotated[RegressionConfig, _kind_is("regression")] = Field(default_factory=RegressionConfig)
+    contrastive: Annotated[ContrastiveConfig, _kind_is("contrastive")] = Field(default_factory=ContrastiveConfig)
+    python: Annotated[PythonObjectiveConfig | None, _kind_is("python")] = Field(None, description="Your objective (kind python).")
+
+    @model_validator(mode="after")
+    def _checks(self) -> ObjectiveConfig:
+        if self.kind == "python" and self.python is None:
+            raise ValueError("objective.kind=python needs objective.python.function: 'module:function'")
+        return self
+
+
 # ---------------------------------------------------------------------------------------- train
 class TrainConfig(Section):
     seed: Annotated[int, Knob(eval_key=True)] = Field(  # the held-out split: what a loss suite measures
@@ -297,6 +388,7 @@ _STORED = Knob(harmless_on_resume=True, measured=False)  # where and when result
 class Config(Section):
     model: Annotated[ModelConfig, Knob(eval_key=True)] = Field(default_factory=ModelConfig)  # dtype, template, adapter shape
     data: Annotated[DataConfig, Knob(eval_key=True)] = Field(default_factory=DataConfig)  # max_length, the held-out rows
+    objective: Annotated[ObjectiveConfig, Knob(eval_key=True)] = Field(default_factory=ObjectiveConfig)  # what a loss suite measures
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: Annotated[CheckpointConfig, _STORED] = Field(default_factory=CheckpointConfig)
     # eval: micro_batch_size stays in a plan --measure trial (the held-out loss at its end uses it)
@@ -324,10 +416,15 @@ __all__ = [
     "DataConfig",
     "Environment",
     "EvalConfig",
+    "ContrastiveConfig",
+    "HeadConfig",
     "LoraConfig",
+    "ObjectiveConfig",
+    "PythonObjectiveConfig",
     "ModelConfig",
     "OutputConfig",
     "QloraConfig",
+    "RegressionConfig",
     "Resolved",
     "RunShape",
     "TrainConfig",

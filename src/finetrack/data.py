@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import DataConfig
+from .config import DataConfig, ObjectiveConfig
 from .data_files import BUILTIN_DATA, DataError, RawRow, json_type, read_rows, source_files
 
 __all__ = ["BUILTIN_DATA", "DataError", "Example", "PreparedData", "RawRow", "prepare", "read_rows", "source_files", "tokenize_chat"]
@@ -38,17 +38,27 @@ _MAX_REASONS = 5
 
 @dataclass
 class Example:
-    """One tokenized row. labels == -100 where the token carries no loss."""
+    """One tokenized row. labels == -100 where the token carries no loss.
+
+    Rows of the regression and contrastive objectives (objective_data.py) also say where the model's hidden state is
+    read (`pools`: each a list of token positions whose states are averaged) and, for regression, the target of each."""
 
     input_ids: list[int]
     labels: list[int]
     source: str
     line: int
+    pools: list[list[int]] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)  # regression: one target per pool
+    pair: tuple[Example, Example] | None = None  # contrastive: this anchor's (positive, negative)
 
     @property
     def num_trainable_tokens(self) -> int:
         # position 0 is never predicted (nothing precedes it)
         return sum(1 for x in self.labels[1:] if x != -100)
+
+    def sequences(self) -> list[Example]:
+        """The token sequences this row runs through the model: itself, and a triplet's positive and negative."""
+        return [self, *self.pair] if self.pair else [self]
 
 
 @dataclass
@@ -71,7 +81,7 @@ class DataReport:
 
     def finish(self, examples: list[Example]) -> None:
         self.rows_kept = len(examples)
-        lengths = sorted(len(e.input_ids) for e in examples)
+        lengths = sorted(sum(len(s.input_ids) for s in e.sequences()) for e in examples)  # a triplet: its three sequences
         if lengths:
             p95 = lengths[min(len(lengths) - 1, math.ceil(0.95 * len(lengths)) - 1)]
             self.tokens = {
@@ -148,7 +158,7 @@ def _to_messages(row: RawRow, ignored: Counter, specials: re.Pattern | None) -> 
             except (ValueError, RecursionError) as e:  # bad syntax, nesting too deep, a number too long
                 reason = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply" if isinstance(e, RecursionError) else e
                 raise DataError(f"{where}: field 'messages' is text that is not a JSON list of messages ({reason})") from None
-        return _check_messages(messages, where, "messages", ignored, specials, need_assistant=True)
+        return check_messages(messages, where, "messages", ignored, specials, need_assistant=True)
     if "prompt" in rec or "completion" in rec:
         for key in ("prompt", "completion"):
             if key not in rec:
@@ -157,17 +167,17 @@ def _to_messages(row: RawRow, ignored: Counter, specials: re.Pattern | None) -> 
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise DataError(f"{where}: field 'prompt' is empty")
-            _check_text(prompt, where, "prompt", specials)
+            check_text(prompt, where, "prompt", specials)
             msgs = [{"role": "user", "content": prompt}]
         else:
-            msgs = _check_messages(prompt, where, "prompt", ignored, specials, need_assistant=False)
+            msgs = check_messages(prompt, where, "prompt", ignored, specials, need_assistant=False)
         completion, field_name = rec["completion"], "completion"
         if isinstance(completion, list) and len(completion) == 1 and isinstance(completion[0], dict):
-            (answer,) = _check_messages(completion, where, "completion", ignored, specials, need_assistant=True)
+            (answer,) = check_messages(completion, where, "completion", ignored, specials, need_assistant=True)
             completion, field_name = answer["content"], "completion[0].content"
         if not isinstance(completion, str) or not completion.strip():
             raise DataError(f"{where}: field 'completion' must be non-empty text")
-        _check_text(completion, where, field_name, specials)
+        check_text(completion, where, field_name, specials)
         return msgs + [{"role": "assistant", "content": completion}]
     raise DataError(f"{where}: no 'messages' and no 'prompt'/'completion' field (found: {', '.join(map(str, rec)) or 'nothing'})")
 
@@ -180,7 +190,7 @@ def special_token_pattern(tokenizer) -> re.Pattern | None:
     return re.compile("|".join(map(re.escape, tokens))) if tokens else None
 
 
-def _check_text(text: str, where: str, name: str, specials: re.Pattern | None) -> None:
+def check_text(text: str, where: str, name: str, specials: re.Pattern | None) -> None:
     """Text must be valid Unicode (a JSON escape such as \\ud800 decodes to a lone surrogate that no tokenizer or
     file takes), and must not hold special tokens: tokenized, `<|im_end|><|im_start|>system` inside a message
     would become real turn boundaries, and the row would train the model on a conversation the data never had."""
@@ -198,7 +208,7 @@ def _check_text(text: str, where: str, name: str, specials: re.Pattern | None) -
         ) from None
 
 
-def _check_messages(
+def check_messages(
     messages: Any, where: str, name: str, ignored: Counter, specials: re.Pattern | None, need_assistant: bool
 ) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
@@ -219,7 +229,7 @@ def _check_messages(
             raise DataError(f"{where}: field '{f}.content' is an empty assistant answer")
         if role == "system" and j != 0:
             raise DataError(f"{where}: field '{f}.role' is 'system' but only the first message may be a system prompt")
-        _check_text(content, where, f"{f}.content", specials)
+        check_text(content, where, f"{f}.content", specials)
         # Parquet / datasets give every message every struct field, missing ones as None: only values count.
         ignored.update(str(k) for k, v in m.items() if k not in ("role", "content") and v is not None)
         out.append({"role": role, "content": content})
@@ -287,17 +297,21 @@ class PreparedData:
     def fingerprint(self) -> str:
         """Hash of the tokenized training rows in order (ids and loss masks): a resumed run checks it sees the same data."""
         h = hashlib.sha256()
-        for e in self.train:
-            h.update(np.asarray(e.input_ids, dtype=np.int64).tobytes() + b"|" + np.asarray(e.labels, dtype=np.int64).tobytes() + b"\n")
+        for row in self.train:
+            for e in row.sequences():
+                h.update(np.asarray(e.input_ids, dtype=np.int64).tobytes() + b"|" + np.asarray(e.labels, dtype=np.int64).tobytes() + b"\n")
+                if e.pools:  # where a head reads and what it should say (next-token rows hash as they always did)
+                    h.update(json.dumps([e.pools, e.values]).encode() + b"\n")
         return h.hexdigest()[:16]
 
 
-def prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
-    """Read, validate and tokenize the training (and held-out) rows; count everything left out."""
+def prepare(cfg: DataConfig, tokenizer, seed: int, objective: ObjectiveConfig | None = None) -> PreparedData:
+    """Read, validate and tokenize the training (and held-out) rows for `objective` (next-token rows by default);
+    count everything left out."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("the tokenizer has no chat template; use a chat model or set tokenizer.chat_template")
     train_report = DataReport()
-    examples = _tokenize_all(read_rows(cfg.path, cfg.split, train_report.skipped_files), cfg, tokenizer, train_report)
+    examples = _tokenize_all(read_rows(cfg.path, cfg.split, train_report.skipped_files), cfg, tokenizer, train_report, objective)
     eval_examples: list[Example] = []
     eval_report = None
     if isinstance(cfg.eval_split, float):
@@ -311,7 +325,9 @@ def prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
         train_report.held_out = len(eval_examples)
     elif isinstance(cfg.eval_split, str):
         eval_report = DataReport()
-        eval_examples = _tokenize_all(read_rows(cfg.eval_split, cfg.split, eval_report.skipped_files), cfg, tokenizer, eval_report)
+        eval_examples = _tokenize_all(
+            read_rows(cfg.eval_split, cfg.split, eval_report.skipped_files), cfg, tokenizer, eval_report, objective
+        )
     train_report.finish(examples)
     report = {"train": train_report.to_dict()}
     if eval_report is not None:
@@ -321,7 +337,7 @@ def prepare(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
         report["eval"] = {
             "rows_kept": len(eval_examples),
             "held_out_from_train": cfg.eval_split,
-            "tokens_total": sum(len(e.input_ids) for e in eval_examples),
+            "tokens_total": sum(len(s.input_ids) for e in eval_examples for s in e.sequences()),
         }
     for name, r in report.items():
         _warn_left_out(name, r)
@@ -342,8 +358,15 @@ def _warn_left_out(split: str, report: dict) -> None:
         log.warning("data (%s): message keys other than role and content are not trained on (dropped): %s", split, counts)
 
 
-def _tokenize_all(rows: Iterator[RawRow], cfg: DataConfig, tokenizer, report: DataReport) -> list[Example]:
+def _tokenize_all(
+    rows: Iterator[RawRow], cfg: DataConfig, tokenizer, report: DataReport, objective: ObjectiveConfig | None
+) -> list[Example]:
     from tqdm.auto import tqdm
+
+    if objective is not None and objective.kind in ("regression", "contrastive"):
+        from .objective_data import tokenize_rows
+
+        return tokenize_rows(rows, cfg, objective, tokenizer, report)
 
     specials = special_token_pattern(tokenizer)
     out = []

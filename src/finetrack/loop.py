@@ -10,40 +10,24 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import processes
-from .batches import IGNORE, Batch, micro_batches, step_rows
+from .batches import Batch, micro_batches, step_rows
 from .config import Config, RunShape
 from .data import Example
 from .health import stop_if_diverged
 from .interrupt import StopFlag
+from .heads import language_model
 from .metrics import MetricsLog, peak_memory_mib
+from .objectives import Objective, Term, logged, weighted_loss
 from .optim import lr_at, set_lr
 from .train_state import TrainState
-
-# An objective maps (model, batch) to the SUM of per-token losses and extra metrics. The loop divides
-# by the number of loss-carrying tokens in the whole accumulated batch, so micro-batch size and
-# accumulation do not change what is optimized.
-Objective = Callable[[nn.Module, Batch], "tuple[torch.Tensor, dict[str, float]]"]
-
-
-def causal_lm_objective(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-    """Next-token cross-entropy, summed over target tokens. Logits are computed only where a target
-    exists (boolean `logits_to_keep`): on chat data most positions carry no loss."""
-    keep = batch.targets != IGNORE  # (B, T)
-    logits = model(**batch.inputs, logits_to_keep=keep, use_cache=False).logits
-    if logits.dim() == 3:  # a model that ignores a boolean logits_to_keep returns (B, T, V)
-        logits = logits[keep]
-    loss_sum = F.cross_entropy(logits.float(), batch.targets[keep], reduction="sum")  # logits: (N, V)
-    return loss_sum, {}
-
 
 # step, state, rules, metrics -> None: writes the checkpoint of `step` (every process calls it; see train.CheckpointWriter)
 SaveCheckpoint = Callable[[int, TrainState, list[str], dict[str, Any]], None]
@@ -58,7 +42,7 @@ class Loop:
     run_dir: Path
     accelerator: Any
     model: nn.Module  # as accelerate prepared it (DDP / FSDP wrapped when launched so)
-    bare: nn.Module  # the same module unwrapped: what sampling and checkpoints use
+    bare: nn.Module  # the same module unwrapped (a heads.WithHead with a regression head): what checkpoints save
     optimizer: torch.optim.Optimizer
     trainable: list[torch.Tensor]
     objective: Objective
@@ -75,15 +59,13 @@ class Loop:
 class StepResult:
     """One optimizer step, summed over every micro-batch and process."""
 
-    loss_sum: float
+    loss: float  # the objective's value: sum of weight * term / units
+    loss_sum: float  # what the metrics window adds up: the term's sum for a one-term objective, else `loss`
+    loss_units: int  # ... and what it divides by: that term's units, else 1 (steps)
     num_targets: int  # loss-carrying tokens
     num_tokens: int
     grad_norm: float  # before clipping
-    extra: dict[str, float]  # the objective's own metrics, averaged over this process's micro-batches
-
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / self.num_targets
+    extra: dict[str, float]  # the objective's terms per unit, as logged (objectives.logged)
 
 
 def fit(loop: Loop, state: TrainState, stop: StopFlag) -> tuple[float, str | None]:
@@ -104,7 +86,7 @@ def fit(loop: Loop, state: TrainState, stop: StopFlag) -> tuple[float, str | Non
         stop_if_diverged(step, last_loss, loop.trainable if checked else [], acc, cfg, loop.run_dir)
         _advance(state, step, epoch, shape.steps_per_epoch, result, time.perf_counter() - started)
         _log_step(loop, state, step, lr)
-        loop.sampler.sample_if_due(step, loop.bare)  # before the checkpoint: a checkpoint implies its samples
+        loop.sampler.sample_if_due(step, language_model(loop.bare))  # before the checkpoint: a checkpoint implies its samples
         stopped_by = stop.requested(acc)
         if step in shape.checkpoint_steps or stopped_by:
             if not checked:  # a checkpoint the signal asked for: its weights were not checked above
@@ -133,18 +115,18 @@ def train_step(loop: Loop, batches: list[Batch], lr: float) -> StepResult:
     """One optimizer step at learning rate `lr`: forward/backward every micro-batch, clip, step, clear the gradients."""
     cfg: Config = loop.cfg
     set_lr(loop.optimizer, lr)
-    loss_sum, num_targets, num_tokens, extra = _accumulate(loop.model, batches, loop.objective, loop.accelerator)
+    result = _accumulate(loop.model, batches, loop.objective, loop.accelerator)
     grad_norm = _clip(loop.accelerator, loop.trainable, cfg.train.max_grad_norm)
     loop.optimizer.step()
     loop.optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_sum, num_targets, num_tokens, grad_norm, extra)
+    return replace(result, grad_norm=grad_norm)
 
 
 def _advance(state: TrainState, step: int, epoch: int, steps_per_epoch: int, result: StepResult, seconds: float) -> None:
     state.step, state.tokens_seen = step, state.tokens_seen + result.num_tokens
     state.epoch, state.step_in_epoch = epoch, step - epoch * steps_per_epoch
     state.first_loss = result.loss if step == 1 else state.first_loss
-    state.window.add(result.loss_sum, result.num_targets, result.num_tokens, result.grad_norm, result.extra, seconds)
+    state.window.add(result.loss_sum, result.loss_units, result.num_targets, result.num_tokens, result.grad_norm, result.extra, seconds)
 
 
 def _is_log_step(loop: Loop, step: int) -> bool:
@@ -168,35 +150,62 @@ def _log_step(loop: Loop, state: TrainState, step: int, lr: float) -> None:
     every_eval = cfg.eval.loss_every_steps
     if loop.eval_rows and ((every_eval and step % every_eval == 0) or step == loop.shape.total_steps):
         micro_batch_size = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
-        state.eval_loss = evaluate_loss(loop.model, loop.eval_rows, micro_batch_size, loop.make_batch, loop.objective, loop.accelerator)
-        record = {**(record or {"step": step}), "eval_loss": state.eval_loss, "eval_ppl": math.exp(min(state.eval_loss, 50))}
+        held_out = evaluate(loop.model, loop.eval_rows, micro_batch_size, loop.make_batch, loop.objective, loop.accelerator)
+        state.eval_loss = held_out.pop("loss")
+        record = {**(record or {"step": step}), "eval_loss": state.eval_loss}
+        if cfg.objective.kind == "causal_lm":
+            record["eval_ppl"] = math.exp(min(state.eval_loss, 50))
+        record.update({f"eval_{k}": v for k, v in held_out.items()})
     if record:
         loop.out.write(record)
         loop.trackers.log_metrics(record)
     loop.out.bar.update(1)
 
 
-def _accumulate(model: nn.Module, batches: list[Batch], objective: Objective, accelerator) -> tuple[float, int, int, dict[str, float]]:
-    """Forward/backward every micro-batch of one optimizer step; gradients are the mean over all
-    target tokens of the step on all processes. Returns (loss sum, target tokens, tokens) of all
-    processes, and the objective's own metrics averaged over this process's micro-batches."""
+def _accumulate(model: nn.Module, batches: list[Batch], objective: Objective, accelerator) -> StepResult:
+    """Forward/backward every micro-batch of one optimizer step. Each term is divided by its units summed over all
+    micro-batches and processes first (objectives.py), so the gradients are those of the whole step's loss however it
+    is split. Returns the step's loss and per-unit terms over all processes (grad_norm filled in by the caller)."""
     device = accelerator.device
-    counts = torch.tensor([sum(b.num_target_tokens for b in batches), sum(b.num_tokens for b in batches)], device=device)
-    counts = accelerator.reduce(counts, reduction="sum")
-    num_targets = max(1, int(counts[0]))
-    loss_total = torch.zeros((), device=device)
-    extra: dict[str, float] = {}
+    units = _step_units(batches, accelerator)
+    sums: dict[str, torch.Tensor] = {}
+    kinds: dict[str, tuple[str, float]] = {}
     for i, batch in enumerate(batches):
         # DDP averages gradients over processes; multiplying by the world size turns that into a sum.
         sync = nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
         with sync:
-            loss_sum, metrics = objective(model, batch.to(device))
-            accelerator.backward(loss_sum * accelerator.num_processes / num_targets)
-        loss_total += loss_sum.detach()
-        for k, v in metrics.items():
-            extra[k] = extra.get(k, 0.0) + float(v) / len(batches)
-    loss_total = accelerator.reduce(loss_total, reduction="sum")
-    return float(loss_total), num_targets, int(counts[1]), extra
+            terms = objective(model, batch.to(device))
+            accelerator.backward(weighted_loss(terms, units, accelerator.num_processes))
+        for name, term in terms.items():
+            sums[name] = sums.get(name, torch.zeros((), device=device)) + term.total.detach().float()
+            kinds[name] = (term.unit, term.weight)
+    return _step_result(sums, kinds, units, accelerator)
+
+
+def _step_units(batches: list[Batch], accelerator) -> dict[str, int]:
+    """Every unit of this step's batches, summed over micro-batches and processes (known before any forward)."""
+    names = sorted({k for b in batches for k in b.units} | {"tokens", "rows"})
+    local = torch.tensor(
+        [[sum(b.units.get(k, 0) for b in batches) for k in names] + [sum(b.num_tokens for b in batches)]], device=accelerator.device
+    )
+    total = accelerator.reduce(local, reduction="sum")[0].tolist()
+    return {**dict(zip(names, map(int, total[:-1]))), "_all_tokens": int(total[-1])}
+
+
+def _step_result(sums: dict[str, torch.Tensor], kinds: dict[str, tuple[str, float]], units: dict[str, int], accelerator) -> StepResult:
+    names = sorted(sums)
+    totals = accelerator.reduce(torch.stack([sums[k] for k in names]), reduction="sum").tolist() if names else []
+    total = dict(zip(names, totals))
+    means = {k: total[k] / max(1, units[kinds[k][0]]) for k in names}
+    weights = {k: kinds[k][1] for k in names}
+    loss = float(weighted_loss({k: Term(torch.tensor(total[k], dtype=torch.float64), *kinds[k]) for k in names}, units))
+    loss_terms = [k for k in names if weights[k]]
+    if len(loss_terms) == 1 and weights[loss_terms[0]] == 1.0:  # token-weighted averages over a log window, as before
+        (k,) = loss_terms
+        loss_sum, loss_units = total[k], units[kinds[k][0]]
+    else:
+        loss_sum, loss_units = loss, 1
+    return StepResult(loss, loss_sum, loss_units, units["tokens"], units["_all_tokens"], 0.0, logged(means, weights))
 
 
 def _clip(accelerator, params: list[torch.Tensor], max_norm: float | None) -> float:
@@ -207,6 +216,33 @@ def _clip(accelerator, params: list[torch.Tensor], max_norm: float | None) -> fl
 
 
 @torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    examples: list[Example],
+    micro_batch_size: int,
+    make_batch: Callable[[list[Example]], Batch],
+    objective: Objective,
+    accelerator,
+) -> dict[str, float]:
+    """The objective over the held-out rows (each process takes a share): {"loss": ..., and each term as logged}."""
+    was_training = model.training
+    model.eval()
+    mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
+    batches = [make_batch(mb) for mb in micro_batches(examples, mine, micro_batch_size)]
+    units = _step_units(batches, accelerator) if batches else {}
+    sums: dict[str, torch.Tensor] = {}
+    kinds: dict[str, tuple[str, float]] = {}
+    for batch in batches:
+        for name, term in objective(model, batch.to(accelerator.device)).items():
+            sums[name] = sums.get(name, torch.zeros((), device=accelerator.device)) + term.total.float()
+            kinds[name] = (term.unit, term.weight)
+    model.train(was_training)
+    if not sums:
+        return {"loss": math.nan}
+    result = _step_result(sums, kinds, units, accelerator)
+    return {"loss": result.loss, **{k: v for k, v in result.extra.items()}}
+
+
 def evaluate_loss(
     model: nn.Module,
     examples: list[Example],
@@ -215,15 +251,5 @@ def evaluate_loss(
     objective: Objective,
     accelerator,
 ) -> float:
-    """Mean loss per target token over the held-out rows (each process takes a share)."""
-    was_training = model.training
-    model.eval()
-    mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
-    totals = torch.zeros(2, device=accelerator.device)
-    for mb in micro_batches(examples, mine, micro_batch_size):
-        batch = make_batch(mb).to(accelerator.device)
-        loss_sum, _ = objective(model, batch)
-        totals += torch.stack([loss_sum.float(), torch.tensor(float(batch.num_target_tokens), device=accelerator.device)])
-    totals = accelerator.reduce(totals, reduction="sum")
-    model.train(was_training)
-    return float(totals[0] / totals[1].clamp(min=1))
+    """The objective's value over the held-out rows (mean loss per target token for causal_lm)."""
+    return evaluate(model, examples, micro_batch_size, make_batch, objective, accelerator)["loss"]

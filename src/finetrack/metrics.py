@@ -17,13 +17,17 @@ class Window:
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self.loss_sum = self.targets = self.tokens = 0
+        self.loss_sum = self.loss_units = self.targets = self.tokens = 0
         self.grad_norm = 0.0
         self.extra: dict[str, float] = {}
 
-    def add(self, loss_sum: float, targets: int, tokens: int, grad_norm: float, extra: dict[str, float], seconds: float) -> None:
+    def add(
+        self, loss_sum: float, loss_units: int, targets: int, tokens: int, grad_norm: float, extra: dict[str, float], seconds: float
+    ) -> None:
+        """One step: its loss as a sum over `loss_units` (target tokens for next-token loss: a token-weighted average)."""
         self.seconds += seconds
         self.loss_sum += loss_sum
+        self.loss_units += loss_units
         self.targets += targets
         self.tokens += tokens
         self.grad_norm = grad_norm
@@ -35,10 +39,12 @@ class Window:
 
     def restore(self, state: dict) -> None:
         vars(self).update(state)
+        if "loss_units" not in state:  # written before objectives had units: the loss was per target token
+            self.loss_units = self.targets
 
     def flush(self) -> dict:
         out = {
-            "loss": self.loss_sum / max(1, self.targets),
+            "loss": self.loss_sum / max(1, self.loss_units),
             "grad_norm": self.grad_norm,
             "target_tokens": self.targets,
             "tokens_per_s": round(self.tokens / max(self.seconds, 1e-9), 1),

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, ObjectiveConfig
+from .heads import WithHead, language_model, load_head, save_head
 from .schema import EMBEDDED_NAME
 
 log = logging.getLogger("finetrack")
@@ -283,15 +284,21 @@ def trainable_report(model: nn.Module) -> str:
 
 
 def saved_bytes(model: nn.Module) -> int:
-    """About how many bytes `save_weights` writes: the adapters of a PEFT model, every parameter of a full one."""
-    peft = hasattr(model, "peft_config")
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not peft)
+    """About how many bytes `save_weights` writes: the adapters of a PEFT model, every parameter of a full one, a head."""
+    head = sum(p.numel() * p.element_size() for p in model.head.parameters()) if isinstance(model, WithHead) else 0
+    lm = language_model(model)
+    peft = hasattr(lm, "peft_config")
+    return head + sum(p.numel() * p.element_size() for p in lm.parameters() if p.requires_grad or not peft)
 
 
-def save_weights(model: nn.Module, tokenizer, out_dir: Path) -> None:
-    """Weights in the format their own library loads: a PEFT adapter, or a full transformers model (safetensors)."""
-    model.save_pretrained(out_dir, safe_serialization=True)
+def save_weights(model: nn.Module, tokenizer, out_dir: Path, objective: ObjectiveConfig | None = None) -> None:
+    """Weights in the format their own library loads: a PEFT adapter, or a full transformers model (safetensors);
+    a regression head beside them (heads.py: head.safetensors + head.json)."""
+    language_model(model).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    if isinstance(model, WithHead):
+        assert objective is not None, "a model with a head is saved with its objective config"
+        save_head(model, Path(out_dir), objective)
 
 
 def load_weights(model: nn.Module, folder: Path) -> None:
@@ -305,6 +312,9 @@ def load_weights(model: nn.Module, folder: Path) -> None:
     from .checkpoint import CheckpointError
 
     folder = Path(folder)
+    if isinstance(model, WithHead):
+        load_head(model.head, folder)
+        model = model.lm
     adapter = folder / "adapter_model.safetensors"
     if adapter.is_file():
         from peft import set_peft_model_state_dict

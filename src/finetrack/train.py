@@ -13,15 +13,14 @@ import math
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import checkpoint, resume, runlock, sampling, tracking
-from .batches import attn_tokens_for, collate, packing_is_exact
+from . import checkpoint, heads, objectives, resume, runlock, sampling, tracking
+from .batches import batch_builder, packing_is_exact
 from .checkpoint import CheckpointError
 from .config import (
     CheckpointConfig,
@@ -37,9 +36,10 @@ from .config import (
 )
 from .data import prepare, report_line
 from .interrupt import Interrupted, StopFlag
-from .loop import Loop, Objective, causal_lm_objective, evaluate_loss, fit  # noqa: F401  (evaluate_loss: re-exported)
+from .loop import Loop, evaluate_loss, fit  # noqa: F401  (evaluate_loss: re-exported)
 from .metrics import MetricsLog
 from .models import build_model, check_source, load_tokenizer, load_weights, save_weights, saved_bytes, trainable_report
+from .objectives import Objective
 from .optim import build_optimizer, check_optimizer
 from .resume import Request
 from .train_state import DataPosition, LrSchedule, TrainState
@@ -59,8 +59,9 @@ class RunResult:
     not_uploaded: list[Path] = field(default_factory=list)
 
 
-def run(cfg: Config, objective: Objective = causal_lm_objective, request: Request = Request()) -> RunResult:
+def run(cfg: Config, request: Request = Request(), objective: Objective | None = None) -> RunResult:
     """Train one run as configured, resuming from its newest usable checkpoint, and write its run directory.
+    The objective is the config's (objective.*); `objective` replaces its function only (tests instrument it so).
 
     Raises Interrupted when SIGTERM / SIGINT / SIGUSR1 arrives: after writing a checkpoint, or at once
     while starting (loading, downloading), when no optimizer step has been taken. A full disk or another
@@ -76,7 +77,7 @@ def run(cfg: Config, objective: Objective = causal_lm_objective, request: Reques
             raise CheckpointError(checkpoint.write_error_text(Path(cfg.output.dir), e)) from None
 
 
-def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag, held: ExitStack) -> RunResult:
+def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopFlag, held: ExitStack) -> RunResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -85,6 +86,7 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag, he
     # run leaves no output.dir behind)
     check_source(cfg.model)
     check_optimizer(cfg.train)
+    objective = objective or objectives.build(cfg.objective)  # a python objective's file is read (and checked) now
     accelerator = Accelerator(**tracking.accelerator_kwargs(cfg.train.report_to, run_dir))
     main = accelerator.is_main_process
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -107,7 +109,7 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag, he
     saved = checkpoint.check_resumable(start) if start else None
 
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare(cfg.data, tokenizer, cfg.train.seed)
+    data = prepare(cfg.data, tokenizer, cfg.train.seed, cfg.objective)
     log.info("data: %s", report_line(data.report))
     device = accelerator.device
     env = Environment(
@@ -123,6 +125,8 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag, he
     assert shape is not None  # resolve() always sets it
     fingerprint = data.fingerprint()
     batch = {"global_batch_size": shape.global_batch_size}  # includes the process count: rows per step
+    if cfg.objective.python:  # a changed loss function is a changed run: the resume check compares its source
+        batch["objective_sha256"] = objectives.source_sha256(cfg.objective.python.function)
     if saved:  # the resume check, before the model: `data.pack: auto` takes the resumed run's value, checked on the model below
         cfg = _check_resume(cfg, res, shape, saved, batch, fingerprint, request, start)
         if saved["step"] == shape.total_steps:
@@ -131,26 +135,19 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag, he
                 (run_dir / "metrics.jsonl").touch()  # the run directory is complete even when it began from another run's end
             return _already_complete(run_dir, start, saved, cfg, main)
 
-    set_seed(cfg.train.seed)  # new weights (LoRA) initialize the same way whatever the data stage consumed
-    model = build_model(cfg.model, device)
+    set_seed(cfg.train.seed)  # new weights (LoRA, a head) initialize the same way whatever the data stage consumed
+    model = heads.attach(build_model(cfg.model, device), cfg.objective, [v for e in data.train for v in e.values])
     log.info(trainable_report(model))
     # before config.resolved.yaml: `data.pack: auto` may resolve differently on this model
     assumed_pack = cfg.data.pack
-    cfg = _check_packing(cfg, res, model, device, len(tokenizer))
+    cfg = _check_packing(cfg, res, heads.language_model(model), device, len(tokenizer))
     if saved and cfg.data.pack != assumed_pack:  # this model cannot pack as the resumed run did: the check names it
         _check_resume(cfg, res, shape, saved, batch, fingerprint, request, start, adopt_pack=False)
     if main:
         _write_run_files(run_dir, cfg, res, data.report)
     if start:
         load_weights(model, start)
-    # one collate for training and eval; the cost model reads the unwrapped model's width
-    make_batch = partial(
-        collate,
-        pad_id=tokenizer.pad_token_id,
-        pack=cfg.data.pack,
-        pack_row_tokens=cfg.data.pack_row_tokens,
-        attn_tokens=_attn_tokens(model),
-    )
+    make_batch = batch_builder(tokenizer.pad_token_id, cfg.data.pack, cfg.data.pack_row_tokens, heads.language_model(model))
     optimizer = build_optimizer(model, cfg.train, cfg.train.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     bare = accelerator.unwrap_model(model)  # what sampling and checkpoints use: the same module, without DDP/FSDP wrappers
@@ -170,7 +167,7 @@ def _run(cfg: Config, objective: Objective, request: Request, stop: StopFlag, he
     out = MetricsLog(run_dir / "metrics.jsonl", shape.total_steps, state.step, main)
     sampler = sampling.Sampler(prompts, cfg.train, tokenizer, run_dir, shape.total_steps, shape.steps_per_epoch, out, trackers, main)
     if not start:
-        sampler.sample_if_due(0, bare)  # the starting weights' answers
+        sampler.sample_if_due(0, heads.language_model(bare))  # the starting weights' answers
     save = CheckpointWriter(run_dir, accelerator, cfg, shape, bare, tokenizer, optimizer, batch, fingerprint, uploader, out)
     trainable = [p for p in model.parameters() if p.requires_grad]
     loop = Loop(
@@ -341,7 +338,7 @@ class CheckpointWriter:
         path = checkpoint.save(
             self.run_dir,
             step,
-            lambda d: save_weights(self.model, self.tokenizer, d),
+            lambda d: save_weights(self.model, self.tokenizer, d, cfg.objective),
             checkpoint.capture_state(self.optimizer, state.to_json()),
             meta,
             saved_bytes(self.model),
@@ -396,7 +393,3 @@ def _finish_uploads(uploader, run_dir: Path, ck: CheckpointConfig) -> list[Path]
     for line in checkpoint.retain(run_dir, ck.num_keep_last, ck.keep_schedule, ck.keep_optimizer_state, set(not_uploaded)):
         log.info("retention: %s", line)
     return not_uploaded
-
-
-def _attn_tokens(model: nn.Module) -> int:
-    return attn_tokens_for(getattr(getattr(model, "config", None), "hidden_size", None))

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from functools import partial
 
 from torch import nn
 
-from ..batches import collate
+from ..batches import batch_builder
 from ..config import Config, ConfigError
 from ..data import prepare
 from .spec import LossSuite
@@ -17,8 +16,8 @@ def load_rows(suite: LossSuite, cfg: Config, tokenizer) -> list:
     """The rows to score: the suite's own file, or the run's held-out split (rebuilt exactly as in training)."""
     if suite.data:
         data_cfg = cfg.data.model_copy(update={"path": suite.data, "eval_split": None})
-        return prepare(data_cfg, tokenizer, cfg.train.seed).train
-    rows = prepare(cfg.data, tokenizer, cfg.train.seed).eval
+        return prepare(data_cfg, tokenizer, cfg.train.seed, cfg.objective).train
+    rows = prepare(cfg.data, tokenizer, cfg.train.seed, cfg.objective).eval
     if not rows:
         raise ConfigError(f"eval suite '{suite.name}': the run has no held-out rows (data.eval_split unset); give the suite a data file")
     return rows
@@ -26,9 +25,14 @@ def load_rows(suite: LossSuite, cfg: Config, tokenizer) -> list:
 
 def run(suite: LossSuite, model: nn.Module, tokenizer, rows: list, cfg: Config, accelerator) -> dict:
     """{'metrics': {loss, ppl}, 'counts': {rows, target_tokens}} with the same masking and batching as training."""
-    from ..loop import causal_lm_objective, evaluate_loss
+    from .. import objectives
+    from ..heads import language_model
+    from ..loop import evaluate
 
-    make_batch = partial(collate, pad_id=tokenizer.pad_token_id, pack=bool(cfg.data.pack), pack_row_tokens=cfg.data.pack_row_tokens)
-    loss = evaluate_loss(model, rows, suite.micro_batch_size, make_batch, causal_lm_objective, accelerator)
+    make_batch = batch_builder(tokenizer.pad_token_id, bool(cfg.data.pack), cfg.data.pack_row_tokens, language_model(model))
+    found = evaluate(model, rows, suite.micro_batch_size, make_batch, objectives.build(cfg.objective), accelerator)
+    metrics = {"loss": found.pop("loss")}
+    if cfg.objective.kind == "causal_lm":
+        metrics["ppl"] = math.exp(min(metrics["loss"], 50))
     targets = sum(r.num_trainable_tokens for r in rows)
-    return {"metrics": {"loss": loss, "ppl": math.exp(min(loss, 50))}, "counts": {"rows": len(rows), "target_tokens": targets}}
+    return {"metrics": {**metrics, **found}, "counts": {"rows": len(rows), "target_tokens": targets}}
