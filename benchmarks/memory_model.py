@@ -19,8 +19,15 @@ Each config runs in a fresh subprocess, because RSS peaks are high-water marks:
 
 The final checkpoint write is not part of the memory model; its own peak is printed when it is higher.
 
-    .venv/bin/python benchmarks/memory_model.py                    # 12 configs + 2 held out on the CPU, ~8 min on 2 cores
+Then the OBJECTIVES rows (objective.kind regression and contrastive, LoRA): a regression head on the mean of each
+row's hidden states (rows of prompt + answer, no next-token term), the same with freeze_backbone (only the head
+trains), and contrastive triplets (anchor with an answer for the task loss, positive, negative: 3 x micro batch
+sequences in one forward); every sequence truncated to the row length, as above. They were not used to fit the
+CPU constants either, and are counted apart.
+
+    .venv/bin/python benchmarks/memory_model.py                    # 12 configs + 2 held out + 3 objectives on the CPU, ~10 min on 2 cores
     .venv/bin/python benchmarks/memory_model.py --methods lora --lengths 64 --verbose
+    .venv/bin/python benchmarks/memory_model.py --no-matrix --no-held-out --verbose   # the objective rows only, ~2 min
 """
 
 from __future__ import annotations
@@ -48,6 +55,19 @@ HELD_OUT = (  # (method, row tokens, micro batch size, gradient checkpointing)
     ("lora", 128, 2, "false"),
     ("full", 128, 2, "true"),
 )
+# objective rows: name -> (method, row tokens, micro batch size, gradient checkpointing, overrides). Pooling reads the
+# mean of a sequence's (prompt) tokens, so that truncating every sequence to the row length keeps its read positions.
+OBJECTIVES = {
+    "regression": ("lora", 128, 4, "false", ["objective.kind=regression", "objective.regression.pool=mean"]),
+    "regression-frozen": (
+        "lora",
+        128,
+        4,
+        "false",
+        ["objective.kind=regression", "objective.regression.pool=mean", "objective.regression.freeze_backbone=true"],
+    ),
+    "contrastive": ("lora", 64, 4, "false", ["objective.kind=contrastive", "objective.contrastive.pool=mean"]),
+}
 
 
 # ------------------------------------------------------------------------------------------- child
@@ -92,9 +112,9 @@ def child(device: str, overrides: list[str]) -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     figures: dict[str, Any] = {"baseline_rss_mib": baseline_mib, "hwm_reset": resettable}
-    save = train._save_checkpoint
+    save = train.CheckpointWriter.__call__
 
-    def measured_save(*args, **kwargs):  # read the peak of the training loop, then the checkpoint write's own
+    def measured_save(writer, *args, **kwargs):  # read the peak of the training loop, then the checkpoint write's own
         if cuda:
             figures["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
             torch.cuda.reset_peak_memory_stats()
@@ -102,12 +122,12 @@ def child(device: str, overrides: list[str]) -> None:
             figures["peak_mib"] = _high_water_mib() - baseline_mib
             _reset_high_water()
         started = time.perf_counter()
-        result = save(*args, **kwargs)
+        result = save(writer, *args, **kwargs)
         figures["save_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else _high_water_mib() - baseline_mib
         figures["save_s"] = time.perf_counter() - started
         return result
 
-    train._save_checkpoint = measured_save  # records only; the checkpoint is written as usual
+    train.CheckpointWriter.__call__ = measured_save  # records only; the checkpoint is written as usual
     started = time.perf_counter()
     train.run(load_config(None, overrides))
     figures["run_s"] = time.perf_counter() - started
@@ -115,15 +135,21 @@ def child(device: str, overrides: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ parent
-def write_rows(path: Path, num_rows: int, row_tokens: int, seed: int) -> None:
-    """Chat rows longer than row_tokens (truncated to exactly that by data.max_length): a user prompt of
-    ~1/8 of the row and an assistant answer that fills the rest."""
+def write_rows(path: Path, num_rows: int, row_tokens: int, seed: int, kind: str = "causal_lm") -> None:
+    """Rows longer than row_tokens (truncated to exactly that by data.max_length): a user prompt of ~1/8 of the row
+    and an assistant answer that fills the rest; regression rows as prompt + completion + target, triplets as an
+    anchor prompt with a completion (the task loss) and a positive and a negative prompt that fill the row."""
     rng = random.Random(seed)
+    words = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))
     rows = []
     for _ in range(num_rows):
-        user = " ".join(rng.choice(WORDS) for _ in range(max(2, row_tokens // 8)))
-        answer = " ".join(rng.choice(WORDS) for _ in range(row_tokens))
-        rows.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
+        user, answer = words(max(2, row_tokens // 8)), words(row_tokens)
+        if kind == "regression":
+            rows.append({"prompt": user, "completion": answer, "target": round(rng.random(), 3)})
+        elif kind == "contrastive":
+            rows.append({"anchor": user, "completion": answer, "positive": words(row_tokens), "negative": words(row_tokens)})
+        else:
+            rows.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -135,7 +161,11 @@ def largest_micro_batch(cfg, total_steps: int, hidden_size: int):
     from finetrack.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare(cfg.data, tokenizer, cfg.train.seed)
+    data = prepare(cfg.data, tokenizer, cfg.train.seed, cfg.objective)
+    # logits at target tokens only with a next-token term (objectives.py): regression lm_weight, contrastive lambda_task
+    o = cfg.objective
+    next_token = o.kind in ("causal_lm", "python") or (o.kind == "regression" and o.regression.lm_weight > 0)
+    next_token = next_token or (o.kind == "contrastive" and o.contrastive.lambda_task > 0)
     rows_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
     best = None
     for step in range(total_steps):
@@ -147,7 +177,9 @@ def largest_micro_batch(cfg, total_steps: int, hidden_size: int):
             else:  # packed: a mask as soon as positions restart inside a row
                 pos = b.inputs["position_ids"]
                 masked = bool((pos[:, 1:] != pos[:, :-1] + 1).any())
-            work = Workload(b.targets.numel(), b.targets.shape[1], b.num_target_tokens, b.targets.shape[0], masked)
+            reads = 0 if b.pool is None else b.pool.shape[0]
+            targets = b.num_target_tokens if next_token else 0
+            work = Workload(b.targets.numel(), b.targets.shape[1], targets, b.targets.shape[0], masked, reads)
             if best is None or (work.micro_batch_tokens, work.target_tokens) > (best.micro_batch_tokens, best.target_tokens):
                 best = work
     return best
@@ -203,6 +235,8 @@ def main() -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--verbose", action="store_true", help="print every term of every prediction")
     p.add_argument("--no-held-out", action="store_true", help="leave out the held-out configs (HELD_OUT: not used to fit the constants)")
+    p.add_argument("--no-matrix", action="store_true", help="leave out the method x length x checkpointing matrix")
+    p.add_argument("--objectives", default=",".join(OBJECTIVES), help=f"objective rows to run, of {', '.join(OBJECTIVES)} ('' for none)")
     p.add_argument(
         "--fixed-mmap-threshold",
         action="store_true",
@@ -220,21 +254,24 @@ def main() -> None:
 
     devices = ["cpu", "cuda"] if a.device == "auto" and torch.cuda.is_available() else ["cpu" if a.device == "auto" else a.device]
     model_dir = embedded_model_dir()  # converted once per user, outside any measurement
+    # (objective row name or "", method, row tokens, micro batch size, checkpointing, overrides, held out)
     matrix = [
-        (method, length, a.micro_batch_size, ckpt, False)
-        for length in [int(x) for x in a.lengths.split(",")]
+        ("", method, length, a.micro_batch_size, ckpt, [], False)
+        for length in ([] if a.no_matrix else [int(x) for x in a.lengths.split(",")])
         for method in a.methods.split(",")
         for ckpt in a.checkpointing.split(",")
     ]
-    matrix += [] if a.no_held_out else [(*config, True) for config in HELD_OUT]
+    matrix += [] if a.no_held_out else [("", *config, [], True) for config in HELD_OUT]
+    matrix += [(name, *OBJECTIVES[name], True) for name in a.objectives.split(",") if name]
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         for device in devices:
-            for method, length, micro_batch_size, ckpt, held_out in matrix:
+            for objective, method, length, micro_batch_size, ckpt, extra, held_out in matrix:
                 num_rows = micro_batch_size * a.steps
-                data = Path(tmp) / f"rows-{length}-{num_rows}.jsonl"
-                write_rows(data, num_rows, length, seed=0)
-                name = f"{device} {method:5s} S={length:<4d} mb={micro_batch_size} gc={'on ' if ckpt == 'true' else 'off'}"
+                kind = objective.split("-")[0] or "causal_lm"
+                data = Path(tmp) / f"rows-{kind}-{length}-{num_rows}.jsonl"
+                write_rows(data, num_rows, length, seed=0, kind=kind)
+                name = f"{device} {method:5s} S={length:<4d} mb={micro_batch_size} gc={'on ' if ckpt == 'true' else 'off'} {objective}".rstrip()
                 overrides = [
                     f"model.name={model_dir}",
                     f"model.method={method}",
@@ -246,41 +283,42 @@ def main() -> None:
                     f"train.max_steps={a.steps}",
                     "train.warmup_steps=0",
                     f"output.dir={Path(tmp) / 'run'}",
+                    *extra,
                 ]
                 if device == "cpu":
                     overrides.append("model.dtype=float32")
                 predicted, text = predict(overrides, device, model_dir, num_rows, a.verbose, a.fixed_mmap_threshold)
                 print(f"--- {name}: predicted {predicted:,.0f} MiB, running ...", file=sys.stderr, flush=True)
                 measured = spawn(device, overrides, a.fixed_mmap_threshold)
-                results.append((name, predicted, measured, text, held_out))
+                results.append((name, predicted, measured, text, "objective" if objective else "held out" if held_out else ""))
                 shutil.rmtree(Path(tmp) / "run", ignore_errors=True)
     print(
         f"\nSmolLM2-135M-Instruct, AdamW, micro batch mb, {a.steps} steps, rows truncated to S tokens, "
         f"data.pack=false; CPU: peak RSS growth over the post-import baseline; CUDA: max_memory_allocated"
         + ("; glibc mmap threshold fixed (MALLOC_TRIM_THRESHOLD_=131072), glibc heap terms left out" if a.fixed_mmap_threshold else "")
     )
-    head = f"{'config':37s} {'predicted MiB':>13s} {'measured MiB':>12s} {'ratio':>6s}  within 15%"
+    head = f"{'config':55s} {'predicted MiB':>13s} {'measured MiB':>12s} {'ratio':>6s}  within 15%"
     print(head + "\n" + "-" * len(head))
-    within = {False: [0, 0], True: [0, 0]}  # held out -> [within tolerance, configs]
-    for name, predicted, measured, text, held_out in results:
+    within = {"": [0, 0], "held out": [0, 0], "objective": [0, 0]}  # group -> [within tolerance, configs]
+    for name, predicted, measured, text, group in results:
         ratio = predicted / measured["peak_mib"]
         ok = abs(ratio - 1) <= TOLERANCE
-        within[held_out][0] += ok
-        within[held_out][1] += 1
+        within[group][0] += ok
+        within[group][1] += 1
         note = (
             f"  (checkpoint write peak {measured['save_peak_mib']:,.0f})" if measured["save_peak_mib"] > 1.02 * measured["peak_mib"] else ""
         )
         print(
-            f"{name:37s} {predicted:13,.0f} {measured['peak_mib']:12,.0f} {ratio:6.2f}  {'yes' if ok else 'NO'}{note}"
-            + ("  (held out)" if held_out else "")
+            f"{name:55s} {predicted:13,.0f} {measured['peak_mib']:12,.0f} {ratio:6.2f}  {'yes' if ok else 'NO'}{note}"
+            + (f"  ({group})" if group else "")
         )
         if a.verbose:
             print(text)
     baselines = sorted({round(m["baseline_rss_mib"]) for _, _, m, _, _ in results if m.get("baseline_rss_mib")})
     print(
-        f"{within[False][0]} of {within[False][1]} within {TOLERANCE:.0%} (the configs the constants were fitted on); "
-        f"held out: {within[True][0]} of {within[True][1]}; post-import RSS baselines: {baselines} MiB; "
-        f"run seconds: {sum(m['run_s'] for _, _, m, _, _ in results):.0f}"
+        f"{within[''][0]} of {within[''][1]} within {TOLERANCE:.0%} (the configs the constants were fitted on); "
+        f"held out: {within['held out'][0]} of {within['held out'][1]}; objectives: {within['objective'][0]} of "
+        f"{within['objective'][1]}; post-import RSS baselines: {baselines} MiB; run seconds: {sum(m['run_s'] for _, _, m, _, _ in results):.0f}"
     )
 
 

@@ -168,8 +168,16 @@ def _read_metric(record: dict, path: Path, step: int, metric: str, role: str) ->
 
     available = [name for name, v in metrics.items() if is_number(v)]
     # Every metric, closest to what was asked first, so a typo's fix is at the front of the list.
-    ranked = difflib.get_close_matches(metric, available, n=len(available), cutoff=0.0)
+    ranked = difflib.get_close_matches(metric, available, n=max(len(available), 1), cutoff=0.0)  # n=0 raises (a step with no metrics)
     listing = ", ".join(ranked) if ranked else "none"
+    suite = metric.rsplit(".", 1)[0]
+    suites = record.get("suites") if isinstance(record.get("suites"), dict) else {}
+    skipped = (suites.get(suite) or {}).get("skipped") if isinstance(suites.get(suite), dict) else None
+    if metric not in metrics and isinstance(skipped, str):  # e.g. a regression suite at step 0: the base model has no head
+        fix = " Compare against a step where it was measured: --baseline STEP." if role == "baseline" else ""
+        raise _Missing(
+            f"metric {metric!r} has no value in {path} ({role} step {step}): suite {suite!r} was skipped there ({skipped}).{fix}"
+        )
     if metric not in metrics:
         close = difflib.get_close_matches(metric, available, n=1)
         guess = f" Did you mean {close[0]!r}?" if close else ""

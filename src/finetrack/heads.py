@@ -73,14 +73,19 @@ def language_model(model: nn.Module) -> nn.Module:
     return model.lm if isinstance(model, WithHead) else model
 
 
-def attach(model: nn.Module, objective: ObjectiveConfig, train_values: list[float]) -> nn.Module:
+def attach(model: nn.Module, objective: ObjectiveConfig, train_values: list[float], seed: int = 0) -> nn.Module:
     """The model as the objective trains it: with a new regression head (on the model's device, float32) for
-    kind=regression, else unchanged. normalize_targets takes the statistics of `train_values`."""
+    kind=regression, else unchanged. normalize_targets takes the statistics of `train_values`. The head's initial
+    weights depend on `seed` alone (not on what else drew random numbers before), and draw nothing from the random
+    stream training goes on with."""
     if objective.kind != "regression":
         return model
     r = objective.regression
     lm = model
-    head = Head(lm.config.hidden_size, r.head).to(next(lm.parameters()).device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = Head(lm.config.hidden_size, r.head)
+    head = head.to(next(lm.parameters()).device)
     if r.normalize_targets and train_values:
         values = torch.tensor(train_values, dtype=torch.float64)
         head.target_mean.fill_(float(values.mean()))
@@ -130,3 +135,23 @@ def load_head(head: Head, folder: Path) -> None:
         raise CheckpointError(
             f"{path}: does not fit the configured head ({str(e).splitlines()[0]}); check objective.regression.head"
         ) from None
+
+
+def read_head(folder: Path) -> tuple[Head, int]:
+    """The trained head a checkpoint holds, built from its head.json and loaded from head.safetensors (float32, on the
+    CPU), and the hidden layer it reads: eval rebuilds the model as training had it without the run's objective config."""
+    from .checkpoint import CheckpointError
+
+    path = Path(folder) / HEAD_CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no {HEAD_CONFIG}: this checkpoint was not trained with a regression head")
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("format") != HEAD_FORMAT:
+            raise ValueError(f"format {saved.get('format')!r}, not {HEAD_FORMAT}")
+        head = Head(int(saved["hidden_size"]), HeadConfig(**saved["head"]))
+        layer = int(saved["layer"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a finetrack head description ({' '.join(str(e).split())[:160]})") from None
+    load_head(head, folder)
+    return head, layer

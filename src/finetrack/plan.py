@@ -1,6 +1,6 @@
 """`finetrack plan CONFIG`: what a run will need before it runs — data, schedule, memory fit, time and cost.
 
-data (the same preparation as train) -> schedule (the same resolve() as train) -> workload (the real
+data (the same preparation as train, for the configured objective) -> schedule (the same resolve() as train) -> workload (the real
 data order: the largest micro-batch, tokens to train) -> memory (memory.py) -> time and cost (target.py: a
 FLOPs estimate with its assumptions stated, or --measure: a few real optimizer steps on this machine) -> the
 eval phase (evaluate/cost.py: `finetrack eval` over the base model and the scheduled checkpoints).
@@ -24,11 +24,14 @@ from .config import Config, ConfigError, Environment, measure_dump, resolve
 from .data import Example, prepare
 from .evaluate import cost as eval_cost
 from .fit import ranked_changes
+from .objective_data import _truncate
+from .plan_render import render  # noqa: F401  (re-exported: the CLI and tests import it from here)
 from .target import (  # noqa: F401  (parse_bytes, target_for, _gpu_key: re-exported, the CLI and tests import them from here)
     CPU_UTILIZATION,
     GPU_UTILIZATION,
     Target,
     _gpu_key,
+    flops_per_hidden_read,
     flops_per_micro_batch_tokens,
     parse_bytes,
     probe_cpu_flops,
@@ -49,10 +52,14 @@ class Workload:
     """What the run computes, from the real data order (process 0's share on several processes)."""
 
     largest: memory.Workload  # the micro-batch with the most tokens (padding included)
-    train_tokens: int = 0  # real tokens over all optimizer steps (all processes)
+    train_tokens: int = 0  # real tokens over all optimizer steps (all processes; every sequence of a triplet)
     computed_tokens: int = 0  # tokens including padding
-    target_tokens: int = 0
+    target_tokens: int = 0  # tokens with a next-token label (what train logs as target_tokens)
     attention_cells: int = 0  # sum over micro-batches of rows x width^2 (dense attention scores)
+    logit_tokens: int = 0  # positions lm_head runs at: the target tokens with a next-token term, else one per row (or none)
+    num_reads: int = 0  # hidden-state reads (regression targets, 3 per triplet)
+    read_cells: int = 0  # sum over micro-batches of reads x rows x width (the dense pooling product)
+    largest_sequences: int = 0  # sequences in the largest micro-batch (3 per triplet row)
 
 
 def checkpointing_both_ways(
@@ -75,35 +82,60 @@ def checkpointing_both_ways(
     return out
 
 
-def workload(examples: list[Example], cfg: Config, total_steps: int, num_processes: int, attn_tokens: int) -> Workload:
-    """Walk the run's optimizer steps in their real order (train's step_rows) and measure the micro-batches."""
+def workload(examples: list[Example], cfg: Config, arch: memory.Architecture, total_steps: int, num_processes: int) -> Workload:
+    """Walk the run's optimizer steps in their real order (train's step_rows) and measure the micro-batches. A
+    triplet runs its anchor, positive and negative in the micro-batch's one forward (batches.collate lays out the
+    anchors, then the positives, then the negatives): every sequence counts."""
+    shape, attn_tokens = memory.objective_shape(cfg, arch), attn_tokens_for(arch.hidden_size)
     rows_per_process = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
-    lengths = [len(e.input_ids) for e in examples]
-    targets = [e.num_trainable_tokens for e in examples]
+    sequences = [[len(s.input_ids) for s in e.sequences()] for e in examples]
+    lengths = [sum(x) for x in sequences]
+    targets = [sum(s.num_trainable_tokens for s in e.sequences()) for e in examples]
+    reads = [sum(len(s.pools) for s in e.sequences()) for e in examples]
     out = Workload(memory.Workload(0, 0, 0, 0))
     for step in range(total_steps):
         _, rows = step_rows(len(examples), rows_per_process * num_processes, cfg.train.seed, step, cfg.data.shuffle)
         out.train_tokens += sum(lengths[i] for i in rows)
         for j in range(0, rows_per_process, cfg.train.micro_batch_size):  # process 0's micro-batches
             mb = rows[j : j + cfg.train.micro_batch_size]
-            num_rows, width, masked = micro_batch_shape([lengths[i] for i in mb], cfg.data.pack, cfg.data.pack_row_tokens, attn_tokens)
-            tokens, tgt = num_rows * width, sum(targets[i] for i in mb)
+            laid_out = [sequences[i][k] for k in range(shape.sequences_per_row) for i in mb]
+            num_rows, width, masked = micro_batch_shape(laid_out, cfg.data.pack, cfg.data.pack_row_tokens, attn_tokens)
+            tokens, tgt, n = num_rows * width, sum(targets[i] for i in mb), sum(reads[i] for i in mb)
+            # logits where a target exists with a next-token term; else logits_to_keep=1 (one per row) when hidden
+            # states are read (objectives.py)
+            logits = tgt if shape.next_token and tgt else num_rows if shape.reads_hidden else 0
             out.computed_tokens += tokens * num_processes
             out.target_tokens += tgt * num_processes
             out.attention_cells += num_rows * width * width * num_processes
+            out.logit_tokens += logits * num_processes
+            out.num_reads += n * num_processes
+            out.read_cells += n * tokens * num_processes
             if tokens > out.largest.micro_batch_tokens:
+                out.largest_sequences = len(laid_out)
                 out.largest = memory.Workload(
-                    micro_batch_tokens=tokens, longest_row_tokens=width, target_tokens=tgt, num_rows=num_rows, masked=masked
+                    micro_batch_tokens=tokens,
+                    longest_row_tokens=width,
+                    target_tokens=tgt if shape.next_token else 0,
+                    num_rows=num_rows,
+                    masked=masked,
+                    num_reads=n,
                 )
     return out
 
 
 def capped(examples: list[Example], cfg: Config) -> list[Example]:
-    """The examples as data.max_length would leave them (truncated or dropped), without tokenizing again."""
+    """The examples as data.max_length would leave them (truncated or dropped), without tokenizing again: every
+    sequence of a row cut, a row left without a read position dropped (objective_data._fit_length)."""
     n = cfg.data.max_length
-    if cfg.data.on_overflow == "drop":
-        return [e for e in examples if len(e.input_ids) <= n]
-    return [e if len(e.input_ids) <= n else Example(e.input_ids[:n], e.labels[:n], e.source, e.line) for e in examples]
+    out = []
+    for e in examples:
+        if max(len(s.input_ids) for s in e.sequences()) <= n:
+            out.append(e)
+        elif cfg.data.on_overflow != "drop":
+            head, *rest = cut = [_truncate(s, n) for s in e.sequences()]
+            if all(s.pools for s in cut) or not e.pools:
+                out.append(dataclasses.replace(head, pair=(rest[0], rest[1]) if rest else None))
+    return out
 
 
 # -------------------------------------------------------------------------------------------- plan
@@ -115,6 +147,7 @@ class Plan:
     memory: dict
     time: dict
     assumptions: list[str] = field(default_factory=list)
+    objective: dict = field(default_factory=dict)
 
 
 def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, measure_steps: int | None = None) -> Plan:
@@ -131,7 +164,7 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     if problem := runlock.run_dir_problem(Path(cfg.output.dir)):
         log.warning("warning: %s (on this machine: finetrack train here would refuse it)", problem)
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare(cfg.data, tokenizer, cfg.train.seed)
+    data = prepare(cfg.data, tokenizer, cfg.train.seed, cfg.objective)
     as_given = cfg  # --measure resolves it again for this machine
     env = Environment(
         device_type=target.device_type, bf16_supported=target.bf16, num_processes=target.num_processes, num_train_rows=len(data.train)
@@ -144,9 +177,8 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
             model_source(cfg.model), revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
         ).to_dict()
     )
-    attn = attn_tokens_for(arch.hidden_size)
     total_steps = shape.total_steps
-    work = workload(data.train, cfg, total_steps, target.num_processes, attn)
+    work = workload(data.train, cfg, arch, total_steps, target.num_processes)
     assumptions: list[str] = []
 
     # --- schedule
@@ -166,7 +198,7 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     terms = memory.breakdown(cfg, arch, work.largest, target.device_type)
     peak = memory.peak_bytes(terms)
     mem = {
-        "largest_micro_batch": vars(work.largest),
+        "largest_micro_batch": {**vars(work.largest), "num_sequences": work.largest_sequences},
         "terms": [vars(t) for t in terms],
         "peak_bytes": peak,
         "peak_phase": memory.peak_phase(terms),
@@ -185,16 +217,28 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
             except ConfigError:  # resolve refuses it (e.g. fewer rows left than one step takes): the steps its rows fill
                 per_step = changed.train.micro_batch_size * changed.train.grad_accum_steps * target.num_processes
                 steps = min(total_steps, max(1, len(examples) // per_step))
-            return workload(examples, changed, steps, target.num_processes, attn).largest
+            return workload(examples, changed, arch, steps, target.num_processes).largest
 
         changes = ranked_changes(cfg, arch, work_for, target.device_type, target.memory_bytes, base=work.largest)
         mem["changes"] = [vars(c) for c in changes]
 
     # --- time and cost
-    per_token, per_target, per_cell = flops_per_micro_batch_tokens(arch, cfg.model.method, cfg.model.gradient_checkpointing)
-    train_flops = per_token * work.computed_tokens + per_target * work.target_tokens + per_cell * work.attention_cells
-    eval_tokens = sum(len(e.input_ids) for e in data.eval)
-    eval_targets = sum(e.num_trainable_tokens for e in data.eval)
+    obj = memory.objective_shape(cfg, arch)
+    gc = cfg.model.gradient_checkpointing
+    forward_only = obj.frozen and not gc  # a frozen backbone without checkpointing: nothing before the head has a backward
+    per_token, per_target, per_cell = flops_per_micro_batch_tokens(arch, cfg.model.method, gc, obj.frozen)
+    per_logit = per_target if obj.next_token else 2 * arch.vocab_size * arch.hidden_size  # without a next-token term: forward only
+    per_read, per_read_cell = flops_per_hidden_read(arch, obj.head_params, grad_to_hidden=not forward_only)
+    train_flops = (
+        per_token * work.computed_tokens
+        + per_logit * work.logit_tokens
+        + per_cell * work.attention_cells
+        + per_read * work.num_reads
+        + per_read_cell * work.read_cells
+    )
+    assumptions += objective_assumptions(cfg, obj)
+    eval_tokens = sum(len(s.input_ids) for e in data.eval for s in e.sequences())
+    eval_targets = sum(s.num_trainable_tokens for e in data.eval for s in e.sequences()) if obj.next_token else 0
     eval_flops = (
         len(eval_steps)
         * 2
@@ -227,6 +271,8 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
         "train_tokens": work.train_tokens,
         "computed_tokens": work.computed_tokens,
         "target_tokens": work.target_tokens,
+        "logit_tokens": work.logit_tokens,
+        "hidden_state_reads": work.num_reads,
         "train_flops": train_flops,
         "flops_per_s": rate,
         "train_s": train_s,
@@ -245,12 +291,13 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
         if target.this_machine:
             # N processes on GPUs like this one: N devices at the measured rate each; on a CPU they share it
             timing["train_s"] = work.train_tokens / (tps * devices)
-            timing["eval_loss_s"] = len(eval_steps) * eval_tokens / (3 * tps * devices)
+            speedup = 1 if forward_only else 3  # training a frozen backbone is a forward already
+            timing["eval_loss_s"] = len(eval_steps) * eval_tokens / (speedup * tps * devices)
             timing["from_measurement"] = True
             assumptions.append(
                 f"measured: {tps:,.0f} tokens/s over {where}"
                 + (f" x {devices} GPUs (data parallel)" if devices > 1 else "")
-                + "; held-out loss evaluates 3x as many tokens per second (forward only)"
+                + f"; held-out loss evaluates {speedup}x as many tokens per second (forward only)"
             )
         else:  # a rate measured here says nothing about another device: keep the estimate, show the measurement apart
             assumptions.append(f"measured {tps:,.0f} tokens/s over {where}: not used for {target.name}, which is not this machine")
@@ -286,7 +333,8 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
         "memory_bytes": target.memory_bytes,
         "num_processes": target.num_processes,
     }
-    return Plan(target_info, {**data.report, "per_source": sources, "length_histogram": histogram}, schedule, mem, timing, assumptions)
+    data_info = {**data.report, "per_source": sources, "length_histogram": histogram}
+    return Plan(target_info, data_info, schedule, mem, timing, assumptions, objective_info(cfg, arch, obj))
 
 
 def length_histogram(lengths: list[int]) -> list[tuple[int, int]]:
@@ -307,12 +355,79 @@ def tokenizer_bytes(tokenizer) -> int:
 
 
 def checkpoint_bytes(cfg: Config, arch: memory.Architecture, tokenizer_file_bytes: int) -> int:
-    """Size of one checkpoint folder: the trained weights (the adapter in float32, or the whole model in its
-    dtype), the optimizer state as memory.py counts it (torch AdamW: 2 states in the parameters' dtype),
-    the tokenizer files and the small files (JSON, safetensors headers; CHECKPOINT_SMALL_FILES_BYTES)."""
-    trained, weight_bytes = memory.trainable_params(cfg, arch)
-    state = memory.optimizer_state_bytes(cfg.train.optimizer, trained, weight_bytes)
-    return trained * weight_bytes + state + tokenizer_file_bytes + CHECKPOINT_SMALL_FILES_BYTES
+    """Size of one checkpoint folder: the weights save_weights writes (the adapter in float32, or the whole model in its
+    dtype; a regression head in float32 beside them), the optimizer state as memory.py counts it (torch AdamW: 2 states
+    in each trained parameter's dtype), the tokenizer files and the small files (JSON, safetensors headers;
+    CHECKPOINT_SMALL_FILES_BYTES)."""
+    trainable = memory.trainable_params(cfg, arch)
+    state = memory.optimizer_state_bytes(cfg.train.optimizer, trainable)
+    if cfg.model.method == "full":
+        weights = arch.num_params * memory.DTYPE_BYTES[str(cfg.model.dtype)]
+    else:
+        weights = memory.num_adapter_params(cfg, arch) * memory.ADAPTER_BYTES
+    head = (trainable.head + 2) * memory.HEAD_BYTES if trainable.head else 0  # + the target mean and std
+    return weights + head + state + tokenizer_file_bytes + CHECKPOINT_SMALL_FILES_BYTES
+
+
+def objective_info(cfg: Config, arch: memory.Architecture, obj: memory.ObjectiveShape) -> dict:
+    """The objective as the plan counts it: what runs through the model per row, what trains, whether logits are needed."""
+    o, trainable = cfg.objective, memory.trainable_params(cfg, arch)
+    backbone = "the whole model" if cfg.model.method == "full" else "the LoRA adapters"
+    if o.kind == "regression":
+        r = o.regression
+        what = f"regression ({r.level} level, pool {r.pool}, layer {r.layer}, {r.loss}): a head of {obj.head_params:,} params on the hidden state"
+        lm = f"next-token loss x {r.lm_weight} on answer tokens" if obj.next_token else "no next-token loss (lm_weight 0)"
+    elif o.kind == "contrastive":
+        c = o.contrastive
+        what = f"contrastive ({c.loss}, pool {c.pool}, layer {c.layer}): each triplet runs as 3 sequences in one forward"
+        lm = f"next-token loss x {c.lambda_task} on the anchors' answers" if obj.next_token else "no next-token loss (lambda_task 0)"
+    elif o.kind == "python":
+        what, lm = f"python ({o.python.function}): counted as a next-token run (its code is not read)", "next-token loss assumed"
+    else:
+        what, lm = "causal_lm", "next-token loss on target tokens"
+    trained = "the head only (freeze_backbone)" if obj.frozen else backbone + (" + the head" if obj.head_params else "")
+    return {
+        "kind": o.kind,
+        "sequences_per_row": obj.sequences_per_row,
+        "reads_hidden_states": obj.reads_hidden,
+        "next_token_loss": obj.next_token,
+        "head_params": obj.head_params,
+        "freeze_backbone": obj.frozen,
+        "trainable_params": trainable.params,
+        "description": f"{what}; trains {trained} ({trainable.params:,} params); {lm}",
+    }
+
+
+def objective_assumptions(cfg: Config, obj: memory.ObjectiveShape) -> list[str]:
+    """What the memory model and the FLOPs assume of the objective, stated."""
+    out = []
+    if obj.sequences_per_row > 1:
+        out.append(
+            "triplets: a micro-batch of B rows runs 3B sequences in one forward (anchors, positives, negatives); tokens, "
+            "activations and FLOPs count all of them"
+        )
+    if obj.reads_hidden:
+        out.append(
+            "output_hidden_states keeps every layer's output until the model's forward returns: counted at the end of the "
+            "forward (phase 'forward'), without counting twice the layer inputs autograd keeps anyway; the hidden states are "
+            "read through a dense (reads, tokens) float32 pooling matrix"
+        )
+    if obj.head_params:
+        out.append(
+            f"regression head: {obj.head_params:,} float32 params with their gradients and {cfg.train.optimizer} state; its FLOPs "
+            "(6 x params per read) and the pooling product (2-4 x hidden per read x token) are counted, small beside the model's"
+        )
+    if obj.reads_hidden and not obj.next_token:
+        out.append("no next-token term: lm_head runs at one position per row (logits_to_keep=1), forward only, freed before backward")
+    if obj.frozen and cfg.model.gradient_checkpointing:
+        out.append(
+            "freeze_backbone with gradient checkpointing: transformers makes the embedding output require grad, so backward "
+            "still runs through (and recomputes) the frozen backbone: ~3x the FLOPs of a forward and the checkpointed "
+            "activations; with model.gradient_checkpointing=false nothing before the head is kept or differentiated"
+        )
+    elif obj.frozen:
+        out.append("freeze_backbone: only the head trains; the backbone runs forward only and keeps no activations for backward")
+    return out
 
 
 def measure(cfg: Config, steps: int) -> dict:
@@ -337,104 +452,3 @@ def measure(cfg: Config, steps: int) -> dict:
     ]
     tokens_per_s = sum(t for t, _ in timed) / sum(t / r for t, r in timed)
     return {"steps": steps, "tokens_per_s": tokens_per_s, "peak_mem_mib": max(r["peak_mem_mib"] for r in records), "device": device}
-
-
-# ------------------------------------------------------------------------------------------ output
-def render(plan: Plan) -> str:
-    """The plan as the text `finetrack plan` prints."""
-    from .data import report_line
-    from .schedule import describe, elided
-
-    s, m, t = plan.schedule, plan.memory, plan.time
-    lines = [f"data: {report_line(plan.data)}"]
-    for source, c in plan.data["per_source"].items():
-        lines.append(
-            f"  {source}: {c['read']:,} read, {c['rows']:,} to train on ({c['held_out']:,} held out, {c['dropped']:,} dropped), "
-            f"{c['tokens']:,} tokens, {c['trainable_tokens']:,} trainable"
-        )
-    most = max(n for _, n in plan.data["length_histogram"])
-    for bound, n in plan.data["length_histogram"]:
-        lines.append(f"  rows of <= {bound:>6} tokens: {n:>7,}  {'#' * max(1, round(40 * n / most))}")
-    reasons = s["reasons"]
-    lines += [
-        "",
-        (
-            f"schedule: {s['total_steps']} optimizer steps ({reasons.get('total_steps', '')}); {s['steps_per_epoch']} per epoch "
-            f"({reasons.get('steps_per_epoch', '')}); global batch {s['global_batch_size']} rows; warmup {s['warmup_steps']} steps"
-        ),
-    ]
-    lines.append("  " + describe({step: rules.split("+") for step, rules in s["checkpoint_steps"].items()}, s["steps_per_epoch"]))
-    lines.append(
-        f"  held-out loss at steps {elided(s['eval_loss_steps'])}"
-        if s["eval_loss_steps"]
-        else "  no held-out loss (data.eval_split not set)"
-    )
-    w = m["largest_micro_batch"]
-    lines += [
-        "",
-        (
-            f"memory on {plan.target['name']} ({plan.target['device_type']}); largest micro-batch: {w['num_rows']} row(s) x "
-            f"{w['longest_row_tokens']} tokens = {w['micro_batch_tokens']:,} tokens, {w['target_tokens']:,} carrying loss"
-        ),
-    ]
-    width = max(len(term["name"]) for term in m["terms"])
-    for term in m["terms"]:
-        alive = ",".join(term["phases"]) or "always"
-        lines.append(f"  {term['name']:<{width}}  {memory.mib(term['bytes']):>10}  [{alive}]  {term['detail']}")
-    verdict = ""
-    if m["device_bytes"] is not None:
-        share = m["peak_bytes"] / m["device_bytes"]
-        verdict = f" of {memory.mib(m['device_bytes'])}: " + ("fits" if m["fits"] else "DOES NOT FIT") + f" ({share:.0%})"
-    during = f"  during '{m['peak_phase']}' (the terms alive then)" if m["peak_phase"] else ""
-    lines.append(f"  {'predicted peak':<{width}}  {memory.mib(m['peak_bytes']):>10}{during}{verdict}")
-    for setting, g in m["gradient_checkpointing"].items():
-        which = "as configured" if g["configured"] else "the other setting"
-        lines.append(
-            f"  activations with gradient checkpointing {setting:<3}: {memory.mib(g['activation_bytes'])}, predicted peak "
-            f"{memory.mib(g['peak_bytes'])} ({which})"
-        )
-    if m["changes"]:
-        lines.append("  changes, best first (predicted peak with each):")
-        for c in m["changes"]:
-            lines.append(
-                f"    {memory.mib(c['peak_bytes']):>10}  {'fits' if c['fits'] else 'still too big'}  {c['description']}  ({' '.join(c['overrides'])})"
-            )
-    how = "measured on this machine" if t["from_measurement"] else "estimated from FLOPs"
-    cost = "" if t["cost"] is None else f"; at {t['price_per_hour']:.2f}/h: {t['cost']:.2f}"
-    lines += [
-        "",
-        (
-            f"time and cost ({how}): {t['train_tokens']:,} tokens to train ({t['computed_tokens']:,} computed with padding, "
-            f"{t['target_tokens']:,} carrying loss)"
-        ),
-    ]
-    lines.append(
-        f"  training {_hours(t['train_s'])} + held-out loss {_hours(t['eval_loss_s'])} + {t['num_checkpoints']} checkpoint(s) of "
-        f"{memory.mib(t['checkpoint_bytes'])} {_hours(t['checkpoint_s'])} = {_hours(t['total_s'])}{cost}"
-    )
-    lines.append(_eval_phase_line(t["eval_phase"], t["price_per_hour"]))
-    if t["measured"] and not t["from_measurement"]:
-        lines.append(
-            f"  measured on this machine ({t['measured']['device']}, one process): {t['measured']['tokens_per_s']:,.0f} tokens/s, "
-            f"training {_hours(t['measured']['train_s_here'])} here; NOT used for {plan.target['name']} (a measurement times only "
-            "the machine it ran on; plan without --gpu to use it)"
-        )
-    if t["measured"]:
-        lines.append(f"  measured peak memory on this machine: {t['measured']['peak_mem_mib']:,.0f} MiB ({t['measured']['device']})")
-    lines += ["", "assumptions:", *(f"  - {a}" for a in plan.assumptions)]
-    return "\n".join(lines)
-
-
-def _eval_phase_line(e: dict, price_per_hour: float | None) -> str:
-    """`finetrack eval` over the base model and every scheduled checkpoint: a line of its own (an estimate)."""
-    if not e["suites"]:
-        return "  eval phase: no eval.suites (`finetrack eval` has nothing to run)"
-    parts = [f"model loads {_hours(e['load_s'])}"] + [
-        f"{s['name']} ({s['kind']}: {s['per_step']}) {_hours(s['seconds'])}" for s in e["suites"]
-    ]
-    cost = "" if e["cost"] is None else f"; at {price_per_hour:.2f}/h: {e['cost']:.2f}"
-    return f"  eval phase (estimate; base model + {e['num_steps'] - 1} checkpoint(s)): {' + '.join(parts)} = {_hours(e['total_s'])}{cost}"
-
-
-def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"

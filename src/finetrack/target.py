@@ -86,19 +86,33 @@ def _gpu_key(device_name: str, memory_bytes: int | None = None) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------- FLOPs
-def flops_per_micro_batch_tokens(arch: memory.Architecture, method: str, gradient_checkpointing: bool) -> tuple[float, float, float]:
+def flops_per_micro_batch_tokens(
+    arch: memory.Architecture, method: str, gradient_checkpointing: bool, frozen: bool = False
+) -> tuple[float, float, float]:
     """(FLOPs per computed token, per target token, per attention score cell) of one training step.
 
     Forward: 2 x the decoder's linear parameters per token, 2 x vocab x hidden per target token (logits
     are computed only there), 4 x layers x heads x head_dim per attention score cell (QK^T and AV, dense).
     Backward: 2 x forward for a full fine-tune (activation and weight gradients), 1 x forward when the
     base is frozen (LoRA / QLoRA: activation gradients only; the adapters are negligible).
-    Gradient checkpointing runs the forward once more."""
-    multiplier = (3 if method == "full" else 2) + (1 if gradient_checkpointing else 0)
+    Gradient checkpointing runs the forward once more. `frozen` (objective.regression.freeze_backbone): the forward
+    only, as nothing before the head needs a gradient; with gradient checkpointing, transformers makes the embedding
+    output require grad, so the backbone runs as a frozen base does (forward, recomputation, activation gradients)."""
+    if frozen and not gradient_checkpointing:
+        multiplier = 1
+    else:
+        multiplier = (3 if method == "full" and not frozen else 2) + (1 if gradient_checkpointing else 0)
     per_token = 2 * arch.num_layers * arch.num_layer_linear_params * multiplier
     per_target = 2 * arch.vocab_size * arch.hidden_size * multiplier
     per_cell = 4 * arch.num_layers * arch.num_heads * arch.head_dim * multiplier
     return per_token, per_target, per_cell
+
+
+def flops_per_hidden_read(arch: memory.Architecture, head_params: int, grad_to_hidden: bool) -> tuple[float, float]:
+    """(FLOPs per hidden-state read, per pooling cell (read x computed token)) of one training step, for objectives
+    that read hidden states: the head (2 x its parameters forward, x3 with its backward) and the dense pooling product
+    (N, B x T) @ (B x T, H): 2 x H per cell forward, as much again for the read state's gradient when it needs one."""
+    return 6 * head_params, 2 * arch.hidden_size * (2 if grad_to_hidden else 1)
 
 
 def probe_cpu_flops(seconds: float = 0.5) -> float:

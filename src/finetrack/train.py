@@ -136,7 +136,7 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
             return _already_complete(run_dir, start, saved, cfg, main)
 
     set_seed(cfg.train.seed)  # new weights (LoRA, a head) initialize the same way whatever the data stage consumed
-    model = heads.attach(build_model(cfg.model, device), cfg.objective, [v for e in data.train for v in e.values])
+    model = heads.attach(build_model(cfg.model, device), cfg.objective, [v for e in data.train for v in e.values], cfg.train.seed)
     log.info(trainable_report(model))
     # before config.resolved.yaml: `data.pack: auto` may resolve differently on this model
     assumed_pack = cfg.data.pack

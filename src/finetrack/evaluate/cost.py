@@ -1,7 +1,8 @@
 """What `finetrack eval` over a run will cost, for `finetrack plan`: model loads plus every suite of eval.suites
 at the base model and each scheduled checkpoint, in FLOPs at the plan's rate, with its assumptions stated.
 
-Counted per evaluated step: a loss suite's forward passes over its rows; a judge suite's answers (generated to
+Counted per evaluated step: a loss, regression or contrastive suite's forward passes over its rows (a triplet's three
+sequences); a judge suite's answers (generated to
 generation.max_new_tokens: an upper bound) and its judges' forward passes (local) or API calls (openai); a
 distribution suite's forward pass per item (probs) or sampled answers (sample). Python suites run code we
 cannot see: named, not counted.
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from .. import memory
 from ..config import Config
-from .spec import DistributionSuite, JudgeSuite, LossSuite
+from .spec import ContrastiveSuite, DistributionSuite, JudgeSuite, LossSuite, RegressionSuite, RowSuite
 
 # Decoding one token at a time reads every weight for little arithmetic: batched generation reaches about this
 # share of the utilization a training step reaches (an assumption, stated in the plan, not a measurement).
@@ -58,12 +59,12 @@ def estimate(
     )
     gen_rate = flops_per_s * GENERATION_EFFICIENCY
     for suite in cfg.eval.suites:
-        if isinstance(suite, LossSuite):
+        if isinstance(suite, (LossSuite, RegressionSuite, ContrastiveSuite)):
             rows = _loss_rows(suite, cfg, tokenizer, held_out)
-            tokens = sum(len(r.input_ids) for r in rows)
+            tokens = sum(len(s.input_ids) for r in rows for s in r.sequences())
             seconds = steps * forward_flops(arch, tokens, sum(r.num_trainable_tokens for r in rows)) / flops_per_s
             out.suites.append(
-                {"name": suite.name, "kind": "loss", "per_step": f"{len(rows):,} rows, {tokens:,} tokens", "seconds": seconds}
+                {"name": suite.name, "kind": suite.kind, "per_step": f"{len(rows):,} rows, {tokens:,} tokens", "seconds": seconds}
             )
         elif isinstance(suite, JudgeSuite):
             out.suites.append(_judge(suite, arch, tokenizer, steps, flops_per_s, gen_rate, out.assumptions))
@@ -92,7 +93,7 @@ def estimate(
     return out
 
 
-def _loss_rows(suite: LossSuite, cfg: Config, tokenizer, held_out: list | None) -> list:
+def _loss_rows(suite: RowSuite, cfg: Config, tokenizer, held_out: list | None) -> list:
     if suite.data is None and held_out is not None:
         return held_out
     from .loss import load_rows

@@ -1,4 +1,4 @@
-"""The `loss` suite: held-out loss and perplexity of the model at one step."""
+"""The `loss` suite: the run's objective on held-out rows (and perplexity for causal_lm) of the model at one step."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from torch import nn
 from ..batches import batch_builder
 from ..config import Config, ConfigError
 from ..data import prepare
-from .spec import LossSuite
+from .spec import LossSuite, RowSuite
 
 
-def load_rows(suite: LossSuite, cfg: Config, tokenizer) -> list:
-    """The rows to score: the suite's own file, or the run's held-out split (rebuilt exactly as in training)."""
+def load_rows(suite: RowSuite, cfg: Config, tokenizer) -> list:
+    """The rows to score (loss, regression and contrastive suites): the suite's own file, or the run's held-out split
+    (rebuilt exactly as in training), prepared for the run's objective (regression targets, triplets)."""
     if suite.data:
         data_cfg = cfg.data.model_copy(update={"path": suite.data, "eval_split": None})
         return prepare(data_cfg, tokenizer, cfg.train.seed, cfg.objective).train
@@ -24,7 +25,8 @@ def load_rows(suite: LossSuite, cfg: Config, tokenizer) -> list:
 
 
 def run(suite: LossSuite, model: nn.Module, tokenizer, rows: list, cfg: Config, accelerator) -> dict:
-    """{'metrics': {loss, ppl}, 'counts': {rows, target_tokens}} with the same masking and batching as training."""
+    """{'metrics': {loss, ppl (causal_lm), the objective's logged terms}, 'counts': {rows, target_tokens}} with the same
+    masking, batching and objective as training's held-out loss (`model`: a heads.WithHead on a regression run)."""
     from .. import objectives
     from ..heads import language_model
     from ..loop import evaluate
@@ -34,5 +36,9 @@ def run(suite: LossSuite, model: nn.Module, tokenizer, rows: list, cfg: Config, 
     metrics = {"loss": found.pop("loss")}
     if cfg.objective.kind == "causal_lm":
         metrics["ppl"] = math.exp(min(metrics["loss"], 50))
-    targets = sum(r.num_trainable_tokens for r in rows)
-    return {"metrics": {**metrics, **found}, "counts": {"rows": len(rows), "target_tokens": targets}}
+    counts = {"rows": len(rows), "target_tokens": sum(r.num_trainable_tokens for r in rows)}
+    if cfg.objective.kind == "regression":
+        counts["targets"] = sum(len(r.values) for r in rows)
+    elif cfg.objective.kind == "contrastive":
+        counts["triplets"] = sum(1 for r in rows if r.pair)
+    return {"metrics": {**metrics, **found}, "counts": counts}

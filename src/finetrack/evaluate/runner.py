@@ -33,7 +33,7 @@ from ..processes import rebalance
 from ..rundir import write_atomic
 from ..watch import wait_for
 from .results import read_step, trajectory_table, write_responses, write_step, write_summary
-from .spec import DistributionSuite, JudgeConfig, JudgeSuite, LossSuite, PythonSuite
+from .spec import ContrastiveSuite, DistributionSuite, JudgeConfig, JudgeSuite, LossSuite, PythonSuite, RegressionSuite
 
 log = logging.getLogger("finetrack")
 
@@ -62,7 +62,7 @@ def suite_files(suite, cfg: Config) -> list[tuple[str, Path]]:
         files = [("questions", Path(suite.questions))]
     elif isinstance(suite, DistributionSuite):
         files = [("items", Path(suite.items))]
-    elif isinstance(suite, LossSuite):
+    elif isinstance(suite, (LossSuite, RegressionSuite, ContrastiveSuite)):
         # the suite's own rows, or the run's held-out rows: an eval_split file, or cut from data.path. Read as the
         # data stage reads them (builtin names, folders of files); a `datasets` source has no local file to hash.
         if suite.data:
@@ -114,7 +114,11 @@ def _meta(folder: Path | None) -> dict:
 
 
 class Models:
-    """Yields the model at each step; the base model is loaded once."""
+    """Yields the model at each step; the base model is loaded once.
+
+    On a regression run a checkpoint's model is a heads.WithHead: the language model (full or with its adapter) and
+    the head the checkpoint holds (head.json + head.safetensors). The base model (step 0) has no trained head: the
+    suites that need one skip it (see skip_reason)."""
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
@@ -134,13 +138,22 @@ class Models:
             return
         model = self._load(folder)
         try:
-            yield model
+            yield self._with_head(model, folder)
         finally:
             if folder is not None and self.cfg.model.method == "full":
                 del model
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+
+    def _with_head(self, model: torch.nn.Module, folder: Path | None) -> torch.nn.Module:
+        """`model` with the checkpoint's regression head around it (regression runs), as training evaluated it."""
+        if folder is None or self.cfg.objective.kind != "regression":
+            return model
+        from ..heads import WithHead, read_head
+
+        head, layer = read_head(folder)
+        return WithHead(model, head.to(self.device), layer).eval()
 
     def _load(self, folder: Path | None):
         if folder is None:
@@ -166,6 +179,14 @@ class Models:
         else:
             raise ConfigError(f"{folder}: its adapter_config.json differs from the first checkpoint's; evaluate it separately")
         return self.peft.eval()
+
+
+def skip_reason(suite, cfg: Config, folder: Path | None) -> str | None:
+    """Why a suite has no value at this step (recorded in place of its metrics), None when it runs: on a regression
+    run the base model (step 0) has no trained head, so neither the regression suite nor the objective's loss exists."""
+    if folder is None and cfg.objective.kind == "regression" and isinstance(suite, (LossSuite, RegressionSuite)):
+        return "no trained head at step 0: the base model has no regression head (objective.kind=regression)"
+    return None
 
 
 def select_suites(cfg: Config, suite_names: list[str] | None) -> list:
@@ -349,19 +370,27 @@ class _Session:
         if cached and not quiet:
             self.out(f"cached: {cached} (step, suite) result(s) unchanged since the last eval")
         if units:
-            self.models = self.models or Models(cfg, self.accelerator.device)
             bar = tqdm(total=units, desc="eval", unit="answer")
             for step, folder in selected:
-                if not todo[step]:
-                    continue
-                bar.set_postfix(step=step)
-                with self.models.at(folder) as m:
-                    for suite, key in todo[step]:
-                        result = _run_suite(suite, m, tokenizer, cfg, self.accelerator, self.judges, bar)
-                        write_responses(run_dir, step, suite.name, result.pop("responses", None))
-                        records[step]["suites"][suite.name] = {"key": key, **result}
-                    del m  # a full checkpoint is freed when at() exits: no reference may outlive the block
-                write_step(run_dir, records[step])
+                runnable = []
+                for suite, key in todo[step]:
+                    skipped = skip_reason(suite, cfg, folder)
+                    if skipped:  # a record of its own: cached like a result, read as "no value" by report and gate
+                        records[step]["suites"][suite.name] = {"key": key, "metrics": {}, "counts": {}, "skipped": skipped}
+                        bar.update(units_per_step[suite.name])
+                    else:
+                        runnable.append((suite, key))
+                if runnable:  # no model is loaded for a step whose every suite is skipped (a regression run's baseline)
+                    bar.set_postfix(step=step)
+                    self.models = self.models or Models(cfg, self.accelerator.device)
+                    with self.models.at(folder) as m:
+                        for suite, key in runnable:
+                            result = _run_suite(suite, m, tokenizer, cfg, self.accelerator, self.judges, bar)
+                            write_responses(run_dir, step, suite.name, result.pop("responses", None))
+                            records[step]["suites"][suite.name] = {"key": key, **result}
+                        del m  # a full checkpoint is freed when at() exits: no reference may outlive the block
+                if todo[step]:
+                    write_step(run_dir, records[step])
             bar.close()
         for record in records.values():
             record["metrics"] = {f"{name}.{k}": v for name, r in sorted(record["suites"].items()) for k, v in r["metrics"].items()}
@@ -436,12 +465,18 @@ def _python_suite_function(suite: PythonSuite):
 
 
 def _run_suite(suite, model, tokenizer, cfg: Config, accelerator, judges: _Judges, bar) -> dict:
-    if isinstance(suite, LossSuite):
-        from . import loss
+    """One suite on the model at one step. `model` is a heads.WithHead on a regression run's checkpoints: the loss
+    and regression suites use the head; every other suite gets the language model alone."""
+    from ..heads import language_model
 
-        result = loss.run(suite, model, tokenizer, loss.load_rows(suite, cfg, tokenizer), cfg, accelerator)
+    if isinstance(suite, (LossSuite, RegressionSuite, ContrastiveSuite)):
+        from . import contrastive, loss, regression
+
+        scorer = {LossSuite: loss.run, RegressionSuite: regression.run, ContrastiveSuite: contrastive.run}[type(suite)]
+        result = scorer(suite, model, tokenizer, loss.load_rows(suite, cfg, tokenizer), cfg, accelerator)
         bar.update(1)
         return result
+    model = language_model(model)
     if isinstance(suite, JudgeSuite):
         from . import freeform
         from .questions import load_questions

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+import typing
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..schema import Knob, Section
 from ..errors import UserError
+from ..schema import Knob, Section
 
 _CONDITION = re.compile(r"^\s*([A-Za-z_][\w.-]*)\s*(<=|>=|<|>)\s*(-?\d+(?:\.\d+)?)\s*$")
 
@@ -101,7 +102,10 @@ class JudgeConfig(Section):
 
 
 class LossSuite(Section):
-    name: str = Field(description="Suite name: metric names are '<name>.loss' and '<name>.ppl'.")
+    name: str = Field(
+        description="Suite name: metric names are '<name>.loss' (the run's objective), '<name>.ppl' (causal_lm) and the objective's "
+        "logged terms ('<name>.stability', ...)."
+    )
     kind: Literal["loss"]
     data: str | None = Field(None, description="Rows to score (chat JSONL, ...); default: the run's held-out rows (data.eval_split).")
     micro_batch_size: int = Field(8, gt=0, description="Rows per forward pass.")
@@ -161,4 +165,40 @@ class PythonSuite(Section):
     options: dict = Field(default_factory=dict, description="Passed to the function unchanged.")
 
 
-SuiteConfig = Annotated[LossSuite | JudgeSuite | DistributionSuite | PythonSuite, Field(discriminator="kind")]
+def _needs_objective(kind: str, why: str) -> Knob:
+    """On a suite's `kind`: the suite measures what only objective.kind=`kind` trains, so on another objective the
+    config does not load (checked with the rest of the config, naming the suite's key and line: train fails too,
+    before hours of training whose eval could not run)."""
+    return Knob(
+        active=lambda _, config: getattr(getattr(config, "objective", None), "kind", kind) == kind,
+        inactive=f"unless objective.kind={kind} ({why}); remove the suite or set objective.kind={kind}",
+    )
+
+
+class RegressionSuite(Section):
+    name: str = Field(
+        description="Suite name: metric names are '<name>.mse', '.mae', '.r2', '.pearson', '.spearman' (in the targets' units)."
+    )
+    kind: Annotated[Literal["regression"], _needs_objective("regression", "it scores the regression head that objective trains")]
+    data: str | None = Field(
+        None,
+        description="Regression rows, laid out as objective.regression reads them; default: the run's held-out rows (data.eval_split).",
+    )
+    micro_batch_size: int = Field(8, gt=0, description="Rows per forward pass.")
+
+
+class ContrastiveSuite(Section):
+    name: str = Field(description="Suite name: metric names are '<name>.stability', '.separation', '.discrimination'.")
+    kind: Annotated[Literal["contrastive"], _needs_objective("contrastive", "its rows are anchor / positive / negative triplets")]
+    data: str | None = Field(
+        None, description="Triplet rows (anchor, positive, negative); default: the run's held-out rows (data.eval_split)."
+    )
+    micro_batch_size: int = Field(8, gt=0, description="Triplets per forward pass (three sequences each).")
+
+
+# suites that score rows prepared as the run's objective reads them (data.prepare with cfg.objective)
+RowSuite = LossSuite | RegressionSuite | ContrastiveSuite
+
+_ANY_SUITE = LossSuite | JudgeSuite | DistributionSuite | PythonSuite | RegressionSuite | ContrastiveSuite
+SuiteConfig = Annotated[_ANY_SUITE, Field(discriminator="kind")]
+SUITE_CLASSES: tuple[type[Section], ...] = typing.get_args(_ANY_SUITE)  # every kind, listed once (config_load's help reads it)
