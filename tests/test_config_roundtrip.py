@@ -99,11 +99,52 @@ def test_all_suites_together_and_every_method_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "path", sorted((ROOT / "examples").glob("*.yaml")) + [ROOT / "src/finetrack/assets/demo.yaml"], ids=lambda p: p.name
+    "path",
+    sorted((ROOT / "examples").glob("*.yaml"))
+    + sorted((ROOT / "examples/recipes").glob("*/*.yaml"))
+    + [ROOT / "src/finetrack/assets/demo.yaml"],
+    ids=lambda p: p.name,
 )
 def test_every_shipped_config_round_trips(path, tmp_path):
     first, second = _round_trip(load_config(path), tmp_path)
     assert first == second
+
+
+OBJECTIVES = {
+    "causal_lm": {},
+    "regression": {
+        "kind": "regression",
+        "regression": {
+            "pool": "marker",
+            "marker": "Score:",
+            "loss": "huber",
+            "huber_delta": 0.5,
+            "head": {"hidden_sizes": [32], "activation": "relu"},
+            "lm_weight": 0.2,
+        },
+    },
+    "regression_step": {"kind": "regression", "regression": {"level": "step", "step_separator": "\n\n", "normalize_targets": True}},
+    "contrastive": {"kind": "contrastive", "contrastive": {"pool": "mean", "loss": "infonce", "tau": 0.1, "lambda_task": 0.0}},
+    "python": {"kind": "python", "python": {"function": "my_loss.py:loss"}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_every_objective_kind_round_trips(name, tmp_path):
+    """The objective section written to config.resolved.yaml loads again to the same objective; only the active
+    kind's section is written, and switching kind on such a copy names the section to remove."""
+    written = tmp_path / "my.yaml"
+    written.write_text(yaml.safe_dump({"objective": OBJECTIVES[name]}))
+    cfg = load_config(written)
+    first, second = _round_trip(cfg, tmp_path)
+    assert first == second
+    again = load_config(tmp_path / "config.resolved.yaml")
+    assert again.objective == cfg.objective
+    assert set(yaml.safe_load((tmp_path / "config.resolved.yaml").read_text())["objective"]) <= {"kind", cfg.objective.kind}
+    if name != "causal_lm":
+        section = cfg.objective.kind
+        with pytest.raises(ConfigError, match=f"objective.{section} has no effect with objective.kind=causal_lm: remove it"):
+            load_config(tmp_path / "config.resolved.yaml", ["objective.kind=causal_lm"])
 
 
 def test_a_probs_distribution_run_config_loads_again(tmp_path):
@@ -192,7 +233,8 @@ def test_facts_derived_from_the_fields():
         "output.",
     )
     cfg = load_config(None, ["data.eval_split=0.1", "eval.loss_every_steps=5", "train.sample_every_steps=5", "train.sample_prompts=[a]"])
-    assert sorted(eval_key_settings(cfg)) == ["data", "model", "train.seed"]
+    assert sorted(eval_key_settings(cfg)) == ["data", "model", "objective", "train.seed"]
+    assert measure_dump(load_config(None, ["objective.kind=contrastive"]))["objective"]["kind"] == "contrastive"  # plan --measure trains it
     trial = measure_dump(cfg)
     assert "checkpoint" not in trial and "output" not in trial and "suites" not in trial["eval"]
     assert not [k for k in trial["train"] if k.startswith(("sample_", "report_"))]

@@ -67,10 +67,11 @@ def test_regression_eval_reloads_the_head_and_matches_training(regression_run):
     assert summary[1] == "0,0.0,0.0,,,,,,"  # no values, no zeros
 
 
-def test_regression_eval_is_cached_and_gate_and_report_read_the_skip(tmp_path, regression_run, capsys):
+def test_regression_eval_is_cached_and_gate_and_report_read_the_skip(tmp_path, regression_run):
     lines: list[str] = []
     evaluate_run(regression_run, out=lines.append)
     assert lines[0] == "cached: 6 (step, suite) result(s) unchanged since the last eval"  # the skips included
+    assert lines[1].splitlines()[2].split() == ["0", "base", *["-"] * 6]  # the table: no value at step 0
     errors: list[str] = []
     # the default baseline is step 0, where the suite was skipped: the gate says so and how to compare instead
     assert gate.gate(regression_run, "reg.mse", out=lines.append, err=errors.append) == gate.MISSING

@@ -3,10 +3,12 @@ hidden 64, intermediate 128, 2 layers, 4 heads of 16, 2 KV heads (kv width 32), 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from conftest import TINY_ARCH
 
-from finetrack.config import Environment, load_config, resolve_model
+from finetrack.config import Environment, HeadConfig, load_config, resolve_model
 from finetrack.fit import ranked_changes
 from finetrack.memory import (
     CPU_HEAP_SLACK_PER_FORWARD_BYTE,
@@ -16,9 +18,11 @@ from finetrack.memory import (
     Architecture,
     Workload,
     breakdown,
+    head_params,
     num_adapter_params,
     peak_bytes,
     peak_phase,
+    trainable_params,
 )
 
 TINY = {**TINY_ARCH, "dtype": "float32"}
@@ -280,3 +284,88 @@ def test_ranked_changes_offer_all_six_kinds():
         "train.micro_batch_size=2",
     } <= overrides
     assert all(c.peak_bytes < base for c in changes)
+
+
+# ------------------------------------------------------------------------------------------ objectives
+# objective.kind regression / contrastive: a float32 head, hidden-state reads, triplets, a frozen backbone
+READS = Workload(micro_batch_tokens=16, longest_row_tokens=8, target_tokens=0, num_rows=2, masked=False, num_reads=2)
+
+
+def test_regression_head_parameters_gradients_and_state():
+    # Linear(64, 1): 65 params; Linear(64, 16) + Linear(16, 1): 1,040 + 17
+    assert head_params(64, HeadConfig()) == 65 and head_params(64, HeadConfig(hidden_sizes=[16])) == 1_057
+    plain, reg = config(), config("objective.kind=regression", "objective.regression.head.hidden_sizes=[16]")
+    assert trainable_params(reg, ARCH).params == trainable_params(plain, ARCH).params + 1_057 == 8_192 + 1_057
+    terms = terms_of(reg, READS)
+    assert terms["regression head"] == (1_057 + 2) * 4  # float32, plus the target mean and std buffers
+    assert terms["gradients"] == (8_192 + 1_057) * 4
+    assert terms["optimizer state"] == 2 * (8_192 + 1_057) * 4  # AdamW: 2 float32 states for the adapters and the head
+    # bf16 full fine-tuning: the model's states in bf16, the head's in float32
+    bf16 = resolve_model(
+        load_config(None, ["model.method=full", "model.dtype=bfloat16", "objective.kind=regression", "objective.regression.lm_weight=1"]),
+        Environment("cpu", False, 1, 100),
+    )[0]
+    assert terms_of(bf16, READS)["optimizer state"] == 2 * (112_448 * 2 + 65 * 4)
+
+
+def test_full_fine_tuning_without_a_next_token_term_leaves_an_untied_lm_head_untrained():
+    # its logits never reach the loss: no gradient, no AdamW state (300 x 64 lm_head of the tiny model)
+    assert trainable_params(config("model.method=full", "objective.kind=regression"), ARCH).params == 112_448 - 19_200 + 65
+    assert trainable_params(
+        config("model.method=full", "objective.kind=regression", "objective.regression.lm_weight=0.5"), ARCH
+    ).params == (112_448 + 65)
+
+
+def test_freeze_backbone_trains_the_head_only_and_keeps_no_activations():
+    frozen = config("objective.kind=regression", "objective.regression.freeze_backbone=true")
+    by = {t.name: t for t in breakdown(frozen, ARCH, READS, "cpu")}
+    assert by["gradients"].bytes == 65 * 4 and by["optimizer state"].bytes == 2 * 65 * 4
+    assert by["LoRA adapters"].bytes == 8_192 * 4  # still in memory, frozen
+    # nothing saved for backward: one layer's tensors in flight (as a frozen base layer would save them: norms 520,
+    # q, k, v, output 784, gate, up, silu 1,536) and the hidden-states tuple: 2 layer inputs + the final norm's output
+    assert by["activations (frozen backbone: none kept)"].bytes == 16 * (520 + 784 + 1_536)
+    assert by["hidden states (output_hidden_states)"].bytes == 3 * 16 * 4 * 64
+    assert by["activations (frozen backbone: none kept)"].phases == ("forward",) and "CPU heap slack" not in by
+    assert peak_phase(list(by.values())) == "forward"
+    full = terms_of(config("model.method=full", "objective.kind=regression", "objective.regression.freeze_backbone=true"), READS)
+    assert full["optimizer state"] == 2 * 65 * 4  # instead of 2 x 93,248 x 4 B for the model
+    # with gradient checkpointing transformers makes the embedding output require grad: layers kept and recomputed
+    checkpointed = terms_of(
+        config("objective.kind=regression", "objective.regression.freeze_backbone=true", "model.gradient_checkpointing=true"), READS
+    )
+    assert checkpointed["activations (checkpointed)"] == 2 * 16 * 4 * 64 + 16 * 260
+    assert checkpointed["activations (one layer recomputed)"] == 16 * (520 + 784 + 1_536 + 2 * 4 * (64 + 128))
+
+
+def test_hidden_states_and_reads_count_at_the_end_of_the_forward():
+    terms = {t.name: t for t in breakdown(config("objective.kind=regression"), ARCH, READS, "cuda")}
+    # float32: autograd keeps the layer inputs anyway; the final norm's output is extra until the forward returns
+    assert terms["hidden states (output_hidden_states)"].bytes == 16 * 4 * 64 and terms["hidden states (output_hidden_states)"].phases == (
+        "forward",
+    )
+    assert terms["activations"].bytes == 2 * 16 * 3_976 + 16 * 260 and terms["activations"].phases == ("forward", "loss")
+    # no next-token term: logits at one position per row during the forward, no logits at the start of backward
+    assert terms["logits (end of forward)"].bytes == 2 * 300 * 4 and "logits and loss" not in terms
+    assert terms["pooling matrices"].bytes == 2 * 16 * 4 and terms["pooling matrices"].phases == ()
+    # pooled states and the head's input (2 x 64 x 4 B), the read state's dense gradient (16 x 64 x 4 B)
+    assert terms["hidden-state reads"].bytes == 2 * 4 * 64 + 16 * 64 * 4
+    assert peak_phase(list(terms.values())) == "forward"
+    # bfloat16: the layer inputs autograd does not keep (it keeps float32 copies) are held too
+    bf16 = resolve_model(load_config(None, ["model.dtype=bfloat16", "objective.kind=regression"]), Environment("cpu", False, 1, 100))[0]
+    assert terms_of(bf16, READS)["hidden states (output_hidden_states)"] == 3 * 16 * 2 * 64
+    on = resolve_model(
+        load_config(None, ["model.dtype=bfloat16", "objective.kind=regression", "model.gradient_checkpointing=true"]),
+        Environment("cpu", False, 1, 100),
+    )[0]
+    assert terms_of(on, READS)["hidden states (output_hidden_states)"] == 16 * 2 * 64  # checkpointing keeps the layer inputs
+
+
+def test_contrastive_logits_only_with_a_task_loss():
+    triplets = Workload(micro_batch_tokens=48, longest_row_tokens=8, target_tokens=6, num_rows=6, masked=False, num_reads=6)
+    terms = terms_of(config("objective.kind=contrastive"), triplets)
+    assert terms["logits and loss"] == 6 * 300 * 12 and terms["logits (end of forward)"] == 6 * 300 * 4
+    assert terms["activations"] == 2 * 48 * 3_976 + 48 * 260  # all 3 x 2 sequences
+    no_task = terms_of(
+        config("objective.kind=contrastive", "objective.contrastive.lambda_task=0"), dataclasses.replace(triplets, target_tokens=0)
+    )
+    assert "logits and loss" not in no_task and no_task["logits (end of forward)"] == 6 * 300 * 4  # logits_to_keep=1 per row

@@ -394,3 +394,126 @@ def test_plan_runs_trains_checks_that_need_no_weights(tmp_path, tiny_model_dir, 
     assert main(["plan", *args, f"output.dir={tmp_path / 'afile'}", "model.attn_implementation=flash_attention_2"]) == 0
     err = capsys.readouterr().err
     assert "warning: output.dir=" in err and "is a file" in err and "error:" not in err, err
+
+
+# ------------------------------------------------------------------------------------------ objectives
+def test_flops_of_a_frozen_backbone_and_a_head():
+    from finetrack.target import flops_per_hidden_read
+
+    arch = Architecture.from_hf_config(TINY)
+    linear = 2 * 36864
+    # freeze_backbone: the forward only; with checkpointing the frozen base runs forward, recomputation and backward
+    assert flops_per_micro_batch_tokens(arch, "lora", False, frozen=True) == (2 * linear, 2 * 300 * 64, 4 * 2 * 64)
+    assert flops_per_micro_batch_tokens(arch, "full", True, frozen=True) == (2 * linear * 3, 2 * 300 * 64 * 3, 4 * 2 * 64 * 3)
+    # the head: 2 x params forward, x 3 with its backward; the pooling product 2 x hidden per cell, twice with a gradient
+    assert flops_per_hidden_read(arch, 65, True) == (6 * 65, 4 * 64) and flops_per_hidden_read(arch, 65, False) == (6 * 65, 2 * 64)
+
+
+def test_regression_head_adds_exactly_its_parameters(tmp_path, tiny_model_dir, chat_file, regression_file):
+    causal = make_plan(tiny_cfg(tmp_path, tiny_model_dir, chat_file), target_for("L4", None))
+    head = ("objective.kind=regression", "objective.regression.head.hidden_sizes=[16]")
+    reg = make_plan(tiny_cfg(tmp_path, tiny_model_dir, regression_file, *head), target_for("L4", None))
+    size = 64 * 16 + 16 + 16 + 1  # Linear(64, 16) + Linear(16, 1)
+    assert reg.objective["head_params"] == size
+    assert reg.objective["trainable_params"] == causal.objective["trainable_params"] + size
+    c, r = ({t["name"]: t["bytes"] for t in p.memory["terms"]} for p in (causal, reg))
+    assert r["regression head"] == (size + 2) * 4 and r["gradients"] == c["gradients"] + size * 4
+    assert r["optimizer state"] == c["optimizer state"] + 2 * size * 4
+    # lm_weight 0: no logits at the answer tokens; their labels are counted (train logs them) but carry no loss
+    assert reg.memory["largest_micro_batch"]["target_tokens"] == 0 and reg.time["target_tokens"] > 0
+    assert reg.time["hidden_state_reads"] == 6 * 4  # one read per row, 6 steps of 4 rows
+    assert reg.time["checkpoint_bytes"] - causal.time["checkpoint_bytes"] == (size + 2) * 4 + 2 * size * 4 + pytest.approx(0, abs=10**5)
+
+
+def test_freeze_backbone_changes_optimizer_state_and_flops(tmp_path, tiny_model_dir, regression_file):
+    plans = [
+        make_plan(
+            tiny_cfg(tmp_path, tiny_model_dir, regression_file, "objective.kind=regression", f"objective.regression.freeze_backbone={f}"),
+            target_for("L4", None),
+        )
+        for f in ("false", "true")
+    ]
+    trained, frozen = ({t["name"]: t["bytes"] for t in p.memory["terms"]} for p in plans)
+    assert frozen["optimizer state"] == 2 * 65 * 4 < trained["optimizer state"] and frozen["gradients"] == 65 * 4
+    assert "activations (frozen backbone: none kept)" in frozen and frozen["hidden states (output_hidden_states)"] > 0
+    assert plans[1].objective["freeze_backbone"] and plans[1].objective["trainable_params"] == 65
+    # LoRA's backward is 1x the forward: a forward-only backbone computes about half
+    assert plans[1].time["train_flops"] == pytest.approx(plans[0].time["train_flops"] / 2, rel=0.05)
+    assert any("freeze_backbone: only the head trains" in a for a in plans[1].assumptions)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_contrastive_workload_counts_every_sequence(tmp_path, tiny_model_dir, tiny_tokenizer, triplet_file, pack):
+    """A triplet micro-batch is 3 x micro_batch_size sequences in one forward: plan's workload equals a causal run whose
+    micro-batches hold the same anchors, positives and negatives, and the largest micro-batch is the one collate builds."""
+    from finetrack.batches import attn_tokens_for, collate, micro_batches, step_rows
+    from finetrack.config import Environment, resolve
+    from finetrack.data import prepare
+    from finetrack.plan import workload
+
+    overrides = (f"data.pack={str(pack).lower()}", "data.shuffle=false", "train.max_steps=4")
+    cfg, _ = resolve(
+        tiny_cfg(tmp_path, tiny_model_dir, triplet_file, "objective.kind=contrastive", *overrides), Environment("cpu", False, 1, 32)
+    )
+    arch = Architecture.from_hf_config(json.loads((tiny_model_dir / "config.json").read_text()))
+    rows = prepare(cfg.data, tiny_tokenizer, cfg.train.seed, cfg.objective).train
+    work = workload(rows, cfg, arch, 4, 1)
+    # the same sequences as causal rows: each micro-batch of 4 triplets becomes 12 rows, laid out as collate does
+    flat = [s for j in range(0, 16, 4) for k in range(3) for s in (e.sequences()[k] for e in rows[j : j + 4])]
+    causal_cfg = cfg.model_copy(update={"objective": cfg.objective.model_copy(update={"kind": "causal_lm"})})
+    causal_cfg = causal_cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": 12})})
+    same = workload(flat, causal_cfg, arch, 4, 1)
+    for key in ("train_tokens", "computed_tokens", "target_tokens", "attention_cells"):
+        assert getattr(work, key) == getattr(same, key), key
+    assert work.largest == dataclasses.replace(same.largest, num_reads=work.largest.num_reads) and work.largest.num_reads == 12
+    anchors = workload([dataclasses.replace(e, pair=None) for e in rows], causal_cfg.model_copy(update={"train": cfg.train}), arch, 4, 1)
+    assert work.train_tokens > anchors.train_tokens and work.largest_sequences == 12
+    if not pack:
+        assert work.largest.num_rows == 3 * anchors.largest.num_rows == 12
+    # the largest micro-batch as collate builds it
+    biggest = max(
+        (
+            collate(mb, tiny_tokenizer.pad_token_id, pack, None, attn_tokens_for(64))
+            for step in range(4)
+            for mb in micro_batches(rows, step_rows(len(rows), 4, cfg.train.seed, step, False)[1], 4)
+        ),
+        key=lambda b: b.targets.numel(),
+    )
+    assert (work.largest.micro_batch_tokens, work.largest.num_rows, work.largest.num_reads) == (
+        biggest.targets.numel(),
+        biggest.targets.shape[0],
+        biggest.pool.shape[0],
+    )
+
+
+def test_contrastive_plan_matches_what_train_does(tmp_path, tiny_model_dir, triplet_file):
+    overrides = ("objective.kind=contrastive", "train.log_every_steps=1", "train.max_steps=4")
+    plan = make_plan(tiny_cfg(tmp_path, tiny_model_dir, triplet_file, *overrides), target_for("L4", None))
+    _, metrics = tiny_run(tmp_path, tiny_model_dir, triplet_file, *overrides)
+    assert plan.time["train_tokens"] == metrics[-1]["tokens"]  # anchors, positives and negatives
+    assert plan.time["target_tokens"] == sum(m["target_tokens"] for m in metrics)
+
+
+@pytest.mark.parametrize("kind", ["regression", "contrastive"])
+def test_plan_cli_for_an_objective(tmp_path, tiny_model_dir, regression_file, triplet_file, kind):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
+    config = tmp_path / "my.yaml"
+    objective = {"kind": kind, kind: {"head": {"hidden_sizes": [8]}} if kind == "regression" else {"lambda_task": 0.5}}
+    data = regression_file if kind == "regression" else triplet_file
+    config.write_text(
+        yaml.safe_dump({"model": {"name": str(tiny_model_dir)}, "data": {"path": str(data), "max_length": 512}, "objective": objective})
+    )
+    args = [sys.executable, "-m", "finetrack", "plan", str(config), "train.micro_batch_size=4", "--json", str(tmp_path / "plan.json")]
+    r = subprocess.run(args, check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert saved["objective"]["kind"] == kind and r.stdout.startswith(f"objective: {kind} (")
+    names = {t["name"] for t in saved["memory"]["terms"]}
+    assert {"hidden states (output_hidden_states)", "pooling matrices", "hidden-state reads"} <= names
+    if kind == "regression":
+        assert saved["objective"]["head_params"] == 64 * 8 + 8 + 8 + 1 and "regression head" in names
+        assert "no next-token loss (lm_weight 0)" in r.stdout and "logits and loss" not in names
+    else:
+        assert saved["objective"]["sequences_per_row"] == 3 and "next-token loss x 0.5 on the anchors' answers" in r.stdout
+        assert "sequences: anchors, positives, negatives)" in r.stdout and "logits and loss" in names
+        assert any("triplets: a micro-batch of B rows runs 3B sequences" in a for a in saved["assumptions"])

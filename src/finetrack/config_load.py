@@ -19,11 +19,10 @@ from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
 from .config import Config
-from .evaluate.spec import DistributionSuite, JudgeSuite, LossSuite, PythonSuite
+from .evaluate.spec import SUITE_CLASSES
 from .schema import ConfigError, fix_yaml_floats
 from .yamlfile import YamlDoc, parse_yaml, read_yaml
 
-SUITE_CLASSES = (LossSuite, JudgeSuite, DistributionSuite, PythonSuite)
 _SUITE_KINDS = {typing.get_args(c.model_fields["kind"].annotation)[0] for c in SUITE_CLASSES}
 
 # Keys renamed so that counts say so (`num_`): the old name is an error that names the new one.

@@ -29,7 +29,10 @@ from .schema import ConfigError
 # "misaligned" contains "aligned"). A name with none of them is ambiguous: the gate asks for --direction
 # rather than guess, since a wrong guess turns a regression into a GO.
 LOWER_IS_BETTER = ("loss", "ppl", "perplexity", "wasserstein", "mae", "mse", "error", "misaligned", "unaligned", "unscored")
-HIGHER_IS_BETTER = ("accuracy", "acc", "aligned", "coherent", "pearson", "correlation", "f1", "exact_match", "bleu", "rouge")
+HIGHER_IS_BETTER = (
+    *("accuracy", "acc", "aligned", "coherent", "pearson", "spearman", "r2", "correlation", "f1", "exact_match", "bleu", "rouge"),
+    *("stability", "separation", "discrimination"),  # the contrastive suite's (objectives.py)
+)
 DIRECTIONS = ("lower", "higher")
 # Float round-off must not turn an exact hit into NO-GO: (0.3 - 0.285) / 0.3 is 0.04999999999999999.
 _TOLERANCE = 1e-9

@@ -34,8 +34,13 @@ class Window:
         self.extra = extra  # the objective's own metrics, from the latest step
 
     def state(self) -> dict:
-        """Plain data for a checkpoint: a resume mid-window logs the same averages as an uninterrupted run."""
-        return dict(vars(self))
+        """Plain data for a checkpoint: a resume mid-window logs the same averages as an uninterrupted run.
+        `loss_units` is written only where it is not `targets` (objectives other than next-token loss), so a
+        next-token run's trainer_state.json keeps the layout of schema /1."""
+        state = dict(vars(self))
+        if state["loss_units"] == state["targets"]:
+            del state["loss_units"]
+        return state
 
     def restore(self, state: dict) -> None:
         vars(self).update(state)

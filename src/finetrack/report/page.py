@@ -216,12 +216,20 @@ def _metric_unit(name: str) -> str:
     if metric.endswith("_rate"):
         return "share of scored answers"
     if metric in ("loss", "eval_loss"):
-        return "loss (nats per token)"
+        return "loss (the run's objective; nats per token for next-token loss)"
     known = {
         "ppl": "perplexity",
         "wasserstein": "Wasserstein-1 (options in [0, 1])",
         "mae_mean": "MAE of the means",
         "pearson_means": "Pearson r of the means",
+        "mse": "mean squared error (target units)",
+        "mae": "mean absolute error (target units)",
+        "r2": "R^2 (1 = perfect)",
+        "pearson": "Pearson r",
+        "spearman": "Spearman rho",
+        "stability": "mean cos(anchor, positive)",
+        "separation": "1 - mean cos(anchor, negative)",
+        "discrimination": "stability - mean cos(anchor, negative)",
     }
     return known.get(metric, "mean judge score (0-100)")
 
