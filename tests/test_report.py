@@ -358,3 +358,20 @@ def test_network_check_catches_a_page_that_fetches(tmp_path):
     page = tmp_path / "leaky.html"
     page.write_text('<!DOCTYPE html><html><body><p>x</p><img src="http://127.0.0.1:9/pixel.png"></body></html>')
     assert browser.render(page).requests == [page.resolve().as_uri(), "http://127.0.0.1:9/pixel.png"]
+
+
+def test_objective_terms_get_their_own_charts(tmp_path, tiny_model_dir, triplet_file):
+    """A contrastive run: the loss chart says it plots the objective, and every term it logs (loss/task, stability,
+    discrimination, ...) is a chart of its own, each logged and held-out value a point of it."""
+    result, metrics = tiny_run(
+        tmp_path, tiny_model_dir, triplet_file, "objective.kind=contrastive", "data.eval_split=0.25", "eval.loss_every_steps=2"
+    )
+    html = write_report([result.run_dir]).read_text()
+    assert 'aria-label="Loss: the objective' in html and "Loss per target token" not in html
+    for term in ("loss/task", "loss/pos", "loss/neg", "stability", "separation", "discrimination"):
+        tips = titles(chart(html, term))
+        for m in metrics:
+            assert f"train: step {m['step']}, {fmt(m[term])}" in tips, (term, m["step"])
+            if f"eval_{term}" in m:
+                assert f"held-out: step {m['step']}, {fmt(m[f'eval_{term}'])}" in tips, (term, m["step"])
+    assert ">1 - mean cos(anchor, negative)</text>" in html

@@ -91,13 +91,35 @@ def _problems(runs: list[RunData]) -> str:
 
 # ---------------------------------------------------------------------------------------- training
 def _training(runs: list[RunData], colors: dict[str, str]) -> str:
-    charts = [_loss_chart(runs, colors)]
+    charts = [_loss_chart(runs, colors), *_term_charts(runs, colors)]
     for key, title, unit in TRAIN_CURVES:
         series = [Series(r.name, colors[r.name], [(m["step"], float(m[key])) for m in r.metrics if is_num(m.get(key))]) for r in runs]
         charts.append(Chart(title, STEP_AXIS, unit, series, _epoch_lines(runs)))
     same = len({r.resolved("steps_per_epoch") for r in runs}) == 1
     note = "" if same else '<p class="sub">Epoch boundaries are not drawn: the runs\' epochs differ in length.</p>'
     return section("training", "Training curves", note + grid(charts))
+
+
+_LOGGED = {"step", "epoch", "loss", "grad_norm", "target_tokens", "tokens_per_s", "lr", "tokens", "peak_mem_mib", "time"}
+
+
+def _term_charts(runs: list[RunData], colors: dict[str, str]) -> list[Chart]:
+    """One chart per term an objective logs beside its loss (loss/task, stability, ...: objectives.logged), training
+    solid and held-out (its eval_ twin) dashed."""
+    terms = sorted({k for r in runs for m in r.metrics for k in m if k not in _LOGGED and not k.startswith("eval_") and is_num(m[k])})
+    charts = []
+    for term in terms:
+        series = []
+        for r in runs:
+            train = [(m["step"], float(m[term])) for m in r.metrics if is_num(m.get(term))]
+            held = [(m["step"], float(m[f"eval_{term}"])) for m in r.metrics if is_num(m.get(f"eval_{term}"))]
+            series.append(Series(f"{r.name} train" if len(runs) > 1 else "train", colors[r.name], train))
+            if held:
+                series.append(
+                    Series(f"{r.name} held-out" if len(runs) > 1 else "held-out", colors[r.name], held, dashed=True, marker="dot")
+                )
+        charts.append(Chart(term, STEP_AXIS, _metric_unit(f"train.{term}"), series, _epoch_lines(runs)))
+    return charts
 
 
 def _loss_chart(runs: list[RunData], colors: dict[str, str]) -> Chart:
@@ -121,7 +143,9 @@ def _loss_chart(runs: list[RunData], colors: dict[str, str]) -> Chart:
                     notes=[n for _, n in marks],
                 )
             )
-    return Chart("Loss per target token (checkpoints ◆)", STEP_AXIS, "loss (nats)", series, _epoch_lines(runs))
+    per_token = all(r.config.get("objective", {}).get("kind", "causal_lm") == "causal_lm" for r in runs)
+    title = "Loss per target token (checkpoints ◆)" if per_token else "Loss: the objective's weighted terms (checkpoints ◆)"
+    return Chart(title, STEP_AXIS, "loss (nats)" if per_token else "loss", series, _epoch_lines(runs))
 
 
 def _checkpoint_marks(r: RunData, curve: list[tuple[float, float]]) -> list[tuple[tuple[float, float], str]]:
@@ -217,6 +241,8 @@ def _metric_unit(name: str) -> str:
         return "share of scored answers"
     if metric in ("loss", "eval_loss"):
         return "loss (the run's objective; nats per token for next-token loss)"
+    if metric.startswith("loss/"):
+        return "loss term (per unit)"
     known = {
         "ppl": "perplexity",
         "wasserstein": "Wasserstein-1 (options in [0, 1])",
