@@ -61,6 +61,40 @@ FILE_CASES = [
     ("no_effect_probs_samples", SUITE + b"      num_samples: 7\n", [":6:", "num_samples has no effect with method=probs"]),
     ("no_effect_lora_on_full", b"model:\n  method: full\n  lora:\n    r: 8\n", [":3:", "model.lora has no effect"]),
     ("unknown_suite_kind", b"eval:\n  suites:\n    - name: a\n      kind: nope\n", [":3:", "eval.suites.0", "'nope'"]),
+    # objectives
+    ("unknown_objective", b"objective:\n  kind: ranking\n", [":2:", "objective.kind", "'causal_lm'"]),
+    (
+        "no_effect_regression_on_lm",
+        b"objective:\n  regression:\n    loss: mae\n",
+        [":2:", "objective.regression has no effect with objective.kind=causal_lm"],
+    ),
+    (
+        "no_effect_neg_on_infonce",
+        b"objective:\n  kind: contrastive\n  contrastive:\n    loss: infonce\n    lambda_neg: 2\n",
+        [":5:", "lambda_neg has no effect with loss=infonce"],
+    ),
+    ("python_without_function", b"objective:\n  kind: python\n", ["objective.kind=python needs objective.python.function"]),
+    (
+        "python_bad_function",
+        b"objective:\n  kind: python\n  python:\n    function: my_loss\n",
+        [":4:", "objective.python.function", "pattern"],
+    ),
+    (
+        "marker_without_text",
+        b"objective:\n  kind: regression\n  regression:\n    pool: marker\n",
+        ["pool=marker needs objective.regression.marker"],
+    ),
+    ("tau_zero", b"objective:\n  kind: contrastive\n  contrastive:\n    tau: 0\n", [":4:", "objective.contrastive.tau", "greater than 0"]),
+    (
+        "probe_with_recompute",
+        b"model:\n  gradient_checkpointing: true\nobjective:\n  kind: regression\n  regression:\n    freeze_backbone: true\n",
+        ["set model.gradient_checkpointing=false"],
+    ),
+    (
+        "regression_suite_on_lm",
+        b"data:\n  eval_split: 0.1\neval:\n  suites:\n    - name: r\n      kind: regression\n",
+        [":6:", "objective.kind=regression"],
+    ),
 ]
 
 

@@ -517,3 +517,24 @@ def test_plan_cli_for_an_objective(tmp_path, tiny_model_dir, regression_file, tr
         assert saved["objective"]["sequences_per_row"] == 3 and "next-token loss x 0.5 on the anchors' answers" in r.stdout
         assert "sequences: anchors, positives, negatives)" in r.stdout and "logits and loss" in names
         assert any("triplets: a micro-batch of B rows runs 3B sequences" in a for a in saved["assumptions"])
+
+
+@pytest.mark.parametrize("pool, max_length", [("mean", 45), ("last", 60)])
+def test_capped_triplets_are_what_prepare_gives(tmp_path, tiny_model_dir, tiny_tokenizer, triplet_file, pool, max_length):
+    """A shorter data.max_length (a change plan ranks) cuts every sequence of a triplet and drops the rows left without a
+    read position, as the data stage does."""
+    from finetrack.data import prepare
+    from finetrack.plan import capped
+
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, triplet_file, "objective.kind=contrastive", f"objective.contrastive.pool={pool}")
+    shorter = tiny_cfg(
+        tmp_path,
+        tiny_model_dir,
+        triplet_file,
+        "objective.kind=contrastive",
+        f"objective.contrastive.pool={pool}",
+        f"data.max_length={max_length}",
+    )
+    shape = lambda rows: [([len(s.input_ids) for s in e.sequences()], [s.pools for s in e.sequences()]) for e in rows]
+    cut = capped(prepare(cfg.data, tiny_tokenizer, 0, cfg.objective).train, shorter)
+    assert 0 < len(cut) and shape(cut) == shape(prepare(shorter.data, tiny_tokenizer, 0, shorter.objective).train)

@@ -187,7 +187,7 @@ def _hint(key: str) -> str:
     return f" (did you mean '{best}'?)" if best else ""
 
 
-_KEY_IN_TEXT = re.compile(r"\b(?:model|data|train|checkpoint|eval|output)(?:\.\w+)+")
+_KEY_IN_TEXT = re.compile(rf"\b(?:{'|'.join(Config.model_fields)})(?:\.\w+)+")  # a section name, then its keys
 
 
 def _format_validation_error(err: ValidationError, source: str | None, doc: YamlDoc, overridden: dict[str, str], tree: dict) -> str:
