@@ -20,7 +20,7 @@ import math
 import random
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -358,31 +358,39 @@ def _warn_left_out(split: str, report: dict) -> None:
         log.warning("data (%s): message keys other than role and content are not trained on (dropped): %s", split, counts)
 
 
+def parsed_rows(rows: Iterator[RawRow], cfg: DataConfig, report: DataReport, parse: Callable[[RawRow, str], Any]) -> Iterator[tuple]:
+    """(row, "file:line", parse(row, where)) of every row that parses, counted in `report` as read; a malformed row
+    (DataError) stops with its message, or with data.on_error=skip is counted and skipped."""
+    from tqdm.auto import tqdm
+
+    for row in tqdm(rows, desc="tokenize", unit=" rows", leave=False, mininterval=1.0, disable=None):
+        report.rows_read += 1
+        report.rows_read_by_source[row.source] = report.rows_read_by_source.get(row.source, 0) + 1
+        where = f"{row.source}:{row.line}"
+        try:
+            yield row, where, parse(row, where)
+        except DataError as e:
+            if cfg.on_error == "error":
+                raise DataError(f"{e} (set data.on_error=skip to skip and count such rows)") from None
+            report.dropped["malformed"] += 1
+            report.note(str(e))
+
+
 def _tokenize_all(
     rows: Iterator[RawRow], cfg: DataConfig, tokenizer, report: DataReport, objective: ObjectiveConfig | None
 ) -> list[Example]:
-    from tqdm.auto import tqdm
-
     if objective is not None and objective.kind in ("regression", "contrastive"):
         from .objective_data import tokenize_rows
 
         return tokenize_rows(rows, cfg, objective, tokenizer, report)
 
     specials = special_token_pattern(tokenizer)
+
+    def parse(row: RawRow, where: str) -> tuple[list[int], list[int]]:
+        return tokenize_chat(to_messages(row, report.ignored_message_keys, specials), tokenizer, cfg.train_on, where)
+
     out = []
-    for row in tqdm(rows, desc="tokenize", unit=" rows", leave=False, mininterval=1.0, disable=None):
-        report.rows_read += 1
-        report.rows_read_by_source[row.source] = report.rows_read_by_source.get(row.source, 0) + 1
-        where = f"{row.source}:{row.line}"
-        try:
-            messages = to_messages(row, report.ignored_message_keys, specials)
-            ids, labels = tokenize_chat(messages, tokenizer, cfg.train_on, where)
-        except DataError as e:
-            if cfg.on_error == "error":
-                raise DataError(f"{e} (set data.on_error=skip to skip and count such rows)") from None
-            report.dropped["malformed"] += 1
-            report.note(str(e))
-            continue
+    for row, where, (ids, labels) in parsed_rows(rows, cfg, report, parse):
         if len(ids) > cfg.max_length:
             if cfg.on_overflow == "error":
                 raise DataError(f"{where}: {len(ids)} tokens > data.max_length={cfg.max_length} (set data.on_overflow=truncate or drop)")

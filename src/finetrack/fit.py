@@ -42,7 +42,8 @@ def _candidates(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
     """Single changes that lower memory, each with its trade-off, for the config as it is."""
     m, t, d = cfg.model, cfg.train, cfg.data
     out: list[tuple[str, dict[str, Any]]] = []
-    if not m.gradient_checkpointing:
+    probe = cfg.objective.kind == "regression" and cfg.objective.regression.freeze_backbone  # keeps no activations to recompute
+    if not m.gradient_checkpointing and not probe:
         out.append(
             ("gradient checkpointing (recomputes activations in backward: ~30% more compute)", {"model.gradient_checkpointing": True})
         )

@@ -176,10 +176,16 @@ def _accumulate(model: nn.Module, batches: list[Batch], objective: Objective, ac
         with sync:
             terms = objective(model, batch.to(device))
             accelerator.backward(weighted_loss(terms, units, accelerator.num_processes))
-        for name, term in terms.items():
-            sums[name] = sums.get(name, torch.zeros((), device=device)) + term.total.detach().float()
-            kinds[name] = (term.unit, term.weight)
+        _add_terms(sums, kinds, terms)
     return _step_result(sums, kinds, units, accelerator)
+
+
+def _add_terms(sums: dict[str, torch.Tensor], kinds: dict[str, tuple[str, float]], terms: dict[str, Term]) -> None:
+    """Add one micro-batch's terms to the running sums (detached, float32), keeping each term's unit and weight."""
+    for name, term in terms.items():
+        total = term.total.detach().float()
+        sums[name] = sums[name] + total if name in sums else total
+        kinds[name] = (term.unit, term.weight)
 
 
 def _step_units(batches: list[Batch], accelerator) -> dict[str, int]:
@@ -233,9 +239,7 @@ def evaluate(
     sums: dict[str, torch.Tensor] = {}
     kinds: dict[str, tuple[str, float]] = {}
     for batch in batches:
-        for name, term in objective(model, batch.to(accelerator.device)).items():
-            sums[name] = sums.get(name, torch.zeros((), device=accelerator.device)) + term.total.float()
-            kinds[name] = (term.unit, term.weight)
+        _add_terms(sums, kinds, objective(model, batch.to(accelerator.device)))
     model.train(was_training)
     if not sums:
         return {"loss": math.nan}

@@ -5,9 +5,9 @@ contrastive triplets) and, on the CPU, the freed temporaries glibc keeps on the 
 What autograd saves per token and layer was derived for the Hugging Face Llama block (RMSNorm, RoPE, SwiGLU MLP, GQA)
 and checked tensor by tensor with `torch.autograd.graph.saved_tensors_hooks` on SmolLM2-135M (module docstring of
 memory.py). A frozen backbone (objective.regression.freeze_backbone) saves nothing: no tensor before the head requires
-grad, so autograd records nothing there (checked the same way), unless gradient checkpointing is on: transformers then
-makes the embedding output require grad (`enable_input_require_grads`, called by `gradient_checkpointing_enable`), and
-the backbone keeps and recomputes its layers like a LoRA model without adapters.
+grad, so autograd records nothing there (checked the same way). With gradient checkpointing transformers would make the
+embedding output require grad (`enable_input_require_grads`) and recompute the backbone for nothing: the config refuses
+that combination, and the branches below that allow it are kept only so the arithmetic stays whole.
 """
 
 from __future__ import annotations

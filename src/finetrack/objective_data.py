@@ -21,34 +21,25 @@ from collections.abc import Iterator
 from typing import Any
 
 from .config import DataConfig, ObjectiveConfig
-from .data import Example, check_messages, check_text, special_token_pattern, tokenize_chat
+from .data import Example, check_messages, check_text, parsed_rows, special_token_pattern, tokenize_chat
 from .data_files import DataError, RawRow, json_type
 
 
 def tokenize_rows(rows: Iterator[RawRow], cfg: DataConfig, objective: ObjectiveConfig, tokenizer, report) -> list[Example]:
     """Examples of the objective's rows; a malformed row stops with file, line and field (or is counted and skipped
     with data.on_error=skip), a row over data.max_length follows data.on_overflow."""
-    from tqdm.auto import tqdm
-
     specials = special_token_pattern(tokenizer)
     build = _contrastive_row if objective.kind == "contrastive" else _regression_row
+
+    def parse(row: RawRow, where: str) -> Example:
+        if isinstance(row.record, DataError):
+            raise row.record
+        if not isinstance(row.record, dict):
+            raise DataError(f"{where}: a row must be an object, got {json_type(row.record)}")
+        return build(row.record, objective, tokenizer, cfg.train_on, where, specials)
+
     out = []
-    for row in tqdm(rows, desc="tokenize", unit=" rows", leave=False, mininterval=1.0, disable=None):
-        report.rows_read += 1
-        report.rows_read_by_source[row.source] = report.rows_read_by_source.get(row.source, 0) + 1
-        where = f"{row.source}:{row.line}"
-        try:
-            if isinstance(row.record, DataError):
-                raise row.record
-            if not isinstance(row.record, dict):
-                raise DataError(f"{where}: a row must be an object, got {json_type(row.record)}")
-            example = build(row.record, objective, tokenizer, cfg.train_on, where, specials)
-        except DataError as e:
-            if cfg.on_error == "error":
-                raise DataError(f"{e} (set data.on_error=skip to skip and count such rows)") from None
-            report.dropped["malformed"] += 1
-            report.note(str(e))
-            continue
+    for _, where, example in parsed_rows(rows, cfg, report, parse):
         example = _fit_length(example, cfg, where, report)
         if example is not None:
             out.append(example)

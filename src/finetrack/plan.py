@@ -419,13 +419,7 @@ def objective_assumptions(cfg: Config, obj: memory.ObjectiveShape) -> list[str]:
         )
     if obj.reads_hidden and not obj.next_token:
         out.append("no next-token term: lm_head runs at one position per row (logits_to_keep=1), forward only, freed before backward")
-    if obj.frozen and cfg.model.gradient_checkpointing:
-        out.append(
-            "freeze_backbone with gradient checkpointing: transformers makes the embedding output require grad, so backward "
-            "still runs through (and recomputes) the frozen backbone: ~3x the FLOPs of a forward and the checkpointed "
-            "activations; with model.gradient_checkpointing=false nothing before the head is kept or differentiated"
-        )
-    elif obj.frozen:
+    if obj.frozen:  # with gradient checkpointing too it would recompute and differentiate the backbone: a config error
         out.append("freeze_backbone: only the head trains; the backbone runs forward only and keeps no activations for backward")
     return out
 
