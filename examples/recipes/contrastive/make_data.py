@@ -61,7 +61,13 @@ def answer(task: int, f: dict) -> str:
 
 
 def fill(rng: random.Random) -> dict:
-    return {"name": rng.choice(NAMES), "n": rng.randint(2, 40), "item": rng.choice(ITEMS), "place": rng.choice(PLACES), "day": rng.choice(DAYS)}
+    return {
+        "name": rng.choice(NAMES),
+        "n": rng.randint(2, 40),
+        "item": rng.choice(ITEMS),
+        "place": rng.choice(PLACES),
+        "day": rng.choice(DAYS),
+    }
 
 
 def prompt(request: str, note: str) -> list[dict]:
