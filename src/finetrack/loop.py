@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -190,12 +191,17 @@ def _add_terms(sums: dict[str, torch.Tensor], kinds: dict[str, tuple[str, float]
 
 def _step_units(batches: list[Batch], accelerator) -> dict[str, int]:
     """Every unit of this step's batches, summed over micro-batches and processes (known before any forward)."""
-    names = sorted({k for b in batches for k in b.units} | {"tokens", "rows"})
-    local = torch.tensor(
-        [[sum(b.units.get(k, 0) for b in batches) for k in names] + [sum(b.num_tokens for b in batches)]], device=accelerator.device
-    )
-    total = accelerator.reduce(local, reduction="sum")[0].tolist()
-    return {**dict(zip(names, map(int, total[:-1]))), "_all_tokens": int(total[-1])}
+    local: Counter = Counter()
+    for b in batches:
+        local.update({**b.units, "_all_tokens": b.num_tokens})
+    return _reduce_units(local, accelerator)
+
+
+def _reduce_units(local: Counter, accelerator) -> dict[str, int]:
+    """Units counted on this process, summed over all processes ("_all_tokens": every real token, for throughput)."""
+    names = sorted(set(local) | {"tokens", "rows", "_all_tokens"})
+    total = accelerator.reduce(torch.tensor([local[k] for k in names], device=accelerator.device), reduction="sum").tolist()
+    return dict(zip(names, map(int, total)))
 
 
 def _step_result(sums: dict[str, torch.Tensor], kinds: dict[str, tuple[str, float]], units: dict[str, int], accelerator) -> StepResult:
@@ -230,30 +236,20 @@ def evaluate(
     objective: Objective,
     accelerator,
 ) -> dict[str, float]:
-    """The objective over the held-out rows (each process takes a share): {"loss": ..., and each term as logged}."""
+    """The objective over the held-out rows (each process takes a share), normalized like a training step over all of
+    them: {"loss": ..., and each term as logged}. Batches are built one at a time (no backward needs the units first)."""
     was_training = model.training
     model.eval()
     mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
-    batches = [make_batch(mb) for mb in micro_batches(examples, mine, micro_batch_size)]
-    units = _step_units(batches, accelerator) if batches else {}
+    local: Counter = Counter()
     sums: dict[str, torch.Tensor] = {}
     kinds: dict[str, tuple[str, float]] = {}
-    for batch in batches:
+    for rows in micro_batches(examples, mine, micro_batch_size):
+        batch = make_batch(rows)
+        local.update({**batch.units, "_all_tokens": batch.num_tokens})
         _add_terms(sums, kinds, objective(model, batch.to(accelerator.device)))
     model.train(was_training)
     if not sums:
         return {"loss": math.nan}
-    result = _step_result(sums, kinds, units, accelerator)
-    return {"loss": result.loss, **{k: v for k, v in result.extra.items()}}
-
-
-def evaluate_loss(
-    model: nn.Module,
-    examples: list[Example],
-    micro_batch_size: int,
-    make_batch: Callable[[list[Example]], Batch],
-    objective: Objective,
-    accelerator,
-) -> float:
-    """The objective's value over the held-out rows (mean loss per target token for causal_lm)."""
-    return evaluate(model, examples, micro_batch_size, make_batch, objective, accelerator)["loss"]
+    result = _step_result(sums, kinds, _reduce_units(local, accelerator), accelerator)
+    return {"loss": result.loss, **result.extra}

@@ -36,7 +36,7 @@ from .config import (
 )
 from .data import prepare, report_line
 from .interrupt import Interrupted, StopFlag
-from .loop import Loop, evaluate_loss, fit  # noqa: F401  (evaluate_loss: re-exported)
+from .loop import Loop, fit
 from .metrics import MetricsLog
 from .models import build_model, check_source, load_tokenizer, load_weights, save_weights, saved_bytes, trainable_report
 from .objectives import Objective
