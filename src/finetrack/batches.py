@@ -72,13 +72,12 @@ class Batch:
         return units
 
     def to(self, device: torch.device) -> Batch:
-        move = lambda t: None if t is None else t.to(device)
         return replace(
             self,
             inputs={k: v.to(device) for k, v in self.inputs.items()},
             targets=self.targets.to(device),
-            pool=move(self.pool),
-            values=move(self.values),
+            pool=None if self.pool is None else self.pool.to(device),
+            values=None if self.values is None else self.values.to(device),
         )
 
 

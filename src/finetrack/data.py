@@ -151,14 +151,7 @@ def _to_messages(row: RawRow, ignored: Counter, specials: re.Pattern | None) -> 
     if not isinstance(rec, dict):
         raise DataError(f"{where}: a row must be an object with 'messages' or 'prompt'/'completion', got {json_type(rec)}")
     if "messages" in rec:
-        messages = rec["messages"]
-        if isinstance(messages, str):  # CSV cells hold JSON text
-            try:
-                messages = json.loads(messages)
-            except (ValueError, RecursionError) as e:  # bad syntax, nesting too deep, a number too long
-                reason = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply" if isinstance(e, RecursionError) else e
-                raise DataError(f"{where}: field 'messages' is text that is not a JSON list of messages ({reason})") from None
-        return check_messages(messages, where, "messages", ignored, specials, need_assistant=True)
+        return check_messages(json_cell(rec["messages"], where, "messages"), where, "messages", ignored, specials, need_assistant=True)
     if "prompt" in rec or "completion" in rec:
         for key in ("prompt", "completion"):
             if key not in rec:
@@ -180,6 +173,17 @@ def _to_messages(row: RawRow, ignored: Counter, specials: re.Pattern | None) -> 
         check_text(completion, where, field_name, specials)
         return msgs + [{"role": "assistant", "content": completion}]
     raise DataError(f"{where}: no 'messages' and no 'prompt'/'completion' field (found: {', '.join(map(str, rec)) or 'nothing'})")
+
+
+def json_cell(value: Any, where: str, name: str) -> Any:
+    """A field that may be JSON text (CSV cells hold a list of messages as text): parsed, or the value as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError) as e:  # bad syntax, nesting too deep, a number too long
+        reason = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply" if isinstance(e, RecursionError) else e
+        raise DataError(f"{where}: field '{name}' is text that is not a JSON list of messages ({reason})") from None
 
 
 def special_token_pattern(tokenizer) -> re.Pattern | None:

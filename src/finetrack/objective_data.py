@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 from .config import DataConfig, ObjectiveConfig
-from .data import Example, check_messages, check_text, parsed_rows, special_token_pattern, tokenize_chat
+from .data import Example, check_messages, check_text, json_cell, parsed_rows, special_token_pattern, tokenize_chat
 from .data_files import DataError, RawRow, json_type
 
 
@@ -86,7 +87,7 @@ def _regression_row(rec: dict, objective: ObjectiveConfig, tokenizer, train_on: 
     target = _number(rec[r.target_field], where, r.target_field)
     if "messages" in rec:
         messages = check_messages(
-            _json_list(rec["messages"], where, "messages"), where, "messages", _ignored(), specials, need_assistant=False
+            json_cell(rec["messages"], where, "messages"), where, "messages", Counter(), specials, need_assistant=False
         )
         prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages  # the answer, if any, is the last turn
     elif "prompt" in rec:
@@ -168,30 +169,13 @@ def _contrastive_row(rec: dict, objective: ObjectiveConfig, tokenizer, train_on:
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _ignored():
-    from collections import Counter
-
-    return Counter()
-
-
-def _json_list(value: Any, where: str, name: str) -> Any:
-    if isinstance(value, str):  # CSV cells hold JSON text
-        import json
-
-        try:
-            return json.loads(value)
-        except (ValueError, RecursionError):
-            raise DataError(f"{where}: field '{name}' is text that is not a JSON list of messages") from None
-    return value
-
-
 def _prompt(value: Any, where: str, name: str, specials) -> list[dict[str, str]]:
     if isinstance(value, str):
         if not value.strip():
             raise DataError(f"{where}: field '{name}' is empty")
         check_text(value, where, name, specials)
         return [{"role": "user", "content": value}]
-    messages = check_messages(_json_list(value, where, name), where, name, _ignored(), specials, need_assistant=False)
+    messages = check_messages(json_cell(value, where, name), where, name, Counter(), specials, need_assistant=False)
     if messages[-1]["role"] == "assistant":
         raise DataError(f"{where}: field '{name}' ends with an assistant message; a prompt ends with the user's turn")
     return messages
