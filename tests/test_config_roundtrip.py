@@ -228,6 +228,8 @@ def test_facts_derived_from_the_fields():
         "train.sample_generation.",
         "train.report_to",
         "train.report_project",
+        "train.early_stopping",
+        "train.callbacks",
         "checkpoint.",
         "eval.",
         "output.",

@@ -191,7 +191,7 @@ def test_a_changed_python_objective_file_is_refused_on_resume(tmp_path, tiny_mod
     [
         ("nowhere.py:fn", "no such file nowhere.py"),
         ("no_such_module_xyz:fn", "no module no_such_module_xyz"),
-        ("{f}:missing", "defines no function 'missing'"),
+        ("{f}:missing", "defines no function or class 'missing'"),
         ("{f}:returns_float", "returned float: it must return {name: finetrack.objectives.Term}"),
         ("{f}:bad_unit", "term 'x' has unit 'parsecs'"),
     ],

@@ -394,20 +394,35 @@ def newest_resumable(run_dir: Path, warn: Callable[[str], None] = log.warning) -
 
 # ------------------------------------------------------------------------------------ retention
 def retain(
-    run_dir: Path, num_keep_last: int | None, keep_schedule: bool, keep_optimizer_state: str, busy: set[Path] = frozenset()
+    run_dir: Path,
+    num_keep_last: int | None,
+    keep_schedule: bool,
+    keep_optimizer_state: str,
+    busy: set[Path] = frozenset(),
+    best_step: int | None = None,
 ) -> list[str]:
     """Apply the retention policy to the complete checkpoints of a run; returns what was done, one line each.
 
-    Rolling checkpoints (every_steps, signal) beyond the newest num_keep_last are deleted; scheduled ones
-    (rules first_epoch, per_epoch, steps, log_spaced) are kept unless keep_schedule=false. With
-    keep_optimizer_state=last, older checkpoints lose their resume state but keep their weights.
-    The newest complete checkpoint is never touched, nor a folder in `busy` (still being uploaded).
+    What is kept, in order of precedence:
+    1. the newest complete checkpoint (a resume continues from it), and any folder in `busy` (still being uploaded);
+    2. the best checkpoint (`best_step`, checkpoint.best), while it is the best;
+    3. the schedule's checkpoints (rules first_epoch, per_epoch, steps, log_spaced) unless keep_schedule=false;
+    4. the newest num_keep_last checkpoints (the newest counts as one) of the rest, the rolling ones (every_steps,
+       signal, a stop); None keeps them all.
+    A checkpoint written only because it was the best (its one rule "best") is deleted once another is better:
+    it is not a rolling one. With keep_optimizer_state=last, older checkpoints lose their resume state but keep their
+    weights.
     """
     found = complete_checkpoints(run_dir, warn=lambda _: None)
     if not found:
         return []
-    older = found[:-1]  # the newest is never touched
+    older = [f for f in found[:-1] if f.step != best_step]  # the newest and the best are never touched
     done = []
+    for f in [f for f in older if f.meta.get("rules") == ["best"]]:
+        if f.path not in busy:
+            discard(f.path)
+            done.append(f"deleted {f.path.name} (saved as the best; step {best_step} is better now)")
+    older = [f for f in older if f.path.exists()]
     rolling = [f for f in older if not (keep_schedule and SCHEDULE_RULES & set(f.meta.get("rules", [])))]
     if num_keep_last is not None:
         keep_rolling = max(num_keep_last - 1, 0)  # the newest counts as one of the last N
@@ -418,7 +433,7 @@ def retain(
                 done.append(f"deleted {f.path.name} (checkpoint.num_keep_last={num_keep_last})")
         older = [f for f in older if f.path.exists()]
     if keep_optimizer_state == "last":
-        for f in older:
+        for f in older + [f for f in found[:-1] if f.step == best_step]:
             if f.path not in busy and (f.path / STATE_TENSORS).exists():
                 drop_resume_state(f.path)
                 done.append(f"removed resume state from {f.path.name} (checkpoint.keep_optimizer_state=last)")

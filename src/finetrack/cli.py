@@ -89,12 +89,19 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(config, overrides)
     _share_cores()
     result = run(cfg, request=request)
-    if result.resumed_from_step == result.total_steps:
-        print(f"already complete: {result.total_steps} steps; final checkpoint {result.final_checkpoint}")
+    stop = result.stop_reason
+    if result.resumed_from_step == result.total_steps or (stop and result.resumed_from_step == stop.get("step")):
+        ended = f"stopped early at step {stop['step']} ({stop.get('message')})" if stop else f"{result.total_steps} steps"
+        print(f"already complete: {ended}; final checkpoint {result.final_checkpoint}")
+    elif stop:
+        print(f"stopped early at step {stop['step']} of {result.total_steps}: {stop.get('message')}")
+        print(f"done: loss {result.first_loss:.4f} -> {result.final_loss:.4f}; final checkpoint {result.final_checkpoint}")
     else:
         print(
             f"done: {result.total_steps} steps, loss {result.first_loss:.4f} -> {result.final_loss:.4f}; final checkpoint {result.final_checkpoint}"
         )
+    if result.best:
+        print(f"best: step {result.best['step']}, {result.best['metric']} {result.best['value']:.6g} ({result.best['checkpoint']})")
     return 3 if result.not_uploaded else 0
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .evaluate.spec import SampleGenerationConfig, SuiteConfig
+from .evaluate.spec import SampleGenerationConfig, SuiteConfig, validation_every_steps
 from .redact import looks_like_url
 from .schema import (
     EMBEDDED_NAME,
@@ -243,6 +243,73 @@ class ObjectiveConfig(Section):
         return self
 
 
+# ----------------------------------------------------------------------------------- monitoring
+class MonitorConfig(Section):
+    metric: str = Field(
+        "eval_loss",
+        min_length=1,
+        description="A validation metric as metrics.jsonl names it: eval_loss (held-out rows, every eval.loss_every_steps), "
+        "eval_<term>, or val/<suite>.<metric> (a suite of eval.suites run during training).",
+    )
+    mode: Literal["auto", "min", "max"] = Field(
+        "auto",
+        description="min or max is better; auto reads it from the metric's name as `finetrack gate` does (loss, mse: min; r2, accuracy: max).",
+    )
+
+
+class EarlyStoppingConfig(MonitorConfig):
+    patience: int = Field(3, gt=0, description="Stop after this many validations in a row without improvement.")
+    min_delta: float = Field(0.0, ge=0, description="An improvement smaller than this does not count.")
+
+
+class BestConfig(MonitorConfig):
+    """checkpoint.best: which checkpoint is the best (checkpoints/best.json)."""
+
+
+class CallbackConfig(Section):
+    function: str = Field(
+        pattern=r"^[^:]+:\w+$",
+        description="'module:Name' or 'path/to/file.py:Name': a class (or function) called with `options` as keyword arguments, "
+        "returning an object with any of on_step_end, on_validation, on_checkpoint, on_stop (see the README's callbacks).",
+    )
+    options: dict = Field(default_factory=dict, description="Keyword arguments for `function`.")
+
+
+def rate_rules(config: Config) -> dict[str, str]:
+    """Rate name -> rule, over the judge suites of eval.suites (how the gate reads a rate's direction)."""
+    return {name: rule for s in config.eval.suites for name, rule in getattr(s, "rates", {}).items()}
+
+
+def _monitor_problem(field: str, monitor: MonitorConfig, config: Config) -> str | None:
+    """What is wrong with a monitored metric (None: it is produced during training and its direction is known)."""
+    metric = monitor.metric
+    if metric.startswith("eval_"):
+        if config.data.eval_split is None or config.eval.loss_every_steps is None:
+            return (
+                f"{field}.metric={metric}: the held-out loss runs during training only with data.eval_split and "
+                "eval.loss_every_steps: set both (e.g. data.eval_split=0.1 eval.loss_every_steps=50)"
+            )
+    elif metric.startswith("val/") and "." in metric:
+        suite_name = metric.removeprefix("val/").split(".", 1)[0]
+        suite = next((s for s in config.eval.suites if s.name == suite_name), None)
+        if suite is None:
+            return f"{field}.metric={metric}: no suite '{suite_name}' in eval.suites (suites: {[s.name for s in config.eval.suites]})"
+        if not validation_every_steps(suite, config.eval.every_steps):
+            return f"{field}.metric={metric}: suite '{suite_name}' does not run during training: set eval.every_steps or its every_steps"
+    else:
+        return (
+            f"{field}.metric={metric}: not a validation metric; use eval_loss, eval_<term> (held-out rows) or "
+            "val/<suite>.<metric> (a suite of eval.suites run during training)"
+        )
+    if monitor.mode == "auto":
+        from .gate import infer_direction
+
+        inferred, why = infer_direction(metric.removeprefix("val/"), rate_rules(config))
+        if inferred is None:
+            return f"{field}.mode=auto: which way is better for {metric} is ambiguous ({why}); set {field}.mode=min or max"
+    return None
+
+
 # ---------------------------------------------------------------------------------------- train
 class TrainConfig(Section):
     seed: Annotated[int, Knob(eval_key=True)] = Field(  # the held-out split: what a loss suite measures
@@ -308,6 +375,20 @@ class TrainConfig(Section):
         description="Tracker project: the W&B project, the MLflow experiment, the folder under "
         "RUN_DIR/tensorboard/. The tracker run is named after output.dir.",
     )
+    early_stopping: Annotated[EarlyStoppingConfig | None, Knob(harmless_on_resume=True, measured=False)] = Field(
+        None,
+        description="Stop when a validation metric stops improving (patience counted in validations); a final checkpoint "
+        "records why. None = train to the end.",
+    )
+    callbacks: Annotated[list[CallbackConfig], _WATCH] = Field(
+        default_factory=list,
+        description="Your code called during training: 'module:Name' or {function: 'file.py:Name', options: {...}} (see the README).",
+    )
+
+    @field_validator("callbacks", mode="before")
+    @classmethod
+    def _callback_strings(cls, value: object) -> object:
+        return [{"function": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _checks(self) -> TrainConfig:
@@ -339,6 +420,11 @@ class CheckpointConfig(Section):
     keep_optimizer_state: Literal["all", "last"] = Field(
         "all", description="Resume state (optimizer, RNG) in every checkpoint, or only in the newest (older ones keep their weights)."
     )
+    best: BestConfig | None = Field(
+        None,
+        description="Track the best checkpoint by a validation metric: a checkpoint is saved when it improves, "
+        "checkpoints/best.json names it, and retention keeps it. None = off.",
+    )
     remote: str | None = Field(
         None,
         description="fsspec URL (s3://bucket/run, gs://, hf://, file://) each checkpoint is uploaded to in the background; "
@@ -358,6 +444,14 @@ class EvalConfig(Section):
     )
     micro_batch_size: Annotated[int | None, Knob(lambda _, c: c.data.eval_split is not None, "without data.eval_split")] = Field(
         None, gt=0, description="Rows per eval forward; default train.micro_batch_size."
+    )
+    every_steps: Annotated[
+        int | None, Knob(lambda e, _: bool(e.suites), "without eval.suites: add suites or remove it", measured=False)
+    ] = Field(
+        None,
+        gt=0,
+        description="Run every suite during training on the live model every N optimizer steps, at the last step and at "
+        "step 0 of a fresh start; results go to metrics.jsonl (val/<suite>.<metric>) and eval/ (a suite's every_steps overrides).",
     )
     suites: Annotated[list[SuiteConfig], Knob(measured=False)] = Field(
         default_factory=list, description="What `finetrack eval` measures at step 0 (the base model) and every checkpoint (see the README)."
@@ -405,6 +499,15 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
+    def _monitors(self) -> Config:
+        """A monitored metric must be produced during training, and which way is better must be known."""
+        monitors = [("train.early_stopping", self.train.early_stopping), ("checkpoint.best", self.checkpoint.best)]
+        problems = [p for field, m in monitors if m is not None and (p := _monitor_problem(field, m, self))]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @model_validator(mode="after")
     def _probe_without_recompute(self) -> Config:
         # transformers makes the embedding output require grad under gradient checkpointing, so backward would
         # recompute and run through a frozen backbone that keeps nothing for backward (~3x the forward, measured)
@@ -421,19 +524,23 @@ from .config_load import config_keys, help_config, load_config, parse_override
 from .config_resolve import Environment, Resolved, RunShape, config_hash, resolve, resolve_model, resolved_yaml
 
 __all__ = [
+    "BestConfig",
+    "CallbackConfig",
     "CheckpointConfig",
     "Config",
     "ConfigError",
+    "ContrastiveConfig",
     "DataConfig",
+    "EarlyStoppingConfig",
     "Environment",
     "EvalConfig",
-    "ContrastiveConfig",
     "HeadConfig",
     "LoraConfig",
-    "ObjectiveConfig",
-    "PythonObjectiveConfig",
     "ModelConfig",
+    "MonitorConfig",
+    "ObjectiveConfig",
     "OutputConfig",
+    "PythonObjectiveConfig",
     "QloraConfig",
     "RegressionConfig",
     "Resolved",

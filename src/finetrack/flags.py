@@ -108,12 +108,15 @@ def memory_size(text: str) -> str:
 
 
 def step_list(text: str) -> str:
-    """argparse type for eval --steps: all, latest, or comma-separated step numbers (0 = the base model)."""
+    """argparse type for eval --steps: all, latest, best, or comma-separated step numbers (0 = the base model) and best."""
     value = text.strip()
     parts = [p.strip() for p in value.split(",")]
-    if value in ("all", "latest") or (value and all(p.isdigit() for p in parts)):
+    if value in ("all", "latest") or (value and all(p.isdigit() or p == "best" for p in parts)):
         return value
-    raise argparse.ArgumentTypeError(f"{text!r}: use all, latest, or a comma-separated list of step numbers such as 0,47,94")
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: use all, latest, or a comma-separated list of step numbers such as 0,47,94; "
+        "best (alone or in the list, e.g. 0,best) is the step checkpoints/best.json names"
+    )
 
 
 WATCH_SECONDS = positive_number(MAX_WATCH_SECONDS, "the seconds between polls", "30")
@@ -164,7 +167,7 @@ def parser() -> Parser:
     e = verb(
         "eval",
         help="evaluate the base model (step 0) and every checkpoint of a run with its eval suites",
-        description="finetrack eval RUN_DIR [--steps all|latest|0,47,94] [--suite NAME ...] [eval.key=value ...]; "
+        description="finetrack eval RUN_DIR [--steps all|latest|best|0,47,94,best] [--suite NAME ...] [eval.key=value ...]; "
         "finetrack eval CONFIG.yaml --steps 0: the base model, before training, into the run directory training will use",
     )
     e.add_argument(
@@ -172,7 +175,10 @@ def parser() -> Parser:
     )
     e.add_argument("overrides", nargs="*", help="eval.key=value applied to the run's eval section (before or after flags)")
     e.add_argument(
-        "--steps", type=step_list, help="a run: all (default), latest, or a comma-separated list such as 0,47,94 (0 = the base model)"
+        "--steps",
+        type=step_list,
+        help="a run: all (default), latest, best (the step checkpoints/best.json names), or a comma-separated list such as "
+        "0,47,94 or 0,best (0 = the base model)",
     )
     e.add_argument("--suite", action="append", metavar="NAME", help="only these suites (repeatable); default: all of eval.suites")
     e.add_argument("--config", help="a model or adapter folder: the config whose eval.suites (and model settings) to use")

@@ -207,7 +207,8 @@ def gate(
     The verdict block goes to `out` (stdout); the one "error: ..." line for missing data to `err` (stderr),
     so a pipeline that reads the verdict from stdout never mistakes an error for it.
 
-    step: "latest" (the highest step with an eval file) or a step number. min_improvement: "5%" or "0.05";
+    step: "latest" (the highest step with an eval file), "best" (the step checkpoints/best.json names: the best
+    checkpoint by checkpoint.best's metric) or a step number. min_improvement: "5%" or "0.05";
     negative tolerates that much regression. direction: "lower" / "higher" is better; None infers it (from a
     rate's rule or the metric's name) and says how, and refuses a metric whose direction is ambiguous.
     The improvement is relative to |baseline value|, or absolute when that is exactly 0.
@@ -217,19 +218,26 @@ def gate(
     if direction is not None and direction not in DIRECTIONS:
         raise ValueError(f"direction {direction!r} must be 'lower' or 'higher' (which way is better for {metric})")
     step_text = str(step).strip()
-    if step_text != "latest" and not step_text.isdigit():
-        raise ValueError(f"step {step!r} must be 'latest' or a step number such as 47")
+    if step_text not in ("latest", rundir.BEST) and not step_text.isdigit():
+        raise ValueError(f"step {step!r} must be 'latest', 'best' or a step number such as 47")
 
     run_dir = Path(run_dir)
     try:
         files = _eval_files(run_dir)
-        step_num = max(files) if step_text == "latest" else int(step_text)
+        step_num = max(files) if step_text == "latest" else rundir.resolve_step(run_dir, step_text)
+        # `--step best`: say which best it is, so a log of the gate shows what was compared
+        best = f" (best: {rundir.describe_best(rundir.require_best(run_dir), False)})" if step_text == rundir.BEST else ""
         if step_num == baseline:
             only = " (it is the only step evaluated so far)" if len(files) == 1 else ""
             raise _Missing(
                 f"evaluated step {step_num} is the baseline step{only}: evaluate a checkpoint with `finetrack eval {run_dir}` or pick --step"
             )
         base_record = _read_record(files, baseline, "baseline", run_dir)
+        if step_text == rundir.BEST and step_num not in files:
+            raise _Missing(
+                f"no eval file for the best step {step_num} (checkpoints/best.json) in {run_dir / 'eval'}; "
+                f"run `finetrack eval {run_dir} --steps best` first"
+            )
         record = _read_record(files, step_num, "evaluated", run_dir)
         base_value = _read_metric(base_record, files[baseline], baseline, metric, "baseline")
         value = _read_metric(record, files[step_num], step_num, metric, "evaluated")
@@ -243,7 +251,7 @@ def gate(
             told = f"{how}; pass --direction {'higher' if direction == 'lower' else 'lower'} if not"
         else:
             how = told = f"{direction} is better; as given"
-    except (_Missing, EvalError, ConfigError) as e:
+    except (_Missing, EvalError, ConfigError, rundir.CheckpointError) as e:
         err(f"error: {e}")
         return MISSING
 
@@ -268,7 +276,7 @@ def gate(
 
     out(f"metric:    {metric} ({told})")
     out(f"baseline:  step {baseline}: {show(base_value)}")
-    out(f"evaluated: step {step_num}: {show(value)}")
+    out(f"evaluated: step {step_num}{best}: {show(value)}")
     out(f"change:    {change_text}")
     out(f"threshold: {threshold_text}")
     moved = f"{metric} {show(value)} at step {step_num} vs {show(base_value)} at step {baseline} ({how}), a change of {shown}"
@@ -289,8 +297,10 @@ def _threshold_arg(text: str) -> str:
 
 
 def _step_arg(text: str) -> str:
-    if text != "latest" and not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not 'latest' or a step number such as 47")
+    if text not in ("latest", rundir.BEST) and not text.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not 'latest' or a step number such as 47 (or 'best': the step checkpoints/best.json names)"
+        )
     return text
 
 
@@ -299,7 +309,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="run directory holding eval/step-NNNNNN.json files (from `finetrack eval`)")
     parser.add_argument("--metric", required=True, help="metric to gate on, '<suite>.<metric>', e.g. heldout.loss or em.aligned")
     parser.add_argument(
-        "--step", default="latest", type=_step_arg, help="step to judge: a step number, or 'latest' (default): the highest evaluated step"
+        "--step",
+        default="latest",
+        type=_step_arg,
+        help="step to judge: a step number, 'best' (the step checkpoints/best.json names) "
+        "or 'latest' (default): the highest evaluated step",
     )
     parser.add_argument("--baseline", default=0, type=int, help="step to compare against (default 0: the base model)")
     parser.add_argument(

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -20,18 +21,21 @@ from torch import nn
 
 from . import processes
 from .batches import Batch, micro_batches, step_rows
+from .callbacks import CallbackError, Callbacks, RunView
 from .config import Config, RunShape
 from .data import Example
+from .heads import language_model
 from .health import stop_if_diverged
 from .interrupt import StopFlag
-from .heads import language_model
 from .metrics import MetricsLog, peak_memory_mib
 from .objectives import Objective, Term, logged, weighted_loss
 from .optim import lr_at, set_lr
+from .rundir import checkpoint_dir
 from .train_state import TrainState
+from .validation import Validator, decide
 
-# step, state, rules, metrics -> None: writes the checkpoint of `step` (every process calls it; see train.CheckpointWriter)
-SaveCheckpoint = Callable[[int, TrainState, list[str], dict[str, Any]], None]
+# step, state, rules, metrics, meta -> folder: writes the checkpoint of `step` (every process calls it; see train.CheckpointWriter)
+SaveCheckpoint = Callable[[int, TrainState, list[str], dict[str, Any], dict[str, Any]], Path]
 
 
 @dataclass
@@ -54,6 +58,8 @@ class Loop:
     out: MetricsLog
     trackers: Any  # tracking.Trackers
     sampler: Any  # sampling.Sampler
+    validator: Validator
+    callbacks: Callbacks
 
 
 @dataclass(frozen=True)
@@ -69,12 +75,13 @@ class StepResult:
     extra: dict[str, float]  # the objective's terms per unit, as logged (objectives.logged)
 
 
-def fit(loop: Loop, state: TrainState, stop: StopFlag) -> tuple[float, str | None]:
-    """Optimizer steps from state.step + 1 to the last, with logging, held-out loss, samples and checkpoints on their
-    schedules. Returns the last step's loss and the signal that ended the loop early (None when it ran to the end)."""
+def fit(loop: Loop, state: TrainState, stop: StopFlag) -> tuple[float, dict[str, Any]]:
+    """Optimizer steps from state.step + 1 to the last, with logging, validation, samples and checkpoints on their
+    schedules. Returns the last step's loss and why the loop ended: {"kind": "end" | "early_stopping" | "callback" |
+    "signal", "step", "message", ...}."""
     cfg: Config = loop.cfg  # read through an annotated name: the unread-field test (test_config) follows reads statically
     shape, acc = loop.shape, loop.accelerator
-    last_loss, stopped_by = math.nan, None
+    last_loss, ending = math.nan, {"kind": "end", "step": shape.total_steps, "message": "trained to the last step"}
     for step in range(state.step + 1, shape.total_steps + 1):
         processes.rebalance()  # an eval --watch beside this run may have started or ended: share the cores (processes.py)
         epoch, batches = step_batches(loop, step)
@@ -86,19 +93,108 @@ def fit(loop: Loop, state: TrainState, stop: StopFlag) -> tuple[float, str | Non
         checked = _is_log_step(loop, step) or step in shape.checkpoint_steps
         stop_if_diverged(step, last_loss, loop.trainable if checked else [], acc, cfg, loop.run_dir)
         _advance(state, step, epoch, shape.steps_per_epoch, result, time.perf_counter() - started)
-        _log_step(loop, state, step, lr)
+        report = _report_step(loop, state, step, lr, result)  # metrics line, validation, decisions, callbacks
         loop.sampler.sample_if_due(step, language_model(loop.bare))  # before the checkpoint: a checkpoint implies its samples
-        stopped_by = stop.requested(acc)
-        if step in shape.checkpoint_steps or stopped_by:
-            if not checked:  # a checkpoint the signal asked for: its weights were not checked above
-                stop_if_diverged(step, last_loss, loop.trainable, acc, cfg, loop.run_dir)
-            rules = shape.rules_at(step) + (["signal"] if stopped_by and step not in shape.checkpoint_steps else [])
-            loop.save(step, state, rules, {"loss": last_loss, "eval_loss": state.eval_loss, "lr": lr, "grad_norm": result.grad_norm})
-            stopped_by = stopped_by or stop.requested(acc)  # a signal during the save: the checkpoint is already there
-        if stopped_by:
+        signum = stop.requested(acc)
+        if step in shape.checkpoint_steps or report.save or report.stop_reason or signum:
+            _save(loop, state, step, report, report.stop_reason, signum)
+            signum = signum or stop.requested(acc)  # a signal during the save: the checkpoint is already there
+        if report.stop_reason or signum:
+            ending = report.stop_reason or {"kind": "signal", "step": step, "signum": signum, "message": f"stopped by signal {signum}"}
             break
     acc.wait_for_everyone()
-    return last_loss, stopped_by
+    _call(loop, "on_stop", state, stop_reason=ending, checkpoint=checkpoint_dir(loop.run_dir, state.step))
+    return last_loss, ending
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What the end of a step decided: its metrics line, its validation values, a checkpoint due, a stop."""
+
+    record: dict[str, Any]  # the metrics.jsonl line written ({} when nothing was due)
+    validation: dict[str, float | None]
+    loss: float
+    lr: float
+    grad_norm: float
+    save: bool = False  # the best improved: a checkpoint is due
+    stop_reason: dict[str, Any] | None = None  # early stopping or a callback asked to stop
+
+
+def _report_step(loop: Loop, state: TrainState, step: int, lr: float, result: StepResult) -> StepReport:
+    """The step's metrics line with its validation (held-out loss, suites), the decisions taken from it (best,
+    early stopping), the callbacks' hooks (they may log metrics into the line and ask for a stop)."""
+    cfg: Config = loop.cfg
+    record = _step_metrics(loop, state, step, lr) if _is_log_step(loop, step) else {}
+    values = {**_held_out(loop, state, step), **loop.validator.run(step, loop.bare)}
+    decision = decide(cfg, state, step, values)
+    view = None
+    try:
+        if values:
+            view = _call(loop, "on_validation", state, validation=values)
+        view = _call(loop, "on_step_end", state, metrics={**record, **values}, into=view)
+    except CallbackError:  # the run stops with the callback's error, a checkpoint of this step written first
+        _save(loop, state, step, StepReport(record, values, result.loss, lr, result.grad_norm), None, None, error=True)
+        raise
+    logged = view._logged if view else {}
+    if record or values or logged:
+        record = {**(record or {"step": step}), **values, **logged}
+        loop.out.write(record)
+        loop.trackers.log_metrics(record)
+    loop.out.bar.update(1)
+    stop_reason = decision.stop_reason
+    if stop_reason is None and view and view._stops:
+        name, reason = view._stops[0]
+        stop_reason = {
+            "kind": "callback",
+            "step": step,
+            "callback": name,
+            "reason": reason,
+            "message": f"callback {name} asked to stop: {reason}",
+        }
+    return StepReport(record, values, result.loss, lr, result.grad_norm, decision.best_improved, stop_reason)
+
+
+def _save(
+    loop: Loop, state: TrainState, step: int, report: StepReport, stop_reason: dict | None, signum: int | None, error: bool = False
+) -> None:
+    """The checkpoint of `step`, its rules saying why it was written, its validation results stored beside it."""
+    cfg: Config = loop.cfg
+    shape = loop.shape
+    if not (_is_log_step(loop, step) or step in shape.checkpoint_steps):  # its weights were not checked after the step
+        stop_if_diverged(step, report.loss, loop.trainable, loop.accelerator, cfg, loop.run_dir)
+    kind = (stop_reason or {}).get("kind")
+    rules = list(shape.rules_at(step))
+    rules += ["best"] if report.save else []
+    rules += {"early_stopping": ["early_stop"], "callback": ["callback_stop"]}.get(kind, [])
+    rules += ["signal"] if signum and step not in shape.checkpoint_steps else []
+    rules += ["error"] if error else []
+    if kind in ("early_stopping", "callback") and "last" not in rules:
+        rules.append("last")  # the run ends here: a watcher (eval --watch) sees its last checkpoint
+    meta: dict[str, Any] = {"validation": report.validation} if report.validation else {}
+    if kind in ("early_stopping", "callback"):
+        meta["stop_reason"] = stop_reason
+    metrics = {"loss": report.loss, "eval_loss": state.eval_loss, "lr": report.lr, "grad_norm": report.grad_norm}
+    folder = loop.save(step, state, rules, metrics, meta)
+    loop.validator.store(step, folder, step / shape.steps_per_epoch, "last" in rules)
+    _call(loop, "on_checkpoint", state, checkpoint=folder)
+
+
+def _call(loop: Loop, hook: str, state: TrainState, into: RunView | None = None, **fields: Any) -> RunView | None:
+    """Call a hook of the callbacks with a view of the run (None without callbacks); `into` carries the stop requests
+    and logged metrics of an earlier hook of the same step."""
+    if not loop.callbacks:
+        return None
+    view = RunView(
+        step=state.step,
+        total_steps=loop.shape.total_steps,
+        epoch=state.step / loop.shape.steps_per_epoch,
+        run_dir=loop.run_dir,
+        model=loop.bare,
+        **{k: MappingProxyType(v) if isinstance(v, dict) else v for k, v in fields.items()},
+    )
+    if into is not None:
+        view = replace(view, _stops=into._stops, _logged=into._logged)
+    return loop.callbacks.call(hook, view)
 
 
 def step_batches(loop: Loop, step: int) -> tuple[int, list[Batch]]:
@@ -135,32 +231,32 @@ def _is_log_step(loop: Loop, step: int) -> bool:
     return step % cfg.train.log_every_steps == 0 or step == loop.shape.total_steps
 
 
-def _log_step(loop: Loop, state: TrainState, step: int, lr: float) -> None:
-    """The metrics line of a logged step, with the held-out loss on its own schedule (a line of its own when due alone)."""
+def _step_metrics(loop: Loop, state: TrainState, step: int, lr: float) -> dict[str, Any]:
+    """The training figures of a logged step: the averages since the last logged step, lr, tokens, memory."""
+    return {
+        "step": step,
+        "epoch": round(step / loop.shape.steps_per_epoch, 4),
+        **state.window.flush(),
+        "lr": lr,
+        "tokens": state.tokens_seen,
+        "peak_mem_mib": peak_memory_mib(loop.accelerator.device),
+    }
+
+
+def _held_out(loop: Loop, state: TrainState, step: int) -> dict[str, float]:
+    """The objective on the held-out rows when due (every eval.loss_every_steps and at the last step): eval_loss,
+    eval_ppl (causal_lm), eval_<term>; {} when not due."""
     cfg: Config = loop.cfg
-    record = None
-    if _is_log_step(loop, step):
-        record = {
-            "step": step,
-            "epoch": round(step / loop.shape.steps_per_epoch, 4),
-            **state.window.flush(),
-            "lr": lr,
-            "tokens": state.tokens_seen,
-            "peak_mem_mib": peak_memory_mib(loop.accelerator.device),
-        }
     every_eval = cfg.eval.loss_every_steps
-    if loop.eval_rows and ((every_eval and step % every_eval == 0) or step == loop.shape.total_steps):
-        micro_batch_size = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
-        held_out = evaluate(loop.model, loop.eval_rows, micro_batch_size, loop.make_batch, loop.objective, loop.accelerator)
-        state.eval_loss = held_out.pop("loss")
-        record = {**(record or {"step": step}), "eval_loss": state.eval_loss}
-        if cfg.objective.kind == "causal_lm":
-            record["eval_ppl"] = math.exp(min(state.eval_loss, 50))
-        record.update({f"eval_{k}": v for k, v in held_out.items()})
-    if record:
-        loop.out.write(record)
-        loop.trackers.log_metrics(record)
-    loop.out.bar.update(1)
+    if not loop.eval_rows or not ((every_eval and step % every_eval == 0) or step == loop.shape.total_steps):
+        return {}
+    micro_batch_size = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
+    held_out = evaluate(loop.model, loop.eval_rows, micro_batch_size, loop.make_batch, loop.objective, loop.accelerator)
+    state.eval_loss = held_out.pop("loss")
+    values = {"eval_loss": state.eval_loss}
+    if cfg.objective.kind == "causal_lm":
+        values["eval_ppl"] = math.exp(min(state.eval_loss, 50))
+    return {**values, **{f"eval_{k}": v for k, v in held_out.items()}}
 
 
 def _accumulate(model: nn.Module, batches: list[Batch], objective: Objective, accelerator) -> StepResult:

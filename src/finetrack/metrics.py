@@ -75,6 +75,8 @@ class MetricsLog:
         from tqdm.auto import tqdm
 
         self.file = open(path, "a") if enabled else None
+        self.watched: list[str] = []  # validation metrics kept on the bar between validations (early stopping, best)
+        self.latest: dict[str, float] = {}
         self.bar = tqdm(total=total_steps, initial=done_steps, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
 
     def write(self, record: dict) -> None:
@@ -82,7 +84,9 @@ class MetricsLog:
             record = {**record, "time": round(time.time(), 1)}  # wall clock: the report's run duration
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
-            self.bar.set_postfix({k: _short(record[k]) for k in self.SHOWN if k in record})
+            self.latest.update({k: record[k] for k in self.watched if record.get(k) is not None})
+            shown = {k: _short(record[k]) for k in self.SHOWN if k in record}
+            self.bar.set_postfix({**shown, **{k.removeprefix("val/"): _short(v) for k, v in self.latest.items()}})
 
     def say(self, text: str) -> None:
         """A line above the bar (checkpoints, uploads) without breaking it."""

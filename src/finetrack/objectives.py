@@ -15,10 +15,6 @@ the same protocol: `function(model, batch) -> {name: Term}`).
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import user_code
 from .batches import IGNORE, Batch
 from .config import ConfigError, ContrastiveConfig, ObjectiveConfig, RegressionConfig
 from .heads import pooled_states
@@ -47,7 +44,7 @@ Objective = Callable[[nn.Module, Batch], dict[str, Term]]
 def weighted_loss(terms: dict[str, Term], units: dict[str, int], scale: float = 1.0) -> torch.Tensor:
     """sum of weight * total * scale / units[unit] over the loss terms (`units`: the whole step's)."""
     loss = None
-    for name, term in terms.items():
+    for term in terms.values():
         if term.weight:
             part = term.weight * term.total * scale / max(1, units[term.unit])
             loss = part if loss is None else loss + part
@@ -195,48 +192,17 @@ class PythonObjective:
         return terms
 
 
+_FIELD = "objective.python.function"
+
+
 def python_source(function: str) -> Path:
-    """The file defining `function`: 'path/to/file.py:name' (relative to the working directory, like data paths) or
-    'module:name' (an importable module's file)."""
-    module = function.rpartition(":")[0]
-    if module.endswith(".py"):
-        path = Path(module).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"objective.python.function={function}: no such file {path}")
-        return path.resolve()
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-        raise ConfigError(
-            f"objective.python.function={function}: no module {module} (give 'file.py:name' for a file, or put the module on PYTHONPATH)"
-        )
-    return Path(spec.origin).resolve()
+    """The file defining the objective's function (user_code.source_file)."""
+    return user_code.source_file(function, _FIELD)
 
 
 def source_sha256(function: str) -> str:
     """sha256 of the objective's source file: recorded in every checkpoint, checked on resume."""
-    return hashlib.sha256(python_source(function).read_bytes()).hexdigest()
-
-
-def _load_function(function: str) -> Callable:
-    module, _, attr = function.rpartition(":")
-    path = python_source(function)
-    if module.endswith(".py"):
-        name = f"finetrack_objective_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        loaded = sys.modules.get(name) or importlib.util.module_from_spec(spec)
-        if name not in sys.modules:
-            sys.modules[name] = loaded
-            spec.loader.exec_module(loaded)
-    else:
-        loaded = importlib.import_module(module)
-    function_object = getattr(loaded, attr, None)
-    if not callable(function_object):
-        raise ConfigError(f"objective.python.function={function}: {path} defines no function '{attr}'")
-    return function_object
+    return user_code.source_sha256(function, _FIELD)
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -248,5 +214,5 @@ def build(cfg: ObjectiveConfig) -> Objective:
         return Contrastive(cfg.contrastive)
     if cfg.kind == "python":
         assert cfg.python is not None
-        return PythonObjective(cfg.python.function, _load_function(cfg.python.function))
+        return PythonObjective(cfg.python.function, user_code.load(cfg.python.function, _FIELD))
     return causal_lm

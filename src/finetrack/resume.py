@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint, runlock
+from . import checkpoint, rundir, runlock
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, harmless_on_resume_prefixes
 from .schema import flatten
@@ -49,6 +49,50 @@ class Request:
             raise ConfigError("--delete-remote only goes with --fresh (it deletes the remote checkpoints of the previous run)")
         if self.fresh and self.resume_from:
             raise ConfigError("--fresh and --resume-from contradict each other: choose one")
+        if self.resume_from and _names_best(self.resume_from):
+            raise ConfigError(_best_refusal(self.resume_from))
+
+
+def _names_best(spec: str) -> bool:
+    """Does --resume-from point at a run's best checkpoint (RUN/best, RUN/checkpoints/best, .../best.json)? A local
+    folder named best that is a run directory or a checkpoint folder is taken as what it is."""
+    name = spec.rstrip("/").rsplit("/", 1)[-1]
+    if name == rundir.BEST_FILE:
+        return True
+    if name != rundir.BEST:
+        return False
+    local = Path(spec)
+    return "://" in spec or not ((local / rundir.CHECKPOINTS_DIR).is_dir() or (local / rundir.MANIFEST).is_file())
+
+
+def _best_refusal(spec: str) -> str:
+    """Why resuming "the best" is refused, and what the user may have meant, with the run's own paths where known."""
+    from .redact import redact
+
+    run = spec.rstrip("/").rpartition("/")[0]
+    run = "" if run == rundir.CHECKPOINTS_DIR else run.removesuffix(f"/{rundir.CHECKPOINTS_DIR}")
+    if "://" in spec:  # a remote checkpoint is resumed by its URL only
+        run = redact(run)
+        return (
+            f"--resume-from {redact(spec)}: resume continues a checkpoint: --resume-from {run}/checkpoints/step-NNNNNN "
+            f"(the best's step is in {run}/checkpoints/best.json); to start a new run from the best weights, "
+            f"`finetrack sync {run} DIR` and give DIR/checkpoints/step-NNNNNN as model.name of a new config (full fine-tunes)"
+        )
+    try:
+        best = rundir.read_best(Path(run or "."))
+    except rundir.CheckpointError:
+        best = None
+    label = run or "RUN"
+    where = (
+        f"{rundir.checkpoint_dir(Path(run or '.'), best['step'])}, named by checkpoints/best.json"
+        if best is not None
+        else f"{label}/checkpoints/step-NNNNNN, the step its checkpoints/best.json names"
+    )
+    return (
+        f"--resume-from {spec}: resume continues the newest checkpoint of a run: --resume-from {label} (or its "
+        f"checkpoints/step-NNNNNN); to start a new run from the best weights, give the best checkpoint's folder ({where}) "
+        f"as model.name of a new config (full fine-tunes: the folder is a model), or evaluate it: `finetrack eval {label} --steps best`"
+    )
 
 
 def find_start(run_dir: Path, remote: str | None, request: Request, warn: Callable[[str], None] = log.warning) -> Path | None:

@@ -14,8 +14,8 @@ import json
 import os
 from pathlib import Path, PurePosixPath
 
-from .schema import ConfigError
 from .errors import UserError
+from .schema import ConfigError
 
 CONFIG_FILE = "config.resolved.yaml"
 CHECKPOINTS_DIR, EVAL_DIR = "checkpoints", "eval"
@@ -55,6 +55,104 @@ def step_folders(run_dir: Path) -> list[tuple[int, Path]]:
 def eval_path(run_dir: Path, step: int) -> Path:
     """RUN_DIR/eval/step-NNNNNN.json: the eval record of one step (0 = the base model)."""
     return Path(run_dir) / EVAL_DIR / f"{step_name(step)}.json"
+
+
+BEST_FILE = "best.json"  # in checkpoints/: the best checkpoint by checkpoint.best's metric
+BEST_FORMAT = "finetrack-best/1"
+
+
+def best_path(run_dir: Path) -> Path:
+    """RUN_DIR/checkpoints/best.json: which checkpoint is the best so far (written atomically by training)."""
+    return Path(run_dir) / CHECKPOINTS_DIR / BEST_FILE
+
+
+def read_best(run_dir: Path) -> dict | None:
+    """The run's best.json ({"format", "step", "metric", "mode", "value", "checkpoint"}), None when the run has none.
+    A garbled file is a CheckpointError naming it."""
+    path = best_path(run_dir)
+    if not path.is_file():
+        return None
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable ({e}); {_BEST_FIX}") from None
+    return parse_best(raw, str(path))
+
+
+BEST = "best"  # the word accepted wherever a step is (eval --steps, gate --step): the step best.json names
+_BEST_FIX = "delete it (training rewrites it at the next improvement)"
+
+
+def parse_best(raw: bytes, where: str) -> dict:
+    """A best.json's content, checked (our format, a whole step); CheckpointError naming `where` otherwise. Also what
+    sync reads a remote copy with."""
+    try:
+        best = json.loads(raw.decode("utf-8"))  # UTF-8 only: sync writes the same bytes back as text
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError alike
+        raise CheckpointError(f"{where}: unreadable ({e}); {_BEST_FIX}") from None
+    step = best.get("step") if isinstance(best, dict) else None
+    if not isinstance(best, dict) or best.get("format") != BEST_FORMAT or not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{where}: not a {BEST_FORMAT} record; {_BEST_FIX}")
+    return best
+
+
+def require_best(run_dir: Path) -> dict:
+    """best.json of a run asked for its best step; CheckpointError saying how to get one when the run has none."""
+    best = read_best(run_dir)
+    if best is None:
+        raise CheckpointError(
+            f"{run_dir} has no {CHECKPOINTS_DIR}/{BEST_FILE}: "
+            "set checkpoint.best in the config (the best checkpoint by a validation metric)"
+        )
+    return best
+
+
+def best_checkpoint(run_dir: Path) -> tuple[dict, Path]:
+    """best.json and the checkpoint folder it names, that folder complete (manifest present, files of their sizes);
+    CheckpointError naming both when the checkpoint is gone or incomplete (a hand deletion, a partial copy)."""
+    best = require_best(run_dir)
+    folder = checkpoint_dir(run_dir, best["step"])
+    try:
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: no such folder")
+        verify(folder, full=False)
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"{best_path(run_dir)} names step {best['step']}, whose checkpoint is gone or incomplete ({e}); "
+            f"restore {folder.name} (e.g. `finetrack sync` from checkpoint.remote) or give the step of another checkpoint"
+        ) from None
+    return best, folder
+
+
+def describe_best(best: dict, with_step: bool = True) -> str:
+    """'step 40, eval_loss 0.51 (min)' (without the step: 'eval_loss 0.51 (min)'): a best.json as messages show it."""
+    value = best.get("value")
+    shown = f"{value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
+    mode = f" ({best['mode']})" if isinstance(best.get("mode"), str) else ""
+    return (f"step {best['step']}, " if with_step else "") + f"{best.get('metric', '?')} {shown}{mode}"
+
+
+def resolve_step(run_dir: Path, text: str) -> int:
+    """A step as a command line gives it: a number, or 'best' (the step best.json names; CheckpointError when the run
+    has none). ValueError for anything else."""
+    text = text.strip()
+    if text == BEST:
+        return require_best(run_dir)["step"]
+    if not text.isdigit():
+        raise ValueError(f"{text!r} is not a step number or {BEST!r}")
+    return int(text)
+
+
+def parse_steps(run_dir: Path, spec: str) -> list[int]:
+    """`--steps 0,47,best` -> [0, 40, 47]: the steps named, 'best' as the step best.json names (its checkpoint checked
+    complete), sorted, each once. ConfigError for text that is not such a list ('all' and 'latest' are the caller's)."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() or p == BEST for p in parts):
+        raise ConfigError(f"--steps {spec}: use all, latest, best, or a comma-separated list of steps such as 0,47,94 or 0,best")
+    steps = {int(p) for p in parts if p != BEST}
+    if BEST in parts:
+        steps.add(best_checkpoint(run_dir)[0]["step"])
+    return sorted(steps)
 
 
 def responses_path(run_dir: Path, step: int) -> Path:

@@ -9,6 +9,8 @@ Samples of step N are written before the checkpoint of step N, so a checkpoint i
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +105,7 @@ class Sampler:
         """Answer every prompt with `model` (the unwrapped one) after optimizer step `step`, and record the answers."""
         if not self.due(step):
             return
-        with _untouched_rng():
+        with untouched_rng():
             answers = generate(model, self.tokenizer, [p.messages for p in self.prompts], self.gen)
         epoch = round(step / self.steps_per_epoch, 4)
         rows = [{"step": step, "epoch": epoch, "prompt": p.text, "answer": a} for p, a in zip(self.prompts, answers)]
@@ -114,14 +116,26 @@ class Sampler:
         self.trackers.log_samples(step, rows)
 
 
-def _untouched_rng():
-    """Save and restore the CPU generator and every generator of this machine's accelerator (CUDA, MPS, ...):
-    generate() reseeds them all (torch.manual_seed does, even for a model on the CPU), and training must draw
-    the same dropout masks whether or not it sampled."""
+@contextmanager
+def untouched_rng() -> Iterator[None]:
+    """Save and restore every random generator training draws from: Python's, NumPy's, the CPU generator and every
+    generator of this machine's accelerator (CUDA, MPS, ...). generate() reseeds the torch ones (torch.manual_seed
+    does, even for a model on the CPU), and training must draw the same dropout masks whether or not it sampled or
+    validated."""
+    import random
+
+    import numpy as np
+
     acc = torch.accelerator.current_accelerator()
-    if acc is None:
-        return torch.random.fork_rng(devices=[])
-    return torch.random.fork_rng(devices=range(torch.get_device_module(acc.type).device_count()), device_type=acc.type)
+    devices = [] if acc is None else range(torch.get_device_module(acc.type).device_count())
+    kwargs = {} if acc is None else {"device_type": acc.type}
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=devices, **kwargs):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def _short(text: str) -> str:

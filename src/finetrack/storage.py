@@ -2,6 +2,7 @@
 
     URL/config.resolved.yaml  URL/data_report.json  URL/metrics.jsonl  URL/samples.jsonl
     URL/checkpoints/step-000047/<the files of the local checkpoint, MANIFEST.json uploaded last>
+    URL/checkpoints/best.json       uploaded only once the checkpoint it names is complete on the remote
 
 The completeness rule is the local one: a remote checkpoint counts only once its MANIFEST.json is
 there, so it is uploaded after every other file and deleted before anything is replaced or removed.
@@ -30,10 +31,10 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from . import checkpoint
+from . import checkpoint, rundir
 from .checkpoint import MANIFEST, CheckpointError
 from .redact import has_credentials, redact, scrub
-from .rundir import step_name
+from .rundir import BEST_FILE, step_name
 
 # The run-level files a remote copy holds: a run resumed on an empty machine continues their history.
 LOG_FILES = ("metrics.jsonl", "samples.jsonl")  # the run's history, appended step by step (sampling.SAMPLES_FILE)
@@ -131,6 +132,26 @@ def push_run_files(run_dir: Path, url: str) -> None:
             _put_file(fs, f"{root}/{name}", data=data)
 
 
+def push_best(run_dir: Path, url: str, on_remote: set[int], sent: bytes | None = None) -> bytes | None:
+    """Upload RUN_DIR/checkpoints/best.json when it differs from `sent` (the content uploaded last) and names a step in
+    `on_remote` (checkpoints complete on the remote), so the remote's best.json never names a checkpoint it lacks.
+
+    Returns the content the remote now holds as far as this process knows: `sent` when nothing was uploaded (no
+    best.json, unchanged, or its checkpoint not uploaded yet: a later call uploads it). CheckpointError for a
+    garbled local best.json (never uploaded); backend errors propagate.
+    """
+    path = rundir.best_path(run_dir)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return sent
+    if raw == sent or rundir.parse_best(raw, str(path))["step"] not in on_remote:
+        return sent
+    fs, root = open_url(url)
+    _put_file(fs, f"{root}/checkpoints/{BEST_FILE}", data=raw)  # whole (an object, or a rename on a local mirror)
+    return raw
+
+
 def pull_logs(url: str, run_dir: Path) -> list[str]:
     """Download the run's logs (LOG_FILES) that `run_dir` lacks; returns the names fetched.
 
@@ -178,6 +199,8 @@ def delete_remote_checkpoints(url: str) -> int:
     fs, root = open_url(url)
     fs.invalidate_cache(root)
     base, deleted = f"{root}/checkpoints", 0
+    if fs.exists(f"{base}/{BEST_FILE}"):  # first: it must never name a checkpoint that is being deleted
+        fs.rm_file(f"{base}/{BEST_FILE}")
     for path in fs.ls(base, detail=False) if fs.exists(base) else []:
         if checkpoint.parse_step(path.rstrip("/").rsplit("/", 1)[-1]) is not None:
             if fs.exists(f"{path}/{MANIFEST}"):
@@ -261,6 +284,13 @@ class Uploader:
     A checkpoint still failing after `retries` attempts is logged, then retried with the next submit()
     and once more by wait(). After every upload attempt and at the end, RUN_DIR/remote.json records
     {"url": redacted URL, "uploaded_steps": [...], "failed_steps": [...]} for the report.
+
+    checkpoints/best.json (written locally by training, atomically, after the best checkpoint is complete and
+    before that checkpoint is submitted) is not submitted itself: after every successful checkpoint upload, and once
+    more in wait(), the local best.json is uploaded if it changed since this Uploader last uploaded it and the step
+    it names is complete on the remote (uploaded here, or found there by catch_up()). So the remote best.json only
+    ever names a checkpoint the remote holds, and lags the local one while that checkpoint uploads. A failed
+    best.json upload is logged and retried at those same moments.
     """
 
     def __init__(self, url: str, run_dir: Path, retries: int = 3, backoff_s: float = 1.0, log: logging.Logger | None = None):
@@ -276,6 +306,7 @@ class Uploader:
         self._uploaded_steps: set[int] = set()  # complete on the remote: uploaded here, or found there by catch_up()
         self._failed_steps: set[int] = set()  # the last attempt failed: not on the remote (yet)
         self._record_lock = threading.Lock()  # one writer of remote.json at a time (its temporary name is per process)
+        self._best_sent: bytes | None = None  # checkpoints/best.json as this Uploader last uploaded it
         self._stopped = False
         self._thread = threading.Thread(target=self._work, name="finetrack-uploader", daemon=True)
         self._thread.start()
@@ -325,6 +356,7 @@ class Uploader:
             self._stopped = True
             self._queue.put(None)
             self._thread.join()
+            self._push_best()  # the thread has ended: no other caller
             self._write_record()
         return [*self._failed, *self._broken]
 
@@ -348,7 +380,25 @@ class Uploader:
                     (self._failed if outcome == "failed" else self._broken).append(folder)
                     self._failed_steps.add(step)
                     self._uploaded_steps.discard(step)
+            if outcome == "done":  # the checkpoint best.json names may be complete on the remote now
+                self._push_best()
             self._write_record()
+
+    def _push_best(self) -> None:
+        """Upload checkpoints/best.json if it changed and its checkpoint is on the remote (push_best); never raises."""
+        with self._lock:
+            on_remote = set(self._uploaded_steps)
+        try:
+            self._best_sent = push_best(self.run_dir, self.url, on_remote, self._best_sent)
+        except CheckpointError as e:  # garbled locally: training rewrites it at its next improvement
+            self.log.warning("not uploading %s: %s", BEST_FILE, e)
+        except Exception as e:  # network and backend errors of every kind: retried after the next checkpoint upload
+            self.log.warning(
+                "upload of checkpoints/%s to %s failed: %s (retried after the next checkpoint upload)",
+                BEST_FILE,
+                redact(self.url),
+                describe_error(e, self.url),
+            )
 
     def _write_record(self) -> None:
         """Replace RUN_DIR/remote.json (atomically: the report may read it while the run goes on)."""

@@ -2,7 +2,8 @@
 a local path) into a local run directory, once or as they appear.
 
 Each checkpoint is downloaded through storage.pull_checkpoint (a hidden temporary folder, verified in full,
-then renamed), so DST only ever holds checkpoints that verify. A watch is started together with the
+then renamed), so DST only ever holds checkpoints that verify. checkpoints/best.json is mirrored after the
+checkpoints, once DST holds the complete checkpoint it names: DST's best.json never names one it lacks. A watch is started together with the
 launch, so it waits for a source that does not exist yet.
 """
 
@@ -16,11 +17,11 @@ from pathlib import Path
 
 from fsspec.implementations.local import LocalFileSystem
 
-from . import checkpoint, storage
+from . import checkpoint, rundir, storage
 from .checkpoint import CheckpointError
 from .processes import process_alive
 from .redact import redact
-from .rundir import size_text, step_name
+from .rundir import BEST_FILE, size_text, step_name
 from .watch import wait_for
 
 _EXPECTED = "expected a finetrack run directory (holding checkpoints/step-NNNNNN/)"
@@ -28,7 +29,11 @@ _EXPECTED = "expected a finetrack run directory (holding checkpoints/step-NNNNNN
 
 def _sweep_stale_downloads(dst: Path, out: Callable[[str], None]) -> None:
     """Remove the temporary downloads (`.tmp-<name>-<pid>`) of a sync that was killed: another process's, and that process is gone."""
-    leftovers = [*(dst / "checkpoints").glob(".tmp-step-*-*"), *(t for name in storage.RUN_FILES for t in dst.glob(f".tmp-{name}-*"))]
+    leftovers = [
+        *(dst / "checkpoints").glob(".tmp-step-*-*"),
+        *(dst / "checkpoints").glob(f".tmp-{BEST_FILE}-*"),  # rundir.write_atomic's temporary name
+        *(t for name in storage.RUN_FILES for t in dst.glob(f".tmp-{name}-*")),
+    ]
     for tmp in leftovers:
         pid = tmp.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
@@ -79,12 +84,43 @@ def _sync_once(src: str, dst: Path, out: Callable[[str], None], skipped: dict[st
         total_bytes += size
     for name in storage.RUN_FILES:  # replaced whole: metrics.jsonl grows while the run trains
         storage.get_run_file(fs, root, name, dst)
+    _sync_best(fs, root, src, dst, out, skipped)
     if fetched or not quiet:
         out(
             f"{redact(src)} -> {dst}: fetched {len(fetched)} checkpoint(s) ({size_text(total_bytes)}), {present} already present"
             + (f", {failed} not fetched (see above)" if failed else "")
         )
     return fetched
+
+
+def _sync_best(fs, root: str, src: str, dst: Path, out: Callable[[str], None], skipped: dict[str, bytes]) -> None:
+    """Mirror checkpoints/best.json once DST holds the complete checkpoint it names (fetched above, or already there).
+
+    One naming a checkpoint DST lacks (not uploaded yet, or not fetched: see above) is left for a later pass, DST's
+    own best.json kept; that is said once per content of the remote file, so a watch does not repeat it."""
+    try:
+        raw = fs.cat_file(f"{root}/checkpoints/{BEST_FILE}")
+    except FileNotFoundError:
+        return  # a run without checkpoint.best, or whose best checkpoint is not uploaded yet
+    local = rundir.best_path(dst)
+    if local.is_file() and local.read_bytes() == raw:
+        return
+    try:
+        best = rundir.parse_best(raw, storage.location(src, "checkpoints", BEST_FILE))
+        folder = rundir.checkpoint_dir(dst, best["step"])
+        if not folder.is_dir():
+            raise CheckpointError(f"it names {folder.name}, which {dst} does not hold yet; mirrored once it does")
+        try:
+            rundir.verify(folder, full=False)
+        except CheckpointError as e:
+            raise CheckpointError(f"it names {folder.name}, which {dst} holds incomplete ({e})") from None
+    except CheckpointError as e:
+        if skipped.get(BEST_FILE) != raw:
+            out(f"skipped checkpoints/{BEST_FILE}: {e}")
+        skipped[BEST_FILE] = raw
+        return
+    rundir.write_atomic(local, raw.decode("utf-8"))  # parse_best read it as UTF-8
+    out(f"fetched checkpoints/{BEST_FILE} (best: {rundir.describe_best(best)})")
 
 
 def _is_run(src: str) -> bool:

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, heads, objectives, resume, runlock, sampling, tracking
+from . import checkpoint, heads, objectives, resume, rundir, runlock, sampling, tracking
 from .batches import batch_builder, packing_is_exact
+from .callbacks import Callbacks
 from .checkpoint import CheckpointError
 from .config import (
     CheckpointConfig,
@@ -43,6 +45,7 @@ from .objectives import Objective
 from .optim import build_optimizer, check_optimizer
 from .resume import Request
 from .train_state import DataPosition, LrSchedule, TrainState
+from .validation import Validator, watches, write_best
 
 log = logging.getLogger("finetrack")
 
@@ -57,11 +60,14 @@ class RunResult:
     eval_loss: float | None
     resumed_from_step: int = 0
     not_uploaded: list[Path] = field(default_factory=list)
+    stop_reason: dict[str, Any] | None = None  # early stopping or a callback ended the run before its last step
+    best: dict[str, Any] | None = None  # checkpoints/best.json when checkpoint.best is set
 
 
-def run(cfg: Config, request: Request = Request(), objective: Objective | None = None) -> RunResult:
+def run(cfg: Config, request: Request = Request(), objective: Objective | None = None, callbacks: Sequence[Any] = ()) -> RunResult:
     """Train one run as configured, resuming from its newest usable checkpoint, and write its run directory.
     The objective is the config's (objective.*); `objective` replaces its function only (tests instrument it so).
+    `callbacks`: objects with any of the hooks of callbacks.py, called after train.callbacks' own.
 
     Raises Interrupted when SIGTERM / SIGINT / SIGUSR1 arrives: after writing a checkpoint, or at once
     while starting (loading, downloading), when no optimizer step has been taken. A full disk or another
@@ -70,14 +76,14 @@ def run(cfg: Config, request: Request = Request(), objective: Objective | None =
     # from the first line: a signal while loading exits cleanly too; `held` keeps the run directory's lock to the end
     with StopFlag() as stop, ExitStack() as held:
         try:
-            return _run(cfg, objective, request, stop, held)
+            return _run(cfg, objective, request, stop, held, callbacks)
         except OSError as e:
             if not checkpoint.is_write_error(e):
                 raise
             raise CheckpointError(checkpoint.write_error_text(Path(cfg.output.dir), e)) from None
 
 
-def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopFlag, held: ExitStack) -> RunResult:
+def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopFlag, held: ExitStack, hooks: Sequence[Any]) -> RunResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -87,6 +93,7 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
     check_source(cfg.model)
     check_optimizer(cfg.train)
     objective = objective or objectives.build(cfg.objective)  # a python objective's file is read (and checked) now
+    callbacks = Callbacks.build(cfg.train.callbacks, list(hooks))  # so are the callbacks' files
     accelerator = Accelerator(**tracking.accelerator_kwargs(cfg.train.report_to, run_dir))
     main = accelerator.is_main_process
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -129,7 +136,7 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
         batch["objective_sha256"] = objectives.source_sha256(cfg.objective.python.function)
     if saved:  # the resume check, before the model: `data.pack: auto` takes the resumed run's value, checked on the model below
         cfg = _check_resume(cfg, res, shape, saved, batch, fingerprint, request, start)
-        if saved["step"] == shape.total_steps:
+        if saved["step"] == shape.total_steps or _ended_early(saved, cfg):
             if main:
                 _write_run_files(run_dir, cfg, res, data.report)
                 (run_dir / "metrics.jsonl").touch()  # the run directory is complete even when it began from another run's end
@@ -159,6 +166,9 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
         lr_schedule=LrSchedule(cfg.train.lr, shape.warmup_steps, shape.total_steps, cfg.train.lr_schedule),
     )
     state = resume_state(start, optimizer, fresh, shape.total_steps)  # the RNG last, right before the loop
+    state.early_stopping, state.best = watches(cfg, state if start else None)
+    if main and state.best and state.best.best_step is not None:  # a kill between a best checkpoint and best.json
+        write_best(run_dir, state.best)
     kept_through = state.step if start else -1  # what an earlier attempt logged after this is logged again (a fresh start: step 0 too)
     if main:
         _trim_logs(run_dir, kept_through, bool(start))
@@ -166,8 +176,15 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
     uploader = _start_uploader(cfg, run_dir) if main else None
     out = MetricsLog(run_dir / "metrics.jsonl", shape.total_steps, state.step, main)
     sampler = sampling.Sampler(prompts, cfg.train, tokenizer, run_dir, shape.total_steps, shape.steps_per_epoch, out, trackers, main)
+    validator = Validator(cfg, run_dir, tokenizer, accelerator, shape.total_steps)
     if not start:
         sampler.sample_if_due(0, heads.language_model(bare))  # the starting weights' answers
+        base_values = validator.run(0, bare)  # the base model through the suites: the start of every validation curve
+        if base_values:
+            validator.store(0, None, 0.0, False)
+            out.write({"step": 0, "epoch": 0.0, **base_values})
+            trackers.log_metrics({"step": 0, **base_values})
+    out.watched = [w.metric for w in (state.early_stopping, state.best) if w]
     save = CheckpointWriter(run_dir, accelerator, cfg, shape, bare, tokenizer, optimizer, batch, fingerprint, uploader, out)
     trainable = [p for p in model.parameters() if p.requires_grad]
     loop = Loop(
@@ -187,17 +204,30 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
         out=out,
         trackers=trackers,
         sampler=sampler,
+        validator=validator,
+        callbacks=callbacks,
     )
     with stop.training(), out:
-        last_loss, stopped_by = fit(loop, state, stop)
+        last_loss, ending = fit(loop, state, stop)
     # still under the signal handlers: a signal now says the uploads are awaited, a second one exits at once
-    not_uploaded = _finish_uploads(uploader, run_dir, cfg.checkpoint) if main else []
+    best_step = state.best.best_step if state.best else None
+    not_uploaded = _finish_uploads(uploader, run_dir, cfg.checkpoint, best_step) if main else []
     accelerator.end_training()
     final = checkpoint.checkpoint_dir(run_dir, state.step)
-    if stopped_by and state.step < shape.total_steps:
-        raise Interrupted(stopped_by, str(final))
+    if ending["kind"] == "signal" and state.step < shape.total_steps:
+        raise Interrupted(ending["signum"], str(final))
+    stop_reason = ending if ending["kind"] in ("early_stopping", "callback") else None
     return RunResult(
-        run_dir, final, shape.total_steps, state.first_loss, last_loss, state.eval_loss, saved["step"] if saved else 0, not_uploaded
+        run_dir,
+        final,
+        shape.total_steps,
+        state.first_loss,
+        last_loss,
+        state.eval_loss,
+        saved["step"] if saved else 0,
+        not_uploaded,
+        stop_reason,
+        rundir.read_best(run_dir) if main else None,
     )
 
 
@@ -270,6 +300,23 @@ def _check_resume(
     return cfg
 
 
+def _ended_early(saved: dict, cfg: Config) -> bool:
+    """Did the checkpoint end its run early (early stopping, a callback), with the rule that stopped it unchanged? Then
+    the run is complete; a changed rule (say a larger patience) trains on from there."""
+    reason = saved.get("stop_reason")
+    if not isinstance(reason, dict):
+        return False
+    key = {"early_stopping": ("train", "early_stopping"), "callback": ("train", "callbacks")}.get(reason.get("kind"))
+    if key is None:
+        return False
+    section, name = key
+    was = (saved["config"].get(section) or {}).get(name) if isinstance(saved["config"].get(section), dict) else None
+    now = effective_dump(cfg).get(section, {}).get(name)
+    if was != now:
+        log.info("the checkpoint ended its run early (%s), but %s.%s changed: training on", reason.get("message"), section, name)
+    return was == now
+
+
 def _write_run_files(run_dir: Path, cfg: Config, res: Resolved, data_report: dict) -> None:
     # atomic: `finetrack eval --watch` and the uploader read these while the run goes on
     checkpoint.write_atomic(run_dir / "config.resolved.yaml", resolved_yaml(cfg, res))
@@ -279,13 +326,26 @@ def _write_run_files(run_dir: Path, cfg: Config, res: Resolved, data_report: dic
 def _already_complete(run_dir: Path, start: Path, saved: dict, cfg: Config, main: bool) -> RunResult:
     """A run whose checkpoint is at its last step: nothing to train, so the model is never loaded. Uploads an
     earlier attempt did not finish still happen (that is what running the same command again is for)."""
-    log.info("%s is at the last step (%d): nothing to train", start, saved["step"])
+    if saved.get("stop_reason"):
+        log.info("%s ended the run early at step %d (%s): nothing to train", start, saved["step"], saved["stop_reason"].get("message"))
+    else:
+        log.info("%s is at the last step (%d): nothing to train", start, saved["step"])
     uploader = _start_uploader(cfg, run_dir) if main else None
-    not_uploaded = _finish_uploads(uploader, run_dir, cfg.checkpoint) if main else []
+    resumed = TrainState.from_json(checkpoint.read_state_tree(start))
+    best_step = resumed.best.best_step if resumed.best else None
+    not_uploaded = _finish_uploads(uploader, run_dir, cfg.checkpoint, best_step) if main else []
     metrics = saved.get("metrics") if isinstance(saved.get("metrics"), dict) else {}
-    first_loss = TrainState.from_json(checkpoint.read_state_tree(start)).first_loss
     return RunResult(
-        run_dir, start, saved["step"], first_loss, metrics.get("loss", math.nan), metrics.get("eval_loss"), saved["step"], not_uploaded
+        run_dir,
+        start,
+        saved["step"],
+        resumed.first_loss,
+        metrics.get("loss", math.nan),
+        metrics.get("eval_loss"),
+        saved["step"],
+        not_uploaded,
+        saved.get("stop_reason"),
+        rundir.read_best(run_dir) if main else None,
     )
 
 
@@ -318,11 +378,12 @@ class CheckpointWriter:
     uploader: Any  # storage.Uploader or None
     out: MetricsLog
 
-    def __call__(self, step: int, state: TrainState, rules: list[str], metrics: dict[str, Any]) -> None:
-        """Write checkpoint `step` of `state`, saved by `rules`, with the step's `metrics` in its meta.json."""
+    def __call__(self, step: int, state: TrainState, rules: list[str], metrics: dict[str, Any], extra: dict[str, Any]) -> Path:
+        """Write checkpoint `step` of `state`, saved by `rules`, with the step's `metrics` and `extra` entries
+        (validation, stop_reason) in its meta.json; then best.json (when this step is the best) and retention."""
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
-            return
+            return checkpoint.checkpoint_dir(self.run_dir, step)
         cfg, ck = self.cfg, self.cfg.checkpoint
         meta = {
             "epoch": step / self.shape.steps_per_epoch,
@@ -330,6 +391,7 @@ class CheckpointWriter:
             "tokens_seen": state.tokens_seen,
             "rules": rules,
             "metrics": metrics,
+            **extra,
             "config_hash": config_hash(cfg),
             "config": effective_dump(cfg),
             "resolved": self.resolved,
@@ -344,11 +406,16 @@ class CheckpointWriter:
             saved_bytes(self.model),
         )
         self.out.say(f"checkpoint: {path} ({', '.join(rules)})")
+        best_step = state.best.best_step if state.best else None
+        if state.best and best_step == step:  # after the checkpoint is complete: best.json never names a partial one
+            write_best(self.run_dir, state.best)
+            self.out.say(f"best: step {step}, {state.best.metric} {state.best.best_value:.6g}")
         if self.uploader:
             self.uploader.submit(path)
         busy = self.uploader.busy() if self.uploader else set()
-        for line in checkpoint.retain(self.run_dir, ck.num_keep_last, ck.keep_schedule, ck.keep_optimizer_state, busy):
+        for line in checkpoint.retain(self.run_dir, ck.num_keep_last, ck.keep_schedule, ck.keep_optimizer_state, busy, best_step):
             self.out.say(f"retention: {line}")
+        return path
 
 
 def _share_path(accelerator, path: Path | None) -> Path | None:
@@ -376,7 +443,7 @@ def _check_remote(url: str) -> None:
         raise ConfigError(f"checkpoint.remote: {e}") from None
 
 
-def _finish_uploads(uploader, run_dir: Path, ck: CheckpointConfig) -> list[Path]:
+def _finish_uploads(uploader, run_dir: Path, ck: CheckpointConfig, best_step: int | None) -> list[Path]:
     """Wait for background uploads (training is over), then apply retention to what they held back."""
     if not uploader:
         return []
@@ -390,6 +457,6 @@ def _finish_uploads(uploader, run_dir: Path, ck: CheckpointConfig) -> list[Path]
             storage.redact(ck.remote),
             ", ".join(p.name for p in not_uploaded),
         )
-    for line in checkpoint.retain(run_dir, ck.num_keep_last, ck.keep_schedule, ck.keep_optimizer_state, set(not_uploaded)):
+    for line in checkpoint.retain(run_dir, ck.num_keep_last, ck.keep_schedule, ck.keep_optimizer_state, set(not_uploaded), best_step):
         log.info("retention: %s", line)
     return not_uploaded

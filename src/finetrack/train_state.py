@@ -9,7 +9,7 @@ version in checkpoint.STATE_FORMAT, and keep reading the old one here.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .metrics import Window
@@ -36,6 +36,40 @@ class LrSchedule:
 
 
 @dataclass
+class Watch:
+    """A validation metric followed over a run (early stopping, the best checkpoint): part of the train state, so a run
+    resumed from any checkpoint decides exactly as the uninterrupted run did."""
+
+    metric: str
+    mode: str  # "min" | "max": which way is better
+    min_delta: float = 0.0  # a change smaller than this is no improvement
+    best_value: float | None = None
+    best_step: int | None = None
+    num_bad: int = 0  # validations in a row without improvement
+    history: list[tuple[int, float | None]] = field(default_factory=list)  # (step, value) of every validation
+
+    def update(self, step: int, value: float | None) -> bool:
+        """Record the value of a validation at `step`; True when it improves on the best by more than min_delta.
+        A missing or NaN value is no improvement."""
+        self.history.append((step, value))
+        if value is None or math.isnan(value):
+            better = False
+        elif self.best_value is None:
+            better = True
+        else:
+            better = value < self.best_value - self.min_delta if self.mode == "min" else value > self.best_value + self.min_delta
+        if better:
+            self.best_value, self.best_step, self.num_bad = value, step, 0
+        else:
+            self.num_bad += 1
+        return better
+
+    def same_rule(self, other: Watch) -> bool:
+        """Does `other` follow the same metric the same way (a resume keeps the progress only then)?"""
+        return (self.metric, self.mode, self.min_delta) == (other.metric, other.mode, other.min_delta)
+
+
+@dataclass
 class TrainState:
     """A run's progress after `step` optimizer steps (step 0: nothing trained yet)."""
 
@@ -48,6 +82,8 @@ class TrainState:
     step_in_epoch: int = 0
     data: DataPosition | None = None
     lr_schedule: LrSchedule | None = None
+    early_stopping: Watch | None = None  # train.early_stopping's metric (None: off)
+    best: Watch | None = None  # checkpoint.best's metric (None: off)
 
     def to_json(self) -> dict[str, Any]:
         """The trainer_state.json entries, in schema /1's order and layout (`data` and `lr_schedule` left out when unknown)."""
@@ -64,6 +100,9 @@ class TrainState:
             out["data"] = asdict(self.data)
         if self.lr_schedule is not None:
             out["lr_schedule"] = asdict(self.lr_schedule)
+        for key, watch in (("early_stopping", self.early_stopping), ("best", self.best)):
+            if watch is not None:  # absent when off: a checkpoint of a run without them reads as before
+                out[key] = {**asdict(watch), "history": [list(h) for h in watch.history]}
         return out
 
     @classmethod
@@ -85,6 +124,8 @@ class TrainState:
             step_in_epoch=tree.get("step_in_epoch", 0),
             data=_record(DataPosition, tree.get("data")),
             lr_schedule=_record(LrSchedule, tree.get("lr_schedule")),
+            early_stopping=_watch(tree.get("early_stopping")),
+            best=_watch(tree.get("best")),
         )
 
 
@@ -94,4 +135,13 @@ def _record(kind: type, entry: Any) -> Any:
     try:
         return kind(**entry) if isinstance(entry, dict) else None
     except TypeError:
+        return None
+
+
+def _watch(entry: Any) -> Watch | None:
+    """A Watch entry of trainer_state.json (None when absent or not laid out as one: the run then starts counting anew)."""
+    watch = _record(Watch, entry)
+    try:
+        return replace(watch, history=[(int(step), value) for step, value in watch.history]) if watch else None
+    except (TypeError, ValueError):
         return None

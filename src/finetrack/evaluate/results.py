@@ -37,6 +37,14 @@ def write_step(run_dir: Path, record: dict) -> None:
     write_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
+def flatten(record: dict) -> dict:
+    """Fill a step record's `metrics` and `counts` ('<suite>.<name>') from its per-suite results; returns it."""
+    suites = sorted(record["suites"].items())
+    record["metrics"] = {f"{name}.{k}": v for name, r in suites for k, v in r["metrics"].items()}
+    record["counts"] = {f"{name}.{k}": v for name, r in suites for k, v in r.get("counts", {}).items()}
+    return record
+
+
 def write_responses(run_dir: Path, step: int, suite: str, responses: list[dict] | None) -> None:
     """Replace this suite's answers in the step's responses file (other suites' lines stay)."""
     if responses is None:

@@ -32,24 +32,22 @@ from ..models import load_base_model, load_tokenizer, load_weights, model_source
 from ..processes import rebalance
 from ..rundir import write_atomic
 from ..watch import wait_for
-from .results import read_step, trajectory_table, write_responses, write_step, write_summary
+from .results import flatten, read_step, trajectory_table, write_responses, write_step, write_summary
 from .spec import ContrastiveSuite, DistributionSuite, JudgeConfig, JudgeSuite, LossSuite, PythonSuite, RegressionSuite
 
 log = logging.getLogger("finetrack")
 
 
 def select_steps(run_dir: Path, spec: str) -> list[tuple[int, Path | None]]:
-    """'all' | 'latest' | '0,47,94' -> [(step, checkpoint folder or None for the base model)]."""
+    """'all' | 'latest' | 'best' | '0,47,94,best' -> [(step, checkpoint folder or None for the base model)]; best is
+    the step checkpoints/best.json names (rundir.parse_steps: an error when the run has none or its checkpoint is gone)."""
     found = {f.step: f.path for f in checkpoint.complete_checkpoints(run_dir)}
     available = {0: None, **found}
     if spec == "all":
         return sorted(available.items())
     if spec == "latest":
         return [(0, None)] + ([max(found.items())] if found else [])
-    try:
-        wanted = sorted({int(x) for x in spec.split(",") if x.strip()})
-    except ValueError:
-        raise ConfigError(f"--steps {spec}: use all, latest, or a comma-separated list of steps such as 0,47,94") from None
+    wanted = rundir.parse_steps(run_dir, spec)
     missing = [s for s in wanted if s not in available]
     if missing:
         raise ConfigError(f"--steps: no complete checkpoint for step(s) {missing} in {run_dir}; available: {sorted(available)}")
@@ -84,7 +82,8 @@ def suite_key(suite, checkpoint_id: str, cfg: Config) -> str:
     that change what a suite measures, marked on their fields (Knob eval_key in config.py: model.*, data.*,
     train.seed). Not the rest of train.*: a resume that raises max_steps keeps the cache."""
     settings = eval_key_settings(cfg)
-    blob = json.dumps([suite.model_dump(mode="json"), settings], sort_keys=True)
+    # every_steps says when a suite runs during training, not what it measures
+    blob = json.dumps([suite.model_dump(mode="json", exclude={"every_steps"}), settings], sort_keys=True)
     for _, path in suite_files(suite, cfg):  # an edited question, item or data file is evaluated again
         stat = path.stat()
         blob += "\n" + _file_digest(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
@@ -343,7 +342,7 @@ class _Session:
         self.accelerator = Accelerator()
         self.tokenizer = load_tokenizer(cfg.model)
         self.models: Models | None = None
-        self.judges = _Judges(cfg, self.accelerator.device)
+        self.judges = Judges(cfg, self.accelerator.device)
         self.shown_table = ""
 
     def evaluate(self, selected: list[tuple[int, Path | None]], quiet: bool = False) -> list[dict]:
@@ -364,7 +363,7 @@ class _Session:
             step_id = checkpoint_id(cfg, folder)  # hashes an adapter folder without a manifest: once per step
             keys = {s.name: suite_key(s, step_id, cfg) for s in suites}
             todo[step] = [(s, keys[s.name]) for s in suites if records[step]["suites"].get(s.name, {}).get("key") != keys[s.name]]
-        units_per_step = {s.name: _units(s) for s in suites}  # answers (judge), items (distribution), 1 otherwise
+        units_per_step = {s.name: suite_units(s) for s in suites}  # answers (judge), items (distribution), 1 otherwise
         units = sum(units_per_step[s.name] for step in todo for s, _ in todo[step])
         cached = sum(len(suites) - len(todo[s]) for s in todo)
         if cached and not quiet:
@@ -385,7 +384,7 @@ class _Session:
                     self.models = self.models or Models(cfg, self.accelerator.device)
                     with self.models.at(folder) as m:
                         for suite, key in runnable:
-                            result = _run_suite(suite, m, tokenizer, cfg, self.accelerator, self.judges, bar)
+                            result = run_suite(suite, m, tokenizer, cfg, self.accelerator, self.judges, bar)
                             write_responses(run_dir, step, suite.name, result.pop("responses", None))
                             records[step]["suites"][suite.name] = {"key": key, **result}
                         del m  # a full checkpoint is freed when at() exits: no reference may outlive the block
@@ -393,9 +392,7 @@ class _Session:
                     write_step(run_dir, records[step])
             bar.close()
         for record in records.values():
-            record["metrics"] = {f"{name}.{k}": v for name, r in sorted(record["suites"].items()) for k, v in r["metrics"].items()}
-            record["counts"] = {f"{name}.{k}": v for name, r in sorted(record["suites"].items()) for k, v in r.get("counts", {}).items()}
-            write_step(run_dir, record)
+            write_step(run_dir, flatten(record))
         table = trajectory_table(write_summary(run_dir))
         if table != self.shown_table:  # a watch prints the table again only when it changed
             self.out(table)
@@ -403,7 +400,7 @@ class _Session:
         return [records[s] for s, _ in selected]
 
 
-class _Judges:
+class Judges:
     """Judge objects, their models loaded once per eval."""
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
@@ -432,7 +429,7 @@ class _Judges:
         return judges.LocalJudge.from_model(model, tokenizer, template, min_total=judge.min_total_prob)
 
 
-def _units(suite) -> int:
+def suite_units(suite) -> int:
     """Work units of one (step, suite): answers (judge), items (distribution), 1 otherwise; reads and checks the suite's file."""
     if isinstance(suite, JudgeSuite):
         from .freeform import check_judges, conversations
@@ -464,16 +461,17 @@ def _python_suite_function(suite: PythonSuite):
         ) from None
 
 
-def _run_suite(suite, model, tokenizer, cfg: Config, accelerator, judges: _Judges, bar) -> dict:
+def run_suite(suite, model, tokenizer, cfg: Config, accelerator, judges: Judges, bar, rows: list | None = None) -> dict:
     """One suite on the model at one step. `model` is a heads.WithHead on a regression run's checkpoints: the loss
-    and regression suites use the head; every other suite gets the language model alone."""
+    and regression suites use the head; every other suite gets the language model alone. `rows`: a row suite's
+    prepared rows when the caller keeps them (validation during training), else read now."""
     from ..heads import language_model
 
     if isinstance(suite, (LossSuite, RegressionSuite, ContrastiveSuite)):
         from . import contrastive, loss, regression
 
         scorer = {LossSuite: loss.run, RegressionSuite: regression.run, ContrastiveSuite: contrastive.run}[type(suite)]
-        result = scorer(suite, model, tokenizer, loss.load_rows(suite, cfg, tokenizer), cfg, accelerator)
+        result = scorer(suite, model, tokenizer, rows or loss.load_rows(suite, cfg, tokenizer), cfg, accelerator)
         bar.update(1)
         return result
     model = language_model(model)

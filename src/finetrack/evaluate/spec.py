@@ -28,6 +28,16 @@ def parse_rate(expr: str) -> list[tuple[str, str, float]]:
     return out
 
 
+def _every_steps():
+    """The `every_steps` field of every suite (a fresh FieldInfo each: pydantic fields are not shared)."""
+    return Field(
+        None,
+        ge=0,
+        description="Run this suite during training every N optimizer steps on the live model (overrides eval.every_steps); "
+        "0 = never during training, only `finetrack eval`.",
+    )
+
+
 class EvalError(UserError, ValueError):
     """The base of the eval stage's own errors (bad question or item file, a judge that cannot work): the
     message names the file, item or field and what to do; `finetrack eval` prints it and exits 2."""
@@ -107,6 +117,7 @@ class LossSuite(Section):
         "logged terms ('<name>.stability', ...)."
     )
     kind: Literal["loss"]
+    every_steps: int | None = _every_steps()
     data: str | None = Field(None, description="Rows to score (chat JSONL, ...); default: the run's held-out rows (data.eval_split).")
     micro_batch_size: int = Field(8, gt=0, description="Rows per forward pass.")
 
@@ -114,6 +125,7 @@ class LossSuite(Section):
 class JudgeSuite(Section):
     name: str = Field(description="Suite name: metric names are '<name>.<metric>'.")
     kind: Literal["judge"]
+    every_steps: int | None = _every_steps()
     questions: str = Field(description="Question file: YAML (also the emergent-misalignment format) or JSONL.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     judges: list[JudgeConfig] = Field(
@@ -140,6 +152,7 @@ _SAMPLED = Knob(active=lambda s, _: s.method == "sample", inactive="with method=
 class DistributionSuite(Section):
     name: str = Field(description="Suite name: metric names are '<name>.wasserstein', '<name>.mae_mean', '<name>.pearson_means'.")
     kind: Literal["distribution"]
+    every_steps: int | None = _every_steps()
     items: str = Field(
         description="Item file (YAML or JSONL): id, prompt, optional system, options (e.g. ['1', ..., '7']), target (counts or probabilities per option)."
     )
@@ -161,6 +174,7 @@ class DistributionSuite(Section):
 class PythonSuite(Section):
     name: str = Field(description="Suite name: metric names are '<name>.<key>' for each key the function returns.")
     kind: Literal["python"]
+    every_steps: int | None = _every_steps()
     function: str = Field(description="'module:function' called as function(model, tokenizer, options) -> {metric: number}.")
     options: dict = Field(default_factory=dict, description="Passed to the function unchanged.")
 
@@ -180,6 +194,7 @@ class RegressionSuite(Section):
         description="Suite name: metric names are '<name>.mse', '.mae', '.r2', '.pearson', '.spearman' (in the targets' units)."
     )
     kind: Annotated[Literal["regression"], _needs_objective("regression", "it scores the regression head that objective trains")]
+    every_steps: int | None = _every_steps()
     data: str | None = Field(
         None,
         description="Regression rows, laid out as objective.regression reads them; default: the run's held-out rows (data.eval_split).",
@@ -190,10 +205,16 @@ class RegressionSuite(Section):
 class ContrastiveSuite(Section):
     name: str = Field(description="Suite name: metric names are '<name>.stability', '.separation', '.discrimination'.")
     kind: Annotated[Literal["contrastive"], _needs_objective("contrastive", "its rows are anchor / positive / negative triplets")]
+    every_steps: int | None = _every_steps()
     data: str | None = Field(
         None, description="Triplet rows (anchor, positive, negative); default: the run's held-out rows (data.eval_split)."
     )
     micro_batch_size: int = Field(8, gt=0, description="Triplets per forward pass (three sequences each).")
+
+
+def validation_every_steps(suite: SuiteConfig, every_steps: int | None) -> int:
+    """How often a suite runs during training: its own every_steps, else `every_steps` (eval.every_steps); 0 = never."""
+    return suite.every_steps if suite.every_steps is not None else every_steps or 0
 
 
 # suites that score rows prepared as the run's objective reads them (data.prepare with cfg.objective)

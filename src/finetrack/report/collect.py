@@ -41,6 +41,7 @@ class RunData:
     trackers: dict
     problems: list[str] = field(default_factory=list)
     remote: dict | None = None  # remote.json from the uploader: {"url", "uploaded_steps", "failed_steps"}
+    best: dict | None = None  # checkpoints/best.json: {"step", "metric", "mode", "value", "checkpoint"}; None when absent or garbled
 
     def resolved(self, key: str, default=None):
         """A value `resolve()` decided (steps_per_epoch, total_steps, checkpoint_steps, ...)."""
@@ -52,6 +53,14 @@ class RunData:
 
     def newest_meta(self) -> dict:
         return self.checkpoints[-1].meta if self.checkpoints else {}
+
+    @property
+    def stop_reason(self) -> dict | None:
+        """Why the run stopped before its planned end (early stopping, a callback): the `stop_reason` of the newest
+        checkpoint whose meta.json could be read; None when that one has none (a run resumed past a stop has none)."""
+        meta = next((c.meta for c in reversed(self.checkpoints) if c.meta), {})
+        reason = meta.get("stop_reason")
+        return reason if isinstance(reason, dict) else None
 
     def suite_rates(self) -> dict[str, dict[str, str]]:
         """Judge suite name -> its named rates ('misaligned': 'aligned < 30 and coherent > 50')."""
@@ -75,6 +84,7 @@ def load_run(path: Path, name: str | None = None) -> RunData:
         trackers=_json_file(path / "trackers.json", problems) or {},
         problems=problems,
         remote=_remote_record(path / "remote.json", problems),
+        best=_best(path, problems),
     )
     for p in sorted((path / "eval" / "responses").glob("step-*.jsonl")):
         step = rundir.parse_step(p.stem)
@@ -82,6 +92,11 @@ def load_run(path: Path, name: str | None = None) -> RunData:
             run.responses[step] = _jsonl(p, problems)
     run.evals.sort(key=lambda r: r.get("step", 0))
     run.problems += [f"checkpoint {c.folder}: {c.problem}" for c in run.checkpoints if c.problem]
+    if run.best is not None and not any(c.step == run.best["step"] and c.complete for c in run.checkpoints):
+        run.problems.append(
+            f"checkpoints/{rundir.BEST_FILE}: names step {run.best['step']}, whose checkpoint is gone or incomplete "
+            "(the best step is still marked)"
+        )
     return run
 
 
@@ -108,6 +123,17 @@ def _checkpoints(run_dir: Path) -> list[CheckpointInfo]:
             problem = str(e)
         out.append(CheckpointInfo(step, folder.name, size, resumable, meta, problem))
     return out
+
+
+def _best(run_dir: Path, problems: list[str]) -> dict | None:
+    """checkpoints/best.json; a garbled one is a problem shown, and no step is marked best."""
+    try:
+        return rundir.read_best(run_dir)
+    except rundir.CheckpointError as e:
+        problems.append(
+            f"checkpoints/{rundir.BEST_FILE}: {str(e).removeprefix(str(rundir.best_path(run_dir)) + ': ')}; no step marked best"
+        )
+        return None
 
 
 def _remote_record(path: Path, problems: list[str]) -> dict | None:

@@ -10,6 +10,7 @@ import yaml
 from ..rundir import size_text
 from .collect import RunData
 from .html import collapsed, is_num, section, swatch, table
+from .validation import facts as validation_facts
 
 
 def run_facts(r: RunData, color: str, index: int) -> str:
@@ -37,10 +38,12 @@ def run_facts(r: RunData, color: str, index: int) -> str:
         ("config hash", escape(meta.get("config_hash") or "-")),
         ("remote copies", escape(_remote_fact(r, remote))),
         ("trackers", escape(json.dumps(r.trackers)) if r.trackers else "none"),
+        *validation_facts(r),  # the best checkpoint (checkpoints/best.json) and why the run stopped
     ]
+    best_step = r.best["step"] if r.best is not None else None
     ck_rows = [
         [
-            c.folder,
+            c.folder + (' <b class="best">(best)</b>' if c.step == best_step else ""),
             f"{c.meta.get('epoch', 0):.2f}" if c.meta else "-",
             escape("+".join(c.meta.get("rules", [])) or "-"),
             size_text(c.size_bytes),

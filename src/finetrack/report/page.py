@@ -16,6 +16,7 @@ from .charts import PALETTE, Chart, Series, fmt
 from .collect import RunData
 from .facts import duration, run_facts
 from .html import CSS, collapsed, grid, is_num, num, section, swatch, table
+from .validation import VAL_PREFIX, best_marker, has_validation, header_lines, trajectory_best, validation_section
 
 TRAIN_CURVES = (  # metrics.jsonl key, chart title, y-axis label with unit
     ("lr", "Learning rate (warmup, then decay)", "learning rate"),
@@ -34,6 +35,7 @@ def build_page(runs: list[RunData]) -> str:
         _header(runs, colors),
         _problems(runs),
         _training(runs, colors),
+        validation_section(runs, colors),
         _trajectory(runs, colors),
         _answers(runs),
         *(run_facts(r, colors[r.name], i) for i, r in enumerate(runs)),
@@ -76,11 +78,13 @@ def _header(runs: list[RunData], colors: dict[str, str]) -> str:
         "duration",
     ]
     when = time.strftime("%Y-%m-%d %H:%M %Z")
+    validation_link = '<a href="#validation">validation</a> · ' if has_validation(runs) else ""
     return (
         f'<header><h1>finetrack report</h1><p class="sub">built {escape(when)} from the files of '
         f"{len(runs)} run director{'y' if len(runs) == 1 else 'ies'}; hover a point for its exact value.</p>"
-        f'{table(head, rows, raw=True)}<nav><a href="#training">training curves</a> · <a href="#trajectory">trajectory</a> · '
-        f'<a href="#answers">sample answers</a> · <a href="#facts-0">run facts</a></nav></header>'
+        f'{table(head, rows, raw=True)}{header_lines(runs, colors)}<nav><a href="#training">training curves</a> · '
+        f"{validation_link}"
+        '<a href="#trajectory">trajectory</a> · <a href="#answers">sample answers</a> · <a href="#facts-0">run facts</a></nav></header>'
     )
 
 
@@ -106,7 +110,9 @@ _LOGGED = {"step", "epoch", "loss", "grad_norm", "target_tokens", "tokens_per_s"
 def _term_charts(runs: list[RunData], colors: dict[str, str]) -> list[Chart]:
     """One chart per term an objective logs beside its loss (loss/task, stability, ...: objectives.logged), training
     solid and held-out (its eval_ twin) dashed."""
-    terms = sorted({k for r in runs for m in r.metrics for k in m if k not in _LOGGED and not k.startswith("eval_") and is_num(m[k])})
+    terms = sorted(
+        {k for r in runs for m in r.metrics for k in m if k not in _LOGGED and not k.startswith(("eval_", VAL_PREFIX)) and is_num(m[k])}
+    )
     charts = []
     for term in terms:
         series = []
@@ -118,6 +124,8 @@ def _term_charts(runs: list[RunData], colors: dict[str, str]) -> list[Chart]:
                 series.append(
                     Series(f"{r.name} held-out" if len(runs) > 1 else "held-out", colors[r.name], held, dashed=True, marker="dot")
                 )
+            if mark := best_marker(r, f"eval_{term}", colors[r.name], len(runs) > 1):
+                series.append(mark)
         charts.append(Chart(term, STEP_AXIS, _metric_unit(f"train.{term}"), series, _epoch_lines(runs)))
     return charts
 
@@ -131,6 +139,8 @@ def _loss_chart(runs: list[RunData], colors: dict[str, str]) -> Chart:
         series.append(Series(f"{r.name} train" if len(runs) > 1 else "train loss", color, train))
         if held:
             series.append(Series(f"{r.name} held-out" if len(runs) > 1 else "held-out loss", color, held, dashed=True, marker="dot"))
+        if mark := best_marker(r, "eval_loss", color, len(runs) > 1):
+            series.append(mark)
         marks = _checkpoint_marks(r, train)
         if marks:
             series.append(
@@ -159,7 +169,8 @@ def _checkpoint_marks(r: RunData, curve: list[tuple[float, float]]) -> list[tupl
         c = on_disk.get(s)
         state = (f"on disk, {size_text(c.size_bytes)}" if c.complete else f"incomplete: {c.problem}") if c else "deleted by retention"
         rules = planned.get(s) or "+".join((c.meta.get("rules") if c else None) or ["signal"])
-        out.append(((s, _interpolate(curve, s)), f"checkpoint {s} ({rules}; {state})"))
+        best = "; the best: checkpoints/best.json" if r.best is not None and r.best["step"] == s else ""
+        out.append(((s, _interpolate(curve, s)), f"checkpoint {s} ({rules}; {state}{best})"))
     return out
 
 
@@ -198,6 +209,8 @@ def _trajectory(runs: list[RunData], colors: dict[str, str]) -> str:
                     show_notes=len(rows) <= 12 and any(notes),
                 )
             )
+            if mark := trajectory_best(r, name, colors[r.name], len(runs) > 1):
+                series.append(mark)
         charts.append(
             Chart(name, STEP_AXIS + " (0 = base model)", _metric_unit(name), series, hlines=_thresholds(name, runs), percent=percent)
         )
