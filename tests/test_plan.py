@@ -245,6 +245,24 @@ def test_eval_phase_is_costed_on_a_line_of_its_own(tmp_path, tiny_model_dir, cha
     assert "eval phase: no eval.suites" in render(make_plan(tiny_cfg(tmp_path, tiny_model_dir, chat_file), target_for("H100", None)))
 
 
+def test_validation_during_training_is_costed_in_the_run_time(tmp_path, tiny_model_dir, chat_file):
+    """eval.every_steps: each validation of a suite costs one evaluated step of the eval phase, counted at steps 0, every
+    N and the last; a suite with every_steps 0 is not run during training."""
+    suites = [{"name": "heldout", "kind": "loss"}, {"name": "other", "kind": "loss", "every_steps": 0}]
+    common = ("data.eval_split=0.25", "checkpoint.every_steps=2", f"eval.suites={json.dumps(suites)}")
+    without = make_plan(tiny_cfg(tmp_path, tiny_model_dir, chat_file, *common), target_for("H100", None)).time
+    assert without["validation_s"] == 0 and without["num_validations"] == {"heldout": 0, "other": 0}
+    plan = make_plan(tiny_cfg(tmp_path, tiny_model_dir, chat_file, *common, "eval.every_steps=4"), target_for("H100", None))
+    t = plan.time
+    total_steps = plan.schedule["total_steps"]
+    expected = len({0, *range(4, total_steps + 1, 4), total_steps})
+    assert t["num_validations"] == {"heldout": expected, "other": 0}
+    heldout = t["eval_phase"]["suites"][0]
+    assert t["validation_s"] == pytest.approx(expected * heldout["seconds"] / t["eval_phase"]["num_steps"]) and t["validation_s"] > 0
+    assert t["total_s"] == pytest.approx(t["train_s"] + t["eval_loss_s"] + t["checkpoint_s"] + t["validation_s"])
+    assert f"+ {expected} suite validation(s)" in render(plan)
+
+
 def test_does_not_fit_lists_changes_that_do(tmp_path, tiny_model_dir, chat_file):
     cfg = tiny_cfg(tmp_path, tiny_model_dir, chat_file, "model.method=full", "train.micro_batch_size=8")
     fits = make_plan(cfg, target_for("L4", None))

@@ -23,6 +23,7 @@ from .batches import attn_tokens_for, micro_batch_shape, step_rows
 from .config import Config, ConfigError, Environment, measure_dump, resolve
 from .data import Example, prepare
 from .evaluate import cost as eval_cost
+from .evaluate.spec import validates_at, validation_every_steps
 from .fit import ranked_changes
 from .objective_data import _truncate
 from .plan_render import render  # noqa: F401  (re-exported: the CLI and tests import it from here)
@@ -301,13 +302,23 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
             )
         else:  # a rate measured here says nothing about another device: keep the estimate, show the measurement apart
             assumptions.append(f"measured {tps:,.0f} tokens/s over {where}: not used for {target.name}, which is not this machine")
-    timing["total_s"] = timing["train_s"] + timing["eval_loss_s"] + timing["checkpoint_s"]
-    timing["hours"] = timing["total_s"] / 3600
-    timing["cost"] = None if price_per_hour is None else timing["hours"] * price_per_hour
-    timing["price_per_hour"] = price_per_hour
     # `finetrack eval` afterwards (or beside, with --watch): a phase of its own, at the same (estimated) rate
     eval_phase = eval_cost.estimate(cfg, arch, tokenizer, len(shape.checkpoint_steps), rate, data.eval)
     assumptions += eval_phase.assumptions
+    # suites during training (eval.every_steps): each validation costs what one evaluated step of the eval phase does
+    per_step_s = {s["name"]: s["seconds"] / eval_phase.num_steps for s in eval_phase.suites}
+    num_validations = {
+        s.name: sum(
+            validates_at(validation_every_steps(s, cfg.eval.every_steps), step, shape.total_steps) for step in range(shape.total_steps + 1)
+        )
+        for s in cfg.eval.suites
+    }
+    timing["num_validations"] = num_validations
+    timing["validation_s"] = sum(per_step_s[name] * n for name, n in num_validations.items())
+    timing["total_s"] = timing["train_s"] + timing["eval_loss_s"] + timing["checkpoint_s"] + timing["validation_s"]
+    timing["hours"] = timing["total_s"] / 3600
+    timing["cost"] = None if price_per_hour is None else timing["hours"] * price_per_hour
+    timing["price_per_hour"] = price_per_hour
     timing["eval_phase"] = {
         **dataclasses.asdict(eval_phase),
         "cost": None if price_per_hour is None else eval_phase.total_s / 3600 * price_per_hour,

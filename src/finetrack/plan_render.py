@@ -83,8 +83,10 @@ def render(plan: Plan) -> str:
         "",
         f"time and cost ({how}): {t['train_tokens']:,} tokens to train ({t['computed_tokens']:,} computed with padding, {targets}{reads})",
     ]
+    validations = sum(t["num_validations"].values())
+    validation = f" + {validations} suite validation(s) {_hours(t['validation_s'])}" if validations else ""
     lines.append(
-        f"  training {_hours(t['train_s'])} + held-out loss {_hours(t['eval_loss_s'])} + {t['num_checkpoints']} checkpoint(s) of "
+        f"  training {_hours(t['train_s'])} + held-out loss {_hours(t['eval_loss_s'])}{validation} + {t['num_checkpoints']} checkpoint(s) of "
         f"{memory.mib(t['checkpoint_bytes'])} {_hours(t['checkpoint_s'])} = {_hours(t['total_s'])}{cost}"
     )
     lines.append(_eval_phase_line(t["eval_phase"], t["price_per_hour"]))

@@ -178,10 +178,20 @@ def get_run_file(fs: fsspec.AbstractFileSystem, root: str, name: str, dst: Path)
 
 
 # ------------------------------------------------------------------------------------ listing
+def forget_listings(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Drop the cached listings of `root` and of every folder below it. s3fs's invalidate_cache(path) drops `path`
+    and its parents only, and find() never replaces a listing it already holds: a checkpoint folder listed while it
+    uploaded would otherwise stay without its MANIFEST.json (and checkpoints/ without best.json) for the life of the
+    process, and cat_file() of those files would raise FileNotFoundError (a `sync --watch`, the Uploader's process)."""
+    fs.invalidate_cache(root)
+    for key in [k for k in fs.dircache if k.startswith(f"{root}/")]:
+        fs.dircache.pop(key, None)
+
+
 def remote_steps(url: str) -> list[int]:
     """Steps of the remote checkpoints that have a MANIFEST.json, ascending."""
     fs, root = open_url(url)
-    fs.invalidate_cache(root)  # s3fs caches listings; polling must see new checkpoints
+    forget_listings(fs, root)  # s3fs caches listings; polling must see new checkpoints
     try:
         paths = fs.find(f"{root}/checkpoints")  # one listing, not one request per checkpoint
     except FileNotFoundError:

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import rundir
 from .config import Config, ConfigError, MonitorConfig, load_config, rate_rules
-from .evaluate.spec import validation_every_steps
+from .evaluate.spec import validates_at, validation_every_steps
 from .sampling import untouched_rng
 from .train_state import TrainState, Watch
 
@@ -54,7 +54,7 @@ class Validator:
 
     def due(self, step: int) -> list:
         """The suites due after optimizer step `step` (0: the starting weights of a fresh run)."""
-        return [s for s, every in self.suites if step == 0 or step % every == 0 or step == self.total_steps]
+        return [s for s, every in self.suites if validates_at(every, step, self.total_steps)]
 
     def run(self, step: int, model: nn.Module) -> dict[str, float | None]:
         """Every suite due at `step` on `model` (unwrapped; a heads.WithHead on a regression run), in eval mode, with
@@ -154,8 +154,9 @@ def direction(monitor: MonitorConfig, cfg: Config) -> str:
         return monitor.mode
     from .gate import infer_direction
 
-    inferred, _ = infer_direction(monitor.metric.removeprefix(VALIDATION_PREFIX), rate_rules(cfg))
+    inferred, why = infer_direction(monitor.metric.removeprefix(VALIDATION_PREFIX), rate_rules(cfg))
     assert inferred is not None, "an ambiguous name is refused when the config loads (config._monitor_problem)"
+    log.info("%s: %s is better (mode auto: %s)", monitor.metric, inferred, why)
     return "min" if inferred == "lower" else "max"
 
 

@@ -217,6 +217,12 @@ def validation_every_steps(suite: SuiteConfig, every_steps: int | None) -> int:
     return suite.every_steps if suite.every_steps is not None else every_steps or 0
 
 
+def validates_at(every_steps: int, step: int, total_steps: int) -> bool:
+    """Does a suite run `every_steps` (0: never) validate after optimizer step `step`? Every N steps, the last step, and
+    step 0 (the starting weights of a fresh run)."""
+    return every_steps > 0 and (step == 0 or step % every_steps == 0 or step == total_steps)
+
+
 # suites that score rows prepared as the run's objective reads them (data.prepare with cfg.objective)
 RowSuite = LossSuite | RegressionSuite | ContrastiveSuite
 
