@@ -4,6 +4,8 @@ the key, never a traceback."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from finetrack.cli import main
@@ -160,3 +162,163 @@ def test_question_and_item_files_refuse_duplicate_keys_too(tmp_path):
     q.write_text("- id: a\n  question: one\n  question: two\n")
     with pytest.raises(QuestionError, match=r"q.yaml:3: duplicate key"):
         load_questions(q)
+
+
+# ------------------------------------------------------------------ validation during training, early stopping, best, callbacks
+PROBE = b"eval:\n  every_steps: 5\n  suites:\n    - {name: probe, kind: python, function: 'probes:score'}\n"
+HELD_OUT = b"data:\n  eval_split: 0.1\neval:\n  loss_every_steps: 5\n"
+
+WATCH_CASES = [
+    (
+        "es_metric_not_validation",
+        b"train:\n  early_stopping:\n    metric: loss\n",
+        [":3:", "train.early_stopping.metric=loss: not a validation metric", "val/<suite>.<metric>"],
+    ),
+    (
+        "es_eval_loss_without_eval_split",
+        b"train:\n  early_stopping:\n    metric: eval_loss\n",
+        [":3:", "train.early_stopping.metric=eval_loss", "data.eval_split and eval.loss_every_steps"],
+    ),
+    (
+        "es_eval_loss_without_loss_every_steps",
+        b"data:\n  eval_split: 0.1\ntrain:\n  early_stopping: {metric: eval_loss}\n",
+        [":4:", "train.early_stopping.metric=eval_loss", "eval.loss_every_steps"],
+    ),
+    (
+        "es_unknown_suite",
+        PROBE + b"train:\n  early_stopping: {metric: val/nope.score, mode: max}\n",
+        [":6:", "train.early_stopping.metric=val/nope.score", "no suite 'nope' in eval.suites", "probe"],
+    ),
+    (
+        "es_suite_without_a_dot",
+        PROBE + b"train:\n  early_stopping: {metric: val/probe, mode: max}\n",
+        [":6:", "train.early_stopping.metric=val/probe: not a validation metric"],
+    ),
+    (
+        "best_suite_not_run_during_training",
+        b"eval:\n  suites:\n    - {name: probe, kind: python, function: 'probes:score'}\ncheckpoint:\n  best: {metric: val/probe.score, mode: max}\n",
+        [":5:", "checkpoint.best.metric=val/probe.score", "suite 'probe' does not run during training"],
+    ),
+    (
+        "best_suite_every_steps_zero",
+        (
+            b"eval:\n  every_steps: 5\n  suites:\n    - {name: probe, kind: python, function: 'probes:score', every_steps: 0}\n"
+            b"checkpoint:\n  best: {metric: val/probe.score, mode: max}\n"
+        ),
+        ["checkpoint.best.metric=val/probe.score", "does not run during training"],
+    ),
+    (
+        "es_mode_auto_ambiguous",
+        PROBE + b"train:\n  early_stopping:\n    metric: val/probe.score\n",
+        [":6:", "train.early_stopping.mode=auto", "val/probe.score is ambiguous", "set train.early_stopping.mode=min or max"],
+    ),
+    ("eval_every_steps_without_suites", b"eval:\n  every_steps: 5\n", [":2:", "eval.every_steps has no effect without eval.suites"]),
+    ("eval_every_steps_zero", PROBE.replace(b"every_steps: 5", b"every_steps: 0"), [":2:", "eval.every_steps", "greater than 0"]),
+    (
+        "suite_every_steps_negative",
+        b"eval:\n  suites:\n    - name: probe\n      kind: python\n      function: 'probes:score'\n      every_steps: -1\n",
+        [":6:", "eval.suites.0.every_steps", "greater than or equal to 0"],
+    ),
+    (
+        "best_metric_not_validation",
+        b"checkpoint:\n  best:\n    metric: accuracy\n",
+        [":3:", "checkpoint.best.metric=accuracy: not a validation metric"],
+    ),
+    ("best_bad_mode", HELD_OUT + b"checkpoint:\n  best:\n    mode: lowest\n", [":7:", "checkpoint.best.mode", "'min' or 'max'"]),
+    (
+        "es_patience_zero",
+        HELD_OUT + b"train:\n  early_stopping:\n    patience: 0\n",
+        [":7:", "train.early_stopping.patience", "greater than 0"],
+    ),
+    (
+        "es_min_delta_negative",
+        HELD_OUT + b"train:\n  early_stopping:\n    min_delta: -0.1\n",
+        [":7:", "train.early_stopping.min_delta", "greater than or equal to 0"],
+    ),
+    (
+        "callback_without_colon",
+        b"train:\n  callbacks:\n    - my_callbacks.Recorder\n",
+        [":3:", "train.callbacks.0.function", "pattern", "my_callbacks.Recorder"],
+    ),
+    (
+        "callback_options_not_a_mapping",
+        b"train:\n  callbacks:\n    - function: cb.py:Recorder\n      options: [1, 2]\n",
+        [":4:", "train.callbacks.0.options"],
+    ),
+    ("callbacks_not_a_list", b"train:\n  callbacks: cb.py:Recorder\n", [":2:", "train.callbacks", "list"]),
+]
+
+
+@pytest.mark.parametrize("content, expected", [c[1:] for c in WATCH_CASES], ids=[c[0] for c in WATCH_CASES])
+def test_bad_watch_settings(content, expected, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cfg.yaml").write_bytes(content)
+    line = _run(["plan", "cfg.yaml"], capsys)
+    for text in ["cfg.yaml", *expected]:
+        assert text in line, (text, line)
+
+
+def test_mode_auto_reads_the_direction_from_a_clear_name(tmp_path, capsys):
+    """Not an error: a suite metric whose name says which way is better (loss: min), and the held-out loss."""
+    (tmp_path / "cfg.yaml").write_bytes(
+        HELD_OUT + b"  every_steps: 5\n  suites:\n    - {name: held, kind: loss}\n"
+        b"train:\n  early_stopping: {metric: val/held.loss}\ncheckpoint:\n  best: {}\n"
+    )
+    assert main(["plan", str(tmp_path / "cfg.yaml")]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "entry, expected",
+    [
+        ("{function: 'missing.py:Recorder'}", ["train.callbacks[0].function=missing.py:Recorder", "no such file missing.py"]),
+        ("{function: 'no_such_module_xyz:Recorder'}", ["train.callbacks[0].function=no_such_module_xyz:Recorder", "no module"]),
+        ("'cb.py:Nope'", ["train.callbacks[0].function=cb.py:Nope", "defines no function or class 'Nope'"]),
+        ("{function: 'cb.py:Recorder', options: {colour: red}}", ["callback cb.py:Recorder", "options {'colour': 'red'}", "TypeError"]),
+    ],
+    ids=["missing_file", "missing_module", "missing_class", "unknown_option"],
+)
+def test_bad_callback_is_one_error_line_before_any_work(entry, expected, tmp_path, capsys, monkeypatch, tiny_model_dir, chat_file):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cb.py").write_text("class Recorder:\n    def on_stop(self, view):\n        pass\n")
+    line = _run(["train", f"model.name={tiny_model_dir}", f"data.path={chat_file}", "output.dir=run", f"train.callbacks=[{entry}]"], capsys)
+    for text in expected:
+        assert text in line, (text, line)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        (
+            [
+                "eval.every_steps=2",
+                "eval.suites=[{name: probe, kind: python, function: 'ft_bad_probe:probe'}]",
+                "train.early_stopping={metric: val/probe.nope, mode: max}",
+            ],
+            ["train.early_stopping.metric", "val/probe.nope", "not measured", "val/probe.score"],
+        ),
+        (
+            ["data.eval_split=0.25", "eval.loss_every_steps=2", "checkpoint.best={metric: eval_nope, mode: min}"],
+            ["checkpoint.best.metric", "eval_nope", "not measured", "eval_loss"],
+        ),
+    ],
+    ids=["suite_metric", "held_out_term"],
+)
+def test_a_watched_metric_that_is_not_produced_fails_at_the_first_validation(
+    settings, expected, tmp_path, capsys, monkeypatch, tiny_model_dir, chat_file
+):
+    """The config cannot know which metrics a suite or the objective gives: the first validation that measures the
+    watched one's suite (step 0, the base model, for a suite; the first held-out loss for eval_*) says so in one line
+    naming the key to fix, before any training for a suite."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ft_bad_probe.py").write_text("def probe(model, tokenizer, options):\n    return {'score': 1.0}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = ["train", f"model.name={tiny_model_dir}", f"data.path={chat_file}", "output.dir=run", "data.max_length=256"]
+    line = _run([*argv, "train.micro_batch_size=4", "train.max_steps=6", *settings], capsys)
+    for text in expected:
+        assert text in line, (text, line)
+    # a suite's metric is refused at step 0, before any training; the held-out loss's at its first validation (step 2)
+    logged = (tmp_path / "run/metrics.jsonl").read_text().splitlines() if (tmp_path / "run/metrics.jsonl").exists() else []
+    assert [json.loads(x)["step"] for x in logged] == ([] if "eval.every_steps=2" in settings else [1])
+    assert ("at step 0" if "eval.every_steps=2" in settings else "at step 2") in line
+    assert not (tmp_path / "run/checkpoints").exists() or not any((tmp_path / "run/checkpoints").iterdir())

@@ -14,6 +14,7 @@ import time
 from html import unescape
 from pathlib import Path
 
+import browser
 import fsspec
 import pytest
 import yaml
@@ -227,22 +228,24 @@ def _remote_best(fs, root: str) -> dict | None:
 
 
 def test_uploader_uploads_best_json_after_the_checkpoint_it_names(tmp_path, s3, proxy, capsys):
-    """While step 4's files crawl to the remote, the remote best.json still names step 2 (a checkpoint it holds);
-    once step 4's manifest is there, best.json follows. `sync` from the remote then mirrors it."""
+    """Training writes best.json naming step 4 while the uploader is still busy with step 3 (step 4 queued): the remote
+    best.json keeps naming step 2, a checkpoint it holds, through step 3's and step 4's uploads; once step 4's
+    manifest is there, best.json follows. `sync` from the remote then mirrors it."""
     run = tmp_path / "run"
     fs, root = fsspec.core.url_to_fs(s3)
     uploader = storage.Uploader(s3, run, retries=1, backoff_s=0)
-    uploader.submit(make_checkpoint(run, 2))
-    write_best(run, 2, value=0.9)  # after the checkpoint is complete (and here even after its submit: picked up later)
+    folder = make_checkpoint(run, 2)
+    write_best(run, 2, value=0.9)  # as training does: after the checkpoint is complete, before it is submitted
+    uploader.submit(folder)
     deadline = time.monotonic() + 60
-    uploader.submit(make_checkpoint(run, 3))  # a later upload carries the best.json that changed meanwhile
     while _remote_best(fs, root) is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _remote_best(fs, root)["step"] == 2
+    assert _remote_best(fs, root)["step"] == 2 and storage.remote_steps(s3) == [2]
 
-    proxy.slow_puts(r"/checkpoints/step-000004/", 0.3)
+    proxy.slow_puts(r"/checkpoints/step-00000[34]/", 0.25)
+    uploader.submit(make_checkpoint(run, 3))
     folder = make_checkpoint(run, 4)
-    write_best(run, 4, value=0.5)
+    write_best(run, 4, value=0.5)  # the best now, while step 3 is still uploading
     uploader.submit(folder)
     seen, polls = set(), 0
     while 4 not in storage.remote_steps(s3) and time.monotonic() < deadline:
@@ -252,7 +255,7 @@ def test_uploader_uploads_best_json_after_the_checkpoint_it_names(tmp_path, s3, 
         seen.add(remote["step"])
         polls += 1
         time.sleep(0.05)
-    assert polls > 0 and 2 in seen and seen <= {2, 4} and proxy.slow_forwarded > 0  # watched during step 4's upload
+    assert 3 in storage.remote_steps(s3) and polls > 10 and 2 in seen and seen <= {2, 4}  # watched through both uploads
     assert uploader.wait() == []
     assert fs.cat_file(f"{root}/checkpoints/best.json") == rundir.best_path(run).read_bytes()
 
@@ -263,6 +266,32 @@ def test_uploader_uploads_best_json_after_the_checkpoint_it_names(tmp_path, s3, 
 
     storage.delete_remote_checkpoints(s3)  # --fresh --delete-remote: best.json goes too
     assert _remote_best(fs, root) is None and storage.remote_steps(s3) == []
+
+
+def test_a_watching_sync_sees_what_finished_uploading_after_it_listed(tmp_path, s3, capsys):
+    """`sync --watch` polls in one process while training uploads from another: a pass that listed step 4 mid-upload
+    (no MANIFEST.json yet) and checkpoints/ without best.json must not hide them from later passes (s3fs keeps the
+    listings of subfolders, and only the uploading process's own writes would refresh them)."""
+    run, dst = tmp_path / "run", tmp_path / "dst"
+    make_checkpoint(run, 2)
+    make_checkpoint(run, 4)
+
+    def training_process(code: str) -> None:  # the uploads, from another process (the s3 fixture's environment)
+        prelude = f"from pathlib import Path; from finetrack import storage; url, run = {s3!r}, Path({str(run)!r}); "
+        subprocess.run([sys.executable, "-c", prelude + code], check=True, timeout=120)
+
+    training_process(
+        "storage.push_checkpoint(run / 'checkpoints/step-000002', url); fs, root = storage.open_url(url); "
+        "fs.put_file(str(run / 'checkpoints/step-000004/config.json'), root + '/checkpoints/step-000004/config.json')"
+    )
+    code, out, err = cli_run(capsys, "sync", s3, dst)  # lists step-000004/ without its manifest, checkpoints/ without best.json
+    assert code == 0 and "fetched step-000002" in out and "fetched step-000004" not in out, out + err
+
+    write_best(run, 4, value=0.3)
+    training_process("storage.push_checkpoint(run / 'checkpoints/step-000004', url); storage.push_best(run, url, {2, 4})")
+    code, out, err = cli_run(capsys, "sync", s3, dst)  # the same process: a watch's next pass
+    assert code == 0 and "fetched step-000004" in out and "fetched checkpoints/best.json (best: step 4, eval_loss 0.3 (min))" in out, out
+    assert rundir.best_path(dst).read_bytes() == rundir.best_path(run).read_bytes()
 
 
 def test_uploader_never_uploads_a_garbled_best_json(tmp_path, s3, caplog):
@@ -412,15 +441,13 @@ def test_stop_reason_of_a_callback(tmp_path):
 
 
 needs_chromium = pytest.mark.skipif(
-    not (os.path.exists("/usr/bin/chromium") or os.path.exists("/usr/bin/chromium-browser")) and not os.environ.get("CI"),
-    reason="chromium not installed",
+    browser.chromium() is None and not os.environ.get("CI"),  # on CI a missing browser fails the test instead
+    reason="chromium not installed (scripts/test.sh installs Debian's chromium package when run as root)",
 )
 
 
 @needs_chromium
 def test_report_with_validation_in_headless_chromium(tmp_path):
-    import browser
-
     from finetrack.report import write_report
 
     path = write_report([synthetic_run(tmp_path / "a"), synthetic_run(tmp_path / "b", best_step=6)], tmp_path / "r.html")

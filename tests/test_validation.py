@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -233,7 +232,9 @@ def test_training_is_bit_identical_with_and_without_validation(tmp_path, tiny_mo
     assert strip == [{k: m[k] for k in training_keys if k in m} for m in plain_metrics]
     assert len({m["loss"] for m in plain_metrics}) == 4
     for step in (2, 4):
-        assert_same_weights(plain.run_dir / f"checkpoints/{rundir.step_name(step)}", watched.run_dir / f"checkpoints/{rundir.step_name(step)}")
+        assert_same_weights(
+            plain.run_dir / f"checkpoints/{rundir.step_name(step)}", watched.run_dir / f"checkpoints/{rundir.step_name(step)}"
+        )
 
 
 # ------------------------------------------------------------------------- early stopping
@@ -350,7 +351,7 @@ def test_kill_9_then_the_same_command_stops_where_the_uninterrupted_run_stopped(
     )
     argv = [a for a in argv if not a.startswith("output.dir=")]  # each run gets its own below
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    ref = subprocess.run([*argv, f"output.dir={tmp_path / 'ref'}"], capture_output=True, text=True, timeout=600, env=env)
+    ref = subprocess.run([*argv, f"output.dir={tmp_path / 'ref'}"], check=False, capture_output=True, text=True, timeout=600, env=env)
     assert ref.returncode == 0, ref.stderr[-2000:]
     stopped = steps_of(tmp_path / "ref")[-1]
     ref_reason = rundir.read_meta(tmp_path / f"ref/checkpoints/{rundir.step_name(stopped)}")["stop_reason"]
@@ -368,7 +369,7 @@ def test_kill_9_then_the_same_command_stops_where_the_uninterrupted_run_stopped(
     proc.wait()
     final = f"checkpoints/{rundir.step_name(stopped)}"
     assert steps_of(out)[-1] < stopped, "killed after the stop"
-    again = subprocess.run([*argv, f"output.dir={out}"], capture_output=True, text=True, timeout=600, env=env)
+    again = subprocess.run([*argv, f"output.dir={out}"], check=False, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and "resuming from" in again.stderr, again.stderr[-2000:]
     assert f"stopped early at step {stopped} of 40" in again.stdout, again.stdout
     assert steps_of(out)[-1] == stopped and rundir.read_meta(out / final)["stop_reason"] == ref_reason
@@ -377,7 +378,7 @@ def test_kill_9_then_the_same_command_stops_where_the_uninterrupted_run_stopped(
 
 
 # ------------------------------------------------------------------------- the best checkpoint
-def test_the_best_checkpoint_survives_num_keep_last_1(tmp_path, tiny_model_dir, chat_file):
+def test_the_best_checkpoint_survives_num_keep_last_1(tmp_path, tiny_model_dir, chat_file, capsys):
     """checkpoint.best on the held-out loss (mode auto: min) with num_keep_last 1: best.json names the step of the lowest
     eval_loss in metrics.jsonl, its folder is complete; the schedule's checkpoint stays (keep_schedule), rolling and
     superseded best-only checkpoints go."""
@@ -412,6 +413,14 @@ def test_the_best_checkpoint_survives_num_keep_last_1(tmp_path, tiny_model_dir, 
     meta = rundir.read_meta(run / best["checkpoint"])
     assert "best" in meta["rules"] and meta["validation"]["eval_loss"] == logged[best_step]
     assert [f.step for f in checkpoint.complete_checkpoints(run)] == steps_of(run)
+    # every improvement was saved; those saved only for it went once a later one was better
+    improved = [s for s in logged if logged[s] == min(v for t, v in logged.items() if t <= s)]
+    best_only = [s for s in improved if s not in (2, 3, 6, 7)]  # not also a schedule / every_steps / last checkpoint
+    out = capsys.readouterr().out
+    for step in improved:
+        assert f"checkpoint: {run / 'checkpoints' / rundir.step_name(step)} (" in out and f"best: step {step}, eval_loss" in out
+    for step in best_only:
+        assert (step == best_step) != (f"retention: deleted {rundir.step_name(step)} (saved as the best" in out), step
 
 
 def test_the_best_by_a_suite_metric_in_mode_max_is_kept_while_rolling_ones_go(tmp_path, tiny_model_dir, chat_file):

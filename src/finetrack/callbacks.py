@@ -30,12 +30,20 @@ from .errors import UserError
 
 log = logging.getLogger("finetrack")
 HOOKS = ("on_validation", "on_step_end", "on_checkpoint", "on_stop")
-_MAY_STOP = ("on_validation", "on_step_end")
+_MAY_ACT = ("on_validation", "on_step_end")  # the hooks that may log metrics and ask for a stop
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
 class CallbackError(UserError, RuntimeError):
     """A callback raised: the run stopped after writing a checkpoint; the message names the callback and the hook."""
+
+
+@dataclass
+class Requests:
+    """What the hooks of one step asked for: metrics to add to its line, and stops (callback, reason)."""
+
+    logged: dict[str, float] = field(default_factory=dict)
+    stops: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -51,25 +59,26 @@ class RunView:
     validation: Mapping[str, float | None] = field(default_factory=lambda: _EMPTY)  # on_validation: eval_loss, val/<suite>.<metric>
     checkpoint: Path | None = None  # on_checkpoint: the checkpoint just written; on_stop: the final one
     stop_reason: Mapping[str, Any] | None = None  # on_stop: {"kind": "end" | "early_stopping" | "callback" | "signal", ...}
-    _hook: str = ""
-    _stops: list[tuple[str, str]] = field(default_factory=list, repr=False)
-    _logged: dict[str, float] = field(default_factory=dict, repr=False)
-    _caller: list[str] = field(default_factory=lambda: [""], repr=False)  # the callback being called
+    _requests: Requests = field(default_factory=Requests, repr=False)
+    _hook: str = field(default="", repr=False)
+    _caller: str = field(default="", repr=False)
 
     def request_stop(self, reason: str) -> None:
         """End the run after this step, with a final checkpoint recording `reason` (on_validation, on_step_end)."""
-        if self._hook not in _MAY_STOP:
-            raise RuntimeError(f"request_stop works in {' and '.join(_MAY_STOP)}, not in {self._hook}")
-        self._stops.append((self._caller[0], str(reason)))
+        self._check("request_stop")
+        self._requests.stops.append((self._caller, str(reason)))
 
     def log(self, metrics: Mapping[str, float]) -> None:
         """Add metrics to this step's metrics.jsonl line and the trackers (on_validation, on_step_end)."""
-        if self._hook not in _MAY_STOP:
-            raise RuntimeError(f"log works in {' and '.join(_MAY_STOP)}, not in {self._hook}")
+        self._check("log")
         for key, value in metrics.items():
-            if not isinstance(key, str) or not isinstance(value, (int, float)):
+            if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"log takes {{name: number}}, got {key!r}: {value!r}")
-            self._logged[key] = value
+            self._requests.logged[key] = value
+
+    def _check(self, what: str) -> None:
+        if self._hook not in _MAY_ACT:
+            raise RuntimeError(f"{what} works in {' and '.join(_MAY_ACT)}, not in {self._hook}")
 
 
 class Callbacks:
@@ -90,20 +99,17 @@ class Callbacks:
     def __bool__(self) -> bool:
         return bool(self.named)
 
-    def call(self, hook: str, view: RunView) -> RunView:
-        """Call `hook` on every callback that has it; returns the view (its stop requests and logged metrics)."""
-        view = _for_hook(view, hook)
+    def call(self, hook: str, view: RunView) -> None:
+        """Call `hook` on every callback that has it; what they ask for lands in view's Requests."""
         for name, cb in self.named:
             method = getattr(cb, hook, None)
             if not callable(method):
                 continue
-            view._caller[0] = name
             try:
-                method(view)
+                method(replace(view, _hook=hook, _caller=name))
             except Exception as e:
                 log.debug("%s", traceback.format_exc())  # -v shows where in the callback
                 raise CallbackError(f"callback {name} raised in {hook} at step {view.step}: {type(e).__name__}: {e}") from e
-        return view
 
 
 def _create(config: CallbackConfig, field: str) -> Any:
@@ -114,7 +120,3 @@ def _create(config: CallbackConfig, field: str) -> Any:
     except Exception as e:
         log.debug("%s", traceback.format_exc())
         raise CallbackError(f"callback {config.function}: creating it with options {config.options} raised {type(e).__name__}: {e}") from e
-
-
-def _for_hook(view: RunView, hook: str) -> RunView:
-    return replace(view, _hook=hook, _stops=view._stops, _logged=view._logged, _caller=view._caller)

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import processes
 from .batches import Batch, micro_batches, step_rows
-from .callbacks import CallbackError, Callbacks, RunView
+from .callbacks import CallbackError, Callbacks, Requests, RunView
 from .config import Config, RunShape
 from .data import Example
 from .heads import language_model
@@ -97,21 +97,20 @@ def fit(loop: Loop, state: TrainState, stop: StopFlag) -> tuple[float, dict[str,
         loop.sampler.sample_if_due(step, language_model(loop.bare))  # before the checkpoint: a checkpoint implies its samples
         signum = stop.requested(acc)
         if step in shape.checkpoint_steps or report.save or report.stop_reason or signum:
-            _save(loop, state, step, report, report.stop_reason, signum)
+            _save(loop, state, step, report, signum)
             signum = signum or stop.requested(acc)  # a signal during the save: the checkpoint is already there
         if report.stop_reason or signum:
             ending = report.stop_reason or {"kind": "signal", "step": step, "signum": signum, "message": f"stopped by signal {signum}"}
             break
     acc.wait_for_everyone()
-    _call(loop, "on_stop", state, stop_reason=ending, checkpoint=checkpoint_dir(loop.run_dir, state.step))
+    _call(loop, "on_stop", state, Requests(), stop_reason=ending, checkpoint=checkpoint_dir(loop.run_dir, state.step))
     return last_loss, ending
 
 
 @dataclass(frozen=True)
 class StepReport:
-    """What the end of a step decided: its metrics line, its validation values, a checkpoint due, a stop."""
+    """What the end of a step decided: its validation values, a checkpoint due, a stop."""
 
-    record: dict[str, Any]  # the metrics.jsonl line written ({} when nothing was due)
     validation: dict[str, float | None]
     loss: float
     lr: float
@@ -127,23 +126,20 @@ def _report_step(loop: Loop, state: TrainState, step: int, lr: float, result: St
     record = _step_metrics(loop, state, step, lr) if _is_log_step(loop, step) else {}
     values = {**_held_out(loop, state, step), **loop.validator.run(step, loop.bare)}
     decision = decide(cfg, state, step, values)
-    view = None
+    requests = Requests()
     try:
         if values:
-            view = _call(loop, "on_validation", state, validation=values)
-        view = _call(loop, "on_step_end", state, metrics={**record, **values}, into=view)
-    except CallbackError:  # the run stops with the callback's error, a checkpoint of this step written first
-        _save(loop, state, step, StepReport(record, values, result.loss, lr, result.grad_norm), None, None, error=True)
-        raise
-    logged = view._logged if view else {}
-    if record or values or logged:
-        record = {**(record or {"step": step}), **values, **logged}
-        loop.out.write(record)
-        loop.trackers.log_metrics(record)
+            _call(loop, "on_validation", state, requests, validation=values)
+        _call(loop, "on_step_end", state, requests, metrics={**record, **values})
+    except CallbackError as e:  # the run stops with the callback's error: the step's line and checkpoint written first
+        _write_line(loop, step, record, values, requests.logged)
+        folder = _save(loop, state, step, StepReport(values, result.loss, lr, result.grad_norm), error=True)
+        raise CallbackError(f"{e}; checkpoint {folder} written: fix the callback and run the same command to resume") from e
+    _write_line(loop, step, record, values, requests.logged)
     loop.out.bar.update(1)
     stop_reason = decision.stop_reason
-    if stop_reason is None and view and view._stops:
-        name, reason = view._stops[0]
+    if stop_reason is None and requests.stops:
+        name, reason = requests.stops[0]
         stop_reason = {
             "kind": "callback",
             "step": step,
@@ -151,50 +147,46 @@ def _report_step(loop: Loop, state: TrainState, step: int, lr: float, result: St
             "reason": reason,
             "message": f"callback {name} asked to stop: {reason}",
         }
-    return StepReport(record, values, result.loss, lr, result.grad_norm, decision.best_improved, stop_reason)
+    return StepReport(values, result.loss, lr, result.grad_norm, decision.best_improved, stop_reason)
 
 
-def _save(
-    loop: Loop, state: TrainState, step: int, report: StepReport, stop_reason: dict | None, signum: int | None, error: bool = False
-) -> None:
+def _write_line(loop: Loop, step: int, record: dict, values: dict, logged: dict) -> None:
+    """The step's metrics.jsonl line (and trackers): training figures, validation values, what callbacks logged."""
+    if record or values or logged:
+        line = {**(record or {"step": step}), **values, **logged}
+        loop.out.write(line)
+        loop.trackers.log_metrics(line)
+
+
+def _save(loop: Loop, state: TrainState, step: int, report: StepReport, signum: int | None = None, error: bool = False) -> Path:
     """The checkpoint of `step`, its rules saying why it was written, its validation results stored beside it."""
     cfg: Config = loop.cfg
     shape = loop.shape
     if not (_is_log_step(loop, step) or step in shape.checkpoint_steps):  # its weights were not checked after the step
         stop_if_diverged(step, report.loss, loop.trainable, loop.accelerator, cfg, loop.run_dir)
-    kind = (stop_reason or {}).get("kind")
+    stopped = report.stop_reason is not None  # early stopping or a callback: the run ends here
     rules = list(shape.rules_at(step))
     rules += ["best"] if report.save else []
-    rules += {"early_stopping": ["early_stop"], "callback": ["callback_stop"]}.get(kind, [])
+    rules += [{"early_stopping": "early_stop", "callback": "callback_stop"}[report.stop_reason["kind"]]] if stopped else []
     rules += ["signal"] if signum and step not in shape.checkpoint_steps else []
     rules += ["error"] if error else []
-    if kind in ("early_stopping", "callback") and "last" not in rules:
-        rules.append("last")  # the run ends here: a watcher (eval --watch) sees its last checkpoint
+    rules += ["last"] if stopped and "last" not in rules else []  # a watcher (eval --watch) sees the run's last checkpoint
     meta: dict[str, Any] = {"validation": report.validation} if report.validation else {}
-    if kind in ("early_stopping", "callback"):
-        meta["stop_reason"] = stop_reason
+    if stopped:
+        meta["stop_reason"] = report.stop_reason
     metrics = {"loss": report.loss, "eval_loss": state.eval_loss, "lr": report.lr, "grad_norm": report.grad_norm}
     folder = loop.save(step, state, rules, metrics, meta)
     loop.validator.store(step, folder, step / shape.steps_per_epoch, "last" in rules)
-    _call(loop, "on_checkpoint", state, checkpoint=folder)
+    _call(loop, "on_checkpoint", state, Requests(), checkpoint=folder)
+    return folder
 
 
-def _call(loop: Loop, hook: str, state: TrainState, into: RunView | None = None, **fields: Any) -> RunView | None:
-    """Call a hook of the callbacks with a view of the run (None without callbacks); `into` carries the stop requests
-    and logged metrics of an earlier hook of the same step."""
-    if not loop.callbacks:
-        return None
-    view = RunView(
-        step=state.step,
-        total_steps=loop.shape.total_steps,
-        epoch=state.step / loop.shape.steps_per_epoch,
-        run_dir=loop.run_dir,
-        model=loop.bare,
-        **{k: MappingProxyType(v) if isinstance(v, dict) else v for k, v in fields.items()},
-    )
-    if into is not None:
-        view = replace(view, _stops=into._stops, _logged=into._logged)
-    return loop.callbacks.call(hook, view)
+def _call(loop: Loop, hook: str, state: TrainState, requests: Requests, **fields: Any) -> None:
+    """Call a hook of the callbacks (if any) with a read-only view of the run; what they ask for goes to `requests`."""
+    if loop.callbacks:
+        frozen = {k: MappingProxyType(v) if isinstance(v, dict) else v for k, v in fields.items()}
+        view = RunView(state.step, loop.shape.total_steps, state.step / loop.shape.steps_per_epoch, loop.run_dir, loop.bare, **frozen)
+        loop.callbacks.call(hook, replace(view, _requests=requests))
 
 
 def step_batches(loop: Loop, step: int) -> tuple[int, list[Batch]]:

@@ -169,6 +169,8 @@ def _sweep_temp_folders(run_dir: Path) -> None:
     for tmp in (run_dir / "checkpoints").glob(".tmp-step-*"):
         shutil.rmtree(tmp, ignore_errors=True)
         log.info("removed %s (a checkpoint write that never finished)", tmp)
+    for tmp in (run_dir / "checkpoints").glob(f".tmp-{rundir.BEST_FILE}-*"):  # best.json's atomic write, killed (the run is locked)
+        tmp.unlink(missing_ok=True)
 
 
 def _set_aside_newer(run_dir: Path, step: int) -> None:

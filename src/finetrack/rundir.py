@@ -4,7 +4,7 @@
 nor fsspec: everything they read goes through here. checkpoint.py (which writes checkpoints and needs torch)
 takes its folder names, manifest checks and small-file writes from this module, so each has one home.
 
-    RUN_DIR/config.resolved.yaml  metrics.jsonl  samples.jsonl  checkpoints/step-NNNNNN/  eval/step-NNNNNN.json
+    RUN_DIR/config.resolved.yaml  metrics.jsonl  samples.jsonl  checkpoints/step-NNNNNN/  checkpoints/best.json  eval/step-NNNNNN.json
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ def eval_path(run_dir: Path, step: int) -> Path:
 
 BEST_FILE = "best.json"  # in checkpoints/: the best checkpoint by checkpoint.best's metric
 BEST_FORMAT = "finetrack-best/1"
+BEST = "best"  # the word accepted wherever a step is (eval --steps, gate --step): the step best.json names
+_BEST_FIX = "delete it (training rewrites it at the next improvement)"
 
 
 def best_path(run_dir: Path) -> Path:
@@ -77,10 +79,6 @@ def read_best(run_dir: Path) -> dict | None:
     except OSError as e:
         raise CheckpointError(f"{path}: unreadable ({e}); {_BEST_FIX}") from None
     return parse_best(raw, str(path))
-
-
-BEST = "best"  # the word accepted wherever a step is (eval --steps, gate --step): the step best.json names
-_BEST_FIX = "delete it (training rewrites it at the next improvement)"
 
 
 def parse_best(raw: bytes, where: str) -> dict:

@@ -45,7 +45,7 @@ def _sweep_stale_downloads(dst: Path, out: Callable[[str], None]) -> None:
 
 
 def _sync_once(src: str, dst: Path, out: Callable[[str], None], skipped: dict[str, bytes], quiet: bool) -> list[int]:
-    """One pass of sync(). `skipped` holds the remote manifests that failed, so that a watch retries a
+    """One pass of sync(). `skipped` holds the remote manifests (and best.json) that failed, so that a watch retries a
     checkpoint only once it changes; the summary line is left out when `quiet` and nothing was fetched."""
     fs, root = storage.open_url(src)
     fetched, total_bytes, present, failed = [], 0, 0, 0

@@ -45,7 +45,7 @@ from .objectives import Objective
 from .optim import build_optimizer, check_optimizer
 from .resume import Request
 from .train_state import DataPosition, LrSchedule, TrainState
-from .validation import Validator, watches, write_best
+from .validation import Validator, decide, watches, write_best
 
 log = logging.getLogger("finetrack")
 
@@ -174,14 +174,15 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
         _trim_logs(run_dir, kept_through, bool(start))
     trackers = tracking.start(accelerator, cfg, res, run_dir, kept_through)
     uploader = _start_uploader(cfg, run_dir) if main else None
-    out = MetricsLog(run_dir / "metrics.jsonl", shape.total_steps, state.step, main)
+    out = held.enter_context(MetricsLog(run_dir / "metrics.jsonl", shape.total_steps, state.step, main))  # closed on any error too
     sampler = sampling.Sampler(prompts, cfg.train, tokenizer, run_dir, shape.total_steps, shape.steps_per_epoch, out, trackers, main)
     validator = Validator(cfg, run_dir, tokenizer, accelerator, shape.total_steps)
     if not start:
         sampler.sample_if_due(0, heads.language_model(bare))  # the starting weights' answers
         base_values = validator.run(0, bare)  # the base model through the suites: the start of every validation curve
+        validator.store(0, None, 0.0, False)  # also a suite skipped at step 0 (no trained head yet), as eval records it
+        decide(cfg, state, 0, base_values)  # a watched metric its suite does not produce fails now, before any training
         if base_values:
-            validator.store(0, None, 0.0, False)
             out.write({"step": 0, "epoch": 0.0, **base_values})
             trackers.log_metrics({"step": 0, **base_values})
     out.watched = [w.metric for w in (state.early_stopping, state.best) if w]
@@ -207,8 +208,9 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
         validator=validator,
         callbacks=callbacks,
     )
-    with stop.training(), out:
+    with stop.training():
         last_loss, ending = fit(loop, state, stop)
+    out.close()  # the bar ends its line before the uploads are awaited
     # still under the signal handlers: a signal now says the uploads are awaited, a second one exits at once
     best_step = state.best.best_step if state.best else None
     not_uploaded = _finish_uploads(uploader, run_dir, cfg.checkpoint, best_step) if main else []

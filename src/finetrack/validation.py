@@ -182,22 +182,25 @@ def watches(cfg: Config, resumed: TrainState | None) -> tuple[Watch | None, Watc
 
 
 def decide(cfg: Config, state: TrainState, step: int, values: dict[str, float | None]) -> Decision:
-    """Update the watches with the values of a validation at `step` (> 0) and decide: has the best improved (a
-    checkpoint is due), has the early-stopping metric stalled for `patience` validations (the run ends)?"""
-    if step == 0 or not values:
+    """Update the watches with the values of a validation at `step` and decide: has the best improved (a checkpoint is
+    due), has the early-stopping metric stalled for `patience` validations (the run ends)? Step 0 (the base model) only
+    checks that the watched metrics are measured: the best is a checkpoint, and patience counts trained steps."""
+    best, watch, es = state.best, state.early_stopping, cfg.train.early_stopping
+    measured = {
+        name: w is not None and _has(name, w, values, step) for name, w in (("checkpoint.best", best), ("train.early_stopping", watch))
+    }
+    if step == 0:
         return Decision()
-    improved, stop_reason = False, None
-    if state.best is not None and _has(state.best, values):
-        improved = state.best.update(step, values[state.best.metric])
-    es, watch = cfg.train.early_stopping, state.early_stopping
-    if es is not None and watch is not None and _has(watch, values):
+    improved = best.update(step, values[best.metric]) if best is not None and measured["checkpoint.best"] else False
+    stop_reason = None
+    if es is not None and watch is not None and measured["train.early_stopping"]:
         watch.update(step, values[watch.metric])
         if watch.num_bad >= es.patience:
             stop_reason = _early_stop_reason(watch, es.patience, step)
     return Decision(improved, stop_reason)
 
 
-def _has(watch: Watch, values: dict[str, float | None]) -> bool:
+def _has(field: str, watch: Watch, values: dict[str, float | None], step: int) -> bool:
     """Did this validation measure the watched metric? A suite that ran but does not produce it is a ConfigError."""
     if watch.metric in values:
         return True
@@ -206,7 +209,7 @@ def _has(watch: Watch, values: dict[str, float | None]) -> bool:
     produced = sorted(k for k in values if k.startswith(prefix))
     if produced:
         raise ConfigError(
-            f"the watched metric {watch.metric} is not measured; this validation gives {produced}: fix the metric name in the config"
+            f"{field}.metric={watch.metric}: not measured by the validation at step {step}, which gives {produced}; fix the metric name"
         )
     return False
 
