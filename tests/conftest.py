@@ -396,3 +396,19 @@ TINY_ARCH = {
 def train_argv(model_dir: Path, data: Path, out: Path, *overrides: str) -> list[str]:
     """`python -m finetrack train` on the tiny model, as a user runs it (for tests that need a real process)."""
     return [sys.executable, "-m", "finetrack", "train", f"model.name={model_dir}", f"data.path={data}", f"output.dir={out}", *overrides]
+
+
+def kill_9_when(argv: list[str], marker: Path, env: dict[str, str], timeout_s: float = 300) -> None:
+    """Start `argv`, wait until `marker` exists (e.g. a checkpoint folder), then kill -9 it: the run must still be going."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None and not marker.is_dir():
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

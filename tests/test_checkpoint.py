@@ -444,3 +444,17 @@ def test_an_adapter_of_the_embedded_model_names_it_portably_and_loads_after_the_
     model = PeftModel.from_pretrained(base, adapter)
     assert _adapter_tensors_match(model, adapter)
     assert not first.exists() and (second / "models" / EMBEDDED_NAME / "config.json").is_file()  # nothing was converted again
+
+
+def test_retention_keeps_the_union_of_best_last_n_and_schedule(tmp_path):
+    """num_keep_last counts the best when it is among the newest (a union, not best + N more); a best kept only while
+    it is the best; a checkpoint written only as the best goes once another is better."""
+    run = tmp_path / "run"
+    for step, rules in ((2, ["steps"]), (4, ["every_steps"]), (6, ["best"]), (8, ["every_steps"]), (12, ["every_steps", "best"])):
+        make_checkpoint(run, step, rules=rules)
+    make_checkpoint(run, 16, rules=["every_steps", "last"])
+    done = checkpoint.retain(run, num_keep_last=3, keep_schedule=True, keep_optimizer_state="all", best_step=12)
+    assert _steps(run) == [2, 8, 12, 16], done  # schedule 2; last 3 = 8, 12 (also the best), 16; 6 only ever was the best
+    assert any("step-000006" in line and "step 12 is better" in line for line in done)
+    checkpoint.retain(run, num_keep_last=1, keep_schedule=True, keep_optimizer_state="all", best_step=8)
+    assert _steps(run) == [2, 8, 16]  # the best outlives num_keep_last=1

@@ -7,16 +7,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import read_jsonl, tiny_run
+from conftest import kill_9_when, read_jsonl, tiny_run
 from safetensors.torch import load_file
 
 from finetrack import objectives
@@ -246,13 +244,7 @@ def test_kill_9_then_the_same_command_gives_identical_weights(tmp_path, tiny_mod
     ref = subprocess.run([*argv, f"output.dir={tmp_path / 'ref'}"], capture_output=True, text=True, timeout=600, env=env)
     assert ref.returncode == 0, ref.stderr[-2000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen([*argv, f"output.dir={out}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None and not (out / "checkpoints/step-000004").is_dir():
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_when([*argv, f"output.dir={out}"], out / "checkpoints/step-000004", env)
     again = subprocess.run([*argv, f"output.dir={out}"], capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and "resuming from" in again.stderr, again.stderr[-2000:]
     assert [m["loss"] for m in read_jsonl(out / "metrics.jsonl")] == [m["loss"] for m in read_jsonl(tmp_path / "ref/metrics.jsonl")]

@@ -7,14 +7,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_jsonl, tiny_run, train_argv
+from conftest import kill_9_when, read_jsonl, tiny_run, train_argv
 from safetensors.torch import load_file
 
 from finetrack import checkpoint, cli, rundir
@@ -360,13 +358,7 @@ def test_kill_9_then_the_same_command_stops_where_the_uninterrupted_run_stopped(
     assert f"stopped early at step {stopped} of 40" in ref.stdout
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([*argv, f"output.dir={out}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None and not (out / "checkpoints/step-000002").is_dir():
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_when([*argv, f"output.dir={out}"], out / "checkpoints/step-000002", env)
     final = f"checkpoints/{rundir.step_name(stopped)}"
     assert steps_of(out)[-1] < stopped, "killed after the stop"
     again = subprocess.run([*argv, f"output.dir={out}"], check=False, capture_output=True, text=True, timeout=600, env=env)

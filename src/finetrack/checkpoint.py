@@ -403,12 +403,12 @@ def retain(
 ) -> list[str]:
     """Apply the retention policy to the complete checkpoints of a run; returns what was done, one line each.
 
-    What is kept, in order of precedence:
+    What is kept is the union of:
     1. the newest complete checkpoint (a resume continues from it), and any folder in `busy` (still being uploaded);
     2. the best checkpoint (`best_step`, checkpoint.best), while it is the best;
     3. the schedule's checkpoints (rules first_epoch, per_epoch, steps, log_spaced) unless keep_schedule=false;
-    4. the newest num_keep_last checkpoints (the newest counts as one) of the rest, the rolling ones (every_steps,
-       signal, a stop); None keeps them all.
+    4. the newest num_keep_last of the other, rolling ones (every_steps, signal, a stop; the newest and the best
+       count among them when they are rolling ones); None keeps them all.
     A checkpoint written only because it was the best (its one rule "best") is deleted once another is better:
     it is not a rolling one. With keep_optimizer_state=last, older checkpoints lose their resume state but keep their
     weights.
@@ -416,24 +416,24 @@ def retain(
     found = complete_checkpoints(run_dir, warn=lambda _: None)
     if not found:
         return []
-    older = [f for f in found[:-1] if f.step != best_step]  # the newest and the best are never touched
+    older = found[:-1]  # the newest is never touched
     done = []
-    for f in [f for f in older if f.meta.get("rules") == ["best"]]:
+    for f in [f for f in older if f.meta.get("rules") == ["best"] and f.step != best_step]:
         if f.path not in busy:
             discard(f.path)
             done.append(f"deleted {f.path.name} (saved as the best; step {best_step} is better now)")
     older = [f for f in older if f.path.exists()]
     rolling = [f for f in older if not (keep_schedule and SCHEDULE_RULES & set(f.meta.get("rules", [])))]
     if num_keep_last is not None:
-        keep_rolling = max(num_keep_last - 1, 0)  # the newest counts as one of the last N
+        keep_rolling = max(num_keep_last - 1, 0)  # the newest counts as one of the last N (and so may the best)
         doomed = rolling[: max(0, len(rolling) - keep_rolling)]
         for f in doomed:
-            if f.path not in busy:
+            if f.path not in busy and f.step != best_step:
                 discard(f.path)
                 done.append(f"deleted {f.path.name} (checkpoint.num_keep_last={num_keep_last})")
         older = [f for f in older if f.path.exists()]
     if keep_optimizer_state == "last":
-        for f in older + [f for f in found[:-1] if f.step == best_step]:
+        for f in older:
             if f.path not in busy and (f.path / STATE_TENSORS).exists():
                 drop_resume_state(f.path)
                 done.append(f"removed resume state from {f.path.name} (checkpoint.keep_optimizer_state=last)")

@@ -13,7 +13,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .evaluate.spec import SampleGenerationConfig, SuiteConfig, validation_every_steps
+from .config_monitor import BestConfig, CallbackConfig, EarlyStoppingConfig, MonitorConfig, monitor_problem
+from .evaluate.spec import SampleGenerationConfig, SuiteConfig
 from .redact import looks_like_url
 from .schema import (
     EMBEDDED_NAME,
@@ -243,73 +244,6 @@ class ObjectiveConfig(Section):
         return self
 
 
-# ----------------------------------------------------------------------------------- monitoring
-class MonitorConfig(Section):
-    metric: str = Field(
-        "eval_loss",
-        min_length=1,
-        description="A validation metric as metrics.jsonl names it: eval_loss (held-out rows, every eval.loss_every_steps), "
-        "eval_<term>, or val/<suite>.<metric> (a suite of eval.suites run during training).",
-    )
-    mode: Literal["auto", "min", "max"] = Field(
-        "auto",
-        description="min or max is better; auto reads it from the metric's name as `finetrack gate` does (loss, mse: min; r2, accuracy: max).",
-    )
-
-
-class EarlyStoppingConfig(MonitorConfig):
-    patience: int = Field(3, gt=0, description="Stop after this many validations in a row without improvement.")
-    min_delta: float = Field(0.0, ge=0, description="An improvement smaller than this does not count.")
-
-
-class BestConfig(MonitorConfig):
-    """checkpoint.best: which checkpoint is the best (checkpoints/best.json)."""
-
-
-class CallbackConfig(Section):
-    function: str = Field(
-        pattern=r"^[^:]+:\w+$",
-        description="'module:Name' or 'path/to/file.py:Name': a class (or function) called with `options` as keyword arguments, "
-        "returning an object with any of on_step_end, on_validation, on_checkpoint, on_stop (see the README's callbacks).",
-    )
-    options: dict = Field(default_factory=dict, description="Keyword arguments for `function`.")
-
-
-def rate_rules(config: Config) -> dict[str, str]:
-    """Rate name -> rule, over the judge suites of eval.suites (how the gate reads a rate's direction)."""
-    return {name: rule for s in config.eval.suites for name, rule in getattr(s, "rates", {}).items()}
-
-
-def _monitor_problem(field: str, monitor: MonitorConfig, config: Config) -> str | None:
-    """What is wrong with a monitored metric (None: it is produced during training and its direction is known)."""
-    metric = monitor.metric
-    if metric.startswith("eval_"):
-        if config.data.eval_split is None or config.eval.loss_every_steps is None:
-            return (
-                f"{field}.metric={metric}: the held-out loss runs during training only with data.eval_split and "
-                "eval.loss_every_steps: set both (e.g. data.eval_split=0.1 eval.loss_every_steps=50)"
-            )
-    elif metric.startswith("val/") and "." in metric:
-        suite_name = metric.removeprefix("val/").split(".", 1)[0]
-        suite = next((s for s in config.eval.suites if s.name == suite_name), None)
-        if suite is None:
-            return f"{field}.metric={metric}: no suite '{suite_name}' in eval.suites (suites: {[s.name for s in config.eval.suites]})"
-        if not validation_every_steps(suite, config.eval.every_steps):
-            return f"{field}.metric={metric}: suite '{suite_name}' does not run during training: set eval.every_steps or its every_steps"
-    else:
-        return (
-            f"{field}.metric={metric}: not a validation metric; use eval_loss, eval_<term> (held-out rows) or "
-            "val/<suite>.<metric> (a suite of eval.suites run during training)"
-        )
-    if monitor.mode == "auto":
-        from .gate import infer_direction
-
-        inferred, why = infer_direction(metric.removeprefix("val/"), rate_rules(config))
-        if inferred is None:
-            return f"{field}.mode=auto: which way is better for {metric} is ambiguous ({why}); set {field}.mode=min or max"
-    return None
-
-
 # ---------------------------------------------------------------------------------------- train
 class TrainConfig(Section):
     seed: Annotated[int, Knob(eval_key=True)] = Field(  # the held-out split: what a loss suite measures
@@ -502,7 +436,7 @@ class Config(Section):
     def _monitors(self) -> Config:
         """A monitored metric must be produced during training, and which way is better must be known."""
         monitors = [("train.early_stopping", self.train.early_stopping), ("checkpoint.best", self.checkpoint.best)]
-        problems = [p for field, m in monitors if m is not None and (p := _monitor_problem(field, m, self))]
+        problems = [p for field, m in monitors if m is not None and (p := monitor_problem(field, m, self))]
         if problems:
             raise ValueError("\n".join(problems))
         return self

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from . import rundir
-from .config import Config, ConfigError, MonitorConfig, load_config, rate_rules
+from .config import Config, ConfigError, MonitorConfig, load_config
+from .config_monitor import rate_rules
 from .evaluate.spec import validates_at, validation_every_steps
 from .sampling import untouched_rng
 from .train_state import TrainState, Watch
