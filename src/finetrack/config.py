@@ -79,6 +79,13 @@ class ModelConfig(Section):
         None, description="Hub revision (branch, tag or commit) for a model id."
     )
     method: Literal["full", "lora", "qlora"] = Field("lora", description="full fine-tune, LoRA, or QLoRA (4-bit base + LoRA).")
+    init_from: str | None = Field(
+        None,
+        min_length=1,
+        description="Start a NEW run at step 0 from a checkpoint's weights (adapter or full model, and a regression head): "
+        "RUN_DIR (its newest checkpoint), RUN_DIR:best, RUN_DIR:N, a checkpoint / adapter / model folder, or a "
+        "URL/checkpoints/step-N. Fresh optimizer and schedule (a resume continues a run instead).",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the model weights; auto = bfloat16 on a GPU that supports it, else float32."
     )
@@ -136,6 +143,14 @@ class DataConfig(Section):
         )
     )
     shuffle: bool = Field(True, description="Shuffle rows every epoch (deterministic by train.seed).")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Field names of your rows for the ones finetrack reads, e.g. {prompt: question, completion: answer, "
+        "messages: conversation, text: body, target: score}: rows are read without rewriting the dataset.",
+    )
+    max_rows: int | None = Field(
+        None, gt=0, description="Read at most this many rows of the training data, drawn by train.seed (a quick trial on a sample)."
+    )
 
     def sources(self) -> list[str]:
         """Every data source named: the training path(s) and an eval_split file."""

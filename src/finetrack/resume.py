@@ -75,8 +75,8 @@ def _best_refusal(spec: str) -> str:
         run = redact(run)
         return (
             f"--resume-from {redact(spec)}: resume continues a checkpoint: --resume-from {run}/checkpoints/step-NNNNNN "
-            f"(the best's step is in {run}/checkpoints/best.json); to start a new run from the best weights, "
-            f"`finetrack sync {run} DIR` and give DIR/checkpoints/step-NNNNNN as model.name of a new config (full fine-tunes)"
+            f"(the best's step is in {run}/checkpoints/best.json); to start a new run from the best weights, set "
+            f"model.init_from: {run}/checkpoints/step-NNNNNN in a new config (a warm start)"
         )
     try:
         best = rundir.read_best(Path(run or "."))
@@ -90,8 +90,8 @@ def _best_refusal(spec: str) -> str:
     )
     return (
         f"--resume-from {spec}: resume continues the newest checkpoint of a run: --resume-from {label} (or its "
-        f"checkpoints/step-NNNNNN); to start a new run from the best weights, give the best checkpoint's folder ({where}) "
-        f"as model.name of a new config (full fine-tunes: the folder is a model), or evaluate it: `finetrack eval {label} --steps best`"
+        f"checkpoints/step-NNNNNN); to start a new run from the best weights ({where}), set model.init_from: {label}:best "
+        f"in a new config (a warm start), or evaluate it: `finetrack eval {label} --steps best`"
     )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, heads, objectives, resume, rundir, runlock, sampling, tracking
+from . import checkpoint, heads, objectives, resume, rundir, runlock, sampling, tracking, warm_start
 from .batches import batch_builder, packing_is_exact
 from .callbacks import Callbacks
 from .checkpoint import CheckpointError
@@ -142,6 +142,13 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
                 (run_dir / "metrics.jsonl").touch()  # the run directory is complete even when it began from another run's end
             return _already_complete(run_dir, start, saved, cfg, main)
 
+    # a warm start (model.init_from) is located and checked before the model loads; a resumed run has its weights already
+    warm = warm_start.locate(cfg.model.init_from, run_dir) if cfg.model.init_from and not start else None
+    if warm:
+        warm_start.check_method(warm, cfg.model.method)
+    init_record = warm.record() if warm else (saved or {}).get("init_from")
+    if init_record:
+        res.set("init_from", init_record, "model.init_from: the weights this run started from at step 0")
     set_seed(cfg.train.seed)  # new weights (LoRA, a head) initialize the same way whatever the data stage consumed
     model = heads.attach(build_model(cfg.model, device), cfg.objective, [v for e in data.train for v in e.values], cfg.train.seed)
     log.info(trainable_report(model))
@@ -154,6 +161,8 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
         _write_run_files(run_dir, cfg, res, data.report)
     if start:
         load_weights(model, start)
+    elif warm:
+        warm_start.load(model, warm)
     make_batch = batch_builder(tokenizer.pad_token_id, cfg.data.pack, cfg.data.pack_row_tokens, heads.language_model(model))
     optimizer = build_optimizer(model, cfg.train, cfg.train.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -186,7 +195,7 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
             out.write({"step": 0, "epoch": 0.0, **base_values})
             trackers.log_metrics({"step": 0, **base_values})
     out.watched = [w.metric for w in (state.early_stopping, state.best) if w]
-    save = CheckpointWriter(run_dir, accelerator, cfg, shape, bare, tokenizer, optimizer, batch, fingerprint, uploader, out)
+    save = CheckpointWriter(run_dir, accelerator, cfg, shape, bare, tokenizer, optimizer, batch, fingerprint, uploader, out, init_record)
     trainable = [p for p in model.parameters() if p.requires_grad]
     loop = Loop(
         cfg=cfg,
@@ -379,6 +388,7 @@ class CheckpointWriter:
     data_fingerprint: str
     uploader: Any  # storage.Uploader or None
     out: MetricsLog
+    init_from: dict[str, Any] | None  # the warm start's record (model.init_from), in every checkpoint's meta
 
     def __call__(self, step: int, state: TrainState, rules: list[str], metrics: dict[str, Any], extra: dict[str, Any]) -> Path:
         """Write checkpoint `step` of `state`, saved by `rules`, with the step's `metrics` and `extra` entries
@@ -394,6 +404,7 @@ class CheckpointWriter:
             "rules": rules,
             "metrics": metrics,
             **extra,
+            **({"init_from": self.init_from} if self.init_from else {}),
             "config_hash": config_hash(cfg),
             "config": effective_dump(cfg),
             "resolved": self.resolved,

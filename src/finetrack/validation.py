@@ -67,7 +67,7 @@ class Validator:
         due = self.due(step)
         if not due:
             return {}
-        results = self._cached_base(due) if step == 0 else {}
+        results = self._cached_base(due) if step == 0 and not self.cfg.model.init_from else {}
         todo = [s for s in due if s.name not in results]
         main = self.accelerator.is_main_process
         bar = tqdm(total=sum(suite_units(s) for s in todo), desc=f"validate @ {step}", leave=False, disable=not main or not todo)
@@ -92,6 +92,8 @@ class Validator:
         """Write the results of the validation at `step` into eval/ (main process), once the checkpoint `folder`
         is complete (None: step 0, the base model), keyed by its manifest as `finetrack eval` keys it."""
         if self.pending is None or self.pending[0] != step or not self.accelerator.is_main_process:
+            return
+        if step == 0 and self.cfg.model.init_from:  # eval's step 0 is the base model; this run began from the warm start
             return
         from .evaluate.results import flatten, read_step, write_responses, write_step, write_summary
         from .evaluate.runner import checkpoint_id, suite_key

@@ -31,6 +31,7 @@ def run_facts(r: RunData, color: str, index: int) -> str:
             "global batch",
             escape(f"{r.resolved('global_batch_size', '?')} rows per step · {r.resolved('steps_per_epoch', '?')} steps per epoch"),
         ),
+        *([("warm start", escape(redact(_warm_start_fact(r.resolved("init_from")))))] if r.resolved("init_from") else []),
         ("duration", escape(duration(r))),
         ("tokens seen", escape(f"{meta.get('tokens_seen', max([m.get('tokens', 0) for m in r.metrics] + [0])):,}")),
         ("versions", escape(", ".join(f"{k} {v}" for k, v in r.versions.items()) or "-")),
@@ -82,6 +83,13 @@ def run_facts(r: RunData, color: str, index: int) -> str:
         )
     )
     return section(f"facts-{index}", swatch(color) + "Run facts: " + escape(r.name), body, raw_title=True)
+
+
+def _warm_start_fact(record: dict) -> str:
+    """model.init_from as config.resolved.yaml records it: where the weights of step 0 came from."""
+    step = f"step {record['step']} · " if record.get("step") is not None else ""
+    manifest = f" · manifest sha256 {record['manifest_sha256'][:12]}" if record.get("manifest_sha256") else ""
+    return f"from {record.get('from')} ({step}{record.get('folder')}{manifest}); a new run from step 0"
 
 
 def _remote_fact(r: RunData, remote: str | None) -> str:
