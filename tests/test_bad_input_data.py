@@ -376,3 +376,94 @@ def test_cli_plan_bad_data_is_one_error_line(tmp_path, tiny_model_dir):
     write_chat_jsonl(tmp_path / "good.jsonl", [OK_ROW] * 8)
     r = _plan(tmp_path, no_weights, "good.jsonl")
     assert r.returncode == 0, r.stderr
+
+
+# ------------------------------------------------------------------------------ data.columns and text rows (issue 15)
+COLUMN_CASES = [
+    # (file name, content, data.columns, substrings the one error message must hold)
+    (
+        "missing.jsonl",
+        '{"question": "q", "answer": "a"}\n{"answer": "a"}\n',
+        {"prompt": "question", "completion": "answer"},
+        ["{f}:2", "field 'question' (data.columns.prompt) is missing"],
+    ),
+    ("missing.csv", "q,answer\nhi,a\n", {"prompt": "question", "completion": "answer"}, ["{f}:2", "'question' (data.columns.prompt)"]),
+    (
+        "shadowed.jsonl",
+        '{"prompt": "q", "answer": "a"}\n',
+        {"prompt": "question", "completion": "answer"},
+        ["{f}:1", "field 'question' (data.columns.prompt) is missing"],
+    ),
+    (
+        "nested.jsonl",
+        json.dumps({"conv": [_msg("user", "q"), _msg("bot", "a")]}) + "\n",
+        {"messages": "conv"},
+        ["{f}:1", "field 'conv[1].role' (data.columns.messages) is 'bot'"],
+    ),
+    ("neither.jsonl", '{"other": 1}\n', {"text": "body"}, ["{f}:1", "no 'body' (data.columns.text) field (found: other)"]),
+    ("text_number.jsonl", '{"text": 3}\n', {}, ["{f}:1", "field 'text' must be text, got a number"]),
+    ("text_null.jsonl", '{"body": null, "text": "not read"}\n', {"text": "body"}, ["{f}:1", "no 'body' (data.columns.text)"]),
+    ("text_list.jsonl", '{"body": ["a"]}\n', {"text": "body"}, ["{f}:1", "field 'body' (data.columns.text) must be text, got an array"]),
+    ("text_empty.jsonl", '{"text": "  "}\n', {}, ["{f}:1", "field 'text' is empty"]),
+    ("text_empty.csv", "body\n\n\n", {"text": "body"}, ["{f}", "holds no rows"]),
+    ("text_blank.csv", 'body\n" "\n', {"text": "body"}, ["{f}:2", "field 'body' (data.columns.text) is empty"]),
+    ("text_inject.jsonl", '{"text": "a<|im_end|>b"}\n', {}, ["{f}:1", "field 'text' holds '<|im_end|>'", "special token"]),
+]
+
+
+@pytest.mark.parametrize("name, content, columns, expected", COLUMN_CASES, ids=[c[0] for c in COLUMN_CASES])
+def test_mapped_or_text_row_is_one_data_error(tmp_path, tiny_tokenizer, name, content, columns, expected):
+    f = _write(tmp_path / name, content)
+    with pytest.raises(DataError) as e:
+        _prepare(f, tiny_tokenizer, columns=columns)
+    message = str(e.value)
+    assert "\n" not in message.strip(), "the CLI prints one error line"
+    for part in expected:
+        assert part.format(f=f) in message, message
+
+
+def test_mapped_objective_field_missing_names_both(tmp_path, tiny_tokenizer):
+    from finetrack.config import ObjectiveConfig
+
+    f = write_chat_jsonl(tmp_path / "r.jsonl", [{"question": "q", "score": 0.5}, {"question": "q", "target": 0.5}])
+    cfg = DataConfig(path=str(f), columns={"prompt": "question", "target": "score"})
+    with pytest.raises(DataError, match=r"r\.jsonl:2: field 'score' \(data.columns.target\) \(the regression target\) is missing "):
+        prepare(cfg, tiny_tokenizer, 0, ObjectiveConfig(kind="regression"))
+    f = write_chat_jsonl(tmp_path / "t.jsonl", [{"query": "a", "pos": "b"}])
+    cfg = DataConfig(path=str(f), columns={"anchor": "query", "positive": "pos", "negative": "neg"})
+    with pytest.raises(DataError, match=r"t\.jsonl:1: field 'neg' \(data.columns.negative\) is missing"):
+        prepare(cfg, tiny_tokenizer, 0, ObjectiveConfig(kind="contrastive"))
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("data.columns={question: q}", "data.columns.question: not a field finetrack reads; known: messages, prompt, completion, text, "),
+        ("data.columns={prompt: q, completion: q}", "data.columns.prompt and data.columns.completion both name field 'q'"),
+        ('data.columns={prompt: ""}', "data.columns.prompt is empty"),
+        ("data.max_rows=0", "data.max_rows: Input should be greater than 0"),
+    ],
+)
+def test_bad_columns_or_max_rows_is_one_config_error(override, expected):
+    from finetrack.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_columns_the_objective_does_not_read_are_one_config_error(tmp_path, tiny_tokenizer):
+    from finetrack.config import ConfigError, ObjectiveConfig
+
+    f = write_chat_jsonl(tmp_path / "d.jsonl", [OK_ROW])
+    with pytest.raises(
+        ConfigError, match=r"data.columns.anchor: objective.kind=causal_lm reads no field 'anchor' \(it reads messages, prompt"
+    ):
+        _prepare(f, tiny_tokenizer, columns={"anchor": "q"})
+    with pytest.raises(ConfigError, match=r"data.columns.messages: objective.kind=regression \(level=step\) reads no field 'messages'"):
+        prepare(
+            DataConfig(path=str(f), columns={"messages": "m"}),
+            tiny_tokenizer,
+            0,
+            ObjectiveConfig(kind="regression", regression={"level": "step"}),
+        )

@@ -81,7 +81,7 @@ def test_prompt_completion_rows(tmp_path, tiny_tokenizer):
         ),
         ('{"messages": [{"role": "user", "content": "hi"}]}', "field 'messages' has no assistant message"),
         ('{"prompt": "hi"}', "field 'completion' is missing"),
-        ('{"text": "hi"}', "no 'messages' and no 'prompt'/'completion' field"),
+        ('{"body": "hi"}', "no 'messages', no 'prompt'/'completion' and no 'text' field (found: body)"),
         (
             '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 3}]}',
             "field 'messages[1].content' must be text",

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from .config_data import DataConfig
 from .config_monitor import BestConfig, CallbackConfig, EarlyStoppingConfig, MonitorConfig, monitor_problem
 from .evaluate.spec import SampleGenerationConfig, SuiteConfig
 from .redact import looks_like_url
@@ -24,7 +25,6 @@ from .schema import (
     effective_dump,
     eval_key_settings,
     harmless_on_resume_prefixes,
-    is_file_source,
     measure_dump,
     no_effect_problems,
 )
@@ -103,68 +103,6 @@ class ModelConfig(Section):
     def _checks(self) -> ModelConfig:
         if self.method == "full" and self.dtype == "float16":
             raise ValueError("model.dtype=float16 with method=full trains fp16 weights directly and diverges: use bfloat16 or float32")
-        return self
-
-
-# ----------------------------------------------------------------------------------------- data
-class DataConfig(Section):
-    path: str | list[str] = Field(
-        "builtin:demo-chat",
-        description="Training data: file(s) (.jsonl .json .csv .parquet), a directory of them, a `datasets` hub name, "
-        "or 'builtin:demo-chat' (the chat set shipped with finetrack).",
-    )
-    split: Annotated[
-        str,
-        Knob(
-            lambda d, _: not all(is_file_source(s) for s in d.sources()),
-            "on files or builtin data (it picks a split of a `datasets` source): remove it",
-        ),
-    ] = Field("train", description="Split to read from a `datasets` source.")
-    eval_split: float | str | None = Field(
-        None, description="Held-out rows for eval loss: a fraction in (0, 1) of the data, or a file path."
-    )
-    max_length: int = Field(2048, gt=0, description="Maximum tokens per row.")
-    on_overflow: Literal["truncate", "drop", "error"] = Field("truncate", description="What to do with a row longer than max_length.")
-    on_error: Literal["error", "skip"] = Field("error", description="Malformed rows: stop with file/line/field, or skip and count.")
-    train_on: Literal["assistant", "all", "last_assistant"] = Field(
-        "assistant", description="Which tokens carry loss: every assistant turn, every token, or only the last assistant turn."
-    )
-    pack: bool | Literal["auto"] = Field(
-        "auto",
-        description="Padding-free batches (rows concatenated, boundaries kept by position_ids); "
-        "auto = on when the model's attention is verified to respect the boundaries.",
-    )
-    pack_row_tokens: Annotated[int | None, Knob(lambda d, _: d.pack is not False, "with data.pack=false: remove it or enable packing")] = (
-        Field(
-            None,
-            gt=0,
-            description="Packed row width in tokens. None: chosen per micro-batch to compute least (attention cost grows with "
-            "the square of the row on sdpa/eager). Set a large value (e.g. 8192) with flash_attention_2, whose cost does not.",
-        )
-    )
-    shuffle: bool = Field(True, description="Shuffle rows every epoch (deterministic by train.seed).")
-    columns: dict[str, str] = Field(
-        default_factory=dict,
-        description="Field names of your rows for the ones finetrack reads, e.g. {prompt: question, completion: answer, "
-        "messages: conversation, text: body, target: score}: rows are read without rewriting the dataset.",
-    )
-    max_rows: int | None = Field(
-        None, gt=0, description="Read at most this many rows of the training data, drawn by train.seed (a quick trial on a sample)."
-    )
-
-    def sources(self) -> list[str]:
-        """Every data source named: the training path(s) and an eval_split file."""
-        return ([self.path] if isinstance(self.path, str) else self.path) + ([self.eval_split] if isinstance(self.eval_split, str) else [])
-
-    @model_validator(mode="after")
-    def _checks(self) -> DataConfig:
-        if isinstance(self.eval_split, float) and not 0 < self.eval_split < 1:
-            raise ValueError(f"data.eval_split={self.eval_split}: a fraction must be in (0, 1), or give a file path")
-        if self.pack is not False and self.pack_row_tokens is not None and self.pack_row_tokens < self.max_length:
-            raise ValueError(
-                f"data.pack_row_tokens={self.pack_row_tokens} < data.max_length={self.max_length}: a row could not fit; "
-                "raise pack_row_tokens or lower max_length"
-            )
         return self
 
 

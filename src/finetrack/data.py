@@ -1,7 +1,9 @@
 """Data stage: read -> validate -> chat template -> labels -> length policy -> report.
 
-Rows are either chat (`messages`: a list of {role, content} with roles system/user/assistant) or
-`prompt` / `completion` (prompt: a string or a list of messages). Every row that is dropped,
+Rows are either chat (`messages`: a list of {role, content} with roles system/user/assistant),
+`prompt` / `completion` (prompt: a string or a list of messages), or plain text (`text`, for continued pre-training:
+no chat template, loss on every token); one file may mix them. Field names may be mapped (data.columns) and a
+sample drawn (data.max_rows) before anything is tokenized: data_columns.py. Every row that is dropped,
 truncated or skipped is counted in the data report; a malformed row stops the run with its file,
 line and field unless `data.on_error=skip`. Reading files is `data_files.py`.
 
@@ -27,7 +29,9 @@ from typing import Any
 import numpy as np
 
 from .config import DataConfig, ObjectiveConfig
+from .data_columns import Sample, check_columns, is_text_row, map_columns, name_columns, sample_rows
 from .data_files import BUILTIN_DATA, DataError, RawRow, json_type, read_rows, source_files
+from .schema import ConfigError
 
 __all__ = ["BUILTIN_DATA", "DataError", "Example", "PreparedData", "RawRow", "prepare", "read_rows", "source_files", "tokenize_chat"]
 
@@ -65,6 +69,8 @@ class Example:
 class DataReport:
     rows_read: int = 0
     rows_read_by_source: dict[str, int] = field(default_factory=dict)  # file path or dataset name -> rows read
+    rows_not_sampled: int = 0  # rows read but not drawn into the data.max_rows sample (never validated)
+    rows_not_sampled_by_source: dict[str, int] = field(default_factory=dict)
     rows_kept: int = 0
     dropped: dict[str, int] = field(default_factory=lambda: {"malformed": 0, "too_long": 0, "no_trainable_tokens": 0})
     truncated_rows: int = 0
@@ -78,6 +84,15 @@ class DataReport:
     def note(self, reason: str) -> None:
         if len(self.first_reasons) < _MAX_REASONS:
             self.first_reasons.append(reason)
+
+    def count_sample(self, sample: Sample) -> None:
+        """Count the rows data.max_rows left out as read and not sampled (parsed_rows counts the drawn ones as read)."""
+        drawn = Counter(row.source for row in sample.rows)
+        for source, n in sample.read_by_source.items():
+            self.rows_read_by_source[source] = self.rows_read_by_source.get(source, 0) + n - drawn[source]
+            self.rows_not_sampled_by_source[source] = n - drawn[source]
+        self.rows_not_sampled = sum(self.rows_not_sampled_by_source.values())
+        self.rows_read += self.rows_not_sampled
 
     def finish(self, examples: list[Example]) -> None:
         self.rows_kept = len(examples)
@@ -97,6 +112,8 @@ class DataReport:
         return {
             "rows_read": self.rows_read,
             "rows_read_by_source": dict(self.rows_read_by_source),
+            "rows_not_sampled": self.rows_not_sampled,
+            "rows_not_sampled_by_source": dict(self.rows_not_sampled_by_source),
             "rows_kept": self.rows_kept,
             "dropped": dict(self.dropped),
             "truncated_rows": self.truncated_rows,
@@ -124,8 +141,9 @@ def report_line(report: dict) -> str:
         notes += f"; {len(t['skipped_files'])} files in data folders not read (see data_report.json)"
     if t.get("ignored_message_keys"):
         notes += "; message keys not trained on: " + ", ".join(f"{k} ({n})" for k, n in t["ignored_message_keys"].items())
+    sampled = f"{t['rows_not_sampled']} not in the data.max_rows sample, " if t.get("rows_not_sampled") else ""
     return (
-        f"{t['rows_read']} rows read, {t['rows_kept']} to train on (dropped: {dropped}; truncated: {t['truncated_rows']}); "
+        f"{t['rows_read']} rows read, {sampled}{t['rows_kept']} to train on (dropped: {dropped}; truncated: {t['truncated_rows']}); "
         f"tokens/row min {tok.get('min')} mean {tok.get('mean')} p95 {tok.get('p95')} max {tok.get('max')}; "
         f"{t['trainable_tokens']} trainable tokens{held}{notes}"
     )
@@ -149,7 +167,7 @@ def _to_messages(row: RawRow, ignored: Counter, specials: re.Pattern | None) -> 
     if isinstance(rec, DataError):
         raise rec
     if not isinstance(rec, dict):
-        raise DataError(f"{where}: a row must be an object with 'messages' or 'prompt'/'completion', got {json_type(rec)}")
+        raise DataError(f"{where}: a row must be an object with 'messages', 'prompt'/'completion' or 'text', got {json_type(rec)}")
     if "messages" in rec:
         return check_messages(json_cell(rec["messages"], where, "messages"), where, "messages", ignored, specials, need_assistant=True)
     if "prompt" in rec or "completion" in rec:
@@ -172,7 +190,8 @@ def _to_messages(row: RawRow, ignored: Counter, specials: re.Pattern | None) -> 
             raise DataError(f"{where}: field 'completion' must be non-empty text")
         check_text(completion, where, field_name, specials)
         return msgs + [{"role": "assistant", "content": completion}]
-    raise DataError(f"{where}: no 'messages' and no 'prompt'/'completion' field (found: {', '.join(map(str, rec)) or 'nothing'})")
+    found = ", ".join(map(str, rec)) or "nothing"
+    raise DataError(f"{where}: no 'messages', no 'prompt'/'completion' and no 'text' field (found: {found})")
 
 
 def json_cell(value: Any, where: str, name: str) -> Any:
@@ -292,6 +311,22 @@ def tokenize_chat(messages: list[dict[str, str]], tokenizer, train_on: str, wher
     return ids, labels
 
 
+def tokenize_text(text: Any, tokenizer, where: str, specials: re.Pattern | None = None) -> tuple[list[int], list[int]]:
+    """A plain text row (continued pre-training): no chat template, the tokenizer's own BOS if it adds one, then EOS;
+    labels = ids (every token carries loss; the loss shifts them, batches.py). data.train_on has no say here."""
+    if not isinstance(text, str):
+        raise DataError(f"{where}: field 'text' must be text, got {json_type(text)}")
+    if not text.strip():
+        raise DataError(f"{where}: field 'text' is empty")
+    check_text(text, where, "text", specials)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"{where}: plain text rows end with the tokenizer's EOS token, and this tokenizer has none; use one that has")
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if not ids or ids[-1] != tokenizer.eos_token_id:
+        ids.append(tokenizer.eos_token_id)
+    return ids, list(ids)
+
+
 @dataclass
 class PreparedData:
     train: list[Example]
@@ -312,10 +347,18 @@ class PreparedData:
 def prepare(cfg: DataConfig, tokenizer, seed: int, objective: ObjectiveConfig | None = None) -> PreparedData:
     """Read, validate and tokenize the training (and held-out) rows for `objective` (next-token rows by default);
     count everything left out."""
-    if not getattr(tokenizer, "chat_template", None):
+    check_columns(cfg.columns, objective)
+    needs_template = objective is not None and objective.kind in ("regression", "contrastive")  # chat rows say so when read
+    if needs_template and not getattr(tokenizer, "chat_template", None):
         raise DataError("the tokenizer has no chat template; use a chat model or set tokenizer.chat_template")
+    target = objective.regression.target_field if objective is not None and objective.kind == "regression" else "target"
     train_report = DataReport()
-    examples = _tokenize_all(read_rows(cfg.path, cfg.split, train_report.skipped_files), cfg, tokenizer, train_report, objective)
+    rows: Any = read_rows(cfg.path, cfg.split, train_report.skipped_files)
+    if cfg.max_rows is not None:  # drawn from every row read, before tokenizing and before the held-out fraction is cut
+        sample = sample_rows(rows, cfg.max_rows, seed)
+        train_report.count_sample(sample)
+        rows = sample.rows
+    examples = _tokenize_all(map_columns(rows, cfg.columns, target), cfg, tokenizer, train_report, objective)
     eval_examples: list[Example] = []
     eval_report = None
     if isinstance(cfg.eval_split, float):
@@ -329,9 +372,8 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, objective: ObjectiveConfig | 
         train_report.held_out = len(eval_examples)
     elif isinstance(cfg.eval_split, str):
         eval_report = DataReport()
-        eval_examples = _tokenize_all(
-            read_rows(cfg.eval_split, cfg.split, eval_report.skipped_files), cfg, tokenizer, eval_report, objective
-        )
+        eval_rows = map_columns(read_rows(cfg.eval_split, cfg.split, eval_report.skipped_files), cfg.columns, target)
+        eval_examples = _tokenize_all(eval_rows, cfg, tokenizer, eval_report, objective)
     train_report.finish(examples)
     report = {"train": train_report.to_dict()}
     if eval_report is not None:
@@ -374,10 +416,11 @@ def parsed_rows(rows: Iterator[RawRow], cfg: DataConfig, report: DataReport, par
         try:
             yield row, where, parse(row, where)
         except DataError as e:
+            message = name_columns(str(e), row.columns) if row.columns else str(e)
             if cfg.on_error == "error":
-                raise DataError(f"{e} (set data.on_error=skip to skip and count such rows)") from None
+                raise DataError(f"{message} (set data.on_error=skip to skip and count such rows)") from None
             report.dropped["malformed"] += 1
-            report.note(str(e))
+            report.note(message)
 
 
 def _tokenize_all(
@@ -391,7 +434,15 @@ def _tokenize_all(
     specials = special_token_pattern(tokenizer)
 
     def parse(row: RawRow, where: str) -> tuple[list[int], list[int]]:
-        return tokenize_chat(to_messages(row, report.ignored_message_keys, specials), tokenizer, cfg.train_on, where)
+        if is_text_row(row.record):
+            return tokenize_text(row.record["text"], tokenizer, where, specials)
+        messages = to_messages(row, report.ignored_message_keys, specials)
+        if not getattr(tokenizer, "chat_template", None):  # a ConfigError: not a row to skip, every chat row would fail
+            raise ConfigError(
+                f"{where}: a chat row, and the tokenizer has no chat template; use a chat model (its tokenizer has one), "
+                'or give plain text rows ({"text": ...})'
+            )
+        return tokenize_chat(messages, tokenizer, cfg.train_on, where)
 
     out = []
     for row, where, (ids, labels) in parsed_rows(rows, cfg, report, parse):

@@ -51,6 +51,8 @@ class RawRow:
     source: str  # file path or dataset name
     line: int  # 1-based line (JSONL/CSV) or item number (JSON/Parquet/datasets)
     record: Any  # the parsed record, or a DataError for a line that could not be parsed (skippable with data.on_error=skip)
+    # our field -> (the row's own field, its data.columns key): the fields data.columns renamed, named both ways in errors
+    columns: dict[str, tuple[str, str]] | None = None
 
 
 def first_line(e: BaseException) -> str:
@@ -230,7 +232,7 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
 
 
 def _is_row(item: Any) -> bool:
-    return isinstance(item, dict) and any(k in item for k in ("messages", "prompt", "completion"))
+    return isinstance(item, dict) and (any(k in item for k in ("messages", "prompt", "completion")) or isinstance(item.get("text"), str))
 
 
 def _read_json(path: Path) -> Iterator[RawRow]:

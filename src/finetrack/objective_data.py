@@ -10,7 +10,8 @@ Row layouts (JSONL / JSON / CSV / Parquet, like next-token rows):
   list of messages; `completion` is the anchor's answer, trained with the next-token loss (lambda_task). A side's
   representation is read on its prompt tokens only, so an anchor with and without its answer reads the same.
 
-Every dropped or truncated row is counted in the data report, like next-token rows.
+Every dropped or truncated row is counted in the data report, like next-token rows. data.columns renames these
+fields too (`target` names the row field read as objective.regression.target_field); plain text rows are refused.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 from .config import DataConfig, ObjectiveConfig
 from .data import Example, check_messages, check_text, json_cell, parsed_rows, special_token_pattern, tokenize_chat
+from .data_columns import CHAT_FIELDS, is_text_row
 from .data_files import DataError, RawRow, json_type
 
 
@@ -37,6 +39,11 @@ def tokenize_rows(rows: Iterator[RawRow], cfg: DataConfig, objective: ObjectiveC
             raise row.record
         if not isinstance(row.record, dict):
             raise DataError(f"{where}: a row must be an object, got {json_type(row.record)}")
+        if is_text_row(row.record, (*CHAT_FIELDS, "steps", "anchor", "positive", "negative")):
+            raise DataError(
+                f"{where}: a plain text row (field 'text'): objective.kind={objective.kind} reads no text rows (next-token "
+                "objectives do: causal_lm); give this objective's fields (see the README, Objectives)"
+            )
         return build(row.record, objective, tokenizer, cfg.train_on, where, specials)
 
     out = []

@@ -327,10 +327,13 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     # per source: rows read (counted by the data stage), kept, held out; read - kept - held out = dropped there
     read = data.report["train"]["rows_read_by_source"]
     held = Counter(e.source for e in data.eval) if isinstance(cfg.data.eval_split, float) else Counter()
+    not_sampled = data.report["train"]["rows_not_sampled_by_source"]  # data.max_rows: read, not drawn
     sources = {
         name: {"read": n, "rows": 0, "held_out": held[name], "dropped": n - held[name], "tokens": 0, "trainable_tokens": 0}
         for name, n in read.items()
     }
+    for name, n in not_sampled.items():
+        sources[name].update(not_sampled=n, dropped=sources[name]["dropped"] - n)
     for e in data.train:
         s = sources[e.source]
         s["rows"] += 1

@@ -19,7 +19,9 @@ def render(plan: Plan) -> str:
     lines = [f"objective: {plan.objective['description']}", f"data: {report_line(plan.data)}"]
     for source, c in plan.data["per_source"].items():
         lines.append(
-            f"  {source}: {c['read']:,} read, {c['rows']:,} to train on ({c['held_out']:,} held out, {c['dropped']:,} dropped), "
+            f"  {source}: {c['read']:,} read, "
+            + (f"{c['not_sampled']:,} not sampled, " if "not_sampled" in c else "")
+            + f"{c['rows']:,} to train on ({c['held_out']:,} held out, {c['dropped']:,} dropped), "
             f"{c['tokens']:,} tokens, {c['trainable_tokens']:,} trainable"
         )
     most = max(n for _, n in plan.data["length_histogram"])
