@@ -205,7 +205,7 @@ BAD_ROWS = [
     ("regression", {}, {"prompt": "alpha", "target": True}, ["rows.jsonl:1", "field 'target' must be a finite number"]),
     ("regression", {}, {"prompt": "alpha", "target": "high"}, ["field 'target' must be a finite number", "'high'"]),
     ("regression", {}, {"prompt": "alpha", "target": float("nan")}, ["field 'target' must be a finite number"]),
-    ("regression", {}, {"text": "alpha", "target": 1}, ["no 'messages' and no 'prompt'"]),
+    ("regression", {}, {"text": "alpha", "target": 1}, ["a plain text row (field 'text')", "causal_lm"]),
     ("regression", {"target_field": "score"}, {"prompt": "alpha", "target": 1}, ["field 'score'", "missing"]),
     ("regression", {"pool": "marker", "marker": "Answer:"}, {"prompt": "alpha", "target": 1}, ["marker 'Answer:'", "does not occur"]),
     (
