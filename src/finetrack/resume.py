@@ -188,10 +188,10 @@ def _explicit(spec: str, run_dir: Path) -> Path:
     if "://" in spec:
         from . import storage
 
-        root, _, name = spec.rstrip("/").rpartition("/checkpoints/")
-        step = checkpoint.parse_step(name)
-        if not root or step is None:
+        found = rundir.split_checkpoint_url(spec)
+        if found is None:
             raise ConfigError(f"--resume-from {storage.redact(spec)}: a remote path must end in /checkpoints/step-NNNNNN")
+        root, step = found
         try:
             return storage.pull_checkpoint(root, step, run_dir)
         except (CheckpointError, OSError, ValueError) as e:

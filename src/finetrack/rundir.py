@@ -42,6 +42,13 @@ def parse_step(name: str) -> int | None:
     return int(name[len(_STEP_PREFIX) :])
 
 
+def split_checkpoint_url(url: str) -> tuple[str, int] | None:
+    """'s3://b/run/checkpoints/step-000047' -> ('s3://b/run', 47); None when the URL does not end in a checkpoint."""
+    root, _, name = url.rstrip("/").rpartition(f"/{CHECKPOINTS_DIR}/")
+    step = parse_step(name)
+    return (root, step) if root and step is not None else None
+
+
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR / step_name(step)
 

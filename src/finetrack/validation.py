@@ -45,10 +45,12 @@ class Validator:
         self.pending: tuple[int, dict[str, dict]] | None = None
         self.judges = None
         self.key_cfg: Config | None = None
+        self.units: dict[str, int] = {}  # progress units per suite (answers, items): its files are read once, here
         if self.suites:
-            from .evaluate.runner import Judges
+            from .evaluate.runner import Judges, suite_units
 
             self.judges = Judges(cfg, accelerator.device)
+            self.units = {s.name: suite_units(s) for s, _ in self.suites}
             accelerator.wait_for_everyone()  # config.resolved.yaml is written by the main process
             # the config exactly as `finetrack eval RUN` reads it back: the same cache keys
             self.key_cfg = load_config(run_dir / rundir.CONFIG_FILE)
@@ -62,7 +64,7 @@ class Validator:
         the random generators left as they were. Returns {"val/<suite>.<metric>": value}."""
         from tqdm.auto import tqdm
 
-        from .evaluate.runner import run_suite, skip_reason, suite_units
+        from .evaluate.runner import run_suite, skip_reason
 
         due = self.due(step)
         if not due:
@@ -70,7 +72,7 @@ class Validator:
         results = self._cached_base(due) if step == 0 and not self.cfg.model.init_from else {}
         todo = [s for s in due if s.name not in results]
         main = self.accelerator.is_main_process
-        bar = tqdm(total=sum(suite_units(s) for s in todo), desc=f"validate @ {step}", leave=False, disable=not main or not todo)
+        bar = tqdm(total=sum(self.units[s.name] for s in todo), desc=f"validate @ {step}", leave=False, disable=not main or not todo)
         was_training = model.training
         model.eval()
         try:

@@ -99,10 +99,10 @@ def _checkpoint(spec: str, folder: Path) -> WarmStart:
 def _remote(spec: str, run_dir: Path) -> WarmStart:
     from . import storage
 
-    root, _, name = spec.rstrip("/").rpartition(f"/{rundir.CHECKPOINTS_DIR}/")
-    step = rundir.parse_step(name)
-    if not root or step is None:
+    found = rundir.split_checkpoint_url(spec)
+    if found is None:
         raise ConfigError(f"{_FIELD}={redact(spec)}: a remote source must end in /checkpoints/step-NNNNNN")
+    root, step = found
     try:  # not into this run's checkpoints/: it is not a checkpoint of this run (a resume would continue it)
         folder = storage.pull_checkpoint(root, step, run_dir / "init_from")
     except (CheckpointError, OSError, ValueError) as e:
