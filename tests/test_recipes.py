@@ -51,7 +51,7 @@ def test_recipe_configs_load(config):
 
     cfg = load_config(config)
     assert cfg.output.dir.startswith("runs/recipes/")
-    for source in cfg.data.sources():
+    for source in cfg.data.locations():
         assert (ROOT / source).is_file(), source  # relative to the repository root, where the README runs them
 
 

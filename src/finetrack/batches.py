@@ -59,6 +59,10 @@ class Batch:
     values: torch.Tensor | None = None  # (N,)
     num_rows: int = 0  # data rows (a triplet is one row)
     num_triplets: int = 0
+    # A mixture (data.sources): the source of every element of each unit, in the order the objective sums that unit
+    # (tokens: the loss-carrying positions in row-major order, i.e. targets[targets != IGNORE]), for per-source loss.
+    channels: dict[str, torch.Tensor] | None = None
+    num_channels: int = 1
 
     @property
     def units(self) -> dict[str, int]:
@@ -71,6 +75,12 @@ class Batch:
             units["triplets"] = self.num_triplets
         return units
 
+    def channel_units(self) -> dict[str, torch.Tensor]:
+        """Each unit counted per source (a (num_channels,) tensor per unit); {} with one source."""
+        if self.channels is None:
+            return {}
+        return {unit: torch.bincount(c.cpu(), minlength=self.num_channels) for unit, c in self.channels.items()}
+
     def to(self, device: torch.device) -> Batch:
         return replace(
             self,
@@ -78,6 +88,7 @@ class Batch:
             targets=self.targets.to(device),
             pool=None if self.pool is None else self.pool.to(device),
             values=None if self.values is None else self.values.to(device),
+            channels=None if self.channels is None else {k: v.to(device) for k, v in self.channels.items()},
         )
 
 
@@ -86,9 +97,17 @@ def _shifted(ex: Example) -> list[int]:
     return ex.labels[1:] + [IGNORE]
 
 
-def collate(examples: list[Example], pad_id: int, pack: bool, pack_row_tokens: int | None, attn_tokens: int = DEFAULT_ATTN_TOKENS) -> Batch:
+def collate(
+    examples: list[Example],
+    pad_id: int,
+    pack: bool,
+    pack_row_tokens: int | None,
+    attn_tokens: int = DEFAULT_ATTN_TOKENS,
+    num_channels: int = 1,
+) -> Batch:
     """Tensors for a micro-batch: packed rows (padding only where rows differ in length), or right-padded
-    rows with an attention mask. attn_tokens: see _pack. Triplet rows run as three sequences each (anchors first)."""
+    rows with an attention mask. attn_tokens: see _pack. Triplet rows run as three sequences each (anchors first).
+    num_channels > 1 (a mixture): each unit's sources are recorded too (Batch.channels)."""
     num_rows = len(examples)
     num_triplets = sum(1 for e in examples if e.pair)
     if num_triplets:
@@ -113,7 +132,23 @@ def collate(examples: list[Example], pad_id: int, pack: bool, pack_row_tokens: i
         placed = [(i, 0) for i in range(len(examples))]
     targets = torch.tensor(tgt)
     pool, values = _pool(examples, placed, len(ids) * width, width)
-    return Batch(inputs, targets, num_tokens, int((targets != IGNORE).sum()), pool, values, num_rows, num_triplets)
+    channels = _channels(examples, placed, targets, num_rows, num_triplets) if num_channels > 1 else None
+    return Batch(inputs, targets, num_tokens, int((targets != IGNORE).sum()), pool, values, num_rows, num_triplets, channels, num_channels)
+
+
+def _channels(
+    examples: list[Example], placed: list[tuple[int, int]], targets: torch.Tensor, num_rows: int, num_triplets: int
+) -> dict[str, torch.Tensor]:
+    """The source of every loss-carrying token, row, regression target and triplet, in the order objectives sum them."""
+    grid = torch.full(targets.shape, -1, dtype=torch.long)
+    for e, (row, offset) in zip(examples, placed):
+        grid[row, offset : offset + len(e.input_ids)] = e.channel
+    rows = [e.channel for e in examples[:num_rows]]
+    channels = {"tokens": grid[targets != IGNORE], "rows": torch.tensor(rows, dtype=torch.long)}
+    channels["targets"] = torch.tensor([e.channel for e in examples for _ in e.values], dtype=torch.long)
+    if num_triplets:
+        channels["triplets"] = torch.tensor(rows, dtype=torch.long)
+    return channels
 
 
 def _pool(examples: list[Example], placed: list[tuple[int, int]], size: int, width: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -194,11 +229,16 @@ def attn_tokens_for(hidden_size: int | None) -> int:
     return 6 * hidden_size if hidden_size else DEFAULT_ATTN_TOKENS
 
 
-def batch_builder(pad_id: int, pack: bool, pack_row_tokens: int | None, model: torch.nn.Module | None) -> Callable[[list[Example]], Batch]:
+def batch_builder(
+    pad_id: int, pack: bool, pack_row_tokens: int | None, model: torch.nn.Module | None, num_channels: int = 1
+) -> Callable[[list[Example]], Batch]:
     """The one collate of a run, for training, the held-out loss and the eval suites alike (the cost model reads the
-    model's width: pass the unwrapped model, or None for the default)."""
+    model's width: pass the unwrapped model, or None for the default; num_channels: data sources, for per-source loss)."""
     hidden_size = getattr(getattr(model, "config", None), "hidden_size", None)
-    return functools.partial(collate, pad_id=pad_id, pack=pack, pack_row_tokens=pack_row_tokens, attn_tokens=attn_tokens_for(hidden_size))
+    attn_tokens = attn_tokens_for(hidden_size)
+    return functools.partial(
+        collate, pad_id=pad_id, pack=pack, pack_row_tokens=pack_row_tokens, attn_tokens=attn_tokens, num_channels=num_channels
+    )
 
 
 def micro_batches(examples: list[Example], rows: list[int], micro_batch_size: int) -> list[list[Example]]:

@@ -60,6 +60,8 @@ class Environment:
     bf16_supported: bool
     num_processes: int
     num_train_rows: int
+    num_sources: int = 1  # data.sources
+    steps_before_repeat: int | None = None  # data.on_source_end=stop: the most steps before a mixture source repeats
 
 
 def resolve_model(cfg: Config, env: Environment) -> tuple[Config, Resolved]:
@@ -121,11 +123,10 @@ def resolve(cfg: Config, env: Environment) -> tuple[Config, Resolved]:
         )
     # Incomplete trailing batches are dropped so every optimizer step has the same number of rows.
     steps_per_epoch = env.num_train_rows // global_batch_rows
-    res.set(
-        "steps_per_epoch",
-        steps_per_epoch,
-        f"{env.num_train_rows} rows // {global_batch_rows} rows per step (the last {env.num_train_rows - steps_per_epoch * global_batch_rows} rows of each shuffled epoch are left out)",
-    )
+    left = f"the last {env.num_train_rows - steps_per_epoch * global_batch_rows} rows of each shuffled epoch are left out"
+    if env.num_sources > 1:  # each source goes through its rows at its own pace (mixture.py): nothing is left out
+        left = f"an epoch of a mixture of {env.num_sources} sources: as many rows as they hold together"
+    res.set("steps_per_epoch", steps_per_epoch, f"{env.num_train_rows} rows // {global_batch_rows} rows per step ({left})")
     epoch_steps = None if t.num_epochs is None else max(1, math.ceil(t.num_epochs * steps_per_epoch))
     if t.max_steps is not None and (epoch_steps is None or t.max_steps <= epoch_steps):
         total, why = t.max_steps, "train.max_steps" + (f" (before num_epochs {t.num_epochs} = {epoch_steps} steps)" if epoch_steps else "")
@@ -136,6 +137,16 @@ def resolve(cfg: Config, env: Environment) -> tuple[Config, Resolved]:
         )
     else:
         total, why = steps_per_epoch, "one epoch (neither train.num_epochs nor train.max_steps is set)"
+    if env.steps_before_repeat is not None and total > env.steps_before_repeat:
+        if env.steps_before_repeat == 0:
+            raise ConfigError(
+                "data.on_source_end=stop: a data source has fewer rows than its share of one optimizer step; "
+                "add rows, lower its weight or the batch size, or set data.on_source_end=repeat"
+            )
+        total, why = (
+            env.steps_before_repeat,
+            f"data.on_source_end=stop: a source would repeat after step {env.steps_before_repeat} (before {why})",
+        )
     res.set("total_steps", total, why)
     ck = cfg.checkpoint
     try:

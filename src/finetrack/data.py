@@ -31,6 +31,7 @@ import numpy as np
 from .config import DataConfig, ObjectiveConfig
 from .data_columns import Sample, check_columns, is_text_row, map_columns, name_columns, sample_rows
 from .data_files import BUILTIN_DATA, DataError, RawRow, json_type, read_rows, source_files
+from .mixture import Mixture
 from .schema import ConfigError
 
 __all__ = ["BUILTIN_DATA", "DataError", "Example", "PreparedData", "RawRow", "prepare", "read_rows", "source_files", "tokenize_chat"]
@@ -54,6 +55,8 @@ class Example:
     pools: list[list[int]] = field(default_factory=list)
     values: list[float] = field(default_factory=list)  # regression: one target per pool
     pair: tuple[Example, Example] | None = None  # contrastive: this anchor's (positive, negative)
+    channel: int = 0  # its source's index in data.sources (per-source loss); 0 with one source
+    from_file: bool = False  # a held-out row read from an eval_split file (not cut from the training rows)
 
     @property
     def num_trainable_tokens(self) -> int:
@@ -332,6 +335,7 @@ class PreparedData:
     train: list[Example]
     eval: list[Example]
     report: dict  # the data_report.json content
+    mixture: Mixture | None = None  # data.sources: the training rows are each source's, laid end to end
 
     def fingerprint(self) -> str:
         """Hash of the tokenized training rows in order (ids and loss masks): a resumed run checks it sees the same data."""
@@ -343,53 +347,112 @@ class PreparedData:
                     h.update(json.dumps([e.pools, e.values]).encode() + b"\n")
         return h.hexdigest()[:16]
 
+    def note_usage(self, rows_per_step: int, total_steps: int, seed: int, shuffle: bool) -> None:
+        """Add to the report what the run's steps take from each source of a mixture (rows, realized share, epochs,
+        tokens: mixture.Mixture.usage); nothing with one source."""
+        if self.mixture is None:
+            return
+        lengths: list[list[int]] = [[] for _ in self.mixture.names]
+        for e in self.train:
+            lengths[e.channel].append(sum(len(s.input_ids) for s in e.sequences()))
+        usage = self.mixture.usage(rows_per_step, total_steps, seed, lengths, shuffle)
+        for summary, used in zip(self.report["sources"], usage):
+            summary["over_the_run"] = {"steps": total_steps, **{k: v for k, v in used.items() if k not in ("name", "target_share")}}
+
 
 def prepare(cfg: DataConfig, tokenizer, seed: int, objective: ObjectiveConfig | None = None) -> PreparedData:
-    """Read, validate and tokenize the training (and held-out) rows for `objective` (next-token rows by default);
-    count everything left out."""
-    check_columns(cfg.columns, objective)
+    """Read, validate and tokenize the training (and held-out) rows for `objective` (next-token rows by default), of
+    data.path or of every source of data.sources (each row then knows its source: Example.channel); count everything
+    left out."""
+    sources = cfg.per_source()
+    for i, (_, _, source_cfg) in enumerate(sources):
+        check_columns(source_cfg.columns, objective, f"data.sources.{i}.columns" if cfg.sources else "data.columns")
     needs_template = objective is not None and objective.kind in ("regression", "contrastive")  # chat rows say so when read
     if needs_template and not getattr(tokenizer, "chat_template", None):
         raise DataError("the tokenizer has no chat template; use a chat model or set tokenizer.chat_template")
+    train_report, eval_report = DataReport(), DataReport()
+    examples: list[Example] = []
+    eval_examples: list[Example] = []
+    summaries = []
+    read_eval_file = False
+    for channel, (name, weight, source_cfg) in enumerate(sources):
+        before = (train_report.rows_read, train_report.rows_not_sampled)
+        train, held, from_file = _prepare_source(source_cfg, tokenizer, seed, objective, train_report, eval_report)
+        for e in train + held:
+            for sequence in e.sequences():
+                sequence.channel = channel
+        if cfg.sources and not train:
+            raise DataError(f"data.sources.{channel} ({name}): no training rows left; first reasons: {train_report.first_reasons}")
+        examples += train
+        eval_examples += held
+        read_eval_file |= from_file
+        summaries.append(
+            {
+                "name": name,
+                "path": source_cfg.path,
+                "weight": weight,
+                "rows_read": train_report.rows_read - before[0],
+                "rows_not_sampled": train_report.rows_not_sampled - before[1],
+                "rows_kept": len(train),
+                "tokens": sum(len(s.input_ids) for e in train for s in e.sequences()),
+                "trainable_tokens": sum(e.num_trainable_tokens for e in train),
+                "eval_rows": len(held),
+                "eval_rows_from": "file" if from_file else "held out" if held else None,
+            }
+        )
+    train_report.finish(examples)
+    report: dict[str, Any] = {"train": train_report.to_dict()}
+    if read_eval_file:
+        eval_report.finish([e for e in eval_examples if e.from_file])
+        report["eval"] = eval_report.to_dict()
+    elif eval_examples:
+        report["eval"] = {
+            "rows_kept": len(eval_examples),
+            "held_out_from_train": cfg.eval_split if not cfg.sources else [s.eval_split for _, _, s in sources],
+            "tokens_total": sum(len(s.input_ids) for e in eval_examples for s in e.sequences()),
+        }
+    mixture = None
+    if cfg.sources:
+        mixture = Mixture(
+            tuple(s["name"] for s in summaries), tuple(s["weight"] for s in summaries), tuple(s["rows_kept"] for s in summaries)
+        )
+        for summary, share in zip(summaries, mixture.shares):
+            summary["target_share"] = round(share, 6)
+        report["sources"] = summaries
+    for name, r in report.items():
+        if isinstance(r, dict):
+            _warn_left_out(name, r)
+    if not examples:
+        raise DataError(f"no training rows left: {report_line(report)}; first reasons: {train_report.first_reasons}")
+    return PreparedData(examples, eval_examples, report, mixture)
+
+
+def _prepare_source(
+    cfg: DataConfig, tokenizer, seed: int, objective: ObjectiveConfig | None, train_report: DataReport, eval_report: DataReport
+) -> tuple[list[Example], list[Example], bool]:
+    """(training rows, held-out rows, whether those came from an eval_split file) of one source, counted in the reports."""
     target = objective.regression.target_field if objective is not None and objective.kind == "regression" else "target"
-    train_report = DataReport()
     rows: Any = read_rows(cfg.path, cfg.split, train_report.skipped_files)
     if cfg.max_rows is not None:  # drawn from every row read, before tokenizing and before the held-out fraction is cut
         sample = sample_rows(rows, cfg.max_rows, seed)
         train_report.count_sample(sample)
         rows = sample.rows
     examples = _tokenize_all(map_columns(rows, cfg.columns, target), cfg, tokenizer, train_report, objective)
-    eval_examples: list[Example] = []
-    eval_report = None
     if isinstance(cfg.eval_split, float):
         # A fixed permutation by seed decides which rows are held out, independent of the epoch order.
         order = list(range(len(examples)))
         random.Random(seed).shuffle(order)
         num_eval = max(1, round(cfg.eval_split * len(examples)))
         held = set(order[:num_eval])
-        eval_examples = [e for i, e in enumerate(examples) if i in held]
-        examples = [e for i, e in enumerate(examples) if i not in held]
-        train_report.held_out = len(eval_examples)
-    elif isinstance(cfg.eval_split, str):
-        eval_report = DataReport()
+        train_report.held_out += num_eval
+        return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held], False
+    if isinstance(cfg.eval_split, str):
         eval_rows = map_columns(read_rows(cfg.eval_split, cfg.split, eval_report.skipped_files), cfg.columns, target)
-        eval_examples = _tokenize_all(eval_rows, cfg, tokenizer, eval_report, objective)
-    train_report.finish(examples)
-    report = {"train": train_report.to_dict()}
-    if eval_report is not None:
-        eval_report.finish(eval_examples)
-        report["eval"] = eval_report.to_dict()
-    elif eval_examples:
-        report["eval"] = {
-            "rows_kept": len(eval_examples),
-            "held_out_from_train": cfg.eval_split,
-            "tokens_total": sum(len(s.input_ids) for e in eval_examples for s in e.sequences()),
-        }
-    for name, r in report.items():
-        _warn_left_out(name, r)
-    if not examples:
-        raise DataError(f"no training rows left: {report_line(report)}; first reasons: {train_report.first_reasons}")
-    return PreparedData(examples, eval_examples, report)
+        held_rows = _tokenize_all(eval_rows, cfg, tokenizer, eval_report, objective)
+        for e in held_rows:
+            e.from_file = True
+        return examples, held_rows, True
+    return examples, [], False
 
 
 def _warn_left_out(split: str, report: dict) -> None:

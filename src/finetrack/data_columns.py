@@ -41,15 +41,15 @@ def read_fields(objective: ObjectiveConfig | None) -> tuple[str, ...]:
     return (*CHAT_FIELDS, "text")  # causal_lm and python objectives read next-token rows
 
 
-def check_columns(columns: dict[str, str], objective: ObjectiveConfig | None) -> None:
+def check_columns(columns: dict[str, str], objective: ObjectiveConfig | None, key: str = "data.columns") -> None:
     """A ConfigError for a data.columns key the objective does not read (it would be ignored silently)."""
     fields = read_fields(objective)
-    for key in columns:
-        if key not in fields:
+    for name in columns:
+        if name not in fields:
             kind = objective.kind if objective is not None else "causal_lm"
             what = f"objective.kind={kind}" + (f" (level={objective.regression.level})" if objective and kind == "regression" else "")
-            hint = "; plain text rows train only next-token objectives (causal_lm)" if key == "text" else ""
-            raise ConfigError(f"data.columns.{key}: {what} reads no field '{key}' (it reads {', '.join(fields)}); remove it{hint}")
+            hint = "; plain text rows train only next-token objectives (causal_lm)" if name == "text" else ""
+            raise ConfigError(f"{key}.{name}: {what} reads no field '{name}' (it reads {', '.join(fields)}); remove it{hint}")
 
 
 def column_fields(columns: dict[str, str], target_field: str = "target") -> dict[str, tuple[str, str]]:

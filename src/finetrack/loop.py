@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -28,6 +28,7 @@ from .heads import language_model
 from .health import stop_if_diverged
 from .interrupt import StopFlag
 from .metrics import MetricsLog, peak_memory_mib
+from .mixture import Mixture
 from .objectives import Objective, Term, logged, weighted_loss
 from .optim import lr_at, set_lr
 from .rundir import checkpoint_dir
@@ -53,6 +54,7 @@ class Loop:
     objective: Objective
     train_rows: list[Example]
     eval_rows: list[Example]
+    mixture: Mixture | None  # data.sources: which source's rows each step takes (mixture.py)
     make_batch: Callable[[list[Example]], Batch]  # one collate for training and eval
     save: SaveCheckpoint
     out: MetricsLog
@@ -73,6 +75,7 @@ class StepResult:
     num_tokens: int
     grad_norm: float  # before clipping
     extra: dict[str, float]  # the objective's terms per unit, as logged (objectives.logged)
+    by_source: dict[int, tuple[float, int]] = field(default_factory=dict)  # a mixture: each source's (loss_sum, loss_units)
 
 
 def fit(loop: Loop, state: TrainState, stop: StopFlag) -> tuple[float, dict[str, Any]]:
@@ -195,7 +198,11 @@ def step_batches(loop: Loop, step: int) -> tuple[int, list[Batch]]:
     cfg: Config = loop.cfg
     train, acc = cfg.train, loop.accelerator
     rows_per_process = train.micro_batch_size * train.grad_accum_steps
-    epoch, rows = step_rows(len(loop.train_rows), rows_per_process * acc.num_processes, train.seed, step - 1, cfg.data.shuffle)
+    rows_per_step = rows_per_process * acc.num_processes
+    if loop.mixture:  # each source its share of every step (an epoch of a mixture: as many rows as its sources hold)
+        epoch, rows = (step - 1) // loop.shape.steps_per_epoch, loop.mixture.step(rows_per_step, train.seed, step, cfg.data.shuffle)
+    else:
+        epoch, rows = step_rows(len(loop.train_rows), rows_per_step, train.seed, step - 1, cfg.data.shuffle)
     mine = rows[acc.process_index * rows_per_process : (acc.process_index + 1) * rows_per_process]
     return epoch, [loop.make_batch(mb) for mb in micro_batches(loop.train_rows, mine, train.micro_batch_size)]
 
@@ -215,7 +222,9 @@ def _advance(state: TrainState, step: int, epoch: int, steps_per_epoch: int, res
     state.step, state.tokens_seen = step, state.tokens_seen + result.num_tokens
     state.epoch, state.step_in_epoch = epoch, step - epoch * steps_per_epoch
     state.first_loss = result.loss if step == 1 else state.first_loss
-    state.window.add(result.loss_sum, result.loss_units, result.num_targets, result.num_tokens, result.grad_norm, result.extra, seconds)
+    state.window.add(
+        result.loss_sum, result.loss_units, result.num_targets, result.num_tokens, result.grad_norm, result.extra, seconds, result.by_source
+    )
 
 
 def _is_log_step(loop: Loop, step: int) -> bool:
@@ -228,7 +237,7 @@ def _step_metrics(loop: Loop, state: TrainState, step: int, lr: float) -> dict[s
     return {
         "step": step,
         "epoch": round(step / loop.shape.steps_per_epoch, 4),
-        **state.window.flush(),
+        **state.window.flush(loop.mixture.names if loop.mixture else ()),
         "lr": lr,
         "tokens": state.tokens_seen,
         "peak_mem_mib": peak_memory_mib(loop.accelerator.device),
@@ -243,12 +252,16 @@ def _held_out(loop: Loop, state: TrainState, step: int) -> dict[str, float]:
     if not loop.eval_rows or not ((every_eval and step % every_eval == 0) or step == loop.shape.total_steps):
         return {}
     micro_batch_size = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
-    held_out = evaluate(loop.model, loop.eval_rows, micro_batch_size, loop.make_batch, loop.objective, loop.accelerator)
-    state.eval_loss = held_out.pop("loss")
+    result = held_out_result(loop.model, loop.eval_rows, micro_batch_size, loop.make_batch, loop.objective, loop.accelerator)
+    state.eval_loss = result.loss if result else math.nan
     values = {"eval_loss": state.eval_loss}
     if cfg.objective.kind == "causal_lm":
         values["eval_ppl"] = math.exp(min(state.eval_loss, 50))
-    return {**values, **{f"eval_{k}": v for k, v in held_out.items()}}
+    values.update({f"eval_{k}": v for k, v in (result.extra if result else {}).items()})
+    for c, (loss_sum, units) in (result.by_source if result and loop.mixture else {}).items():
+        if units:  # a source with held-out rows: its own held-out loss (source/<name>.eval_loss)
+            values[f"source/{loop.mixture.names[c]}.eval_loss"] = loss_sum / units
+    return values
 
 
 def _accumulate(model: nn.Module, batches: list[Batch], objective: Objective, accelerator) -> StepResult:
@@ -257,32 +270,48 @@ def _accumulate(model: nn.Module, batches: list[Batch], objective: Objective, ac
     is split. Returns the step's loss and per-unit terms over all processes (grad_norm filled in by the caller)."""
     device = accelerator.device
     units = _step_units(batches, accelerator)
-    sums: dict[str, torch.Tensor] = {}
-    kinds: dict[str, tuple[str, float]] = {}
+    sums = Sums()
     for i, batch in enumerate(batches):
         # DDP averages gradients over processes; multiplying by the world size turns that into a sum.
         sync = nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
         with sync:
             terms = objective(model, batch.to(device))
             accelerator.backward(weighted_loss(terms, units, accelerator.num_processes))
-        _add_terms(sums, kinds, terms)
-    return _step_result(sums, kinds, units, accelerator)
+        sums.add(terms)
+    return _step_result(sums, units, accelerator)
 
 
-def _add_terms(sums: dict[str, torch.Tensor], kinds: dict[str, tuple[str, float]], terms: dict[str, Term]) -> None:
-    """Add one micro-batch's terms to the running sums (detached, float32), keeping each term's unit and weight."""
-    for name, term in terms.items():
-        total = term.total.detach().float()
-        sums[name] = sums[name] + total if name in sums else total
-        kinds[name] = (term.unit, term.weight)
+@dataclass
+class Sums:
+    """An objective's terms summed over micro-batches (detached, float32), each with its unit and weight, and split by
+    data source where the terms are (a mixture: Term.by_channel)."""
+
+    totals: dict[str, torch.Tensor] = field(default_factory=dict)
+    kinds: dict[str, tuple[str, float]] = field(default_factory=dict)  # name -> (unit, weight)
+    by_channel: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (num_channels,)
+
+    def add(self, terms: dict[str, Term]) -> None:
+        for name, term in terms.items():
+            total = term.total.detach().float()
+            self.totals[name] = self.totals[name] + total if name in self.totals else total
+            self.kinds[name] = (term.unit, term.weight)
+            if term.by_channel is not None:
+                split = term.by_channel.detach().float()
+                self.by_channel[name] = self.by_channel[name] + split if name in self.by_channel else split
 
 
 def _step_units(batches: list[Batch], accelerator) -> dict[str, int]:
     """Every unit of this step's batches, summed over micro-batches and processes (known before any forward)."""
     local: Counter = Counter()
     for b in batches:
-        local.update({**b.units, "_all_tokens": b.num_tokens})
+        local.update(_units_of(b))
     return _reduce_units(local, accelerator)
+
+
+def _units_of(batch: Batch) -> dict[str, int]:
+    """A batch's units, every real token ("_all_tokens", for throughput) and each unit per source ("tokens@1")."""
+    per_source = {f"{unit}@{c}": int(n) for unit, counts in batch.channel_units().items() for c, n in enumerate(counts)}
+    return {**batch.units, "_all_tokens": batch.num_tokens, **per_source}
 
 
 def _reduce_units(local: Counter, accelerator) -> dict[str, int]:
@@ -292,20 +321,48 @@ def _reduce_units(local: Counter, accelerator) -> dict[str, int]:
     return dict(zip(names, map(int, total)))
 
 
-def _step_result(sums: dict[str, torch.Tensor], kinds: dict[str, tuple[str, float]], units: dict[str, int], accelerator) -> StepResult:
-    names = sorted(sums)
-    totals = accelerator.reduce(torch.stack([sums[k] for k in names]), reduction="sum").tolist() if names else []
-    total = dict(zip(names, totals))
+def _step_result(sums: Sums, units: dict[str, int], accelerator) -> StepResult:
+    names, split = sorted(sums.totals), sorted(sums.by_channel)
+    parts = [torch.stack([sums.totals[k] for k in names])] if names else []
+    parts += [sums.by_channel[k] for k in split]
+    reduced = accelerator.reduce(torch.cat(parts), reduction="sum").tolist() if parts else []
+    total = dict(zip(names, reduced))
+    by_channel, at = {}, len(names)
+    for k in split:
+        by_channel[k] = reduced[at : at + len(sums.by_channel[k])]
+        at += len(sums.by_channel[k])
+    kinds = sums.kinds
     means = {k: total[k] / max(1, units[kinds[k][0]]) for k in names}
     weights = {k: kinds[k][1] for k in names}
     loss = float(weighted_loss({k: Term(torch.tensor(total[k], dtype=torch.float64), *kinds[k]) for k in names}, units))
     loss_terms = [k for k in names if weights[k]]
-    if len(loss_terms) == 1 and weights[loss_terms[0]] == 1.0:  # token-weighted averages over a log window, as before
+    one_term = len(loss_terms) == 1 and weights[loss_terms[0]] == 1.0  # token-weighted averages over a log window, as before
+    if one_term:
         (k,) = loss_terms
         loss_sum, loss_units = total[k], units[kinds[k][0]]
     else:
         loss_sum, loss_units = loss, 1
-    return StepResult(loss, loss_sum, loss_units, units["tokens"], units["_all_tokens"], 0.0, logged(means, weights))
+    by_source = _by_source(by_channel, kinds, units, loss_terms, one_term)
+    return StepResult(loss, loss_sum, loss_units, units["tokens"], units["_all_tokens"], 0.0, logged(means, weights), by_source)
+
+
+def _by_source(
+    by_channel: dict[str, list[float]], kinds: dict[str, tuple[str, float]], units: dict[str, int], loss_terms: list[str], one_term: bool
+) -> dict[int, tuple[float, int]]:
+    """Each source's (loss_sum, loss_units), laid out as the step's own: the one term's sum and units, or the
+    objective over that source's rows (every loss term divided by that source's units) and 1. {} unless every loss
+    term is split by source."""
+    if not loss_terms or not all(k in by_channel for k in loss_terms):
+        return {}
+    out = {}
+    for c in range(len(by_channel[loss_terms[0]])):
+        counts = {k: units.get(f"{kinds[k][0]}@{c}", 0) for k in loss_terms}
+        if one_term:
+            (k,) = loss_terms
+            out[c] = (by_channel[k][c], counts[k])
+        elif all(counts.values()):  # a source with no units of some term this step has no value for the objective
+            out[c] = (sum(kinds[k][1] * by_channel[k][c] / counts[k] for k in loss_terms), 1)
+    return out
 
 
 def _clip(accelerator, params: list[torch.Tensor], max_norm: float | None) -> float:
@@ -316,6 +373,31 @@ def _clip(accelerator, params: list[torch.Tensor], max_norm: float | None) -> fl
 
 
 @torch.no_grad()
+def held_out_result(
+    model: nn.Module,
+    examples: list[Example],
+    micro_batch_size: int,
+    make_batch: Callable[[list[Example]], Batch],
+    objective: Objective,
+    accelerator,
+) -> StepResult | None:
+    """The objective over the held-out rows (each process takes a share), normalized like a training step over all of
+    them (None when there are none). Batches are built one at a time (no backward needs the units first)."""
+    was_training = model.training
+    model.eval()
+    mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
+    local: Counter = Counter()
+    sums = Sums()
+    for rows in micro_batches(examples, mine, micro_batch_size):
+        batch = make_batch(rows)
+        local.update(_units_of(batch))
+        sums.add(objective(model, batch.to(accelerator.device)))
+    model.train(was_training)
+    if not sums.totals:
+        return None
+    return _step_result(sums, _reduce_units(local, accelerator), accelerator)
+
+
 def evaluate(
     model: nn.Module,
     examples: list[Example],
@@ -324,20 +406,6 @@ def evaluate(
     objective: Objective,
     accelerator,
 ) -> dict[str, float]:
-    """The objective over the held-out rows (each process takes a share), normalized like a training step over all of
-    them: {"loss": ..., and each term as logged}. Batches are built one at a time (no backward needs the units first)."""
-    was_training = model.training
-    model.eval()
-    mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
-    local: Counter = Counter()
-    sums: dict[str, torch.Tensor] = {}
-    kinds: dict[str, tuple[str, float]] = {}
-    for rows in micro_batches(examples, mine, micro_batch_size):
-        batch = make_batch(rows)
-        local.update({**batch.units, "_all_tokens": batch.num_tokens})
-        _add_terms(sums, kinds, objective(model, batch.to(accelerator.device)))
-    model.train(was_training)
-    if not sums:
-        return {"loss": math.nan}
-    result = _step_result(sums, kinds, _reduce_units(local, accelerator), accelerator)
-    return {"loss": result.loss, **result.extra}
+    """The objective over the held-out rows: {"loss": ..., and each term as logged} (held_out_result)."""
+    result = held_out_result(model, examples, micro_batch_size, make_batch, objective, accelerator)
+    return {"loss": result.loss, **result.extra} if result else {"loss": math.nan}

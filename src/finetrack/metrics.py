@@ -20,11 +20,25 @@ class Window:
         self.loss_sum = self.loss_units = self.targets = self.tokens = 0
         self.grad_norm = 0.0
         self.extra: dict[str, float] = {}
+        self.by_source: dict[str, list[float]] = {}  # a mixture: source index -> [loss_sum, loss_units]
 
     def add(
-        self, loss_sum: float, loss_units: int, targets: int, tokens: int, grad_norm: float, extra: dict[str, float], seconds: float
+        self,
+        loss_sum: float,
+        loss_units: int,
+        targets: int,
+        tokens: int,
+        grad_norm: float,
+        extra: dict[str, float],
+        seconds: float,
+        by_source: dict[int, tuple[float, int]] | None = None,
     ) -> None:
-        """One step: its loss as a sum over `loss_units` (target tokens for next-token loss: a token-weighted average)."""
+        """One step: its loss as a sum over `loss_units` (target tokens for next-token loss: a token-weighted average),
+        and each source's the same way (a mixture)."""
+        for c, (source_sum, source_units) in (by_source or {}).items():
+            sums = self.by_source.setdefault(str(c), [0.0, 0])
+            sums[0] += source_sum
+            sums[1] += source_units
         self.seconds += seconds
         self.loss_sum += loss_sum
         self.loss_units += loss_units
@@ -40,6 +54,8 @@ class Window:
         state = dict(vars(self))
         if state["loss_units"] == state["targets"]:
             del state["loss_units"]
+        if not state["by_source"]:  # one source: the layout of schema /1
+            del state["by_source"]
         return state
 
     def restore(self, state: dict) -> None:
@@ -47,13 +63,16 @@ class Window:
         if "loss_units" not in state:  # written before objectives had units: the loss was per target token
             self.loss_units = self.targets
 
-    def flush(self) -> dict:
+    def flush(self, source_names: tuple[str, ...] = ()) -> dict:
+        """The window's averages (each source's loss as `source/<name>.loss`), then a new window."""
+        by_source = {f"source/{source_names[int(c)]}.loss": s / u for c, (s, u) in sorted(self.by_source.items()) if u and source_names}
         out = {
             "loss": self.loss_sum / max(1, self.loss_units),
             "grad_norm": self.grad_norm,
             "target_tokens": self.targets,
             "tokens_per_s": round(self.tokens / max(self.seconds, 1e-9), 1),
             **self.extra,
+            **by_source,
         }
         self.__init__()
         return out

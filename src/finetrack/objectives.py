@@ -36,6 +36,18 @@ class Term:
     total: torch.Tensor
     unit: str  # a key of Batch.units: tokens | rows | targets | triplets
     weight: float = 1.0  # 0: a metric (logged under its name, never optimized)
+    by_channel: torch.Tensor | None = None  # a mixture: `total` split by data source ((num_channels,), detached)
+
+
+def term(values: torch.Tensor, unit: str, batch: Batch, weight: float = 1.0) -> Term:
+    """A Term from one value per `unit` of the batch (in the order Batch.channels lists them: for tokens, the
+    loss-carrying positions in row-major order), split by data source when the batch mixes several (per-source loss:
+    `source/<name>.loss` in metrics.jsonl). A custom objective may build its Terms with it to get per-source loss."""
+    by_channel = None
+    if batch.channels is not None:
+        channels = batch.channels[unit]
+        by_channel = torch.zeros(batch.num_channels, device=values.device).index_add_(0, channels, values.detach().float())
+    return Term(values.sum(), unit, weight, by_channel)
 
 
 Objective = Callable[[nn.Module, Batch], dict[str, Term]]
@@ -65,22 +77,25 @@ def logged(means: dict[str, float], weights: dict[str, float]) -> dict[str, floa
 
 
 # ------------------------------------------------------------------------------------------ causal_lm
-def next_token_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Next-token cross-entropy, summed over target tokens. Logits are computed only where a target exists (boolean
-    `logits_to_keep`): on chat data most positions carry no loss."""
+def next_token_sum(model: nn.Module, batch: Batch, reduction: str = "sum") -> torch.Tensor:
+    """Next-token cross-entropy, summed over target tokens (reduction="none": per target token, row-major). Logits are
+    computed only where a target exists (boolean `logits_to_keep`): on chat data most positions carry no loss."""
     keep = batch.targets != IGNORE  # (B, T)
     logits = model(**batch.inputs, logits_to_keep=keep, use_cache=False).logits
-    return _cross_entropy_sum(logits, keep, batch.targets)
+    return _cross_entropy(logits, keep, batch.targets, reduction)
 
 
-def _cross_entropy_sum(logits: torch.Tensor, keep: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _cross_entropy(logits: torch.Tensor, keep: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     if logits.dim() == 3:  # a model that ignores a boolean logits_to_keep returns (B, T, V)
         logits = logits[keep]
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")  # logits: (N, V)
+    return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)  # logits: (N, V)
 
 
 def causal_lm(model: nn.Module, batch: Batch) -> dict[str, Term]:
-    """objective.kind=causal_lm: next-token cross-entropy per target token."""
+    """objective.kind=causal_lm: next-token cross-entropy per target token (with several data sources: per token, so
+    the same forward gives each source's loss)."""
+    if batch.channels is not None:
+        return {"lm": term(next_token_sum(model, batch, "none"), "tokens", batch)}
     return {"lm": Term(next_token_sum(model, batch), "tokens")}
 
 
@@ -98,20 +113,26 @@ class Regression:
         use_lm = self.cfg.lm_weight > 0 and batch.num_target_tokens > 0
         logits, predicted = model(batch.pool, logits_to_keep=keep if use_lm else 1, **batch.inputs)
         head = _head_of(model)
+        if batch.channels is not None:  # a mixture: per target and per token, for each source's loss
+            terms = {"regression": term(regression_loss(predicted, head.normalized(batch.values), self.cfg, "none"), "targets", batch)}
+            if self.cfg.lm_weight > 0:
+                ce = _cross_entropy(logits, keep, batch.targets, "none") if use_lm else predicted[:0]
+                terms["lm"] = term(ce, "tokens", batch, self.cfg.lm_weight)
+            return terms
         terms = {"regression": Term(regression_loss(predicted, head.normalized(batch.values), self.cfg), "targets")}
         if self.cfg.lm_weight > 0:
-            ce = _cross_entropy_sum(logits, keep, batch.targets) if use_lm else predicted.sum() * 0.0
+            ce = _cross_entropy(logits, keep, batch.targets) if use_lm else predicted.sum() * 0.0
             terms["lm"] = Term(ce, "tokens", self.cfg.lm_weight)
         return terms
 
 
-def regression_loss(predicted: torch.Tensor, target: torch.Tensor, cfg: RegressionConfig) -> torch.Tensor:
-    """Summed over targets: mse, mae or huber (huber_delta)."""
+def regression_loss(predicted: torch.Tensor, target: torch.Tensor, cfg: RegressionConfig, reduction: str = "sum") -> torch.Tensor:
+    """Summed over targets (reduction="none": per target): mse, mae or huber (huber_delta)."""
     if cfg.loss == "mse":
-        return F.mse_loss(predicted, target, reduction="sum")
+        return F.mse_loss(predicted, target, reduction=reduction)
     if cfg.loss == "mae":
-        return F.l1_loss(predicted, target, reduction="sum")
-    return F.huber_loss(predicted, target, reduction="sum", delta=cfg.huber_delta)
+        return F.l1_loss(predicted, target, reduction=reduction)
+    return F.huber_loss(predicted, target, reduction=reduction, delta=cfg.huber_delta)
 
 
 def _head_of(model: nn.Module):
@@ -141,34 +162,41 @@ class Contrastive:
 
     def __call__(self, model: nn.Module, batch: Batch) -> dict[str, Term]:
         c = self.cfg
-        a, p, n, task = representations(model, batch, c.layer, need_logits=c.lambda_task > 0)
+        split = batch.channels is not None  # a mixture: per token and per triplet, for each source's loss
+        a, p, n, task = representations(model, batch, c.layer, need_logits=c.lambda_task > 0, reduction="none" if split else "sum")
         cos_ap, cos_an = F.cosine_similarity(a, p, dim=-1), F.cosine_similarity(a, n, dim=-1)
         terms = {}
         if c.lambda_task > 0:
-            terms["task"] = Term(task, "tokens", c.lambda_task)
+            terms["task"] = term(task, "tokens", batch, c.lambda_task) if split else Term(task, "tokens", c.lambda_task)
         if c.loss == "weighted":
-            terms["pos"] = Term((-cos_ap / c.tau).sum(), "triplets", c.lambda_pos)
-            terms["neg"] = Term((cos_an / c.tau).sum(), "triplets", c.lambda_neg)
+            terms["pos"] = term(-cos_ap / c.tau, "triplets", batch, c.lambda_pos)
+            terms["neg"] = term(cos_an / c.tau, "triplets", batch, c.lambda_neg)
         else:
             others = torch.cat([p, n])  # row i's positive is column i; every other row's p and n are negatives
             logits = F.cosine_similarity(a[:, None, :], others[None, :, :], dim=-1) / c.tau
             labels = torch.arange(len(a), device=a.device)
-            terms["infonce"] = Term(F.cross_entropy(logits.float(), labels, reduction="sum"), "triplets", c.lambda_pos)
-        terms["stability"] = Term(cos_ap.detach().sum(), "triplets", 0.0)
-        terms["separation"] = Term((1 - cos_an).detach().sum(), "triplets", 0.0)
+            if split:
+                terms["infonce"] = term(F.cross_entropy(logits.float(), labels, reduction="none"), "triplets", batch, c.lambda_pos)
+            else:
+                terms["infonce"] = Term(F.cross_entropy(logits.float(), labels, reduction="sum"), "triplets", c.lambda_pos)
+        terms["stability"] = term(cos_ap.detach(), "triplets", batch, 0.0)
+        terms["separation"] = term((1 - cos_an).detach(), "triplets", batch, 0.0)
         return terms
 
 
-def representations(model: nn.Module, batch: Batch, layer: int, need_logits: bool = False):
+def representations(model: nn.Module, batch: Batch, layer: int, need_logits: bool = False, reduction: str = "sum"):
     """(anchor, positive, negative) pooled hidden states (B, H) each, and the next-token loss sum on the anchors'
-    answers (0 when need_logits is False or no answer token is in the batch)."""
+    answers (0 when need_logits is False or no answer token is in the batch; reduction="none": per answer token)."""
     assert batch.pool is not None and batch.num_triplets, "contrastive batches are triplets"
     keep = batch.targets != IGNORE
     use_lm = need_logits and batch.num_target_tokens > 0
     out = model(**batch.inputs, output_hidden_states=True, logits_to_keep=keep if use_lm else 1, use_cache=False)
     states = pooled_states(out.hidden_states[layer], batch.pool).float()
     b = batch.num_triplets
-    task = _cross_entropy_sum(out.logits, keep, batch.targets) if use_lm else states.sum() * 0.0
+    if use_lm:
+        task = _cross_entropy(out.logits, keep, batch.targets, reduction)
+    else:
+        task = states.sum() * 0.0 if reduction == "sum" else states[:0, 0]
     return states[:b], states[b : 2 * b], states[2 * b :], task
 
 

@@ -118,18 +118,22 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg.data, tokenizer, cfg.train.seed, cfg.objective)
     log.info("data: %s", report_line(data.report))
+    rows_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * accelerator.num_processes
     device = accelerator.device
     env = Environment(
         device_type=device.type,
         bf16_supported=device.type == "cuda" and torch.cuda.is_bf16_supported(),
         num_processes=accelerator.num_processes,
         num_train_rows=len(data.train),
+        num_sources=len(cfg.data.sources) or 1,
+        steps_before_repeat=data.mixture.steps_before_repeat(rows_per_step) if data.mixture and cfg.data.on_source_end == "stop" else None,
     )
     cfg, res = resolve(cfg, env)
     for key, reason in res.reasons.items():
         log.info("resolved %s = %s (%s)", key, list(res[key]) if key == "checkpoint_steps" else res[key], reason)
     shape = res.shape
     assert shape is not None  # resolve() always sets it
+    data.note_usage(rows_per_step, shape.total_steps, cfg.train.seed, cfg.data.shuffle)  # a mixture: each source's share, epochs
     fingerprint = data.fingerprint()
     batch = {"global_batch_size": shape.global_batch_size}  # includes the process count: rows per step
     if cfg.objective.python:  # a changed loss function is a changed run: the resume check compares its source
@@ -163,15 +167,15 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
         load_weights(model, start)
     elif warm:
         warm_start.load(model, warm)
-    make_batch = batch_builder(tokenizer.pad_token_id, cfg.data.pack, cfg.data.pack_row_tokens, heads.language_model(model))
+    num_sources = len(data.mixture.names) if data.mixture else 1  # several: the loss split by source (Batch.channels)
+    make_batch = batch_builder(tokenizer.pad_token_id, cfg.data.pack, cfg.data.pack_row_tokens, heads.language_model(model), num_sources)
     optimizer = build_optimizer(model, cfg.train, cfg.train.lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     bare = accelerator.unwrap_model(model)  # what sampling and checkpoints use: the same module, without DDP/FSDP wrappers
     model.train()
 
-    rows_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * accelerator.num_processes
     fresh = TrainState(
-        data=DataPosition(cfg.train.seed, cfg.data.shuffle, len(data.train), rows_per_step),
+        data=DataPosition(cfg.train.seed, cfg.data.shuffle, len(data.train), rows_per_step, data.mixture),
         lr_schedule=LrSchedule(cfg.train.lr, shape.warmup_steps, shape.total_steps, cfg.train.lr_schedule),
     )
     state = resume_state(start, optimizer, fresh, shape.total_steps)  # the RNG last, right before the loop
@@ -208,6 +212,7 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
         trainable=trainable,
         objective=objective,
         train_rows=data.train,
+        mixture=data.mixture,
         eval_rows=data.eval,
         make_batch=make_batch,
         save=save,

@@ -17,12 +17,20 @@ from .metrics import Window
 
 @dataclass(frozen=True)
 class DataPosition:
-    """Where a step's rows come from: batches.step_rows(num_rows, rows_per_step, seed, step - 1, shuffle)."""
+    """Where a step's rows come from: batches.step_rows(num_rows, rows_per_step, seed, step - 1, shuffle), or for a
+    mixture (data.sources) mixture.Mixture.step(rows_per_step, seed, step, shuffle)."""
 
     seed: int
     shuffle: bool
     num_rows: int
     rows_per_step: int  # over all processes
+    mixture: Any = None  # mixture.Mixture (written as its names, weights and sizes; left out with one source)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "mixture"}
+        if self.mixture is not None:
+            out["mixture"] = {"names": list(self.mixture.names), "weights": list(self.mixture.weights), "sizes": list(self.mixture.sizes)}
+        return out
 
 
 @dataclass(frozen=True)
@@ -97,7 +105,7 @@ class TrainState:
             "step_in_epoch": self.step_in_epoch,
         }
         if self.data is not None:
-            out["data"] = asdict(self.data)
+            out["data"] = self.data.to_json()
         if self.lr_schedule is not None:
             out["lr_schedule"] = asdict(self.lr_schedule)
         for key, watch in (("early_stopping", self.early_stopping), ("best", self.best)):
