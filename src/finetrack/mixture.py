@@ -112,7 +112,10 @@ class Mixture:
 
     def steps_before_repeat(self, rows_per_step: int) -> int:
         """The most optimizer steps before any source would give a row a second time (data.on_source_end=stop)."""
-        fits = lambda s: all(c <= n for c, n in zip(self.drawn(rows_per_step, s), self.sizes))  # noqa: E731
+
+        def fits(num_steps: int) -> bool:
+            return all(c <= n for c, n in zip(self.drawn(rows_per_step, num_steps), self.sizes))
+
         low, high = 0, 1
         while fits(high):  # the counts only grow with the steps: double, then bisect
             low, high = high, high * 2
