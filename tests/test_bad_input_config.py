@@ -240,7 +240,43 @@ WATCH_CASES = [
 ]
 
 
-@pytest.mark.parametrize("content, expected", [c[1:] for c in FILE_CASES + WATCH_CASES], ids=[c[0] for c in FILE_CASES + WATCH_CASES])
+# ------------------------------------------------------------------------------------------ mixtures (data.sources)
+SOURCES = b"data:\n  sources:\n    - {path: a.jsonl, weight: 0.5}\n    - {path: b.jsonl, weight: 0.5}\n"
+MIXTURE_CASES = [
+    ("path_and_sources", SOURCES + b"  path: c.jsonl\n", ["data.path and data.sources are both set"]),
+    ("weight_zero", b"data:\n  sources:\n    - {path: a.jsonl, weight: 0}\n", [":3:", "data.sources.0.weight", "greater than 0"]),
+    ("weight_missing", b"data:\n  sources:\n    - {path: a.jsonl}\n", [":3:", "data.sources.0.weight", "required"]),
+    ("path_missing", b"data:\n  sources:\n    - {weight: 1}\n", [":3:", "data.sources.0.path", "required"]),
+    (
+        "same_name_twice",
+        b"data:\n  sources:\n    - {path: x/a.jsonl, weight: 1}\n    - {path: y/a.jsonl, weight: 1}\n",
+        ["data.sources.1 and data.sources.0 are both named 'a'", "distinct name"],
+    ),
+    ("bad_name", b"data:\n  sources:\n    - {name: 'my set', path: a.jsonl, weight: 1}\n", ["data.sources.0.name='my set'", "letters"]),
+    ("eval_file_for_all", SOURCES + b"  eval_split: held.jsonl\n", ["data.eval_split=held.jsonl", "data.sources.N.eval_split"]),
+    ("source_eval_fraction", b"data:\n  sources:\n    - {path: a.jsonl, weight: 1, eval_split: 1.5}\n", ["data.sources.0.eval_split=1.5"]),
+    ("source_unknown_column", b"data:\n  sources:\n    - {path: a.jsonl, weight: 1, columns: {question: q}}\n", ["data.sources.0.columns.question"]),
+    ("source_unknown_key", b"data:\n  sources:\n    - {path: a.jsonl, weight: 1, share: 0.5}\n", [":3:", "data.sources.0.share"]),
+    ("on_source_end_alone", b"data:\n  on_source_end: stop\n", [":2:", "data.on_source_end has no effect without data.sources"]),
+    ("on_source_end_bad", SOURCES + b"  on_source_end: wrap\n", [":5:", "data.on_source_end", "'repeat' or 'stop'"]),
+    ("sources_not_a_list", b"data:\n  sources: a.jsonl\n", [":2:", "data.sources", "list"]),
+    (
+        "watch_unknown_source",
+        SOURCES + b"  eval_split: 0.1\neval:\n  loss_every_steps: 5\ncheckpoint:\n  best: {metric: source/c.eval_loss}\n",
+        ["checkpoint.best.metric=source/c.eval_loss: no source 'c' in data.sources", "['a', 'b']"],
+    ),
+    (
+        "watch_source_without_held_out_rows",
+        b"data:\n  sources:\n    - {path: a.jsonl, weight: 1, eval_split: 0.1}\n    - {path: b.jsonl, weight: 1}\n"
+        b"eval:\n  loss_every_steps: 5\ncheckpoint:\n  best: {metric: source/b.eval_loss}\n",
+        ["checkpoint.best.metric=source/b.eval_loss: source 'b' has no held-out rows"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "content, expected", [c[1:] for c in FILE_CASES + WATCH_CASES + MIXTURE_CASES], ids=[c[0] for c in FILE_CASES + WATCH_CASES + MIXTURE_CASES]
+)
 def test_bad_config_file(content, expected, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cfg.yaml").write_bytes(content)

@@ -44,9 +44,7 @@ _SAMPLE = Knob(
     harmless_on_resume=True,
     measured=False,
 )
-_NEEDS_EVAL_SPLIT = Knob(
-    lambda _, c: c.data.eval_split is not None, "without data.eval_split: set data.eval_split=0.05 or a file", measured=False
-)
+_NEEDS_EVAL_SPLIT = Knob(lambda _, c: c.data.has_held_out(), "without data.eval_split: set data.eval_split=0.05 or a file", measured=False)
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -329,7 +327,7 @@ class EvalConfig(Section):
     loss_every_steps: Annotated[int | None, _NEEDS_EVAL_SPLIT] = Field(
         None, gt=0, description="Held-out loss every N optimizer steps (needs data.eval_split); always computed at the end."
     )
-    micro_batch_size: Annotated[int | None, Knob(lambda _, c: c.data.eval_split is not None, "without data.eval_split")] = Field(
+    micro_batch_size: Annotated[int | None, Knob(lambda _, c: c.data.has_held_out(), "without data.eval_split")] = Field(
         None, gt=0, description="Rows per eval forward; default train.micro_batch_size."
     )
     every_steps: Annotated[

@@ -122,15 +122,9 @@ class DataConfig(Section):
             paths += [s.eval_split for s in self.sources if isinstance(s.eval_split, str)]
         return paths + ([self.eval_split] if isinstance(self.eval_split, str) else [])
 
-    def per_source(self) -> list[tuple[str, float, DataConfig]]:
-        """(name, weight, the data settings it is read with) of every source: data.path alone is one source of weight 1."""
-        if not self.sources:
-            return [("data", 1.0, self)]
-        out = []
-        for s in self.sources:
-            own = {k: getattr(s, k) for k in ("split", "columns", "max_rows", "eval_split") if getattr(s, k) is not None}
-            out.append((s.label(), s.weight, self.model_copy(update={"path": s.path, "sources": [], **own})))
-        return out
+    def has_held_out(self) -> bool:
+        """Are there held-out rows: data.eval_split, or a source's own eval_split?"""
+        return self.eval_split is not None or any(s.eval_split is not None for s in self.sources)
 
     @model_validator(mode="after")
     def _checks(self) -> DataConfig:

@@ -54,8 +54,17 @@ def rate_rules(config: Config) -> dict[str, str]:
 def monitor_problem(field: str, monitor: MonitorConfig, config: Config) -> str | None:
     """What is wrong with a monitored metric (None: it is produced during training and its direction is known)."""
     metric = monitor.metric
-    if metric.startswith("eval_"):
-        if config.data.eval_split is None or config.eval.loss_every_steps is None:
+    names = [s.label() for s in config.data.sources]
+    source_loss = metric.startswith("source/") and metric.endswith(".eval_loss")  # a mixture source's held-out loss
+    if source_loss:
+        name = metric.removeprefix("source/").removesuffix(".eval_loss")
+        source = next((s for s in config.data.sources if s.label() == name), None)
+        if source is None:
+            return f"{field}.metric={metric}: no source '{name}' in data.sources (sources: {names})"
+        if source.eval_split is None and config.data.eval_split is None:
+            return f"{field}.metric={metric}: source '{name}' has no held-out rows: set its eval_split (or data.eval_split)"
+    if metric.startswith("eval_") or source_loss:
+        if not config.data.has_held_out() or config.eval.loss_every_steps is None:
             return (
                 f"{field}.metric={metric}: the held-out loss runs during training only with data.eval_split and "
                 "eval.loss_every_steps: set both (e.g. data.eval_split=0.1 eval.loss_every_steps=50)"
@@ -71,6 +80,7 @@ def monitor_problem(field: str, monitor: MonitorConfig, config: Config) -> str |
         return (
             f"{field}.metric={metric}: not a validation metric; use eval_loss, eval_<term> (held-out rows) or "
             "val/<suite>.<metric> (a suite of eval.suites run during training)"
+            + (", or source/<name>.eval_loss (a source's held-out rows)" if names else "")
         )
     if monitor.mode == "auto":
         from .gate import infer_direction

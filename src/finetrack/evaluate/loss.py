@@ -16,7 +16,7 @@ def load_rows(suite: RowSuite, cfg: Config, tokenizer) -> list:
     """The rows to score (loss, regression and contrastive suites): the suite's own file, or the run's held-out split
     (rebuilt exactly as in training), prepared for the run's objective (regression targets, triplets)."""
     if suite.data:
-        data_cfg = cfg.data.model_copy(update={"path": suite.data, "eval_split": None, "max_rows": None})  # read whole
+        data_cfg = cfg.data.model_copy(update={"path": suite.data, "sources": [], "eval_split": None, "max_rows": None})  # read whole
         return prepare(data_cfg, tokenizer, cfg.train.seed, cfg.objective).train
     rows = prepare(cfg.data, tokenizer, cfg.train.seed, cfg.objective).eval
     if not rows:

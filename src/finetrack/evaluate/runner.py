@@ -66,8 +66,7 @@ def suite_files(suite, cfg: Config) -> list[tuple[str, Path]]:
         if suite.data:
             specs = [("data", suite.data)]
         else:
-            specs = [("data.path", p) for p in ([cfg.data.path] if isinstance(cfg.data.path, str) else cfg.data.path)]
-            specs += [("data.eval_split", cfg.data.eval_split)] if isinstance(cfg.data.eval_split, str) else []
+            specs = [("data.sources" if cfg.data.sources else "data", p) for p in cfg.data.locations()]
         return [(field, f) for field, spec in specs for f in source_files(spec) or []]
     else:
         return []
