@@ -190,3 +190,21 @@ def test_a_mixture_killed_with_kill_9_resumes_exactly(tmp_path, tiny_model_dir, 
     a = load_file(out / "checkpoints/step-000014/model.safetensors")
     b = load_file(reference / "checkpoints/step-000014/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_python_objective_gets_per_source_loss_when_it_builds_terms_with_term(tmp_path, tiny_model_dir, sources):
+    """`finetrack.objectives.term(values, unit, batch)` splits a custom loss by source (the same numbers as causal_lm
+    here); a Term built by hand has no split, so the run logs no per-source loss rather than a wrong one."""
+    (tmp_path / "losses.py").write_text(
+        "from finetrack.objectives import Term, next_token_sum, term\n"
+        "def split(model, batch):\n    return {'lm': term(next_token_sum(model, batch, 'none'), 'tokens', batch)}\n"
+        "def whole(model, batch):\n    return {'lm': Term(next_token_sum(model, batch), 'tokens')}\n"
+    )
+    lines = {}
+    for name in ("split", "whole"):
+        path = write_config(tmp_path / f"{name}.yaml", tiny_model_dir, sources, tmp_path / name, train={"max_steps": 2, "log_every_steps": 1})
+        cfg = load_config(path, ["objective.kind=python", f"objective.python.function={tmp_path / 'losses.py'}:{name}"])
+        lines[name] = read_jsonl(run(cfg, request=Request()).run_dir / "metrics.jsonl")
+    assert all({f"source/{n}.loss" for n in SIZES} <= set(m) for m in lines["split"])
+    assert not any(k.startswith("source/") for m in lines["whole"] for k in m)
+    assert [m["loss"] for m in lines["split"]] == pytest.approx([m["loss"] for m in lines["whole"]], rel=1e-5)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_ARCH, chat_rows, folder_bytes, tiny_run, write_chat_jsonl
+from conftest import TINY_ARCH, chat_rows, folder_bytes, read_jsonl, tiny_run, write_chat_jsonl
 
-from finetrack.config import ConfigError, load_config
+from finetrack.config import Config, ConfigError, load_config
 from finetrack.memory import Architecture
 from finetrack.plan import CHECKPOINT_SMALL_FILES_BYTES, Target, flops_per_micro_batch_tokens, make_plan, parse_bytes, render, target_for
 
@@ -556,3 +556,105 @@ def test_capped_triplets_are_what_prepare_gives(tmp_path, tiny_model_dir, tiny_t
     shape = lambda rows: [([len(s.input_ids) for s in e.sequences()], [s.pools for s in e.sequences()]) for e in rows]
     cut = capped(prepare(cfg.data, tiny_tokenizer, 0, cfg.objective).train, shorter)
     assert 0 < len(cut) and shape(cut) == shape(prepare(shorter.data, tiny_tokenizer, 0, shorter.objective).train)
+
+
+# ------------------------------------------------------------------------------------------ mixtures
+MIX_WEIGHTS = {"a": 1, "b": 2, "c": 1}  # of 4 rows per step: exactly 1, 2 and 1 rows of each source every step
+MIX_ROWS = {"a": 12, "b": 10, "c": 20}
+
+
+def mixture_config(tmp_path: Path, model_dir: Path, **data) -> dict:
+    sources = []
+    for name, weight in MIX_WEIGHTS.items():
+        path = write_chat_jsonl(tmp_path / f"{name}.jsonl", chat_rows(MIX_ROWS[name], seed=len(sources)))
+        sources.append({"name": name, "path": str(path), "weight": weight})
+    return {
+        "model": {"name": str(model_dir)},
+        "data": {"sources": sources, "max_length": 512, **data},
+        "train": {"micro_batch_size": 4, "max_steps": 9, "lr": 1e-2, "warmup_steps": 0, "log_every_steps": 1},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+
+
+def test_plan_cli_of_a_mixture_shows_each_sources_share_over_the_run(tmp_path, tiny_model_dir):
+    """9 steps of 4 rows: every step takes 1, 2, 1 rows of a, b, c (weights 1 : 2 : 1), so 9, 18, 9 over the run;
+    b (10 rows) goes 1.8 times through its rows. Printed and in --json, beside the tokens the drawn rows hold."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
+    config = tmp_path / "mix.yaml"
+    config.write_text(yaml.safe_dump(mixture_config(tmp_path, tiny_model_dir)))
+    args = [sys.executable, "-m", "finetrack", "plan", str(config), "--json", str(tmp_path / "plan.json")]
+    r = subprocess.run(args, check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    total = sum(MIX_WEIGHTS.values())
+    assert saved["data"]["mixture"] == {
+        "rows_per_step": 4,
+        "total_steps": 9,
+        "on_source_end": "repeat",
+        "steps_before_repeat": None,
+        "shortened": False,
+    }
+    sources = {s["name"]: s for s in saved["data"]["sources"]}
+    assert list(sources) == list(MIX_WEIGHTS)
+    lines = r.stdout.splitlines()
+    header = next(
+        i for i, x in enumerate(lines) if x.startswith("mixture of 3 sources (data.sources); over the planned 9 steps x 4 rows = 36 rows")
+    )
+    assert lines[header + 1].split() == [
+        "source",
+        "weight",
+        "target",
+        "share",
+        "rows",
+        "tokens",
+        "rows",
+        "drawn",
+        "realized",
+        "share",
+        "epochs",
+        "tokens",
+        "drawn",
+    ]
+    for i, (name, weight) in enumerate(MIX_WEIGHTS.items()):
+        s, drawn = sources[name], 9 * 4 * weight // total
+        assert s["target_share"] == pytest.approx(weight / total) and s["rows_kept"] == MIX_ROWS[name]
+        used = s["over_the_run"]
+        assert (used["steps"], used["rows_drawn"], used["realized_share"]) == (9, drawn, pytest.approx(weight / total))
+        assert used["epochs"] == pytest.approx(drawn / MIX_ROWS[name], abs=1e-4)
+        assert lines[header + 2 + i].split() == [
+            name,
+            str(weight),
+            f"{100 * weight / total:.2f}%",
+            str(MIX_ROWS[name]),
+            f"{s['tokens']:,}",
+            str(drawn),
+            f"{100 * weight / total:.2f}%",
+            f"{drawn / MIX_ROWS[name]:.2f}",
+            f"{used['tokens_drawn']:,}",
+        ]
+    # the drawn rows' tokens are what the plan's walk of the steps trains on (the mixture's order, not one source's)
+    assert sum(s["over_the_run"]["tokens_drawn"] for s in sources.values()) == saved["time"]["train_tokens"]
+    assert "data.on_source_end" not in r.stdout
+
+
+def test_mixture_plan_with_on_source_end_stop_matches_what_train_does(tmp_path, tiny_model_dir):
+    """data.on_source_end=stop: b (10 rows, 2 a step) would repeat at step 6, so the 9 planned steps become 5; train
+    stops there too, takes the tokens the plan counts, and writes the same per-source figures."""
+    from finetrack.train import run
+
+    tree = mixture_config(tmp_path, tiny_model_dir, on_source_end="stop")
+    plan = make_plan(Config.model_validate(tree), target_for("L4", None))
+    assert plan.schedule["total_steps"] == 5 and plan.data["mixture"]["shortened"] is True
+    assert plan.data["mixture"]["steps_before_repeat"] == 5
+    assert [s["over_the_run"]["rows_drawn"] for s in plan.data["sources"]] == [5 * 4 * w // 4 for w in MIX_WEIGHTS.values()]
+    assert "  data.on_source_end=stop shortened the run to 5 steps: step 6 would give a source's row a second time" in render(plan)
+
+    result = run(Config.model_validate(tree))
+    metrics = read_jsonl(result.run_dir / "metrics.jsonl")
+    assert metrics[-1]["step"] == 5 and plan.time["train_tokens"] == metrics[-1]["tokens"]
+    report = json.loads((result.run_dir / "data_report.json").read_text())
+    assert report["sources"] == plan.data["sources"]
+
+    # a plan that does not fit ranks its changes over the mixture's steps too
+    tight = make_plan(Config.model_validate(tree), target_for("L4", f"{plan.memory['peak_bytes'] - 1}B"))
+    assert tight.memory["changes"] and all(c["peak_bytes"] < plan.memory["peak_bytes"] for c in tight.memory["changes"])

@@ -25,7 +25,9 @@ from .data import Example, prepare
 from .evaluate import cost as eval_cost
 from .evaluate.spec import validates_at, validation_every_steps
 from .fit import ranked_changes
+from .mixture import Mixture
 from .objective_data import _truncate
+from .plan_mixture import mixture_env, mixture_info, resized
 from .plan_render import render  # noqa: F401  (re-exported: the CLI and tests import it from here)
 from .target import (  # noqa: F401  (parse_bytes, target_for, _gpu_key: re-exported, the CLI and tests import them from here)
     CPU_UTILIZATION,
@@ -83,10 +85,12 @@ def checkpointing_both_ways(
     return out
 
 
-def workload(examples: list[Example], cfg: Config, arch: memory.Architecture, total_steps: int, num_processes: int) -> Workload:
-    """Walk the run's optimizer steps in their real order (train's step_rows) and measure the micro-batches. A
-    triplet runs its anchor, positive and negative in the micro-batch's one forward (batches.collate lays out the
-    anchors, then the positives, then the negatives): every sequence counts."""
+def workload(
+    examples: list[Example], cfg: Config, arch: memory.Architecture, total_steps: int, num_processes: int, mixture: Mixture | None = None
+) -> Workload:
+    """Walk the run's optimizer steps in their real order (train's step_rows, or a mixture's Mixture.step: loop.step_batches)
+    and measure the micro-batches. A triplet runs its anchor, positive and negative in the micro-batch's one forward
+    (batches.collate lays out the anchors, then the positives, then the negatives): every sequence counts."""
     shape, attn_tokens = memory.objective_shape(cfg, arch), attn_tokens_for(arch.hidden_size)
     rows_per_process = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
     sequences = [[len(s.input_ids) for s in e.sequences()] for e in examples]
@@ -95,7 +99,10 @@ def workload(examples: list[Example], cfg: Config, arch: memory.Architecture, to
     reads = [sum(len(s.pools) for s in e.sequences()) for e in examples]
     out = Workload(memory.Workload(0, 0, 0, 0))
     for step in range(total_steps):
-        _, rows = step_rows(len(examples), rows_per_process * num_processes, cfg.train.seed, step, cfg.data.shuffle)
+        if mixture:
+            rows = mixture.step(rows_per_process * num_processes, cfg.train.seed, step + 1, cfg.data.shuffle)
+        else:
+            _, rows = step_rows(len(examples), rows_per_process * num_processes, cfg.train.seed, step, cfg.data.shuffle)
         out.train_tokens += sum(lengths[i] for i in rows)
         for j in range(0, rows_per_process, cfg.train.micro_batch_size):  # process 0's micro-batches
             mb = rows[j : j + cfg.train.micro_batch_size]
@@ -135,7 +142,7 @@ def capped(examples: list[Example], cfg: Config) -> list[Example]:
         elif cfg.data.on_overflow != "drop":
             head, *rest = cut = [_truncate(s, n) for s in e.sequences()]
             if all(s.pools for s in cut) or not e.pools:
-                out.append(dataclasses.replace(head, pair=(rest[0], rest[1]) if rest else None))
+                out.append(dataclasses.replace(head, pair=(rest[0], rest[1]) if rest else None, channel=e.channel))
     return out
 
 
@@ -170,16 +177,18 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     env = Environment(
         device_type=target.device_type, bf16_supported=target.bf16, num_processes=target.num_processes, num_train_rows=len(data.train)
     )
+    env = mixture_env(env, cfg, data.mixture)
     cfg, res = resolve(cfg, env)
     shape = res.shape
     assert shape is not None  # resolve() always sets it
+    data.note_usage(shape.global_batch_size, shape.total_steps, cfg.train.seed, cfg.data.shuffle)  # a mixture: each source's share
     arch = memory.Architecture.from_hf_config(
         AutoConfig.from_pretrained(
             model_source(cfg.model), revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
         ).to_dict()
     )
     total_steps = shape.total_steps
-    work = workload(data.train, cfg, arch, total_steps, target.num_processes)
+    work = workload(data.train, cfg, arch, total_steps, target.num_processes, data.mixture)
     assumptions: list[str] = []
 
     # --- schedule
@@ -213,12 +222,14 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
         def work_for(changed: Config) -> memory.Workload:
             """The largest micro-batch over every step of a changed config, its steps resolved as train would."""
             examples = capped(data.train, changed)
+            mixture = resized(data.mixture, examples)
+            changed_env = mixture_env(dataclasses.replace(env, num_train_rows=len(examples)), changed, mixture)
             try:
-                steps = resolve(changed, dataclasses.replace(env, num_train_rows=len(examples)))[1].shape.total_steps
+                steps = resolve(changed, changed_env)[1].shape.total_steps
             except ConfigError:  # resolve refuses it (e.g. fewer rows left than one step takes): the steps its rows fill
                 per_step = changed.train.micro_batch_size * changed.train.grad_accum_steps * target.num_processes
                 steps = min(total_steps, max(1, len(examples) // per_step))
-            return workload(examples, changed, arch, steps, target.num_processes).largest
+            return workload(examples, changed, arch, steps, target.num_processes, mixture).largest
 
         changes = ranked_changes(cfg, arch, work_for, target.device_type, target.memory_bytes, base=work.largest)
         mem["changes"] = [vars(c) for c in changes]
@@ -348,6 +359,8 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
         "num_processes": target.num_processes,
     }
     data_info = {**data.report, "per_source": sources, "length_histogram": histogram}
+    if data.mixture:  # beside data.report["sources"] (each source's share, rows, tokens, what the planned steps take)
+        data_info["mixture"] = mixture_info(cfg, env, res)
     return Plan(target_info, data_info, schedule, mem, timing, assumptions, objective_info(cfg, arch, obj))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import memory
+from .plan_mixture import mixture_lines
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -41,6 +42,7 @@ def render(plan: Plan) -> str:
         if s["eval_loss_steps"]
         else "  no held-out loss (data.eval_split not set)"
     )
+    lines += mixture_lines(plan.data)
     w = m["largest_micro_batch"]
     sequences = f" ({w['num_sequences']} sequences: anchors, positives, negatives)" if plan.objective["sequences_per_row"] > 1 else ""
     reads = f", {w['num_reads']:,} hidden-state read(s)" if plan.objective["reads_hidden_states"] else ""

@@ -3,6 +3,7 @@
 collect.py   reads a run directory (the run-directory contract, nothing else)
 charts.py    line charts as inline SVG
 page.py      the sections of the page
+mixture.py   a weighted mixture (data.sources): per-source loss curves, the Data mixture table
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from .charts import PALETTE, Chart, Series, fmt
 from .collect import RunData
 from .facts import duration, run_facts
 from .html import CSS, collapsed, grid, is_num, num, section, swatch, table
+from .mixture import SOURCE_PREFIX, has_mixture, mixture_section, source_charts
 from .validation import VAL_PREFIX, best_marker, has_validation, header_lines, trajectory_best, validation_section
 
 TRAIN_CURVES = (  # metrics.jsonl key, chart title, y-axis label with unit
@@ -35,6 +36,7 @@ def build_page(runs: list[RunData]) -> str:
         _header(runs, colors),
         _problems(runs),
         _training(runs, colors),
+        mixture_section(runs, colors),
         validation_section(runs, colors),
         _trajectory(runs, colors),
         _answers(runs),
@@ -79,11 +81,12 @@ def _header(runs: list[RunData], colors: dict[str, str]) -> str:
     ]
     when = time.strftime("%Y-%m-%d %H:%M %Z")
     validation_link = '<a href="#validation">validation</a> · ' if has_validation(runs) else ""
+    mixture_link = '<a href="#mixture">data mixture</a> · ' if has_mixture(runs) else ""
     return (
         f'<header><h1>finetrack report</h1><p class="sub">built {escape(when)} from the files of '
         f"{len(runs)} run director{'y' if len(runs) == 1 else 'ies'}; hover a point for its exact value.</p>"
         f'{table(head, rows, raw=True)}{header_lines(runs, colors)}<nav><a href="#training">training curves</a> · '
-        f"{validation_link}"
+        f"{mixture_link}{validation_link}"
         '<a href="#trajectory">trajectory</a> · <a href="#answers">sample answers</a> · <a href="#facts-0">run facts</a></nav></header>'
     )
 
@@ -95,7 +98,7 @@ def _problems(runs: list[RunData]) -> str:
 
 # ---------------------------------------------------------------------------------------- training
 def _training(runs: list[RunData], colors: dict[str, str]) -> str:
-    charts = [_loss_chart(runs, colors), *_term_charts(runs, colors)]
+    charts = [_loss_chart(runs, colors), *source_charts(runs, _loss_unit(runs)), *_term_charts(runs, colors)]
     for key, title, unit in TRAIN_CURVES:
         series = [Series(r.name, colors[r.name], [(m["step"], float(m[key])) for m in r.metrics if is_num(m.get(key))]) for r in runs]
         charts.append(Chart(title, STEP_AXIS, unit, series, _epoch_lines(runs)))
@@ -111,7 +114,13 @@ def _term_charts(runs: list[RunData], colors: dict[str, str]) -> list[Chart]:
     """One chart per term an objective logs beside its loss (loss/task, stability, ...: objectives.logged), training
     solid and held-out (its eval_ twin) dashed."""
     terms = sorted(
-        {k for r in runs for m in r.metrics for k in m if k not in _LOGGED and not k.startswith(("eval_", VAL_PREFIX)) and is_num(m[k])}
+        {
+            k
+            for r in runs
+            for m in r.metrics
+            for k in m
+            if k not in _LOGGED and not k.startswith(("eval_", VAL_PREFIX, SOURCE_PREFIX)) and is_num(m[k])
+        }
     )
     charts = []
     for term in terms:
@@ -153,9 +162,15 @@ def _loss_chart(runs: list[RunData], colors: dict[str, str]) -> Chart:
                     notes=[n for _, n in marks],
                 )
             )
+    unit = _loss_unit(runs)
+    title = "Loss per target token (checkpoints ◆)" if unit == "loss (nats)" else "Loss: the objective's weighted terms (checkpoints ◆)"
+    return Chart(title, STEP_AXIS, unit, series, _epoch_lines(runs))
+
+
+def _loss_unit(runs: list[RunData]) -> str:
+    """Nats per target token when every run trains next-token loss alone; else the objective's weighted terms."""
     per_token = all(r.config.get("objective", {}).get("kind", "causal_lm") == "causal_lm" for r in runs)
-    title = "Loss per target token (checkpoints ◆)" if per_token else "Loss: the objective's weighted terms (checkpoints ◆)"
-    return Chart(title, STEP_AXIS, "loss (nats)" if per_token else "loss", series, _epoch_lines(runs))
+    return "loss (nats)" if per_token else "loss"
 
 
 def _checkpoint_marks(r: RunData, curve: list[tuple[float, float]]) -> list[tuple[tuple[float, float], str]]:
