@@ -36,8 +36,21 @@ class _RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a line is logged (not the stream of when it was set up): `main()` called
+    again in one process (tests, notebooks) must not log into a stream an earlier caller replaced and closed."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _setup_output(verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(_RedactingFormatter("%(message)s"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -171,6 +184,13 @@ def _gate(args: argparse.Namespace) -> int:
     return gate.main(args)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from . import export
+
+    _share_cores()
+    return export.main(args)
+
+
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -211,4 +231,4 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_VERBS = {"train": _train, "sync": _sync, "eval": _eval, "gate": _gate, "report": _report, "plan": _plan, "demo": _demo}
+_VERBS = {"train": _train, "sync": _sync, "eval": _eval, "gate": _gate, "export": _export, "report": _report, "plan": _plan, "demo": _demo}

@@ -195,6 +195,15 @@ def parser() -> Parser:
 
     gate.add_arguments(g)
 
+    x = verb(
+        "export",
+        help="export a checkpoint (merged safetensors, ONNX, GGUF), verified against the trained model: exit 0, 1 not verified",
+        description="finetrack export SOURCE --format merged|onnx|gguf [--step N|best|latest] [--quantize TYPE] [--output DIR|URL]",
+    )
+    from . import export
+
+    export.add_arguments(x)
+
     r = verb(
         "report",
         help="write a self-contained HTML report (curves, trajectory, sample answers, run facts) of one or more runs",

@@ -70,7 +70,7 @@ def location(url: str, *parts: str) -> str:
     return "/".join([redact(url).rstrip("/"), *parts])
 
 
-def _put_file(fs: fsspec.AbstractFileSystem, rpath: str, lpath: Path | None = None, data: bytes = b"") -> None:
+def put_file(fs: fsspec.AbstractFileSystem, rpath: str, lpath: Path | None = None, data: bytes = b"") -> None:
     """Upload local file `lpath`, or `data`. Object stores need no folders and replace objects whole; a local mirror needs both."""
     if isinstance(fs, LocalFileSystem):
         parent, name = rpath.rsplit("/", 1)
@@ -116,8 +116,8 @@ def push_checkpoint(folder: Path, url: str) -> bool:
     if fs.exists(f"{rdir}/{MANIFEST}"):  # first: a crash while files are replaced leaves an incomplete folder, never a mixed one
         fs.rm_file(f"{rdir}/{MANIFEST}")
     for rel in manifest["files"]:
-        _put_file(fs, f"{rdir}/{rel}", folder / rel)
-    _put_file(fs, f"{rdir}/{MANIFEST}", data=(folder / MANIFEST).read_bytes())
+        put_file(fs, f"{rdir}/{rel}", folder / rel)
+    put_file(fs, f"{rdir}/{MANIFEST}", data=(folder / MANIFEST).read_bytes())
     return True
 
 
@@ -129,7 +129,7 @@ def push_run_files(run_dir: Path, url: str) -> None:
             data = path.read_bytes()
             if name.endswith(".jsonl"):  # the training loop may be mid-line: whole lines only
                 data = data[: data.rfind(b"\n") + 1]
-            _put_file(fs, f"{root}/{name}", data=data)
+            put_file(fs, f"{root}/{name}", data=data)
 
 
 def push_best(run_dir: Path, url: str, on_remote: set[int], sent: bytes | None = None) -> bytes | None:
@@ -148,7 +148,7 @@ def push_best(run_dir: Path, url: str, on_remote: set[int], sent: bytes | None =
     if raw == sent or rundir.parse_best(raw, str(path))["step"] not in on_remote:
         return sent
     fs, root = open_url(url)
-    _put_file(fs, f"{root}/checkpoints/{BEST_FILE}", data=raw)  # whole (an object, or a rename on a local mirror)
+    put_file(fs, f"{root}/checkpoints/{BEST_FILE}", data=raw)  # whole (an object, or a rename on a local mirror)
     return raw
 
 

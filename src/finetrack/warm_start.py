@@ -51,63 +51,64 @@ class WarmStart:
         return {"from": redact(self.spec), "folder": str(self.folder), "step": self.step, "manifest_sha256": self.manifest_sha256}
 
 
-def locate(spec: str, run_dir: Path) -> WarmStart:
-    """The folder `spec` names, checked complete; ConfigError naming model.init_from and what to do otherwise."""
+def locate(spec: str, run_dir: Path, field: str = _FIELD) -> WarmStart:
+    """The folder `spec` names, checked complete; ConfigError naming `field` (model.init_from, or the command's
+    argument) and what to do otherwise. A remote checkpoint is downloaded into run_dir/init_from/."""
     if "://" in spec:
-        return _remote(spec, run_dir)
+        return _remote(spec, run_dir, field)
     match = _SELECTOR.match(spec)
     path, which = (Path(match["path"]), match["which"]) if match and Path(match["path"]).is_dir() else (Path(spec), None)
     if (path / rundir.CHECKPOINTS_DIR).is_dir():
-        return _from_run(spec, path, which or "latest")
+        return _from_run(spec, path, which or "latest", field)
     if which is not None or not path.is_dir():
-        raise ConfigError(f"{_FIELD}={spec}: no such run directory, checkpoint, adapter or model folder; check the path")
+        raise ConfigError(f"{field}={spec}: no such run directory, checkpoint, adapter or model folder; check the path")
     if (path / rundir.MANIFEST).is_file():
-        return _checkpoint(spec, path)
+        return _checkpoint(spec, path, field)
     if (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
         return WarmStart(spec, path.resolve(), None, None)
-    raise ConfigError(f"{_FIELD}={spec}: {path} holds no checkpoint (MANIFEST.json), adapter (adapter_config.json) or model (config.json)")
+    raise ConfigError(f"{field}={spec}: {path} holds no checkpoint (MANIFEST.json), adapter (adapter_config.json) or model (config.json)")
 
 
-def _from_run(spec: str, run_dir: Path, which: str) -> WarmStart:
+def _from_run(spec: str, run_dir: Path, which: str, field: str) -> WarmStart:
     if which == "best":
         try:
             _, folder = rundir.best_checkpoint(run_dir)
         except CheckpointError as e:
-            raise ConfigError(f"{_FIELD}={spec}: {e}") from None
-        return _checkpoint(spec, folder)
+            raise ConfigError(f"{field}={spec}: {e}") from None
+        return _checkpoint(spec, folder, field)
     if which == "latest":
         found = checkpoint.complete_checkpoints(run_dir)
         if not found:
-            raise ConfigError(f"{_FIELD}={spec}: {run_dir} has no complete checkpoint")
-        return _checkpoint(spec, found[-1].path)
+            raise ConfigError(f"{field}={spec}: {run_dir} has no complete checkpoint")
+        return _checkpoint(spec, found[-1].path, field)
     folder = rundir.checkpoint_dir(run_dir, int(which))
     if not folder.is_dir():
         steps = [f.step for f in checkpoint.complete_checkpoints(run_dir, warn=lambda _: None)]
-        raise ConfigError(f"{_FIELD}={spec}: {run_dir} has no checkpoint of step {which}; its checkpoints: {steps}")
-    return _checkpoint(spec, folder)
+        raise ConfigError(f"{field}={spec}: {run_dir} has no checkpoint of step {which}; its checkpoints: {steps}")
+    return _checkpoint(spec, folder, field)
 
 
-def _checkpoint(spec: str, folder: Path) -> WarmStart:
+def _checkpoint(spec: str, folder: Path, field: str) -> WarmStart:
     try:
         manifest = checkpoint.verify(folder, full=True)
     except CheckpointError as e:
-        raise ConfigError(f"{_FIELD}={spec}: {e}") from None
+        raise ConfigError(f"{field}={spec}: {e}") from None
     digest = hashlib.sha256((folder / rundir.MANIFEST).read_bytes()).hexdigest()
     return WarmStart(spec, folder.resolve(), manifest.get("step"), digest)
 
 
-def _remote(spec: str, run_dir: Path) -> WarmStart:
+def _remote(spec: str, run_dir: Path, field: str) -> WarmStart:
     from . import storage
 
     found = rundir.split_checkpoint_url(spec)
     if found is None:
-        raise ConfigError(f"{_FIELD}={redact(spec)}: a remote source must end in /checkpoints/step-NNNNNN")
+        raise ConfigError(f"{field}={redact(spec)}: a remote source must end in /checkpoints/step-NNNNNN")
     root, step = found
     try:  # not into this run's checkpoints/: it is not a checkpoint of this run (a resume would continue it)
         folder = storage.pull_checkpoint(root, step, run_dir / "init_from")
     except (CheckpointError, OSError, ValueError) as e:
-        raise ConfigError(f"{_FIELD}={redact(spec)}: {storage.describe_error(e, spec)}") from None
-    return _checkpoint(spec, folder)
+        raise ConfigError(f"{field}={redact(spec)}: {storage.describe_error(e, spec)}") from None
+    return _checkpoint(spec, folder, field)
 
 
 def check_method(warm: WarmStart, method: str) -> None:
