@@ -1,7 +1,8 @@
 """The worked recipes of examples/recipes/ (see its README), end to end through the real command line on the embedded
 SmolLM2-135M-Instruct: data generator -> finetrack train -> finetrack eval -> the figure the recipe promises.
 
-Each e2e test runs the shipped config unchanged but for output.dir (about 2-3 minutes each on a 2-core CPU)."""
+Each e2e test runs the shipped config unchanged but for output.dir (and phase2.yaml's model.init_from, pointed at the
+phase 1 run the test made), about 2-3 minutes each on a 2-core CPU (the two verifier phases together: about 4)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "examples/recipes"
@@ -104,6 +106,60 @@ def test_verifier_recipe_validates_keeps_the_best_and_the_last_3(tmp_path):
     assert records[0]["suites"]["verifier"]["skipped"]
     assert records[best["step"]]["metrics"]["verifier.r2"] > 0.5, records[best["step"]]["metrics"]
     finetrack("eval", str(out), "--steps", "best")
+
+
+@pytest.mark.e2e
+def test_verifier_phases_warm_start_a_weighted_mixture_from_phase_1s_best(tmp_path):
+    """phase1.yaml trains on the math source alone and keeps its best checkpoint by held-out loss; phase2.yaml begins
+    a new run from it (model.init_from=RUN:best: steps from 1, a fresh schedule) on three sources weighted 0.5 / 0.25 /
+    0.25, one of them read through a column mapping. Every step takes exactly 4 / 2 / 2 rows; metrics.jsonl carries each
+    source's training and held-out loss, data_report.json each source's share; the source new to the model is learned."""
+    one, two = tmp_path / "phase1", tmp_path / "phase2"
+    finetrack("train", "examples/recipes/verifier/phase1.yaml", f"output.dir={one}")
+    first = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    best = json.loads((one / "checkpoints/best.json").read_text())
+    losses = {m["step"]: m["eval_loss"] for m in first if "eval_loss" in m}
+    assert sorted(losses) == [5, 10] and best["metric"] == "eval_loss" and best["step"] == min(losses, key=losses.get)
+    assert not any(k.startswith("source/") for m in first for k in m)  # one data.path: no per-source lines
+    assert "sources" not in json.loads((one / "data_report.json").read_text())
+
+    spec = f"{one}:best"
+    trained = finetrack("train", "examples/recipes/verifier/phase2.yaml", f"output.dir={two}", f"model.init_from={spec}")
+    metrics = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    record = yaml.safe_load((two / "config.resolved.yaml").read_text())["resolved"]["init_from"]["value"]
+    assert record["from"] == spec and record["step"] == best["step"]
+    assert Path(record["folder"]) == (one / best["checkpoint"]).resolve()
+    for meta in (two / "checkpoints").glob("step-*/meta.json"):
+        assert json.loads(meta.read_text())["init_from"] == record, meta
+    # a new run: its own 12 steps from 1, its learning rate schedule from the top (phase 1 ended at ~0)
+    training = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in training] == list(range(1, 13)) and "done: 12 steps" in trained.stdout
+    assert training[0]["lr"] == pytest.approx(1e-3) and first[-1]["lr"] < 1e-4
+    # phase 1's adapter and head came along: the math rows of step 1 score as phase 1 ended, not as an untrained head
+    assert training[0]["source/math.loss"] < first[0]["loss"] / 4, (training[0], first[0])
+
+    names = ("math", "evidence", "science")
+    for m in training:  # a regression loss is per target: every step's 4 / 2 / 2 rows weigh the sources' losses so
+        assert m["loss"] == pytest.approx((4 * m["source/math.loss"] + 2 * m["source/evidence.loss"] + 2 * m["source/science.loss"]) / 8)
+    held = [m for m in metrics if "eval_loss" in m]
+    assert [m["step"] for m in held] == [6, 12] and all(f"source/{n}.eval_loss" in m for m in held for n in names)
+    sources = json.loads((two / "data_report.json").read_text())["sources"]
+    assert [(s["name"], s["target_share"], s["over_the_run"]["realized_share"]) for s in sources] == [
+        ("math", 0.5, 0.5),
+        ("evidence", 0.25, 0.25),
+        ("science", 0.25, 0.25),
+    ]
+    assert [s["over_the_run"]["rows_drawn"] for s in sources] == [48, 24, 24]
+    # science's rows name their fields question / solution / score: all read through the mapping, held-out file too
+    assert [(s["rows_kept"], s["eval_rows"], s["eval_rows_from"]) for s in sources] == [
+        (128, 32, "file"),
+        (48, 16, "file"),
+        (48, 16, "file"),
+    ]
+    # learning: the held-out loss ends below the first training loss, and the source phase 1 never saw (its own wording,
+    # no system turn) ends far below where it began
+    assert held[-1]["eval_loss"] < training[0]["loss"], (held[-1], training[0])
+    assert held[-1]["source/science.eval_loss"] < training[0]["source/science.loss"] / 2, (held[-1], training[0])
 
 
 @pytest.mark.e2e
