@@ -182,3 +182,32 @@ def test_bad_export_input_is_one_error_line(lora_run, tmp_path, capsys, argv, ex
     assert code == 2
     (line,) = [x for x in err.splitlines() if x.startswith("error:")]
     assert expected.format(run=lora_run, tmp=tmp_path) in line, line
+
+
+def test_gate_requires_a_verified_export_of_the_judged_step(lora_run, tmp_path, capsys):
+    """`gate --require-export merged`: NO-GO (exit 1) without an export of the step, or with an unverified one; GO once
+    RUN_DIR/exports holds a verified one."""
+    import shutil
+
+    from conftest import read_jsonl
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run, ignore=shutil.ignore_patterns("exports"))
+    first_loss = read_jsonl(run / "metrics.jsonl")[0]["loss"]
+    for step, loss in ((0, first_loss), (3, first_loss * 0.5)):  # eval files as `finetrack eval` writes them
+        path = run / "eval" / f"step-{step:06d}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(
+            json.dumps({"step": step, "checkpoint": None if step == 0 else "checkpoints/step-000003", "metrics": {"heldout.loss": loss}})
+        )
+    gate = ["gate", str(run), "--metric", "heldout.loss", "--require-export", "merged"]
+    assert main(gate) == 1
+    assert "no verified merged export of step 3" in capsys.readouterr().out
+    unverified = run / "exports/step-000003-merged"
+    assert export(capsys, str(run), "--format", "merged", "--no-verify", "--output", str(unverified))[0] == 0
+    assert main(gate) == 1
+    assert "step-000003-merged (not verified)" in capsys.readouterr().out
+    shutil.rmtree(unverified)
+    assert export(capsys, str(run), "--format", "merged")[0] == 0
+    assert main(gate) == 0
+    assert "verified exports: merged" in capsys.readouterr().out

@@ -199,6 +199,7 @@ def gate(
     baseline: int = 0,
     min_improvement: str = "5%",
     direction: str | None = None,
+    require_export: list[str] | None = None,
     out: Callable[[str], None] = print,
     err: Callable[[str], None] = _to_stderr,
 ) -> int:
@@ -280,11 +281,26 @@ def gate(
     out(f"change:    {change_text}")
     out(f"threshold: {threshold_text}")
     moved = f"{metric} {show(value)} at step {step_num} vs {show(base_value)} at step {baseline} ({how}), a change of {shown}"
+    missing = _missing_exports(run_dir, step_num, require_export or [], out)
+    if change >= threshold - _TOLERANCE and missing:
+        out(f"NO-GO: {moved} meets the required {needed}, but {missing}")
+        return NO_GO
     if change >= threshold - _TOLERANCE:
-        out(f"GO: {moved}, meeting the required {needed}")
+        out(f"GO: {moved}, meeting the required {needed}" + (f"; verified exports: {', '.join(require_export)}" if require_export else ""))
         return GO
     out(f"NO-GO: {moved}, short of the required {needed}")
     return NO_GO
+
+
+def _missing_exports(run_dir: Path, step: int, formats: list[str], out: Callable[[str], None]) -> str:
+    """--require-export: '' when every format has a verified export of `step` in RUN_DIR/exports/, else what is missing."""
+    missing = []
+    for fmt in formats:
+        folder, found = rundir.verified_export(run_dir, step, fmt)
+        out(f"export:    {fmt}: " + (f"verified ({folder})" if folder else f"no verified export of step {step} (found: {found})"))
+        if folder is None:
+            missing.append(f"no verified {fmt} export of step {step} (finetrack export {run_dir} --step {step} --format {fmt})")
+    return "; ".join(missing)
 
 
 def _threshold_arg(text: str) -> str:
@@ -325,6 +341,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="required improvement over the baseline: '5%%' or '0.05' (default 5%%); negative tolerates a regression: --min-improvement=-2%%",
     )
     parser.add_argument(
+        "--require-export",
+        action="append",
+        choices=("merged", "onnx", "gguf"),
+        metavar="FORMAT",
+        help="GO also needs a verified export of the judged step in RUN_DIR/exports/ (merged, onnx or gguf; repeatable)",
+    )
+    parser.add_argument(
         "--direction",
         choices=DIRECTIONS,
         help="which way is better for the metric (default: inferred from a rate's rule or the metric's name; required when ambiguous)",
@@ -341,6 +364,7 @@ def main(args: argparse.Namespace) -> int:
             baseline=args.baseline,
             min_improvement=args.min_improvement,
             direction=args.direction,
+            require_export=args.require_export,
         )
     except ValueError as e:  # only reachable when args did not come through add_arguments' validation
         print(f"error: {e}", file=sys.stderr)

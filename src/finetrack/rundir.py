@@ -42,6 +42,28 @@ def parse_step(name: str) -> int | None:
     return int(name[len(_STEP_PREFIX) :])
 
 
+EXPORTS_DIR = "exports"
+
+
+def verified_export(run_dir: Path, step: int, fmt: str) -> tuple[Path | None, str]:
+    """(the folder of a verified `fmt` export of checkpoint `step` under RUN_DIR/exports/, or None; what was found).
+    Any type of the format counts (`onnx` is met by step-N-onnx or step-N-onnx-int8); its EXPORT.json must say
+    verified (an export written with --no-verify does not count)."""
+    found = []
+    for folder in sorted(Path(run_dir, EXPORTS_DIR).glob(f"{step_name(step)}-{fmt}*")):
+        if folder.name != f"{step_name(step)}-{fmt}" and not folder.name.startswith(f"{step_name(step)}-{fmt}-"):
+            continue  # step-N-onnxfoo is not an onnx export
+        try:
+            certificate = json.loads((folder / "EXPORT.json").read_text())
+        except (OSError, ValueError):
+            found.append(f"{folder.name} (no readable EXPORT.json: incomplete)")
+            continue
+        if certificate.get("verified") is True:
+            return folder, folder.name
+        found.append(f"{folder.name} (not verified)")
+    return None, "; ".join(found) or "none"
+
+
 def split_checkpoint_url(url: str) -> tuple[str, int] | None:
     """'s3://b/run/checkpoints/step-000047' -> ('s3://b/run', 47); None when the URL does not end in a checkpoint."""
     root, _, name = url.rstrip("/").rpartition(f"/{CHECKPOINTS_DIR}/")
