@@ -255,7 +255,11 @@ MIXTURE_CASES = [
     ("bad_name", b"data:\n  sources:\n    - {name: 'my set', path: a.jsonl, weight: 1}\n", ["data.sources.0.name='my set'", "letters"]),
     ("eval_file_for_all", SOURCES + b"  eval_split: held.jsonl\n", ["data.eval_split=held.jsonl", "data.sources.N.eval_split"]),
     ("source_eval_fraction", b"data:\n  sources:\n    - {path: a.jsonl, weight: 1, eval_split: 1.5}\n", ["data.sources.0.eval_split=1.5"]),
-    ("source_unknown_column", b"data:\n  sources:\n    - {path: a.jsonl, weight: 1, columns: {question: q}}\n", ["data.sources.0.columns.question"]),
+    (
+        "source_unknown_column",
+        b"data:\n  sources:\n    - {path: a.jsonl, weight: 1, columns: {question: q}}\n",
+        ["data.sources.0.columns.question"],
+    ),
     ("source_unknown_key", b"data:\n  sources:\n    - {path: a.jsonl, weight: 1, share: 0.5}\n", [":3:", "data.sources.0.share"]),
     ("on_source_end_alone", b"data:\n  on_source_end: stop\n", [":2:", "data.on_source_end has no effect without data.sources"]),
     ("on_source_end_bad", SOURCES + b"  on_source_end: wrap\n", [":5:", "data.on_source_end", "'repeat' or 'stop'"]),
@@ -275,7 +279,9 @@ MIXTURE_CASES = [
 
 
 @pytest.mark.parametrize(
-    "content, expected", [c[1:] for c in FILE_CASES + WATCH_CASES + MIXTURE_CASES], ids=[c[0] for c in FILE_CASES + WATCH_CASES + MIXTURE_CASES]
+    "content, expected",
+    [c[1:] for c in FILE_CASES + WATCH_CASES + MIXTURE_CASES],
+    ids=[c[0] for c in FILE_CASES + WATCH_CASES + MIXTURE_CASES],
 )
 def test_bad_config_file(content, expected, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -97,7 +97,12 @@ def test_per_source_losses_sum_to_the_total_and_do_not_depend_on_packing(tiny_to
         paths = {n: write_chat_jsonl(tmp_path / f"{n}.jsonl", regression_rows(12, seed=i)) for i, n in enumerate(SIZES)}
     cfg = load_config(write_config(tmp_path / "mix.yaml", tiny_model_dir, paths, tmp_path / "run"), [f"objective.kind={objective}"])
     data = prepare(cfg.data, tiny_tokenizer, 0, cfg.objective)
-    model = heads.attach(build_model(cfg.model.model_copy(update={"dtype": "float32", "attn_implementation": "sdpa"}), torch.device("cpu")), cfg.objective, [v for e in data.train for v in e.values], 0)
+    model = heads.attach(
+        build_model(cfg.model.model_copy(update={"dtype": "float32", "attn_implementation": "sdpa"}), torch.device("cpu")),
+        cfg.objective,
+        [v for e in data.train for v in e.values],
+        0,
+    )
     objective_fn = objectives.build(cfg.objective)
     rows = [data.train[i] for i in data.mixture.step(8, 0, 1)]
     found = {}
@@ -142,7 +147,10 @@ def _start(config: Path, out: Path) -> subprocess.Popen:
 
 
 def _metrics_by_step(run_dir: Path) -> dict[int, dict]:
-    return {m["step"]: {k: v for k, v in m.items() if k not in ("time", "tokens_per_s", "peak_mem_mib")} for m in read_jsonl(run_dir / "metrics.jsonl")}
+    return {
+        m["step"]: {k: v for k, v in m.items() if k not in ("time", "tokens_per_s", "peak_mem_mib")}
+        for m in read_jsonl(run_dir / "metrics.jsonl")
+    }
 
 
 def test_a_mixture_killed_with_kill_9_resumes_exactly(tmp_path, tiny_model_dir, sources):
@@ -202,7 +210,9 @@ def test_a_python_objective_gets_per_source_loss_when_it_builds_terms_with_term(
     )
     lines = {}
     for name in ("split", "whole"):
-        path = write_config(tmp_path / f"{name}.yaml", tiny_model_dir, sources, tmp_path / name, train={"max_steps": 2, "log_every_steps": 1})
+        path = write_config(
+            tmp_path / f"{name}.yaml", tiny_model_dir, sources, tmp_path / name, train={"max_steps": 2, "log_every_steps": 1}
+        )
         cfg = load_config(path, ["objective.kind=python", f"objective.python.function={tmp_path / 'losses.py'}:{name}"])
         lines[name] = read_jsonl(run(cfg, request=Request()).run_dir / "metrics.jsonl")
     assert all({f"source/{n}.loss" for n in SIZES} <= set(m) for m in lines["split"])
