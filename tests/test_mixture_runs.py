@@ -218,3 +218,24 @@ def test_a_python_objective_gets_per_source_loss_when_it_builds_terms_with_term(
     assert all({f"source/{n}.loss" for n in SIZES} <= set(m) for m in lines["split"])
     assert not any(k.startswith("source/") for m in lines["whole"] for k in m)
     assert [m["loss"] for m in lines["split"]] == pytest.approx([m["loss"] for m in lines["whole"]], rel=1e-5)
+
+
+def test_per_source_losses_reach_the_trackers(tmp_path, tiny_model_dir, sources):
+    """The per-source lines go where every metric goes: TensorBoard holds source/<name>.loss and .eval_loss at the
+    steps metrics.jsonl has them, with the same values."""
+    pytest.importorskip("tensorboard")
+    from test_tracking import float32, tensorboard_values
+
+    path = write_config(
+        tmp_path / "mix.yaml",
+        tiny_model_dir,
+        sources,
+        tmp_path / "run",
+        data={"eval_split": 0.2},
+        train={"max_steps": 4, "log_every_steps": 2, "report_to": ["tensorboard"]},
+        eval={"loss_every_steps": 2},
+    )
+    result = run(load_config(path), request=Request())
+    metrics = read_jsonl(result.run_dir / "metrics.jsonl")
+    for key in [f"source/{n}.{kind}" for n in SIZES for kind in ("loss", "eval_loss")]:
+        assert tensorboard_values(result.run_dir, key) == [(m["step"], float32(m[key])) for m in metrics if key in m] != [], key
