@@ -211,3 +211,47 @@ def test_gate_requires_a_verified_export_of_the_judged_step(lora_run, tmp_path, 
     assert export(capsys, str(run), "--format", "merged")[0] == 0
     assert main(gate) == 0
     assert "verified exports: merged" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ checkpoint.export
+def test_checkpoint_export_exports_every_checkpoint_and_a_kill_never_leaves_a_half_export(tmp_path, tiny_model_dir, chat_file):
+    """checkpoint.export: [merged] exports each checkpoint in a background process while training goes on. The run and
+    its export processes are killed with SIGKILL while an export is being written: what is in exports/ is either a
+    complete verified export or a hidden .tmp-* folder; running the same command again finishes every export, removes
+    the leftovers, and retention (num_keep_last 1) deletes the exported checkpoints it held back."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    cfg = {
+        "model": {"name": str(tiny_model_dir), "method": "lora", "lora": {"r": 4}},
+        "data": {"path": str(chat_file), "max_length": 512},
+        "train": {"micro_batch_size": 4, "max_steps": 6, "lr": 1e-2, "warmup_steps": 0},
+        "checkpoint": {"every_steps": 2, "num_keep_last": 1, "export": ["merged"]},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    argv = [sys.executable, "-m", "finetrack", "train", str(tmp_path / "run.yaml")]
+    exports = tmp_path / "run/exports"
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if exports.is_dir() and any(p.name.startswith(".tmp-") for p in exports.iterdir()):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before an export was seen in progress"
+    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its export child
+    proc.wait()
+    for folder in exports.iterdir():
+        assert folder.name.startswith(".tmp-") or certificate(folder)["verified"], folder
+
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = sorted(p.name for p in exports.iterdir())
+    assert names == ["step-000002-merged", "step-000004-merged", "step-000006-merged"], names
+    assert all(certificate(exports / n)["verified"] and certificate(exports / n)["source"]["step"] == int(n[5:11]) for n in names)
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir() if p.name.startswith("step-")) == ["step-000006"]

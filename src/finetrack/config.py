@@ -315,6 +315,14 @@ class CheckpointConfig(Section):
         description="fsspec URL (s3://bucket/run, gs://, hf://, file://) each checkpoint is uploaded to in the background; "
         "a re-run with no usable local checkpoint resumes from there. Credentials come from each backend's usual env/config.",
     )
+    export: Annotated[
+        list[Literal["merged", "onnx", "onnx:int8", "gguf", "gguf:f16", "gguf:q8_0", "gguf:q4_k_m"]],
+        Knob(harmless_on_resume=True, measured=False),
+    ] = Field(
+        default_factory=list,
+        description="Export every checkpoint as it is saved (in a background process, verified like `finetrack export`) into "
+        "RUN_DIR/exports/step-N-<format>[-<type>], e.g. [merged, onnx:int8].",
+    )
 
     @model_validator(mode="after")
     def _checks(self) -> CheckpointConfig:

@@ -20,12 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, heads, objectives, resume, rundir, runlock, sampling, tracking, warm_start
+from . import checkpoint, checkpoint_jobs, heads, objectives, resume, rundir, runlock, sampling, tracking, warm_start
 from .batches import batch_builder, packing_is_exact
 from .callbacks import Callbacks
 from .checkpoint import CheckpointError
 from .config import (
-    CheckpointConfig,
     Config,
     ConfigError,
     Environment,
@@ -186,7 +185,8 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
     if main:
         _trim_logs(run_dir, kept_through, bool(start))
     trackers = tracking.start(accelerator, cfg, res, run_dir, kept_through)
-    uploader = _start_uploader(cfg, run_dir) if main else None
+    uploader = checkpoint_jobs.start_uploader(cfg, run_dir) if main else None
+    exporter = checkpoint_jobs.start_exporter(cfg, run_dir) if main else None
     out = held.enter_context(MetricsLog(run_dir / "metrics.jsonl", shape.total_steps, state.step, main))  # closed on any error too
     sampler = sampling.Sampler(prompts, cfg.train, tokenizer, run_dir, shape.total_steps, shape.steps_per_epoch, out, trackers, main)
     validator = Validator(cfg, run_dir, tokenizer, accelerator, shape.total_steps)
@@ -199,7 +199,9 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
             out.write({"step": 0, "epoch": 0.0, **base_values})
             trackers.log_metrics({"step": 0, **base_values})
     out.watched = [w.metric for w in (state.early_stopping, state.best) if w]
-    save = CheckpointWriter(run_dir, accelerator, cfg, shape, bare, tokenizer, optimizer, batch, fingerprint, uploader, out, init_record)
+    save = CheckpointWriter(
+        run_dir, accelerator, cfg, shape, bare, tokenizer, optimizer, batch, fingerprint, uploader, out, init_record, exporter
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     loop = Loop(
         cfg=cfg,
@@ -227,7 +229,7 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
     out.close()  # the bar ends its line before the uploads are awaited
     # still under the signal handlers: a signal now says the uploads are awaited, a second one exits at once
     best_step = state.best.best_step if state.best else None
-    not_uploaded = _finish_uploads(uploader, run_dir, cfg.checkpoint, best_step) if main else []
+    not_uploaded = checkpoint_jobs.finish(uploader, run_dir, cfg.checkpoint, best_step, exporter) if main else []
     accelerator.end_training()
     final = checkpoint.checkpoint_dir(run_dir, state.step)
     if ending["kind"] == "signal" and state.step < shape.total_steps:
@@ -341,15 +343,16 @@ def _write_run_files(run_dir: Path, cfg: Config, res: Resolved, data_report: dic
 
 def _already_complete(run_dir: Path, start: Path, saved: dict, cfg: Config, main: bool) -> RunResult:
     """A run whose checkpoint is at its last step: nothing to train, so the model is never loaded. Uploads an
-    earlier attempt did not finish still happen (that is what running the same command again is for)."""
+    earlier attempt did not finish still happen, and exports (that is what running the same command again is for)."""
     if saved.get("stop_reason"):
         log.info("%s ended the run early at step %d (%s): nothing to train", start, saved["step"], saved["stop_reason"].get("message"))
     else:
         log.info("%s is at the last step (%d): nothing to train", start, saved["step"])
-    uploader = _start_uploader(cfg, run_dir) if main else None
+    uploader = checkpoint_jobs.start_uploader(cfg, run_dir) if main else None
+    exporter = checkpoint_jobs.start_exporter(cfg, run_dir) if main else None
     resumed = TrainState.from_json(checkpoint.read_state_tree(start))
     best_step = resumed.best.best_step if resumed.best else None
-    not_uploaded = _finish_uploads(uploader, run_dir, cfg.checkpoint, best_step) if main else []
+    not_uploaded = checkpoint_jobs.finish(uploader, run_dir, cfg.checkpoint, best_step, exporter) if main else []
     metrics = saved.get("metrics") if isinstance(saved.get("metrics"), dict) else {}
     return RunResult(
         run_dir,
@@ -363,18 +366,6 @@ def _already_complete(run_dir: Path, start: Path, saved: dict, cfg: Config, main
         saved.get("stop_reason"),
         rundir.read_best(run_dir) if main else None,
     )
-
-
-def _start_uploader(cfg: Config, run_dir: Path) -> Any:
-    """The background uploader of checkpoint.remote (None without one), first taking up what an earlier attempt left."""
-    if not cfg.checkpoint.remote:
-        return None
-    from .storage import Uploader
-
-    uploader = Uploader(cfg.checkpoint.remote, run_dir)
-    if uploader.catch_up():
-        log.info("uploading checkpoints an earlier attempt did not finish uploading")
-    return uploader
 
 
 @dataclass(frozen=True)
@@ -394,6 +385,7 @@ class CheckpointWriter:
     uploader: Any  # storage.Uploader or None
     out: MetricsLog
     init_from: dict[str, Any] | None  # the warm start's record (model.init_from), in every checkpoint's meta
+    exporter: Any = None  # export.background.Exporter (checkpoint.export) or None
 
     def __call__(self, step: int, state: TrainState, rules: list[str], metrics: dict[str, Any], extra: dict[str, Any]) -> Path:
         """Write checkpoint `step` of `state`, saved by `rules`, with the step's `metrics` and `extra` entries
@@ -430,7 +422,9 @@ class CheckpointWriter:
             self.out.say(f"best: step {step}, {state.best.metric} {state.best.best_value:.6g}")
         if self.uploader:
             self.uploader.submit(path)
-        busy = self.uploader.busy() if self.uploader else set()
+        if self.exporter:
+            self.exporter.submit(path)
+        busy = (self.uploader.busy() if self.uploader else set()) | (self.exporter.busy() if self.exporter else set())
         for line in checkpoint.retain(self.run_dir, ck.num_keep_last, ck.keep_schedule, ck.keep_optimizer_state, busy, best_step):
             self.out.say(f"retention: {line}")
         return path
@@ -459,22 +453,3 @@ def _check_remote(url: str) -> None:
         storage.check_url(url)
     except (ImportError, ValueError) as e:
         raise ConfigError(f"checkpoint.remote: {e}") from None
-
-
-def _finish_uploads(uploader, run_dir: Path, ck: CheckpointConfig, best_step: int | None) -> list[Path]:
-    """Wait for background uploads (training is over), then apply retention to what they held back."""
-    if not uploader:
-        return []
-    from . import storage
-
-    not_uploaded = uploader.wait()
-    if not_uploaded:
-        log.error(
-            "%d checkpoint(s) are NOT on %s: %s (they are complete locally; re-run the same command to retry the upload)",
-            len(not_uploaded),
-            storage.redact(ck.remote),
-            ", ".join(p.name for p in not_uploaded),
-        )
-    for line in checkpoint.retain(run_dir, ck.num_keep_last, ck.keep_schedule, ck.keep_optimizer_state, set(not_uploaded), best_step):
-        log.info("retention: %s", line)
-    return not_uploaded

@@ -78,6 +78,7 @@ def export(
         choices = ", ".join(QUANTIZE[fmt]) or "none (merged weights are not quantized; use --dtype)"
         raise ConfigError(f"--quantize {quantize}: not a type of --format {fmt}; types: {choices}")
     quantize = quantize or (QUANTIZE["gguf"][0] if fmt == "gguf" else None)
+    _check_installed(fmt)
     with tempfile.TemporaryDirectory(prefix="finetrack-export-") as tmp:
         scratch = Path(tmp)
         source = find(spec, step, scratch)
@@ -146,6 +147,16 @@ def _write_format(fmt: str, quantize: str | None, merged_dir: Path, staged: Path
         tokenizer_facts(AutoTokenizer.from_pretrained(merged_dir)),
         {},
     )
+
+
+def _check_installed(fmt: str) -> None:
+    """A format's packages are there, or a ConfigError naming the install command (before any work)."""
+    import importlib.util
+
+    needed = {"onnx": ("onnx", "onnxruntime", "onnxscript"), "gguf": ("gguf", "llama_cpp")}.get(fmt, ())
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"--format {fmt} needs {', '.join(missing)}: pip install 'finetrack[export]'")
 
 
 def _verify(trained, tokenizer, runner, facts: dict, tol, source) -> dict:
