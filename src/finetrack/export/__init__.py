@@ -47,7 +47,9 @@ def tolerance(fmt: str, quantize: str | None, dtype: str, qlora: bool):
     from .verify import Tolerance
 
     if fmt == "gguf" or quantize:
-        kl = {"f16": 2e-3, "q8_0": 1e-2, "q4_k_m": 0.15, "int8": 0.15}[quantize or "f16"]
+        # measured on SmolLM2-135M (export tests): gguf f16 ~1e-5, q8_0 6e-3..9e-3, q4_k_m 0.06..0.10 (a model this
+        # small is sensitive to requantizing; its hidden size 576 also makes llama.cpp keep most of q4_k_m at 5-8 bits)
+        kl = {"f16": 2e-3, "q8_0": 3e-2, "q4_k_m": 0.3, "int8": 0.15}[quantize or "f16"]
         return Tolerance(None, kl, False)
     if dtype != "float32":
         return Tolerance(None, 5e-3, False)
@@ -95,10 +97,15 @@ def export(
             runner, facts, artifact = _write_format(fmt, quantize, merged_dir, staged, model)
             if fmt == "merged":
                 artifact = {"files": files}
-            if verify:
-                record = _verify(trained, tokenizer, runner, facts, tolerance(fmt, quantize, dtype, source.model.method == "qlora"), source)
-            else:
-                record = {"skipped": "--no-verify: this export was not compared with the trained model"}
+            try:
+                if verify:
+                    record = _verify(
+                        trained, tokenizer, runner, facts, tolerance(fmt, quantize, dtype, source.model.method == "qlora"), source
+                    )
+                else:
+                    record = {"skipped": "--no-verify: this export was not compared with the trained model"}
+            finally:
+                getattr(runner, "close", lambda: None)()  # a runtime holding the artifact open (llama.cpp) lets go of it
             certificate = {
                 "format": EXPORT_FORMAT,
                 "export_format": fmt,
@@ -136,7 +143,7 @@ def _write_format(fmt: str, quantize: str | None, merged_dir: Path, staged: Path
         from . import gguf
 
         path = staged / f"model-{quantize}.gguf"
-        artifact = gguf.write_gguf(merged_dir, path, quantize or "f16")
+        artifact = {**gguf.write_gguf(merged_dir, path, quantize or "f16"), "file": path.name}  # relative: the folder moves
         return gguf.GgufRunner(path), gguf.tokenizer_facts(path), artifact
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
