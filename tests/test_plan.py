@@ -18,6 +18,7 @@ from conftest import TINY_ARCH, chat_rows, folder_bytes, read_jsonl, tiny_run, w
 from finetrack.config import Config, ConfigError, load_config
 from finetrack.memory import Architecture
 from finetrack.plan import CHECKPOINT_SMALL_FILES_BYTES, Target, flops_per_micro_batch_tokens, make_plan, parse_bytes, render, target_for
+from finetrack.plan_export import EXPORT_STARTUP_S, EXPORT_WORK_FACTOR, export_size, wait_at_end
 
 TINY = TINY_ARCH
 
@@ -658,3 +659,116 @@ def test_mixture_plan_with_on_source_end_stop_matches_what_train_does(tmp_path, 
     # a plan that does not fit ranks its changes over the mixture's steps too
     tight = make_plan(Config.model_validate(tree), target_for("L4", f"{plan.memory['peak_bytes'] - 1}B"))
     assert tight.memory["changes"] and all(c["peak_bytes"] < plan.memory["peak_bytes"] for c in tight.memory["changes"])
+
+
+# ------------------------------------------------------------------------------------------ checkpoint.export
+EXPORT_ENTRIES = ("merged", "onnx", "onnx:int8", "gguf", "gguf:f16", "gguf:q8_0", "gguf:q4_k_m")
+
+
+def test_export_sizes_by_format():
+    """Each checkpoint.export entry's bytes, by hand for the tiny architecture: 2 layers of 36,864 linear weights, embeddings
+    and an untied lm_head of 300 x 64, 5 norms of 64."""
+    arch = Architecture.from_hf_config(TINY)
+    n, linear, tokenizer_files = 2 * 36864 + 2 * 300 * 64 + 5 * 64, 2 * 36864 + 300 * 64, 1000
+    assert arch.num_params == n
+    assert {e: export_size(e, arch, 0, tokenizer_files)[0] for e in EXPORT_ENTRIES} == {
+        "merged": 4 * n + tokenizer_files,  # float32
+        "onnx": 4 * n + tokenizer_files,
+        "onnx:int8": linear + 4 * (n - linear) + tokenizer_files,  # 1 B per linear-layer weight, 4 B per other parameter
+        "gguf": 2 * n,  # f16, the default type
+        "gguf:f16": 2 * n,
+        "gguf:q8_0": round(n * 34 / 32),  # 32 int8 + one f16 scale per block of 32
+        "gguf:q4_k_m": round(n * 4.84 / 8),  # llama.cpp's average bits per weight
+    }
+    # a regression head is exported beside the merged weights (float32, with the target mean and std)
+    assert export_size("merged", arch, 521, tokenizer_files)[0] == 4 * n + 4 * (521 + 2) + tokenizer_files
+
+
+def test_the_run_waits_for_the_exports_still_queued():
+    """One checkpoint's exports at a time from when it is saved (checkpoints 10, 20, 30 of 30 steps at 100, 200, 300 s)."""
+    assert wait_at_end([10, 20, 30], 30, 300.0, 50.0) == pytest.approx(50.0)  # they keep up: the last checkpoint's only
+    # 150 s each: done at 250, 400, 550 s: the run waits 250 s after its last step
+    assert wait_at_end([30, 10, 20], 30, 300.0, 150.0) == pytest.approx(250.0)
+
+
+def test_plan_cli_costs_checkpoint_exports(tmp_path, tiny_model_dir, chat_file):
+    """checkpoint.export [merged, gguf:q4_k_m] over 3 scheduled checkpoints, through `finetrack plan --json`: each entry's
+    bytes from the model's parameter count (torch's), x 3 (retention never deletes exports); each export's time by its
+    model (reads, writes, verification FLOPs); the run waits for the exports still queued at its end, in its time."""
+    from transformers import AutoModelForCausalLM
+
+    from finetrack.evaluate.cost import GENERATION_EFFICIENCY, MODEL_READ_BYTES_PER_S
+    from finetrack.export.verify import MAX_NEW_TOKENS, probe_ids
+    from finetrack.models import load_tokenizer
+    from finetrack.plan import CHECKPOINT_WRITE_BYTES_PER_S
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
+    config = tmp_path / "export.yaml"
+    tree = {
+        "model": {"name": str(tiny_model_dir)},
+        "data": {"path": str(chat_file), "max_length": 512},
+        "checkpoint": {"every_steps": 2, "export": ["merged", "gguf:q4_k_m"]},
+    }
+    config.write_text(yaml.safe_dump(tree))
+    args = ["train.micro_batch_size=4", "train.max_steps=6", "--json", str(tmp_path / "plan.json")]
+    r = subprocess.run(
+        [sys.executable, "-m", "finetrack", "plan", str(config), *args], check=False, capture_output=True, text=True, env=env, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    x, t = saved["exports"], saved["time"]
+
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    tokenizer = load_tokenizer(load_config(config).model)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    tokenizer_files = folder_bytes(tmp_path / "tokenizer")
+    merged, q4 = x["entries"]
+    assert (merged["entry"], merged["bytes"]) == ("merged", 4 * n + tokenizer_files)
+    assert (q4["entry"], q4["bytes"]) == ("gguf:q4_k_m", round(n * 4.84 / 8))
+    assert x["num_checkpoints"] == t["num_checkpoints"] == 3
+    assert all(e["num_exports"] == 3 and e["total_bytes"] == 3 * e["bytes"] for e in (merged, q4))
+    assert x["total_bytes"] == 3 * (merged["bytes"] + q4["bytes"])
+
+    # time of one export: LoRA reads the trained model and the base again to merge, then loads the export back; writes
+    # the merged folder (gguf: a scratch one, llama.cpp's f16 input, the file); verification: logits over every probe
+    # position and greedy answers, by the trained model and by the export
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    probes = [len(ids) for ids in probe_ids(tokenizer)]  # no train.sample_prompts: the built-in prompts
+    assert x["probe_tokens"] == probes
+    per_token, per_logit = 2 * 2 * 36864, 2 * vocab * 64
+    logits = 2 * sum((per_token + per_logit) * p for p in probes)
+    greedy = 2 * sum(per_token * (p + MAX_NEW_TOKENS) + per_logit * MAX_NEW_TOKENS for p in probes)
+    rate = x["cpu_flops_per_s"]
+    assert t["flops_per_s"] == rate  # a plan for this CPU: its rate
+    for e, read, written in ((merged, 3 * 4 * n, merged["bytes"]), (q4, 2 * 4 * n + q4["bytes"], 4 * n + 2 * n + q4["bytes"])):
+        assert (e["read_bytes"], e["written_bytes"]) == (read, written)
+        assert (e["verify_logits_flops"], e["verify_greedy_flops"]) == pytest.approx((logits, greedy))
+        work = (
+            read / MODEL_READ_BYTES_PER_S + written / CHECKPOINT_WRITE_BYTES_PER_S + logits / rate + greedy / (GENERATION_EFFICIENCY * rate)
+        )
+        assert e["seconds"] == pytest.approx(EXPORT_STARTUP_S + EXPORT_WORK_FACTOR * work)
+
+    # the run waits for the exports still queued after its last step (checkpoints 2, 4, 6 of 6 steps), counted in its time
+    run_s = t["train_s"] + t["eval_loss_s"] + t["checkpoint_s"] + t["validation_s"]
+    per_checkpoint = merged["seconds"] + q4["seconds"]
+    assert x["seconds_per_checkpoint"] == pytest.approx(per_checkpoint)
+    done = 0.0
+    for step in (2, 4, 6):
+        done = max(done, run_s * step / 6) + per_checkpoint
+    assert x["wait_s"] == t["export_wait_s"] == pytest.approx(done - run_s) and x["wait_s"] >= per_checkpoint
+    assert t["total_s"] == pytest.approx(run_s + x["wait_s"])
+
+    out = r.stdout
+    for part in (
+        "checkpoint.export: 3 checkpoint(s) x 2 export(s), all kept (retention deletes checkpoints, not exports)",
+        "+ waiting for the last exports ",
+        "gguf:q4_k_m",
+        "conversion (not counted)",
+        "estimate for the CPU: exports run in the background beside training",
+    ):
+        assert part in out, part
+    assumptions = " ".join(saved["assumptions"])
+    assert "32 int8 + one f16 scale per block of 32" in assumptions and "llama.cpp's published ~4.84 bits per weight" in assumptions
+    # without checkpoint.export: nothing to cost, nothing waited for
+    plain = make_plan(tiny_cfg(tmp_path, tiny_model_dir, chat_file), target_for(None, None))
+    assert plain.exports == {} and plain.time["export_wait_s"] == 0 and "checkpoint.export" not in render(plain)

@@ -27,6 +27,7 @@ from .evaluate.spec import validates_at, validation_every_steps
 from .fit import ranked_changes
 from .mixture import Mixture
 from .objective_data import _truncate
+from .plan_export import export_cost
 from .plan_mixture import mixture_env, mixture_info, resized
 from .plan_render import render  # noqa: F401  (re-exported: the CLI and tests import it from here)
 from .target import (  # noqa: F401  (parse_bytes, target_for, _gpu_key: re-exported, the CLI and tests import them from here)
@@ -156,6 +157,7 @@ class Plan:
     time: dict
     assumptions: list[str] = field(default_factory=list)
     objective: dict = field(default_factory=dict)
+    exports: dict = field(default_factory=dict)  # checkpoint.export (plan_export.py)
 
 
 def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, measure_steps: int | None = None) -> Plan:
@@ -276,7 +278,8 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
         assumptions.append("QLoRA's 4-bit dequantization is not counted (it adds time, mostly on small batches)")
     train_s = train_flops / rate
     eval_s = eval_flops / rate
-    ckpt_bytes = checkpoint_bytes(cfg, arch, tokenizer_bytes(tokenizer))
+    tok_bytes = tokenizer_bytes(tokenizer)
+    ckpt_bytes = checkpoint_bytes(cfg, arch, tok_bytes)
     ckpt_s = len(shape.checkpoint_steps) * ckpt_bytes / CHECKPOINT_WRITE_BYTES_PER_S
     assumptions.append(f"checkpoints written at {CHECKPOINT_WRITE_BYTES_PER_S / 1e6:.0f} MB/s; loading the model for training not counted")
     timing = {
@@ -326,7 +329,13 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     }
     timing["num_validations"] = num_validations
     timing["validation_s"] = sum(per_step_s[name] * n for name, n in num_validations.items())
-    timing["total_s"] = timing["train_s"] + timing["eval_loss_s"] + timing["checkpoint_s"] + timing["validation_s"]
+    run_s = timing["train_s"] + timing["eval_loss_s"] + timing["checkpoint_s"] + timing["validation_s"]
+    # checkpoint.export: background exports on the CPU; the run waits at its end for the last ones
+    cpu_rate = rate if target.device_type == "cpu" else None
+    exports, notes = export_cost(cfg, arch, tokenizer, tok_bytes, obj.head_params, shape, run_s, cpu_rate)
+    assumptions += notes
+    timing["export_wait_s"] = exports.get("wait_s", 0.0)
+    timing["total_s"] = run_s + timing["export_wait_s"]
     timing["hours"] = timing["total_s"] / 3600
     timing["cost"] = None if price_per_hour is None else timing["hours"] * price_per_hour
     timing["price_per_hour"] = price_per_hour
@@ -361,7 +370,7 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     data_info = {**data.report, "per_source": sources, "length_histogram": histogram}
     if data.mixture:  # beside data.report["sources"] (each source's share, rows, tokens, what the planned steps take)
         data_info["mixture"] = mixture_info(cfg, env, res)
-    return Plan(target_info, data_info, schedule, mem, timing, assumptions, objective_info(cfg, arch, obj))
+    return Plan(target_info, data_info, schedule, mem, timing, assumptions, objective_info(cfg, arch, obj), exports)
 
 
 def length_histogram(lengths: list[int]) -> list[tuple[int, int]]:

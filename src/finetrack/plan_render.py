@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import memory
+from .plan_export import export_lines
 from .plan_mixture import mixture_lines
 
 if TYPE_CHECKING:
@@ -89,10 +90,12 @@ def render(plan: Plan) -> str:
     ]
     validations = sum(t["num_validations"].values())
     validation = f" + {validations} suite validation(s) {_hours(t['validation_s'])}" if validations else ""
+    exports = f" + waiting for the last exports {_hours(t['export_wait_s'])}" if t["export_wait_s"] else ""
     lines.append(
         f"  training {_hours(t['train_s'])} + held-out loss {_hours(t['eval_loss_s'])}{validation} + {t['num_checkpoints']} checkpoint(s) of "
-        f"{memory.mib(t['checkpoint_bytes'])} {_hours(t['checkpoint_s'])} = {_hours(t['total_s'])}{cost}"
+        f"{memory.mib(t['checkpoint_bytes'])} {_hours(t['checkpoint_s'])}{exports} = {_hours(t['total_s'])}{cost}"
     )
+    lines += export_lines(plan.exports)
     lines.append(_eval_phase_line(t["eval_phase"], t["price_per_hour"]))
     if t["measured"] and not t["from_measurement"]:
         lines.append(
