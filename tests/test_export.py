@@ -255,3 +255,17 @@ def test_checkpoint_export_exports_every_checkpoint_and_a_kill_never_leaves_a_ha
     assert names == ["step-000002-merged", "step-000004-merged", "step-000006-merged"], names
     assert all(certificate(exports / n)["verified"] and certificate(exports / n)["source"]["step"] == int(n[5:11]) for n in names)
     assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir() if p.name.startswith("step-")) == ["step-000006"]
+
+
+@pytest.mark.parametrize("argv", [["--format", "onnx"], ["--format", "onnx", "--quantize", "int8"]])
+def test_onnx_export_through_the_cli_is_verified_in_onnxruntime(lora_run, tmp_path, capsys, argv):
+    """The tiny LoRA run exported to ONNX (transformers.js layout) passes verification in onnxruntime: logits, KL,
+    greedy answers through the KV cache (float32), chat template and EOS read back from the written files."""
+    out = tmp_path / "onnx"
+    code, stdout, err = export(capsys, str(lora_run), *argv, "--output", str(out))
+    assert code == 0, err
+    cert = certificate(out)
+    assert cert["verified"] and cert["tool_versions"]["onnxruntime"]
+    assert (out / ("onnx/model_quantized.onnx" if "int8" in argv else "onnx/model.onnx")).is_file()
+    names = {c["name"] for c in cert["verification"]["checks"]}
+    assert names >= {"chat_template", "eos_token_id", "mean_kl"} and ("greedy_answers" in names) == ("int8" not in argv)

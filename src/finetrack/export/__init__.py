@@ -49,7 +49,9 @@ def tolerance(fmt: str, quantize: str | None, dtype: str, qlora: bool):
     if fmt == "gguf" or quantize:
         # measured on SmolLM2-135M (export tests): gguf f16 ~1e-5, q8_0 6e-3..9e-3, q4_k_m 0.06..0.10 (a model this
         # small is sensitive to requantizing; its hidden size 576 also makes llama.cpp keep most of q4_k_m at 5-8 bits)
-        kl = {"f16": 2e-3, "q8_0": 3e-2, "q4_k_m": 0.3, "int8": 0.15}[quantize or "f16"]
+        # onnx int8 (transformers.js's q8: dynamic int8 per tensor, the MLP down projections kept float32 for their
+        # activation outliers): 0.16-0.21 on SmolLM2-135M
+        kl = {"f16": 2e-3, "q8_0": 3e-2, "q4_k_m": 0.3, "int8": 0.3}[quantize or "f16"]
         return Tolerance(None, kl, False)
     if dtype != "float32":
         return Tolerance(None, 5e-3, False)
