@@ -2,7 +2,8 @@
 SmolLM2-135M-Instruct: data generator -> finetrack train -> finetrack eval -> the figure the recipe promises.
 
 Each e2e test runs the shipped config unchanged but for output.dir (and phase2.yaml's model.init_from, pointed at the
-phase 1 run the test made), about 2-3 minutes each on a 2-core CPU (the two verifier phases together: about 4)."""
+phase 1 run the test made, and the SFT job's remote pointed at a local S3 server), about 2-3 minutes each on a 2-core CPU
+(the two verifier phases together: about 4; the SFT job with its exports: about 4)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def test_recipe_configs_load(config):
     cfg = load_config(config)
     assert cfg.output.dir.startswith("runs/recipes/")
     for source in cfg.data.locations():
-        assert (ROOT / source).is_file(), source  # relative to the repository root, where the README runs them
+        assert source.startswith("builtin:") or (ROOT / source).is_file(), source  # relative to the repository root, where the README runs them
 
 
 @pytest.mark.e2e
@@ -195,3 +196,51 @@ def test_contrastive_recipe_plan_fits_a_6gb_gpu(tmp_path):
     assert "fits" in r.stdout
     plan = json.loads(plan_json.read_text())
     assert plan["memory"]["fits"] is True and plan["memory"]["device_bytes"] == 6 * 2**30
+
+
+@pytest.mark.e2e
+def test_sft_recipe_survives_a_cut_off_job_resumes_from_remote_and_ends_with_verified_exports(tmp_path, s3):
+    """Seed 003 as one user path: the shipped QLoRA SFT config is cut off mid-run (SIGTERM, as a job's time limit
+    sends), its local run directory lost (a new machine); the same command resumes from the newest checkpoint on the
+    remote and finishes with samples at steps 4 and 8; `--fresh` refuses to start over while the remote holds that
+    run; the final checkpoint exports as merged and ONNX, each with a verified certificate."""
+    import signal
+    import time
+
+    out, remote = tmp_path / "run", f"{s3}/sft-qlora"
+    cmd = [
+        sys.executable,
+        "-m",
+        "finetrack",
+        "train",
+        "examples/recipes/sft/qlora.yaml",
+        f"output.dir={out}",
+        f"checkpoint.remote={remote}",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "checkpoints/step-000004/MANIFEST.json").is_file() and (out / "metrics.jsonl").read_text().count('"step": 5'):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be cut off"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 143, err[-3000:]
+    import shutil
+
+    shutil.rmtree(out)  # a new machine: nothing local
+    r = run(*cmd, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from the remote copy" in r.stderr and "done: 8 steps" in r.stdout + r.stderr
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} >= {4, 8}
+    fresh = run(*cmd, "--fresh")
+    assert fresh.returncode == 2 and "--delete-remote" in fresh.stderr
+    for fmt in ("merged", "onnx"):
+        finetrack("export", str(out), "--format", fmt)
+        certificate = json.loads((out / f"exports/step-000008-{fmt}/EXPORT.json").read_text())
+        assert certificate["verified"] and certificate["source"]["step"] == 8, certificate["verification"]
+        assert certificate["merge"].startswith("QLoRA adapter merged into the base dequantized")
