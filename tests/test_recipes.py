@@ -203,7 +203,7 @@ def test_sft_recipe_survives_a_cut_off_job_resumes_from_remote_and_ends_with_ver
     """Seed 003 as one user path: the shipped QLoRA SFT config is cut off mid-run (SIGTERM, as a job's time limit
     sends), its local run directory lost (a new machine); the same command resumes from the newest checkpoint on the
     remote and finishes with samples at steps 4 and 8; `--fresh` refuses to start over while the remote holds that
-    run; the final checkpoint exports as merged and ONNX, each with a verified certificate."""
+    run; the final checkpoint exports as merged, ONNX and GGUF (f16, for llama.cpp), each with a verified certificate."""
     import signal
     import time
 
@@ -239,8 +239,8 @@ def test_sft_recipe_survives_a_cut_off_job_resumes_from_remote_and_ends_with_ver
     assert {s["step"] for s in samples} >= {4, 8}
     fresh = run(*cmd, "--fresh")
     assert fresh.returncode == 2 and "--delete-remote" in fresh.stderr
-    for fmt in ("merged", "onnx"):
+    for fmt, folder in (("merged", "merged"), ("onnx", "onnx"), ("gguf", "gguf-f16")):
         finetrack("export", str(out), "--format", fmt)
-        certificate = json.loads((out / f"exports/step-000008-{fmt}/EXPORT.json").read_text())
+        certificate = json.loads((out / f"exports/step-000008-{folder}/EXPORT.json").read_text())
         assert certificate["verified"] and certificate["source"]["step"] == 8, certificate["verification"]
         assert certificate["merge"].startswith("QLoRA adapter merged into the base dequantized")
