@@ -54,8 +54,8 @@ def test_recipe_configs_load(config):
 
     cfg = load_config(config)
     assert cfg.output.dir.startswith("runs/recipes/")
-    for source in cfg.data.locations():
-        assert source.startswith("builtin:") or (ROOT / source).is_file(), source  # relative to the repository root, where the README runs them
+    for source in cfg.data.locations():  # relative to the repository root, where the README runs them
+        assert source.startswith("builtin:") or (ROOT / source).is_file(), source
 
 
 @pytest.mark.e2e
