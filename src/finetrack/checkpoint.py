@@ -224,9 +224,10 @@ def restore_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- save
-def package_versions() -> dict[str, str]:
+def package_versions(names: tuple[str, ...] = _VERSIONED) -> dict[str, str]:
+    """Installed versions of `names` (those not installed are left out)."""
     out = {}
-    for name in _VERSIONED:
+    for name in names:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -89,6 +89,7 @@ def export(
         target = output or str(default_output(source, fmt, quantize))
         out.check_free(target)
         started = time.monotonic()
+        log.info("export: %s (step %s) as %s%s", source.folder, source.found.step, fmt, f" ({quantize})" if quantize else "")
         trained, tokenizer = load_trained(source, torch.device("cpu"))
         staged = out.staging_dir(target, scratch)
         try:
@@ -96,6 +97,7 @@ def export(
             merged_dir.mkdir(exist_ok=True)
             model, merge_info = merged_format.merge(trained, source, merged_format.DTYPES[dtype])
             files = merged_format.write(model, tokenizer, source, merged_dir)
+            log.info("merged: %s", merge_info["merge"])
             runner, facts, artifact = _write_format(fmt, quantize, merged_dir, staged, model)
             if fmt == "merged":
                 artifact = {"files": files}
@@ -136,6 +138,8 @@ def _write_format(fmt: str, quantize: str | None, merged_dir: Path, staged: Path
     """(the runner of the written artifact, its tokenizer facts, what was written) of one format."""
     from .verify import TorchRunner, tokenizer_facts
 
+    if fmt != "merged":
+        log.info("writing %s (a minute or two for a small model on a CPU)", fmt)
     if fmt == "onnx":
         from . import onnx
 
@@ -204,15 +208,10 @@ def default_output(source, fmt: str, quantize: str | None) -> Path:
 
 
 def _versions(fmt: str) -> dict[str, str]:
-    packages = ["finetrack", "torch", "transformers", "peft", "safetensors"]
-    packages += {"onnx": ["onnx", "onnxruntime", "onnxscript"], "gguf": ["gguf", "llama_cpp_python"]}.get(fmt, [])
-    found = {}
-    for name in packages:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
+    from ..checkpoint import package_versions
+
+    extra = {"onnx": ("onnx", "onnxruntime", "onnxscript"), "gguf": ("gguf", "llama_cpp_python")}.get(fmt, ())
+    return package_versions(("finetrack", "torch", "transformers", "peft", "safetensors", *extra))
 
 
 # ---------------------------------------------------------------------------------------------- CLI
