@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -204,9 +207,6 @@ def test_sft_recipe_survives_a_cut_off_job_resumes_from_remote_and_ends_with_ver
     sends), its local run directory lost (a new machine); the same command resumes from the newest checkpoint on the
     remote and finishes with samples at steps 4 and 8; `--fresh` refuses to start over while the remote holds that
     run; the final checkpoint exports as merged, ONNX and GGUF (f16, for llama.cpp), each with a verified certificate."""
-    import signal
-    import time
-
     out, remote = tmp_path / "run", f"{s3}/sft-qlora"
     cmd = [
         sys.executable,
@@ -229,8 +229,6 @@ def test_sft_recipe_survives_a_cut_off_job_resumes_from_remote_and_ends_with_ver
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 143, err[-3000:]
-    import shutil
-
     shutil.rmtree(out)  # a new machine: nothing local
     r = run(*cmd, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -42,14 +42,11 @@ def finish(uploader, run_dir: Path, ck: CheckpointConfig, best_step: int | None,
     failed = exporter.wait() if exporter else []
     if failed:
         log.error("%d export(s) failed (checkpoint.export): %s", len(failed), "; ".join(failed))
-    if not uploader:
-        if exporter:
-            for line in checkpoint.retain(run_dir, ck.num_keep_last, ck.keep_schedule, ck.keep_optimizer_state, set(), best_step):
-                log.info("retention: %s", line)
+    if not uploader and not exporter:
         return []
     from . import storage
 
-    not_uploaded = uploader.wait()
+    not_uploaded = uploader.wait() if uploader else []
     if not_uploaded:
         log.error(
             "%d checkpoint(s) are NOT on %s: %s (they are complete locally; re-run the same command to retry the upload)",

@@ -67,7 +67,6 @@ class Example:
     values: list[float] = field(default_factory=list)  # regression: one target per pool
     pair: tuple[Example, Example] | None = None  # contrastive: this anchor's (positive, negative)
     channel: int = 0  # its source's index in data.sources (per-source loss); 0 with one source
-    from_file: bool = False  # a held-out row read from an eval_split file (not cut from the training rows)
 
     @property
     def num_trainable_tokens(self) -> int:
@@ -301,7 +300,7 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, objective: ObjectiveConfig | 
     examples: list[Example] = []
     eval_examples: list[Example] = []
     summaries = []
-    read_eval_file = False
+    file_rows: list[Example] = []  # held-out rows read from eval_split files (eval_report counts them)
     for channel, (name, weight, source_cfg) in enumerate(sources):
         before = (train_report.rows_read, train_report.rows_not_sampled)
         train, held, from_file = _prepare_source(source_cfg, tokenizer, seed, objective, train_report, eval_report)
@@ -312,7 +311,7 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, objective: ObjectiveConfig | 
             raise DataError(f"data.sources.{channel} ({name}): no training rows left; first reasons: {train_report.first_reasons}")
         examples += train
         eval_examples += held
-        read_eval_file |= from_file
+        file_rows += held if from_file else []
         summaries.append(
             {
                 "name": name,
@@ -329,8 +328,8 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, objective: ObjectiveConfig | 
         )
     train_report.finish(examples)
     report: dict[str, Any] = {"train": train_report.to_dict()}
-    if read_eval_file:
-        eval_report.finish([e for e in eval_examples if e.from_file])
+    if any(s["eval_rows_from"] == "file" for s in summaries):
+        eval_report.finish(file_rows)
         report["eval"] = eval_report.to_dict()
     elif eval_examples:
         report["eval"] = {
@@ -386,10 +385,7 @@ def _prepare_source(
         return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held], False
     if isinstance(cfg.eval_split, str):
         eval_rows = map_columns(read_rows(cfg.eval_split, cfg.split, eval_report.skipped_files), cfg.columns, target)
-        held_rows = _tokenize_all(eval_rows, cfg, tokenizer, eval_report, objective)
-        for e in held_rows:
-            e.from_file = True
-        return examples, held_rows, True
+        return examples, _tokenize_all(eval_rows, cfg, tokenizer, eval_report, objective), True
     return examples, [], False
 
 

@@ -35,19 +35,23 @@ def merge(trained: nn.Module, source: Source, dtype: torch.dtype) -> tuple[nn.Mo
             "merge": "QLoRA adapter merged into the base dequantized from its 4-bit weights",
             "dequantized_base": str(dtype).removeprefix("torch."),
         }
-    merged = _copy_adapter_model(lm, source, dtype).merge_and_unload()
+    merged = _with_adapter(_float_base(source, dtype), source).merge_and_unload()
     kind = "DoRA" if getattr(lm.peft_config["default"], "use_dora", False) else "LoRA"
     return merged, {"merge": f"{kind} adapter merged (PEFT merge_and_unload)"}
 
 
-def _copy_adapter_model(lm: nn.Module, source: Source, dtype: torch.dtype, base: nn.Module | None = None) -> nn.Module:
-    """A fresh PEFT model in `dtype` with the checkpoint's adapter (the trained one stays untouched as the reference)."""
-    from peft import PeftModel
-
+def _float_base(source: Source, dtype: torch.dtype) -> nn.Module:
+    """A fresh, unquantized base model in `dtype` (the trained model stays untouched as the reference)."""
     from ..models import load_base_model
 
     cfg = _concrete(source.model, torch.device("cpu")).model_copy(update={"method": "lora", "dtype": str(dtype).removeprefix("torch.")})
-    base = base if base is not None else load_base_model(cfg, torch.device("cpu"))
+    return load_base_model(cfg, torch.device("cpu"))
+
+
+def _with_adapter(base: nn.Module, source: Source) -> nn.Module:
+    """`base` with the checkpoint's adapter loaded over it (PEFT)."""
+    from peft import PeftModel
+
     return PeftModel.from_pretrained(base, source.folder, is_trainable=False)
 
 
@@ -56,10 +60,7 @@ def _merge_qlora(lm: nn.Module, source: Source, dtype: torch.dtype) -> nn.Module
     the adapter over it and merge."""
     from bitsandbytes.functional import dequantize_4bit
 
-    from ..models import load_base_model
-
-    cfg = _concrete(source.model, torch.device("cpu")).model_copy(update={"method": "lora", "dtype": str(dtype).removeprefix("torch.")})
-    base = load_base_model(cfg, torch.device("cpu"))
+    base = _float_base(source, dtype)
     replaced = 0
     for name, module in lm.get_base_model().named_modules():
         if type(module).__name__ != "Linear4bit" or not hasattr(module.weight, "quant_state"):
@@ -69,7 +70,7 @@ def _merge_qlora(lm: nn.Module, source: Source, dtype: torch.dtype) -> nn.Module
             target.weight.copy_(dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype))
         replaced += 1
     log.info("QLoRA: %d 4-bit layers dequantized to %s before the merge", replaced, dtype)
-    return _copy_adapter_model(lm, source, dtype, base).merge_and_unload()
+    return _with_adapter(base, source).merge_and_unload()
 
 
 def write(merged: nn.Module, tokenizer, source: Source, out_dir: Path) -> list[str]:
