@@ -43,7 +43,7 @@ def load_prompts(train: TrainConfig) -> list[Prompt]:
         return []
     prompts = [Prompt(p, [{"role": "user", "content": p}]) for p in train.sample_prompts]
     if train.sample_prompts_file is not None:
-        prompts += _read_prompts_file(Path(train.sample_prompts_file))
+        prompts += read_prompts_file(Path(train.sample_prompts_file))
     seen: set[str] = set()
     for p in prompts:
         if p.text in seen:
@@ -52,11 +52,12 @@ def load_prompts(train: TrainConfig) -> list[Prompt]:
     return prompts
 
 
-def _read_prompts_file(path: Path) -> list[Prompt]:
-    """.txt: one prompt per line; .yaml/.yml/.jsonl: a question file (every paraphrase, with its system prompt)."""
+def read_prompts_file(path: Path, field: str = "train.sample_prompts_file") -> list[Prompt]:
+    """.txt: one prompt per line; .yaml/.yml/.jsonl: a question file (every paraphrase, with its system prompt). Errors
+    are ConfigErrors starting with `field` (the config key that names the file)."""
     from .evaluate.questions import QuestionError, load_questions
 
-    where = f"train.sample_prompts_file: {path}"
+    where = f"{field}: {path}"
     if not path.is_file():
         raise ConfigError(f"{where}: no such file")
     if path.suffix.lower() == ".txt":
@@ -68,7 +69,7 @@ def _read_prompts_file(path: Path) -> list[Prompt]:
     try:
         questions = load_questions(path)
     except QuestionError as e:
-        raise ConfigError(f"train.sample_prompts_file: {e}") from None
+        raise ConfigError(f"{field}: {e}") from None
     out = []
     for q in questions:
         system = [{"role": "system", "content": q.system}] if q.system else []

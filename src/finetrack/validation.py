@@ -47,7 +47,7 @@ class Validator:
         self.key_cfg: Config | None = None
         self.units: dict[str, int] = {}  # progress units per suite (answers, items): its files are read once, here
         if self.suites:
-            from .evaluate.runner import Judges, suite_units
+            from .evaluate.suites import Judges, suite_units
 
             self.judges = Judges(cfg, accelerator.device)
             self.units = {s.name: suite_units(s) for s, _ in self.suites}
@@ -64,7 +64,7 @@ class Validator:
         the random generators left as they were. Returns {"val/<suite>.<metric>": value}."""
         from tqdm.auto import tqdm
 
-        from .evaluate.runner import run_suite, skip_reason
+        from .evaluate.suites import run_suite, skip_reason
 
         due = self.due(step)
         if not due:

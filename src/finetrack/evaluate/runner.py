@@ -15,12 +15,11 @@ from __future__ import annotations
 import functools
 import gc
 import hashlib
-import importlib
 import json
 import logging
 import time
-from collections.abc import Callable
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -28,12 +27,24 @@ import torch
 from .. import checkpoint, rundir
 from ..config import Config, ConfigError, Environment, eval_key_settings, load_config, resolve_model
 from ..data import source_files
-from ..models import load_base_model, load_tokenizer, load_weights, model_source
+from ..models import load_base_model, load_tokenizer, load_weights
 from ..processes import rebalance
 from ..rundir import write_atomic
 from ..watch import wait_for
+from .activations import Reference
 from .results import flatten, read_step, trajectory_table, write_responses, write_step, write_summary
-from .spec import ContrastiveSuite, DistributionSuite, JudgeConfig, JudgeSuite, LossSuite, PythonSuite, RegressionSuite
+from .spec import (
+    AdapterSuite,
+    ContrastiveSuite,
+    DirectionSuite,
+    DistributionSuite,
+    JudgeSuite,
+    LossSuite,
+    RegressionSuite,
+    RepresentationSuite,
+    SaeSuite,
+)
+from .suites import Judges, run_suite, skip_reason, suite_units
 
 log = logging.getLogger("finetrack")
 
@@ -60,6 +71,12 @@ def suite_files(suite, cfg: Config) -> list[tuple[str, Path]]:
         files = [("questions", Path(suite.questions))]
     elif isinstance(suite, DistributionSuite):
         files = [("items", Path(suite.items))]
+    elif isinstance(suite, (RepresentationSuite, DirectionSuite, SaeSuite)):
+        files = [(f, Path(getattr(suite, f))) for f in ("positive", "negative", "texts") if getattr(suite, f, None)]
+        files += _probe_files(suite, cfg)
+        if isinstance(suite, SaeSuite):  # a sae-lens folder: its config and weights
+            sae = Path(suite.path)
+            files += [("path", f) for f in sorted(sae.iterdir()) if f.is_file()] if sae.is_dir() else [("path", sae)]
     elif isinstance(suite, (LossSuite, RegressionSuite, ContrastiveSuite)):
         # the suite's own rows, or the run's held-out rows: an eval_split file, or cut from data.path. Read as the
         # data stage reads them (builtin names, folders of files); a `datasets` source has no local file to hash.
@@ -74,6 +91,19 @@ def suite_files(suite, cfg: Config) -> list[tuple[str, Path]]:
         if not path.is_file():
             raise ConfigError(f"eval suite '{suite.name}': {field} file not found: {path}; fix the path under eval.suites")
     return files
+
+
+def _probe_files(suite, cfg: Config) -> list[tuple[str, Path]]:
+    """The file a suite's probe prompts come from (activations.probe_texts): its own, the first judge suite's
+    questions, or train.sample_prompts_file."""
+    if suite.prompts:
+        return [("prompts", Path(suite.prompts))]
+    judge = next((s for s in cfg.eval.suites if isinstance(s, JudgeSuite)), None)
+    if judge is not None:
+        return [("prompts (the judge suite's questions)", Path(judge.questions))]
+    if cfg.train.sample_every_steps is not None and cfg.train.sample_prompts_file:
+        return [("prompts (train.sample_prompts_file)", Path(cfg.train.sample_prompts_file))]
+    return []
 
 
 def suite_key(suite, checkpoint_id: str, cfg: Config) -> str:
@@ -144,6 +174,16 @@ class Models:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
 
+    @contextmanager
+    def reference(self) -> Iterator[torch.nn.Module]:
+        """The base model while a checkpoint is loaded: the one PEFT model with its adapter switched off (LoRA / QLoRA),
+        else the base weights, which stay loaded beside a full checkpoint."""
+        if self.peft is None:
+            yield self.base
+            return
+        with self.peft.disable_adapter():  # yields nothing: the model is the PEFT model itself
+            yield self.peft
+
     def _with_head(self, model: torch.nn.Module, folder: Path | None) -> torch.nn.Module:
         """`model` with the checkpoint's regression head around it (regression runs), as training evaluated it."""
         if folder is None or self.cfg.objective.kind != "regression":
@@ -177,14 +217,6 @@ class Models:
         else:
             raise ConfigError(f"{folder}: its adapter_config.json differs from the first checkpoint's; evaluate it separately")
         return self.peft.eval()
-
-
-def skip_reason(suite, cfg: Config, folder: Path | None) -> str | None:
-    """Why a suite has no value at this step (recorded in place of its metrics), None when it runs: on a regression
-    run the base model (step 0) has no trained head, so neither the regression suite nor the objective's loss exists."""
-    if folder is None and cfg.objective.kind == "regression" and isinstance(suite, (LossSuite, RegressionSuite)):
-        return "no trained head at step 0: the base model has no regression head (objective.kind=regression)"
-    return None
 
 
 def select_suites(cfg: Config, suite_names: list[str] | None) -> list:
@@ -342,6 +374,7 @@ class _Session:
         self.tokenizer = load_tokenizer(cfg.model)
         self.models: Models | None = None
         self.judges = Judges(cfg, self.accelerator.device)
+        self.base_results: dict = {}  # what suites computed on the base model (Reference.cache), kept between steps
         self.shown_table = ""
 
     def evaluate(self, selected: list[tuple[int, Path | None]], quiet: bool = False) -> list[dict]:
@@ -351,6 +384,7 @@ class _Session:
         meta = {s: _meta(f) for s, f in selected if f is not None}
         total_steps = max([m.get("total_steps", 0) for m in meta.values()] + [1])
         todo, records = {}, {}
+        previous = _previous_checkpoints(run_dir, selected)
         for step, folder in selected:
             where = None if folder is None else str(folder.relative_to(run_dir)) if folder.is_relative_to(run_dir) else str(folder)
             records[step] = read_step(run_dir, step) or {"step": step, "checkpoint": where, "suites": {}}
@@ -360,7 +394,9 @@ class _Session:
                 last="last" in meta.get(step, {}).get("rules", []),
             )
             step_id = checkpoint_id(cfg, folder)  # hashes an adapter folder without a manifest: once per step
-            keys = {s.name: suite_key(s, step_id, cfg) for s in suites}
+            # the adapter suite's rotation is measured from the previous checkpoint: its result depends on both
+            previous_id = step_id + ":" + checkpoint_id(cfg, previous[step]) if previous[step] else step_id
+            keys = {s.name: suite_key(s, previous_id if isinstance(s, AdapterSuite) else step_id, cfg) for s in suites}
             todo[step] = [(s, keys[s.name]) for s in suites if records[step]["suites"].get(s.name, {}).get("key") != keys[s.name]]
         units_per_step = {s.name: suite_units(s) for s in suites}  # answers (judge), items (distribution), 1 otherwise
         units = sum(units_per_step[s.name] for step in todo for s, _ in todo[step])
@@ -378,12 +414,15 @@ class _Session:
                         bar.update(units_per_step[suite.name])
                     else:
                         runnable.append((suite, key))
-                if runnable:  # no model is loaded for a step whose every suite is skipped (a regression run's baseline)
+                # no model is loaded for a step whose every suite is skipped (a regression run's baseline) or reads files alone
+                if runnable:
                     bar.set_postfix(step=step)
-                    self.models = self.models or Models(cfg, self.accelerator.device)
-                    with self.models.at(folder) as m:
+                    needs_model = not all(isinstance(suite, AdapterSuite) for suite, _ in runnable)
+                    self.models = self.models or (Models(cfg, self.accelerator.device) if needs_model else None)
+                    reference = Reference(folder, previous[step], lambda: self.models.reference(), self.base_results)
+                    with self.models.at(folder) if needs_model else nullcontext() as m:
                         for suite, key in runnable:
-                            result = run_suite(suite, m, tokenizer, cfg, self.accelerator, self.judges, bar)
+                            result = run_suite(suite, m, tokenizer, cfg, self.accelerator, self.judges, bar, reference=reference)
                             write_responses(run_dir, step, suite.name, result.pop("responses", None))
                             records[step]["suites"][suite.name] = {"key": key, **result}
                         del m  # a full checkpoint is freed when at() exits: no reference may outlive the block
@@ -399,94 +438,7 @@ class _Session:
         return [records[s] for s, _ in selected]
 
 
-class Judges:
-    """Judge objects, their models loaded once per eval."""
-
-    def __init__(self, cfg: Config, device: torch.device) -> None:
-        self.cfg, self.device, self.models = cfg, device, {}
-
-    def __call__(self, judge: JudgeConfig, template: str):
-        from . import judges
-
-        if judge.kind == "pattern":
-            return judges.PatternJudge(judge.pattern)
-        if judge.kind == "python":
-            return judges.PythonJudge(judge.function)
-        if judge.kind == "openai":
-            from .openai_judge import OpenAIJudge
-
-            return OpenAIJudge(
-                template, model=judge.model, base_url=judge.base_url, api_key_env=judge.api_key_env, min_total=judge.min_total_prob
-            )
-        name = judge.model or model_source(self.cfg.model)
-        if name not in self.models:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            source = model_source(self.cfg.model.model_copy(update={"name": name}))
-            self.models[name] = (AutoModelForCausalLM.from_pretrained(source).to(self.device).eval(), AutoTokenizer.from_pretrained(source))
-        model, tokenizer = self.models[name]
-        return judges.LocalJudge.from_model(model, tokenizer, template, min_total=judge.min_total_prob)
-
-
-def suite_units(suite) -> int:
-    """Work units of one (step, suite): answers (judge), items (distribution), 1 otherwise; reads and checks the suite's file."""
-    if isinstance(suite, JudgeSuite):
-        from .freeform import check_judges, conversations
-        from .judges import PythonJudge
-        from .questions import load_questions
-
-        questions = load_questions(Path(suite.questions))
-        check_judges(suite, questions)
-        for judge in suite.judges:  # imported before any model loads: a typo fails now, not after the answers are generated
-            if judge.kind == "python":
-                PythonJudge(judge.function)
-        return len(conversations(questions, suite.generation.num_samples))
-    if isinstance(suite, DistributionSuite):
-        from .distribution import load_items
-
-        return len(load_items(Path(suite.items)))
-    if isinstance(suite, PythonSuite):
-        _python_suite_function(suite)
-    return 1
-
-
-def _python_suite_function(suite: PythonSuite):
-    module, _, attr = suite.function.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(
-            f"eval suite '{suite.name}': cannot import {suite.function} ({e}); install the module or put its folder on PYTHONPATH"
-        ) from None
-
-
-def run_suite(suite, model, tokenizer, cfg: Config, accelerator, judges: Judges, bar, rows: list | None = None) -> dict:
-    """One suite on the model at one step. `model` is a heads.WithHead on a regression run's checkpoints: the loss
-    and regression suites use the head; every other suite gets the language model alone. `rows`: a row suite's
-    prepared rows when the caller keeps them (validation during training), else read now."""
-    from ..heads import language_model
-
-    if isinstance(suite, (LossSuite, RegressionSuite, ContrastiveSuite)):
-        from . import contrastive, loss, regression
-
-        scorer = {LossSuite: loss.run, RegressionSuite: regression.run, ContrastiveSuite: contrastive.run}[type(suite)]
-        result = scorer(suite, model, tokenizer, rows or loss.load_rows(suite, cfg, tokenizer), cfg, accelerator)
-        bar.update(1)
-        return result
-    model = language_model(model)
-    if isinstance(suite, JudgeSuite):
-        from . import freeform
-        from .questions import load_questions
-
-        return freeform.run(suite, model, tokenizer, load_questions(Path(suite.questions)), judges, bar.update)
-    if isinstance(suite, DistributionSuite):
-        from . import distribution
-
-        return distribution.run(suite, model, tokenizer, bar.update)
-    assert isinstance(suite, PythonSuite)
-    fn = _python_suite_function(suite)
-    metrics = fn(model, tokenizer, dict(suite.options))
-    bar.update(1)
-    if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) or v is None for v in metrics.values()):
-        raise ConfigError(f"eval suite '{suite.name}': {suite.function} must return {{metric: number or None}}, got {metrics!r:.200}")
-    return {"metrics": metrics, "counts": {}}
+def _previous_checkpoints(run_dir: Path, selected: list[tuple[int, Path | None]]) -> dict[int, Path | None]:
+    """Per selected step, the run's complete checkpoint just before it (None: the first, or the base model)."""
+    found = sorted((f.step, f.path) for f in checkpoint.complete_checkpoints(run_dir)) if (run_dir / "checkpoints").is_dir() else []
+    return {step: max(((s, p) for s, p in found if s < step), default=(0, None))[1] if folder else None for step, folder in selected}

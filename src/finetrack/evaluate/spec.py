@@ -212,8 +212,134 @@ class ContrastiveSuite(Section):
     micro_batch_size: int = Field(8, gt=0, description="Triplets per forward pass (three sequences each).")
 
 
+def _eval_only():
+    """The `every_steps` of a suite that compares a checkpoint with the base model: `finetrack eval` holds both; the
+    training loop has only the weights it trains (`finetrack eval --watch` evaluates checkpoints as they are written)."""
+    return Field(
+        None,
+        ge=0,
+        le=0,
+        description="Only 0: this suite compares each checkpoint with the base model, which `finetrack eval` holds beside it "
+        "(run `finetrack eval RUN_DIR --watch` beside training to follow a run).",
+    )
+
+
+_PROBES = (
+    "Probe prompts: a .txt file (one prompt per line) or a question file (YAML or JSONL, as judge suites read it: every paraphrase is one prompt, chat-templated "
+    "with its system prompt); default: the questions of the first judge suite, else train.sample_prompts / "
+    "train.sample_prompts_file."
+)
+
+
+class RepresentationSuite(Section):
+    """Per layer, how far each checkpoint's hidden states moved from the base model's on the same probe prompts."""
+
+    name: str = Field(
+        description="Suite name: metric names are '<name>.shift' (largest relative L2 change of a layer's hidden states, mean "
+        "over tokens), '.shift_layer', '.shift_last' (at the last prompt token), '.cosine' (lowest mean cosine), '.cka' "
+        "(lowest linear CKA) and '.kl' (next-token KL(checkpoint || base)); every layer's values in the step files."
+    )
+    kind: Literal["representation"]
+    every_steps: int | None = _eval_only()
+    prompts: str | None = Field(None, description=_PROBES)
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="Decoder layers to read (0 = the first block's output); default: every layer."
+    )
+    micro_batch_size: int = Field(8, gt=0, description="Prompts per forward pass.")
+
+
+class DirectionSuite(Section):
+    """A direction per layer (mean positive minus mean negative activation on the base model) and each checkpoint's
+    projection on it: persona / steering vectors over the trajectory."""
+
+    name: str = Field(
+        description="Suite name: metric names are '<name>.projection' (the probes' mean projection on the direction at the "
+        "reported layer), '.shift' (of checkpoint minus base mean activations), '.layer', '.separation' (of the two sets "
+        "on the base model); every layer's values in the step files."
+    )
+    kind: Literal["direction"]
+    every_steps: int | None = _eval_only()
+    positive: str | None = Field(
+        None,
+        description="Texts of one side (YAML or JSONL): items with prompt and answer (activations averaged over the answer's "
+        "tokens), or text (over all its tokens). With negative; or use texts.",
+    )
+    negative: str | None = Field(None, description="Texts of the other side, as positive.")
+    texts: str | None = Field(
+        None, description="One labelled file instead of positive/negative: each item as above with label: positive or negative."
+    )
+    normalize: bool = Field(True, description="Scale each layer's direction to unit length (projections in activation units).")
+    prompts: str | None = Field(None, description=_PROBES)
+    position: Literal["last", "mean"] = Field(
+        "last", description="Where a probe's activation is read: its last prompt token (before the answer), or the mean of its tokens."
+    )
+    layer: int | None = Field(
+        None, ge=0, description="Layer of the summary metrics; default: the layer whose direction separates the sets best on the base."
+    )
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="Decoder layers to read; default: every layer.")
+    micro_batch_size: int = Field(8, gt=0, description="Texts per forward pass.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DirectionSuite:
+        pair = self.positive is not None or self.negative is not None
+        if pair == (self.texts is not None):
+            raise ValueError(f"suite '{self.name}': give positive and negative files, or one labelled texts file (not both)")
+        if pair and (self.positive is None or self.negative is None):
+            raise ValueError(f"suite '{self.name}': positive and negative go together; give both (or one labelled texts file)")
+        return self
+
+
+_LORA_ONLY = Knob(
+    active=lambda _, config: getattr(getattr(config, "model", None), "method", "lora") in ("lora", "qlora"),
+    inactive="unless model.method is lora or qlora (it reads the adapter's update B x A); remove the suite",
+)
+
+
+class AdapterSuite(Section):
+    """Weight space of a LoRA run, no forward pass: per adapted module the update B x A x scale."""
+
+    name: str = Field(
+        description="Suite name: metric names are '<name>.norm' (Frobenius norm of all updates), '.max_norm', '.effective_rank' "
+        "(mean over modules), '.rotation_deg' (mean angle of the top singular direction since the previous checkpoint), "
+        "'.max_rotation_deg'; every module's values in the step files."
+    )
+    kind: Annotated[Literal["adapter"], _LORA_ONLY]
+    every_steps: int | None = _eval_only()
+    num_singular_values: int = Field(4, gt=0, description="Top singular values kept per module in the step files.")
+
+
+class SaeSuite(Section):
+    """A sparse autoencoder on one layer of the base model: which features' mean activation changed most."""
+
+    name: str = Field(
+        description="Suite name: metric names are '<name>.max_change' (largest change of a feature's mean activation), "
+        "'.mean_abs_change', '.num_changed' (features whose mean moved by more than min_change), '.reconstruction' (relative "
+        "error of the SAE on the checkpoint's activations); the top features in the step files."
+    )
+    kind: Literal["sae"]
+    every_steps: int | None = _eval_only()
+    path: str = Field(
+        description="The SAE: a sae-lens folder (cfg.json + sae_weights.safetensors) or a .safetensors file with W_enc, W_dec, "
+        "b_enc, b_dec."
+    )
+    layer: int | None = Field(
+        None, ge=0, description="Decoder layer whose output it encodes; default: from the sae-lens cfg.json hook_name (blocks.N...)."
+    )
+    prompts: str | None = Field(None, description=_PROBES)
+    num_features: int = Field(20, gt=0, description="Features listed per step (largest change first).")
+    min_change: float = Field(0.1, ge=0, description="A feature counts as changed when its mean activation moved by more than this.")
+    micro_batch_size: int = Field(8, gt=0, description="Prompts per forward pass.")
+
+
+# suites that compare a checkpoint with the base model: `finetrack eval` only (see _eval_only)
+ReferenceSuite = RepresentationSuite | DirectionSuite | AdapterSuite | SaeSuite
+
+
 def validation_every_steps(suite: SuiteConfig, every_steps: int | None) -> int:
-    """How often a suite runs during training: its own every_steps, else `every_steps` (eval.every_steps); 0 = never."""
+    """How often a suite runs during training: its own every_steps, else `every_steps` (eval.every_steps); 0 = never
+    (always for a suite that compares with the base model: `finetrack eval` runs it)."""
+    if isinstance(suite, ReferenceSuite):
+        return 0
     return suite.every_steps if suite.every_steps is not None else every_steps or 0
 
 
@@ -226,6 +352,17 @@ def validates_at(every_steps: int, step: int, total_steps: int) -> bool:
 # suites that score rows prepared as the run's objective reads them (data.prepare with cfg.objective)
 RowSuite = LossSuite | RegressionSuite | ContrastiveSuite
 
-_ANY_SUITE = LossSuite | JudgeSuite | DistributionSuite | PythonSuite | RegressionSuite | ContrastiveSuite
+_ANY_SUITE = (
+    LossSuite
+    | JudgeSuite
+    | DistributionSuite
+    | PythonSuite
+    | RegressionSuite
+    | ContrastiveSuite
+    | RepresentationSuite
+    | DirectionSuite
+    | AdapterSuite
+    | SaeSuite
+)
 SuiteConfig = Annotated[_ANY_SUITE, Field(discriminator="kind")]
 SUITE_CLASSES: tuple[type[Section], ...] = typing.get_args(_ANY_SUITE)  # every kind, listed once (config_load's help reads it)
