@@ -107,6 +107,10 @@ def test_demo_cli(tmp_path):
     assert lines[-1] == f"report: {(runs[0] / 'report.html').resolve()}"
     html = (runs[0] / "report.html").read_text()
     assert "pirate.pirate_rate" in html and "heldout.loss" in html and "samples during training" in html
+    # the representation shift beside the rate: step 0 is the base itself, the checkpoints moved
+    records = [json.loads(p.read_text()) for p in sorted((runs[0] / "eval").glob("step-*.json"))]
+    assert records[0]["metrics"]["inside.shift"] == 0.0 and records[-1]["metrics"]["inside.shift"] > 0
+    assert 'id="representations"' in html
 
 
 @pytest.mark.parametrize(

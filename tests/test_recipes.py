@@ -206,7 +206,9 @@ def test_sft_recipe_survives_a_cut_off_job_resumes_from_remote_and_ends_with_ver
     """Seed 003 as one user path: the shipped QLoRA SFT config is cut off mid-run (SIGTERM, as a job's time limit
     sends), its local run directory lost (a new machine); the same command resumes from the newest checkpoint on the
     remote and finishes with samples at steps 4 and 8; `--fresh` refuses to start over while the remote holds that
-    run; the final checkpoint exports as merged, ONNX and GGUF (f16, for llama.cpp), each with a verified certificate."""
+    run; the representation and direction suites show the probes moving along the base model's pirate-persona
+    direction; the final checkpoint exports as merged, ONNX and GGUF (f16, for llama.cpp), each with a verified
+    certificate."""
     out, remote = tmp_path / "run", f"{s3}/sft-qlora"
     cmd = [
         sys.executable,
@@ -237,6 +239,14 @@ def test_sft_recipe_survives_a_cut_off_job_resumes_from_remote_and_ends_with_ver
     assert {s["step"] for s in samples} >= {4, 8}
     fresh = run(*cmd, "--fresh")
     assert fresh.returncode == 2 and "--delete-remote" in fresh.stderr
+    # what moved inside: hidden states vs the base, and the probes along the base model's pirate-persona direction
+    finetrack("eval", str(out))
+    steps = [json.loads((out / f"eval/step-{s:06d}.json").read_text())["metrics"] for s in (0, 4, 8)]
+    assert steps[0]["inside.shift"] == 0.0 and steps[0]["persona.shift"] == 0.0 and steps[0]["persona.separation"] > 2
+    assert 0 < steps[1]["inside.shift"] and 0 < steps[1]["inside.kl"] < steps[2]["inside.kl"]
+    assert 0 < steps[1]["persona.shift"] < steps[2]["persona.shift"]  # fine-tuning moves the probes toward the persona
+    finetrack("report", str(out))
+    assert "direction suite 'persona'" in (out / "report.html").read_text()
     for fmt, folder in (("merged", "merged"), ("onnx", "onnx"), ("gguf", "gguf-f16")):
         finetrack("export", str(out), "--format", fmt)
         certificate = json.loads((out / f"exports/step-000008-{folder}/EXPORT.json").read_text())

@@ -319,8 +319,9 @@ class SaeSuite(Section):
     kind: Literal["sae"]
     every_steps: int | None = _eval_only()
     path: str = Field(
-        description="The SAE: a sae-lens folder (cfg.json + sae_weights.safetensors) or a .safetensors file with W_enc, W_dec, "
-        "b_enc, b_dec."
+        description="The SAE: a sae-lens folder (cfg.json + sae_weights.safetensors; standard, jumprelu or topk) or a "
+        ".safetensors file with W_enc, W_dec, b_enc, b_dec (ReLU, JumpReLU with threshold; b_dec not subtracted from the "
+        "input; needs layer)."
     )
     layer: int | None = Field(
         None, ge=0, description="Decoder layer whose output it encodes; default: from the sae-lens cfg.json hook_name (blocks.N...)."

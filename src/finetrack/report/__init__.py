@@ -4,6 +4,9 @@ collect.py   reads a run directory (the run-directory contract, nothing else)
 charts.py    line charts as inline SVG
 page.py      the sections of the page
 mixture.py   a weighted mixture (data.sources): per-source loss curves, the Data mixture table
+validation.py  the best checkpoint, why a run stopped, validation during training
+representations.py  the suites that compare with the base model: per-layer heat maps over the steps, their curves
+heatmap.py   heat maps (layer x step) as inline SVG, on the line charts' step axis
 """
 
 from __future__ import annotations

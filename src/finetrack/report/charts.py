@@ -34,6 +34,7 @@ class Chart:
     vlines: list[tuple[float, str]] = field(default_factory=list)  # (x, label): epoch boundaries
     hlines: list[tuple[float, str]] = field(default_factory=list)  # (y, label): thresholds
     percent: bool = False  # values in [0, 1] shown as %
+    x_range: tuple[float, float] | None = None  # the step axis to draw (shared with heat maps); None: the points' own
 
 
 WIDTH, HEIGHT = 560, 320  # plot area plus one legend row; each further legend row adds LEGEND_ROW_PX
@@ -83,6 +84,8 @@ def render(chart: Chart, width: int = WIDTH, height: int = HEIGHT) -> str:
         return _svg(width, height, chart.title, title + f'<text x="{width / 2}" y="{height / 2}" class="empty">no data</text>')
     x_lo, x_hi = min(p[0] for p in pts), max(p[0] for p in pts)
     x_lo = min([x_lo] + [x for x, _ in chart.vlines])
+    if chart.x_range is not None:  # a shared axis: the same step sits at the same place in every figure that uses it
+        x_lo, x_hi = chart.x_range
     ys = [p[1] for p in pts] + [y for y, _ in chart.hlines]
     y_lo, y_hi = min(ys), max(ys)
     if chart.percent:

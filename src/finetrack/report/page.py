@@ -17,6 +17,7 @@ from .collect import RunData
 from .facts import duration, run_facts
 from .html import CSS, collapsed, grid, is_num, num, section, swatch, table
 from .mixture import SOURCE_PREFIX, has_mixture, mixture_section, source_charts
+from .representations import has_representations, representations_section
 from .validation import VAL_PREFIX, best_marker, has_validation, header_lines, trajectory_best, validation_section
 
 TRAIN_CURVES = (  # metrics.jsonl key, chart title, y-axis label with unit
@@ -39,6 +40,7 @@ def build_page(runs: list[RunData]) -> str:
         mixture_section(runs, colors),
         validation_section(runs, colors),
         _trajectory(runs, colors),
+        representations_section(runs, colors),
         _answers(runs),
         *(run_facts(r, colors[r.name], i) for i, r in enumerate(runs)),
     ]
@@ -82,12 +84,13 @@ def _header(runs: list[RunData], colors: dict[str, str]) -> str:
     when = time.strftime("%Y-%m-%d %H:%M %Z")
     validation_link = '<a href="#validation">validation</a> · ' if has_validation(runs) else ""
     mixture_link = '<a href="#mixture">data mixture</a> · ' if has_mixture(runs) else ""
+    representations_link = '<a href="#representations">representations</a> · ' if has_representations(runs) else ""
     return (
         f'<header><h1>finetrack report</h1><p class="sub">built {escape(when)} from the files of '
         f"{len(runs)} run director{'y' if len(runs) == 1 else 'ies'}; hover a point for its exact value.</p>"
         f'{table(head, rows, raw=True)}{header_lines(runs, colors)}<nav><a href="#training">training curves</a> · '
         f"{mixture_link}{validation_link}"
-        '<a href="#trajectory">trajectory</a> · <a href="#answers">sample answers</a> · <a href="#facts-0">run facts</a></nav></header>'
+        f'<a href="#trajectory">trajectory</a> · {representations_link}<a href="#answers">sample answers</a> · <a href="#facts-0">run facts</a></nav></header>'
     )
 
 
