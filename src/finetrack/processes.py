@@ -141,3 +141,51 @@ def _apply(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------ multi-process launches
+def cpu_launch(num_processes: int | str = "N") -> str:
+    """The commands that start `num_processes` training processes on CPU (gloo), as error messages give them."""
+    n = num_processes
+    return f"`torchrun --nproc_per_node {n} -m finetrack train CONFIG` (or `accelerate launch --multi_gpu --num_processes {n} -m finetrack train CONFIG`)"
+
+
+def launched_processes() -> int:
+    """How many training processes the launcher started (WORLD_SIZE, set by torchrun and `accelerate launch`)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_launch(launched: int, seen: int) -> None:
+    """Refuse a launch whose processes would not train together: N processes that accelerate does not join (each
+    would train alone and write the same run directory), and `accelerate launch --cpu --num_processes N`, which
+    starts one process (accelerate's simple launcher) and would quietly train with 1/N of the global batch. That
+    launch is recognized by the rendezvous address it sets (MASTER_PORT) with no WORLD_SIZE."""
+    from .config import ConfigError
+
+    if launched != seen:
+        raise ConfigError(
+            f"launched as {launched} processes but accelerate sees {seen}: on GPUs use `accelerate launch --multi_gpu`; on CPU {cpu_launch()}"
+        )
+    if seen == 1 and os.environ.get("ACCELERATE_USE_CPU") is not None and os.environ.get("MASTER_PORT") and "WORLD_SIZE" not in os.environ:
+        raise ConfigError(
+            "accelerate launch asked for several processes but started one (with --cpu it runs a single process): "
+            f"the run would train with a fraction of the global batch; on CPU launch {cpu_launch()}"
+        )
+
+
+def stop_with_launcher() -> None:
+    """A process started by a launcher (torchrun, accelerate launch) gets SIGTERM when the launcher dies: torchrun does
+    not stop its workers when it is killed with SIGKILL (measured: they trained on to the end), so a killed job would
+    leave them writing its run directory. SIGTERM is finetrack's stop signal: every process stops at the same step
+    and saves a checkpoint (interrupt.py), and running the same command again resumes. Linux only (prctl)."""
+    import ctypes
+    import signal
+    import sys
+
+    if launched_processes() == 1 or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, checkpoint_jobs, heads, objectives, resume, rundir, runlock, sampling, tracking, warm_start
+from . import checkpoint, checkpoint_jobs, heads, objectives, processes, resume, rundir, runlock, sampling, tracking, warm_start
 from .batches import batch_builder, packing_is_exact
 from .callbacks import Callbacks
 from .checkpoint import CheckpointError
@@ -93,15 +92,13 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
     check_optimizer(cfg.train)
     objective = objective or objectives.build(cfg.objective)  # a python objective's file is read (and checked) now
     callbacks = Callbacks.build(cfg.train.callbacks, list(hooks))  # so are the callbacks' files
-    accelerator = Accelerator(**tracking.accelerator_kwargs(cfg.train.report_to, run_dir))
+    launched = processes.launched_processes()
+    processes.stop_with_launcher()
+    # several processes without a GPU: accelerate's CPU data parallel (gloo), which it only sets up when told cpu=True
+    cpu = launched > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=cpu, **tracking.accelerator_kwargs(cfg.train.report_to, run_dir))
     main = accelerator.is_main_process
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
-        # e.g. torchrun on CPU: accelerate would run N independent copies writing the same run directory
-        raise ConfigError(
-            f"launched as {launched} processes but accelerate sees {accelerator.num_processes}: "
-            "use `accelerate launch --multi_gpu` on GPUs (multi-process CPU training is not supported)"
-        )
+    processes.check_launch(launched, accelerator.num_processes)
     if cfg.checkpoint.remote:
         _check_remote(cfg.checkpoint.remote)
     prompts = sampling.load_prompts(cfg.train)  # a bad prompt file fails before any work
@@ -138,6 +135,7 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
     if cfg.objective.python:  # a changed loss function is a changed run: the resume check compares its source
         batch["objective_sha256"] = objectives.source_sha256(cfg.objective.python.function)
     if saved:  # the resume check, before the model: `data.pack: auto` takes the resumed run's value, checked on the model below
+        _check_process_count(saved, accelerator.num_processes, request, start)
         cfg = _check_resume(cfg, res, shape, saved, batch, fingerprint, request, start)
         if saved["step"] == shape.total_steps or _ended_early(saved, cfg):
             if main:
@@ -316,6 +314,23 @@ def _check_resume(
             "raise train.max_steps / train.num_epochs, or start over with --fresh"
         )
     return cfg
+
+
+def _check_process_count(saved: dict, num_processes: int, request: Request, start: Path) -> None:
+    """A resume with another number of processes is refused (unless --allow-config-change): each step's rows are the
+    same (split by process from one order), but its gradient would be summed over other processes in another order,
+    so the run would not continue bit for bit; with the same micro-batch the global batch changes too. The saved
+    count is the checkpoint's global batch over its micro-batch x accumulation."""
+    train = saved["config"].get("train", {})
+    per_process = train.get("micro_batch_size", 0) * train.get("grad_accum_steps", 0)
+    was = saved.get("resolved", {}).get("global_batch_size", 0) // per_process if per_process else num_processes
+    if was == num_processes or request.allow_config_change:
+        return
+    raise ConfigError(
+        f"cannot resume from {start}: it was trained by {was} process(es), this launch has {num_processes}: the gradient of "
+        "a step would be summed over another number of processes, in another order, so the run would not continue bit "
+        f"for bit; launch {was} process(es) ({'`finetrack train CONFIG`' if was == 1 else processes.cpu_launch(was)} on CPU), start over with --fresh, or pass --allow-config-change to continue anyway"
+    )
 
 
 def _ended_early(saved: dict, cfg: Config) -> bool:
