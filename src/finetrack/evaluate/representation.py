@@ -71,7 +71,7 @@ def run(suite: RepresentationSuite, model: nn.Module, tokenizer, cfg: Config, re
     ckas = [c for c in per_layer["cka"] if c is not None]
     metrics = {
         "shift": per_layer["shift"][top],
-        "shift_layer": layers[top],
+        "shift_layer": layers[top] if per_layer["shift"][top] > 0 else None,  # no layer moved at all: none is the most changed
         "shift_last": max(per_layer["shift_last"]),
         "cosine": min(per_layer["cosine"]),
         "cka": min(ckas) if ckas else None,

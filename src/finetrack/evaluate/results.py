@@ -86,7 +86,8 @@ def trajectory_table(rows: list[dict]) -> str:
         v, b = r.get("metrics", {}).get(n), base.get(n)
         if v is None:
             return "-"
-        delta = "" if r["step"] == 0 or b is None else f" ({rates.show_change(v - b, n)})"
+        # a layer index (representation suites' most-changed layer) has no meaningful change
+        delta = "" if r["step"] == 0 or b is None or n.endswith(("_layer", ".layer")) else f" ({rates.show_change(v - b, n)})"
         return f"{rates.show(v, n)}{delta}"
 
     header = ["step", "phase", *names]
