@@ -223,6 +223,13 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _smoke(args: argparse.Namespace) -> int:
+    from .smoke import main as smoke
+
+    # no _share_cores(): this process only waits while its `finetrack train` children compute (they share the cores)
+    return smoke(args)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import demo
 
@@ -231,4 +238,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_VERBS = {"train": _train, "sync": _sync, "eval": _eval, "gate": _gate, "export": _export, "report": _report, "plan": _plan, "demo": _demo}
+_VERBS = {
+    "train": _train,
+    "sync": _sync,
+    "eval": _eval,
+    "gate": _gate,
+    "export": _export,
+    "report": _report,
+    "plan": _plan,
+    "smoke": _smoke,
+    "demo": _demo,
+}

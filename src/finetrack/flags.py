@@ -254,6 +254,36 @@ def parser() -> Parser:
     )
     pl.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
 
+    sm = verb(
+        "smoke",
+        help="before a long run: check the environment, train a short copy (killed and resumed), sync, eval: PASS / FAIL, exit 0 / 1",
+        description="finetrack smoke CONFIG.yaml [section.key=value ...] [--steps N] [--price-per-hour PRICE] [--num-processes N] "
+        "[--scratch DIR] [--keep]: the infrastructure test of a run, as one command",
+    )
+    sm.add_argument("config", nargs="?", help="YAML config file of the real run (omit to use defaults)")
+    sm.add_argument("overrides", nargs="*", help="section.key=value, as for train (before or after flags)")
+    sm.add_argument(
+        "--steps",
+        type=whole_number(4, MAX_MEASURE_STEPS, "the optimizer steps of the short run"),
+        metavar="N",
+        help="optimizer steps of the short run (default 20, never more than the run's); checkpoints every N/4",
+    )
+    sm.add_argument(
+        "--price-per-hour",
+        type=positive_number(MAX_PRICE_PER_HOUR, "the machine's price per hour", "3.80"),
+        metavar="PRICE",
+        help="machine price per hour: the projected cost of the full run",
+    )
+    sm.add_argument(
+        "--num-processes",
+        type=whole_number(1, MAX_PROCESSES, "the number of data-parallel processes"),
+        default=1,
+        metavar="N",
+        help="train the short run on N processes as the real run will (torchrun on CPU, accelerate launch on GPUs)",
+    )
+    sm.add_argument("--scratch", metavar="DIR", help="scratch folder for the short run, its mirror and logs (default <output.dir>-smoke)")
+    sm.add_argument("--keep", action="store_true", help="keep the scratch folder and the remote scratch prefix (deleted by default)")
+
     d = verb("demo", help="fine-tune the embedded model on the demo chat set and show what changed")
     d.add_argument("overrides", nargs="*", help="section.key=value applied to the demo config, e.g. train.max_steps=20")
     return p
