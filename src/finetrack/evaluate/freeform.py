@@ -14,7 +14,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ..schema import ConfigError
-from .generate import generate
+from .generate import Answerer, generate
 from .spec import JudgeConfig, JudgeSuite, parse_rate
 
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
@@ -44,13 +44,14 @@ def check_judges(suite: JudgeSuite, questions: list) -> None:
 
 def run(
     suite: JudgeSuite,
-    model: nn.Module,
+    model: nn.Module | Answerer,
     tokenizer,
     questions: list,
     judge_for: Callable[[JudgeConfig, str], object],
     on_answers: Callable[[int], None],
 ) -> dict:
-    """Generate, judge, aggregate. judge_for(judge config, template) returns an object with .score(pairs)."""
+    """Generate (with the model, or the Answerer of another engine: engine.py), judge, aggregate. judge_for(judge
+    config, template) returns an object with .score(pairs)."""
     items = conversations(questions, suite.generation.num_samples)
     answers = generate(model, tokenizer, [it["messages"] for it in items], suite.generation, on_answers)
     records = [{**{k: v for k, v in it.items() if k != "messages"}, "answer": a, "scores": {}} for it, a in zip(items, answers)]

@@ -14,6 +14,7 @@ import torch
 from ..config import Config, ConfigError
 from ..models import model_source
 from .activations import Reference
+from .generate import Answerer
 from .spec import (
     AdapterSuite,
     ContrastiveSuite,
@@ -108,12 +109,14 @@ def run_suite(
     bar,
     rows: list | None = None,
     reference: Reference | None = None,
+    answerer: Answerer | None = None,
 ) -> dict:
     """One suite on the model at one step. `model` is a heads.WithHead on a regression run's checkpoints: the loss
     and regression suites use the head; every other suite gets the language model alone. `rows`: a row suite's
     prepared rows when the caller keeps them (validation during training), else read now. `reference`: the base
     model and the checkpoint folders, for the suites that compare with them (`finetrack eval` only); `model` is None
-    for a step whose suites read files alone (adapter)."""
+    for a step whose suites read files alone (adapter) or get their answers from `answerer` alone. `answerer`: the
+    step's vLLM answers (engine.py), used by the suites that generate (judge, distribution with method sample)."""
     from ..heads import language_model
 
     if isinstance(suite, (RepresentationSuite, DirectionSuite, AdapterSuite, SaeSuite)):
@@ -142,11 +145,13 @@ def run_suite(
         from . import freeform
         from .questions import load_questions
 
-        return freeform.run(suite, model, tokenizer, load_questions(Path(suite.questions)), judges, bar.update)
+        return freeform.run(suite, answerer or model, tokenizer, load_questions(Path(suite.questions)), judges, bar.update)
     if isinstance(suite, DistributionSuite):
         from . import distribution
 
-        return distribution.run(suite, model, tokenizer, bar.update)
+        # generate() hands the sampled answers to the answerer; method probs reads the model's probabilities itself
+        generator = answerer if answerer is not None and suite.method == "sample" else model
+        return distribution.run(suite, generator, tokenizer, bar.update)
     assert isinstance(suite, PythonSuite)
     fn = _python_suite_function(suite)
     metrics = fn(model, tokenizer, dict(suite.options))
