@@ -6,6 +6,7 @@ refused on resume; a launch that would quietly train one process is refused."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -171,3 +172,33 @@ def test_accelerate_launch_cpu_that_would_start_one_process_is_refused(tmp_path,
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "asked for several processes but started one" in errors[0] and "torchrun --nproc_per_node N" in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_shares_the_steps_between_processes(tmp_path, tiny_model_dir, chat_file):
+    """`torchrun --nproc_per_node 2 -m finetrack eval RUN`: each process evaluates every other step; the step files and
+    eval/summary.csv are those of a one-process eval, the table printed once."""
+    import shutil
+
+    config = write_config(tmp_path, tiny_model_dir, chat_file, tmp_path / "run", sample_every_steps=None)
+    r = launch([sys.executable, "-m", "finetrack", "train", str(config)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shutil.rmtree(tmp_path / "run/eval")  # validation during training wrote some steps: evaluate all of them here
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    one = launch([sys.executable, "-m", "finetrack", "eval", str(tmp_path / "run")], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = launch(
+        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", free_port(), "-m", "finetrack", "eval", str(tmp_path / "copy")],
+        tmp_path,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    for step in (0, 2, 4, 6):
+        a, b = (json.loads((d / f"eval/step-{step:06d}.json").read_text()) for d in (tmp_path / "run", tmp_path / "copy"))
+        assert b["metrics"] == pytest.approx(a["metrics"], rel=1e-6) and b["counts"] == a["counts"], step
+    assert (tmp_path / "copy/eval/summary.csv").read_text().splitlines()[0] == (tmp_path / "run/eval/summary.csv").read_text().splitlines()[
+        0
+    ]
+    assert two.stdout.count("step  phase") == one.stdout.count("step  phase") == 1  # the table, by the main process only
+    for step in (0, 2, 4, 6):  # every step's answers, whichever process wrote them
+        assert (tmp_path / f"copy/eval/responses/step-{step:06d}.jsonl").read_text() == (
+            tmp_path / f"run/eval/responses/step-{step:06d}.jsonl"
+        ).read_text()

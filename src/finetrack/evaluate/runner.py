@@ -25,11 +25,10 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, rundir
+from .. import checkpoint, processes, rundir
 from ..config import Config, ConfigError, Environment, eval_key_settings, load_config, resolve_model
 from ..data import source_files
 from ..models import load_base_model, load_tokenizer, load_weights
-from ..processes import rebalance
 from ..rundir import write_atomic
 from ..watch import wait_for
 from .activations import Reference
@@ -253,6 +252,8 @@ def evaluate_run(
     bad = [o for o in overrides if not o.startswith("eval.")]
     if bad:
         raise ConfigError(f"{bad}: finetrack eval takes eval.* overrides only (the rest of the run's config is what it was trained with)")
+    if watch_seconds is not None and processes.launched_processes() > 1:
+        raise ConfigError("--watch under several processes: a watch follows one run as it trains; run it as one process")
     if watch_seconds is not None and steps not in ("all", "latest"):
         # an explicit list may omit the run's last checkpoint, whose evaluation is what ends a watch
         raise ConfigError(
@@ -277,7 +278,7 @@ def evaluate_run(
                 out(f"the run's last checkpoint (step {last[0]['step']}) is evaluated: done watching")
                 return records
             time.sleep(watch_seconds)
-            rebalance()  # a training process beside this one may have started or ended: share the cores
+            processes.rebalance()  # a training process beside this one may have started or ended: share the cores
     except KeyboardInterrupt:
         out("stopped watching")
         return records
@@ -376,7 +377,9 @@ class _Session:
 
         self.run_dir, self.cfg, self.suites, self.out = run_dir, cfg, suites, out
         self.engine = EvalEngine(cfg, suites)  # eval.engine=vllm where it cannot run fails here, before anything loads
-        self.accelerator = Accelerator()
+        launched = processes.launched_processes()  # under torchrun / accelerate launch the steps are shared out
+        self.accelerator = Accelerator(cpu=launched > 1 and not torch.cuda.is_available())
+        processes.check_launch(launched, self.accelerator.num_processes)
         self.tokenizer = load_tokenizer(cfg.model)
         self.models: Models | None = None
         self.judges = Judges(cfg, self.accelerator.device)
@@ -406,13 +409,19 @@ class _Session:
             keys = {s.name: suite_key(s, previous_id if isinstance(s, AdapterSuite) else step_id, cfg, engine) for s in suites}
             todo[step] = [(s, keys[s.name]) for s in suites if records[step]["suites"].get(s.name, {}).get("key") != keys[s.name]]
         units_per_step = {s.name: suite_units(s) for s in suites}  # answers (judge), items (distribution), 1 otherwise
-        units = sum(units_per_step[s.name] for step in todo for s, _ in todo[step])
         cached = sum(len(suites) - len(todo[s]) for s in todo)
-        if cached and not quiet:
+        acc = self.accelerator
+        main = acc.is_main_process
+        # several processes: each evaluates every N-th step that has work, in its own step files; the main process
+        # then reads the others' back for the summary
+        busy = [step for step, _ in selected if todo[step]]
+        mine = set(busy[acc.process_index :: acc.num_processes])
+        units = sum(units_per_step[s.name] for step in mine for s, _ in todo[step])
+        if cached and not quiet and main:
             self.out(f"cached: {cached} (step, suite) result(s) unchanged since the last eval")
         if units:
-            bar = tqdm(total=units, desc="eval", unit="answer")
-            for step, folder in selected:
+            bar = tqdm(total=units, desc="eval", unit="answer", disable=not main)
+            for step, folder in [(s, f) for s, f in selected if s in mine]:
                 runnable = []
                 for suite, key in todo[step]:
                     skipped = skip_reason(suite, cfg, folder)
@@ -442,6 +451,11 @@ class _Session:
                 if todo[step]:
                     write_step(run_dir, records[step])
             bar.close()
+        if acc.num_processes > 1:
+            acc.wait_for_everyone()
+            if not main:
+                return []
+            records.update({step: read_step(run_dir, step) or records[step] for step in busy if step not in mine})
         for record in records.values():
             write_step(run_dir, flatten(record))
         table = trajectory_table(write_summary(run_dir))
