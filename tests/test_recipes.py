@@ -40,7 +40,7 @@ def eval_records(run_dir: Path) -> dict[int, dict]:
     return {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in (run_dir / "eval").glob("step-*.json")}
 
 
-@pytest.mark.parametrize("recipe", ["verifier", "contrastive"])
+@pytest.mark.parametrize("recipe", ["verifier", "contrastive", "survey"])
 def test_generator_writes_the_committed_data(tmp_path, recipe):
     """The data the configs read is what the recipe's generator writes: stdlib only, seeded, byte for byte."""
     r = run(sys.executable, str(RECIPES / recipe / "make_data.py"), "--out", str(tmp_path))
@@ -202,6 +202,7 @@ def test_contrastive_recipe_plan_fits_a_6gb_gpu(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_sft_recipe_survives_a_cut_off_job_resumes_from_remote_and_ends_with_verified_exports(tmp_path, s3):
     """Seed 003 as one user path: the shipped QLoRA SFT config is cut off mid-run (SIGTERM, as a job's time limit
     sends), its local run directory lost (a new machine); the same command resumes from the newest checkpoint on the
@@ -241,7 +242,9 @@ def test_sft_recipe_survives_a_cut_off_job_resumes_from_remote_and_ends_with_ver
     assert fresh.returncode == 2 and "--delete-remote" in fresh.stderr
     # what moved inside: hidden states vs the base, and the probes along the base model's pirate-persona direction
     finetrack("eval", str(out))
-    steps = [json.loads((out / f"eval/step-{s:06d}.json").read_text())["metrics"] for s in (0, 4, 8)]
+    records = eval_records(out)  # step 0, the checkpoint the cut-off left (step 5 or 6: the newest was pulled) and 8
+    steps = [records[s]["metrics"] for s in sorted(records)]
+    assert len(steps) == 3 and max(records) == 8
     assert steps[0]["inside.shift"] == 0.0 and steps[0]["persona.shift"] == 0.0 and steps[0]["persona.separation"] > 2
     assert 0 < steps[1]["inside.shift"] and 0 < steps[1]["inside.kl"] < steps[2]["inside.kl"]
     assert 0 < steps[1]["persona.shift"] < steps[2]["persona.shift"]  # fine-tuning moves the probes toward the persona
@@ -252,3 +255,52 @@ def test_sft_recipe_survives_a_cut_off_job_resumes_from_remote_and_ends_with_ver
         certificate = json.loads((out / f"exports/step-000008-{folder}/EXPORT.json").read_text())
         assert certificate["verified"] and certificate["source"]["step"] == 8, certificate["verification"]
         assert certificate["merge"].startswith("QLoRA adapter merged into the base dequantized")
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_survey_recipe_baseline_smoke_train_with_a_monitor_then_gate_and_plan(tmp_path):
+    """Seed 001 as one user path: the base model evaluated before training (kept by the run), the smoke test, training
+    with a remote and `sync --watch` started at launch (the users' download monitor), the trajectory evaluated (the
+    baseline from the cache), the GO / NO-GO gate on the relative Wasserstein improvement, and plan's cost on 4 GPUs."""
+    config = "examples/recipes/survey/lora.yaml"
+    out, remote, mirror = tmp_path / "run", tmp_path / "remote", tmp_path / "mirror"
+    where = [f"output.dir={out}", f"checkpoint.remote={remote}"]
+    finetrack("eval", config, "--steps", "0", *where)
+    base = json.loads((out / "eval/step-000000.json").read_text())["metrics"]["survey.wasserstein"]
+    smoke = run(sys.executable, "-m", "finetrack", "smoke", config, *where, "--steps", "8", timeout=1200)
+    assert smoke.returncode == 0 and "smoke: PASS" in smoke.stdout, (smoke.stdout + smoke.stderr)[-3000:]
+    assert not (out / "checkpoints").exists() and not (remote / "checkpoints").exists(), "the smoke test touched the real run"
+
+    monitor = subprocess.Popen(
+        [sys.executable, "-m", "finetrack", "sync", str(remote), str(mirror), "--watch", "1"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        finetrack("train", config, *where)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (mirror / "checkpoints/step-000024/MANIFEST.json").is_file():
+            time.sleep(0.5)
+    finally:
+        monitor.send_signal(signal.SIGINT)  # Ctrl+C
+        monitor_out, _ = monitor.communicate(timeout=120)
+    assert all(f"fetched step-{s:06d}" in monitor_out for s in (8, 16, 24)), monitor_out[-2000:]
+    from finetrack import checkpoint
+
+    for step in (8, 16, 24):
+        checkpoint.verify(checkpoint.checkpoint_dir(mirror, step))
+
+    evaluated = finetrack("eval", str(out))
+    assert "cached: 1 (step, suite)" in evaluated.stdout + evaluated.stderr  # the baseline, evaluated before training
+    trained = json.loads((out / "eval/step-000024.json").read_text())["metrics"]["survey.wasserstein"]
+    gate = run(sys.executable, "-m", "finetrack", "gate", str(out), "--metric", "survey.wasserstein", "--min-improvement", "5%")
+    assert gate.returncode == 0 and "GO" in gate.stdout and trained < 0.9 * base, (gate.stdout, base, trained)
+
+    plan_json = tmp_path / "plan.json"
+    finetrack("plan", config, "--gpu", "A100-80GB", "--num-processes", "4", "--price-per-hour", "7.16", "--json", str(plan_json))
+    plan = json.loads(plan_json.read_text())
+    assert plan["memory"]["fits"] is True and plan["time"]["cost"] > 0 and plan["target"]["num_processes"] == 4, plan["time"]

@@ -313,3 +313,13 @@ def test_a_key_written_on_one_side_only_at_its_default_is_no_change(tmp_path):
     saved["data"]["split"] = "validation"
     with pytest.raises(ConfigError, match="data.split: validation -> \\(unset\\)"):
         check_config(saved, current, None, "x", allow_change=False, source=tmp_path)
+
+
+def test_a_checkpoint_from_before_mixed_precision_existed_resumes_under_none():
+    """model.mixed_precision came later: a checkpoint without it ran with no autocast, so `none` is no change; bf16 is."""
+    from finetrack.resume import check_config
+
+    saved = {"model": {"name": "m", "dtype": "float32"}}
+    assert check_config(saved, {"model": {"name": "m", "dtype": "float32", "mixed_precision": "none"}}, None, "d", False, Path("c")) == []
+    with pytest.raises(ConfigError, match=r"model.mixed_precision: \(unset\) -> bf16"):
+        check_config(saved, {"model": {"name": "m", "dtype": "float32", "mixed_precision": "bf16"}}, None, "d", False, Path("c"))

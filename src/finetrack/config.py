@@ -85,7 +85,16 @@ class ModelConfig(Section):
         "URL/checkpoints/step-N. Fresh optimizer and schedule (a resume continues a run instead).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="dtype of the model weights; auto = bfloat16 on a GPU that supports it, else float32."
+        "auto",
+        description="dtype of the model weights; auto = bfloat16 on a GPU that supports it, else float32 (and float32 "
+        "whenever model.mixed_precision=bf16).",
+    )
+    mixed_precision: Literal["auto", "none", "bf16"] = Field(
+        "auto",
+        description="bf16: the forward runs under torch.autocast(bfloat16) (matmuls and attention in bfloat16, the backward "
+        "follows) while weights, gradients and optimizer state stay float32: mixed precision with float32 master weights "
+        "(accelerate's mixed_precision=bf16), not bfloat16 weights (that is model.dtype). auto = bf16 on a CPU with "
+        "AVX512-BF16 or AMX (float32 weights, method full or lora), else none (no autocast); config.resolved.yaml says why.",
     )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field("auto", description="Attention kernel; auto = sdpa.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% more compute.")
@@ -101,6 +110,16 @@ class ModelConfig(Section):
     def _checks(self) -> ModelConfig:
         if self.method == "full" and self.dtype == "float16":
             raise ValueError("model.dtype=float16 with method=full trains fp16 weights directly and diverges: use bfloat16 or float32")
+        if self.mixed_precision == "bf16" and self.dtype in ("bfloat16", "float16"):
+            raise ValueError(
+                f"model.mixed_precision=bf16 autocasts float32 weights, and model.dtype={self.dtype} computes in {self.dtype} "
+                "already: set model.dtype=float32 (or auto) for mixed precision, or remove model.mixed_precision"
+            )
+        if self.mixed_precision == "bf16" and self.method == "qlora":
+            raise ValueError(
+                "model.mixed_precision=bf16 with model.method=qlora: the 4-bit matmuls compute in model.qlora.compute_dtype; "
+                "set model.qlora.compute_dtype=bfloat16 instead"
+            )
         return self
 
 
@@ -348,6 +367,12 @@ class EvalConfig(Section):
     )
     suites: Annotated[list[SuiteConfig], Knob(measured=False)] = Field(
         default_factory=list, description="What `finetrack eval` measures at step 0 (the base model) and every checkpoint (see the README)."
+    )
+    engine: Annotated[Literal["auto", "hf", "vllm"], Knob(measured=False)] = Field(
+        "auto",
+        description="What generates the answers of `finetrack eval` (judge suites, distribution method=sample): hf "
+        "(transformers), vllm (one base model, each checkpoint a LoRA request; needs a CUDA GPU and pip install vllm), "
+        "auto = vllm when both are there, else hf. Falls back to hf, saying why, for what vLLM cannot serve.",
     )
 
     @model_validator(mode="after")

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from .config import Config
+from .precision import CpuBf16, auto_mixed_precision, slow_bf16_warning, this_cpu
 from .schedule import ScheduleError, checkpoint_steps, describe
 from .schema import ConfigError, effective_dump
 
@@ -62,6 +63,7 @@ class Environment:
     num_train_rows: int
     num_sources: int = 1  # data.sources
     steps_before_repeat: int | None = None  # data.on_source_end=stop: the most steps before a mixture source repeats
+    cpu_bf16: CpuBf16 = field(default_factory=this_cpu)  # what the CPU offers for bfloat16 (model.mixed_precision: auto)
 
 
 def resolve_model(cfg: Config, env: Environment) -> tuple[Config, Resolved]:
@@ -70,14 +72,22 @@ def resolve_model(cfg: Config, env: Environment) -> tuple[Config, Resolved]:
     cfg = cfg.model_copy(deep=True)
     m, d = cfg.model, cfg.data
     if m.dtype == "auto":
-        if env.device_type == "cuda" and env.bf16_supported:
+        if m.mixed_precision == "bf16":
+            res.set("model.dtype", "float32", "auto: float32 master weights under model.mixed_precision=bf16")
+        elif env.device_type == "cuda" and env.bf16_supported:
             res.set("model.dtype", "bfloat16", "auto: the GPU supports bfloat16")
+        elif env.device_type == "cpu":
+            # bfloat16 weights would also round every optimizer update to bfloat16; bf16 compute is model.mixed_precision
+            res.set("model.dtype", "float32", "auto: CPU training: float32 weights (bf16 compute is model.mixed_precision)")
         else:
-            why = (
-                "CPU training: fp32 is faster than bf16 on most CPUs" if env.device_type == "cpu" else f"{env.device_type} without bfloat16"
-            )
-            res.set("model.dtype", "float32", f"auto: {why}")
+            res.set("model.dtype", "float32", f"auto: {env.device_type} without bfloat16")
         m.dtype = res["model.dtype"]
+    if m.mixed_precision == "auto":
+        mode, why = auto_mixed_precision(env.device_type, m.dtype, m.method, env.cpu_bf16)
+        res.set("model.mixed_precision", mode, why)
+        m.mixed_precision = mode
+    elif m.mixed_precision == "bf16" and (slow := slow_bf16_warning(env.device_type, env.cpu_bf16)):
+        log.warning("warning: %s", slow)
     if m.method == "qlora" and m.qlora.compute_dtype == "auto":
         res.set("model.qlora.compute_dtype", m.dtype, "auto: same as model.dtype")
         m.qlora.compute_dtype = m.dtype

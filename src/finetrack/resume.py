@@ -257,11 +257,18 @@ def _aside_dir(run_dir: Path) -> Path:
 _DEFAULTS = flatten(Config().model_dump(mode="json"))
 
 
+# settings added after runs were written, with the value those runs had in effect: a checkpoint without the key
+# resumes under that value without a config change
+_BEFORE_THEY_EXISTED = {"model.mixed_precision": "none"}
+
+
 def _differs(key: str, old: dict, new: dict) -> bool:
     """Does `key` differ between two flattened dumps? A key written on one side only, at its default, does not: the
     dump leaves out settings that have no effect, and which ones has changed between versions (e.g. data.split on files)."""
     if key in old and key in new:
         return old[key] != new[key]
+    if key in new and key in _BEFORE_THEY_EXISTED:
+        return new[key] != _BEFORE_THEY_EXISTED[key]
     written = old if key in old else new
     return key not in _DEFAULTS or written[key] != _DEFAULTS[key]
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, checkpoint_jobs, heads, objectives, processes, resume, rundir, runlock, sampling, tracking, warm_start
+from . import checkpoint, checkpoint_jobs, heads, objectives, precision, processes, resume, rundir, runlock, sampling, tracking, warm_start
 from .batches import batch_builder, packing_is_exact
 from .callbacks import Callbacks
 from .checkpoint import CheckpointError
@@ -210,7 +210,7 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
         bare=bare,
         optimizer=optimizer,
         trainable=trainable,
-        objective=objective,
+        objective=precision.autocasting(objective, cfg.model, device.type),  # model.mixed_precision: the forwards under autocast
         train_rows=data.train,
         mixture=data.mixture,
         eval_rows=data.eval,
