@@ -129,14 +129,17 @@ def llama_workload(a: argparse.Namespace) -> Workload:
 
 
 def embedded_workload(a: argparse.Namespace) -> Workload:
-    """The demo's job: the embedded model with LoRA on the builtin chat rows, finetrack's collate and objective."""
+    """The demo's job: the embedded model with LoRA (or --embedded-method full) on the builtin chat rows, finetrack's
+    collate and objective, at finetrack's automatic learning rate for the method (2e-4 LoRA, 2e-5 full)."""
     from finetrack.batches import batch_builder
     from finetrack.config import load_config
     from finetrack.data import prepare
     from finetrack.models import build_model, load_tokenizer
     from finetrack.objectives import build, weighted_loss
 
-    cfg = load_config(None, ["model.dtype=float32", "model.attn_implementation=sdpa", "data.pack=true", "model.mixed_precision=none"])
+    settings = ["model.dtype=float32", "model.attn_implementation=sdpa", "data.pack=true", "model.mixed_precision=none"]
+    cfg = load_config(None, [*settings, f"model.method={a.embedded_method}"])
+    full = a.embedded_method == "full"
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg.data, tokenizer, 0, cfg.objective)
     torch.manual_seed(0)
@@ -147,22 +150,22 @@ def embedded_workload(a: argparse.Namespace) -> Workload:
     batches = [make_batch(rows[(i * a.embedded_rows) % len(rows) :][: a.embedded_rows]) for i in range(a.steps)]
     collate_s = (time.perf_counter() - start) / a.steps
     objective = build(cfg.objective)
-    base = model.get_base_model()
-    linear = sum(m.weight.numel() for m in base.modules() if isinstance(m, torch.nn.Linear))  # the frozen layers + lm_head
+    base = model if full else model.get_base_model()
+    linear = sum(m.weight.numel() for m in base.modules() if isinstance(m, torch.nn.Linear))  # the base's layers + lm_head
 
     def loss(m: torch.nn.Module, batch: Any) -> torch.Tensor:
         return weighted_loss(objective(m, batch), batch.units)
 
     return Workload(
-        name="smollm2-135m lora",
+        name=f"smollm2-135m {a.embedded_method}",
         model=model,
         params=[p for p in model.parameters() if p.requires_grad],
         matmul_params=linear,
-        train_k=4,
+        train_k=6 if full else 4,
         batches=batches,
         loss=loss,
         tokens=lambda b: int(b.num_tokens),
-        lr=2e-4,
+        lr=2e-5 if full else 2e-4,
         collate_s=collate_s,
     )
 
@@ -178,6 +181,7 @@ class Run:
     step_tokens: list[int] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # seconds over the timed steps
     eval_s: float = 0.0
+    final_fp32_loss: float = math.nan  # the trained weights' mean loss over the eval batches, computed in float32
     eval_tokens: int = 0
     cores_busy: float = math.nan  # CPU seconds per wall second over the timed steps: far below the threads = shared machine
 
@@ -226,6 +230,9 @@ def run_mode(w: Workload, ctx: Callable[[], AbstractContextManager], a: argparse
                 w.loss(w.model, batch)
             out.eval_s += time.perf_counter() - t0
             out.eval_tokens += w.tokens(batch)
+        # the weights each mode trained, judged alike: what bf16 did to the training, apart from its own forward's rounding
+        final = [float(w.loss(w.model, batch)) for batch in w.batches[: a.eval_batches]]
+    out.final_fp32_loss = sum(final) / len(final)
     return out
 
 
@@ -307,6 +314,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--lr", type=float, default=1e-3, help="llama: AdamW learning rate (constant)")
     p.add_argument("--embedded-rows", type=int, default=4, help="embedded: chat rows per step")
+    p.add_argument("--embedded-method", choices=("lora", "full"), default="lora", help="embedded: LoRA r=16 or full fine-tuning")
     p.add_argument("--probe-seconds", type=float, default=0.5, help="per matmul layout and probe")
     p.add_argument("--fused-adamw", action="store_true", help="torch.optim.AdamW(fused=True) instead of the foreach default")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -375,6 +383,10 @@ def main() -> None:
             print(f"loss trajectory: max |bf16 - fp32| / fp32 over {len(f.losses)} steps = {rel:.4%}")
             print("  fp32: " + " ".join(f"{x:.4f}" for x in f.losses))
             print("  bf16: " + " ".join(f"{x:.4f}" for x in b.losses))
+            print(
+                f"final weights, loss over the eval batches computed in float32: fp32-trained {f.final_fp32_loss:.4f}, "
+                f"bf16-trained {b.final_fp32_loss:.4f} ({abs(b.final_fp32_loss - f.final_fp32_loss) / f.final_fp32_loss:.4%} apart)"
+            )
 
 
 if __name__ == "__main__":

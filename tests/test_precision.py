@@ -1,6 +1,7 @@
 """bf16 on a CPU: what this machine reports, the `model.mixed_precision: auto` decision for a CPU with and without
 bfloat16 hardware (as config.resolved.yaml records it), and the stated tolerance with real bf16 autocast: the tiny
-model's loss trajectory stays within 2% relative of float32 over 20 steps. Speed is in benchmarks/cpu_bf16.py."""
+model's loss trajectory stays within 2% relative of float32 over 20 steps. A fine-tune of the pretrained embedded model
+does not stay within it (benchmarks/cpu_bf16.py, README "Speed"), which is why `auto` keeps float32 for now."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import yaml
 from conftest import tiny_run
 
+from finetrack import precision
 from finetrack.config import ConfigError, Environment, load_config, resolve, resolve_model, resolved_yaml
 from finetrack.precision import CPUINFO, CpuBf16, autocast, autocasting, cpuinfo_flags, from_cpuinfo, this_cpu
 
@@ -38,7 +40,7 @@ def test_this_cpu_agrees_with_the_kernel_and_torch():
 def test_resolve_uses_this_cpu_by_default():
     """An Environment built without cpu_bf16 (as train, eval, export and plan build it) describes this machine."""
     cfg, res = resolve_model(load_config(None, []), Environment("cpu", False, 1, 0))
-    assert cfg.model.mixed_precision == ("bf16" if this_cpu().fast_bf16 else "none")
+    assert cfg.model.mixed_precision == ("bf16" if this_cpu().fast_bf16 and "lora" in precision.AUTO_BF16_METHODS else "none")
     assert this_cpu().describe() in res.reasons["model.mixed_precision"]
 
 
@@ -54,13 +56,24 @@ def _resolved(cpu: CpuBf16, *overrides: str, device: str = "cpu", bf16_gpu: bool
     return yaml.safe_load(resolved_yaml(cfg, res))
 
 
-def test_auto_picks_bf16_autocast_on_a_cpu_with_bf16_hardware():
+def test_auto_keeps_float32_for_fine_tuning_a_cpu_with_bf16_hardware():
+    """The measured trajectories left the tolerance (AUTO_BF16_METHODS is empty): float32, and the reason says so."""
     tree = _resolved(SAPPHIRE_RAPIDS)
-    assert tree["model"]["dtype"] == "float32" and tree["model"]["mixed_precision"] == "bf16"  # float32 master weights
+    assert tree["model"]["dtype"] == "float32" and tree["model"]["mixed_precision"] == "none"
+    reason = tree["resolved"]["model.mixed_precision"]["reason"]
+    assert "AVX512-BF16 and AMX-BF16, but bf16 autocast moved a fine-tune's loss beyond 2%" in reason
+    assert "set model.mixed_precision=bf16" in reason
+
+
+def test_auto_picks_bf16_autocast_for_the_listed_methods(monkeypatch):
+    """The other branch, as it acts once a method is listed: bf16 autocast over float32 master weights."""
+    monkeypatch.setattr(precision, "AUTO_BF16_METHODS", frozenset({"full", "lora"}))
+    tree = _resolved(SAPPHIRE_RAPIDS)
+    assert tree["model"]["dtype"] == "float32" and tree["model"]["mixed_precision"] == "bf16"
     reason = tree["resolved"]["model.mixed_precision"]
-    assert reason["value"] == "bf16" and "AVX512-BF16 and AMX-BF16" in reason["reason"]
-    amx_only = _resolved(CpuBf16(False, True, "AVX512", "described"))
-    assert amx_only["model"]["mixed_precision"] == "bf16"
+    assert reason["value"] == "bf16" and "AVX512-BF16 and AMX-BF16: bf16 autocast" in reason["reason"]
+    assert _resolved(CpuBf16(False, True, "AVX512", "described"))["model"]["mixed_precision"] == "bf16"  # AMX alone
+    assert _resolved(AVX2_ONLY)["model"]["mixed_precision"] == "none"  # listed or not: no bf16 hardware, no bf16
 
 
 def test_auto_keeps_float32_on_a_cpu_without_it():
@@ -79,7 +92,8 @@ def test_auto_keeps_float32_on_a_cpu_without_it():
         (["model.dtype=float32"], "cuda", "none", "set model.mixed_precision=bf16"),
     ],
 )
-def test_auto_elsewhere(overrides, device, expected, why):
+def test_auto_elsewhere(overrides, device, expected, why, monkeypatch):
+    monkeypatch.setattr(precision, "AUTO_BF16_METHODS", frozenset({"full", "lora"}))  # none of these would take it
     tree = _resolved(SAPPHIRE_RAPIDS, *overrides, device=device, bf16_gpu=True)
     assert tree["model"]["mixed_precision"] == expected
     assert why in tree["resolved"]["model.mixed_precision"]["reason"]

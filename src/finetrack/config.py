@@ -94,7 +94,8 @@ class ModelConfig(Section):
         description="bf16: the forward runs under torch.autocast(bfloat16) (matmuls and attention in bfloat16, the backward "
         "follows) while weights, gradients and optimizer state stay float32: mixed precision with float32 master weights "
         "(accelerate's mixed_precision=bf16), not bfloat16 weights (that is model.dtype). auto = bf16 on a CPU with "
-        "AVX512-BF16 or AMX (float32 weights, method full or lora), else none (no autocast); config.resolved.yaml says why.",
+        "AVX512-BF16 or AMX for the methods precision.AUTO_BF16_METHODS lists (none yet: fine-tuning losses left the 2% "
+        "tolerance of float32, see the README), else none (no autocast); config.resolved.yaml says why.",
     )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field("auto", description="Attention kernel; auto = sdpa.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% more compute.")
