@@ -171,16 +171,26 @@ def pooled(batch: Batch, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------- the texts
+def probe_file(suite, cfg: Config) -> tuple[str, Path] | None:
+    """(config field, file) the suite's probe prompts come from: its own `prompts`, the first judge suite's
+    questions, or train.sample_prompts_file; None when they are train.sample_prompts alone (or there are none).
+    The one rule: probe_texts reads by it, the eval cache key hashes the file it names."""
+    if suite.prompts:
+        return "prompts", Path(suite.prompts)
+    if judge := next((s for s in cfg.eval.suites if isinstance(s, JudgeSuite)), None):
+        return f"prompts (the questions of judge suite '{judge.name}')", Path(judge.questions)
+    if cfg.train.sample_every_steps is not None and cfg.train.sample_prompts_file:
+        return "prompts (train.sample_prompts_file)", Path(cfg.train.sample_prompts_file)
+    return None
+
+
 def probe_texts(suite, cfg: Config, tokenizer) -> list[Text]:
     """A suite's probe prompts, rendered with the chat template and a generation prompt (see spec._PROBES)."""
     from ..sampling import load_prompts, read_prompts_file
 
-    if suite.prompts:
-        prompts = read_prompts_file(Path(suite.prompts), f"eval suite '{suite.name}': prompts")
-    elif judge := next((s for s in cfg.eval.suites if isinstance(s, JudgeSuite)), None):
-        prompts = read_prompts_file(Path(judge.questions), f"eval suite '{judge.name}': questions")
-    else:
-        prompts = load_prompts(cfg.train)
+    found = probe_file(suite, cfg)
+    own = found is not None and not found[0].endswith("(train.sample_prompts_file)")  # else load_prompts reads it
+    prompts = read_prompts_file(found[1], f"eval suite '{suite.name}': {found[0]}") if own else load_prompts(cfg.train)
     if not prompts:
         raise ConfigError(
             f"eval suite '{suite.name}': no probe prompts; set its prompts (a question file), add a judge suite, or set "

@@ -31,7 +31,7 @@ from ..data import source_files
 from ..models import load_base_model, load_tokenizer, load_weights
 from ..rundir import write_atomic
 from ..watch import wait_for
-from .activations import Reference
+from .activations import Reference, probe_file
 from .engine import EvalEngine, generates, key_engine
 from .results import flatten, read_step, trajectory_table, write_responses, write_step, write_summary
 from .spec import (
@@ -74,7 +74,7 @@ def suite_files(suite, cfg: Config) -> list[tuple[str, Path]]:
         files = [("items", Path(suite.items))]
     elif isinstance(suite, (RepresentationSuite, DirectionSuite, SaeSuite)):
         files = [(f, Path(getattr(suite, f))) for f in ("positive", "negative", "texts") if getattr(suite, f, None)]
-        files += _probe_files(suite, cfg)
+        files += [probes] if (probes := probe_file(suite, cfg)) else []
         if isinstance(suite, SaeSuite):  # a sae-lens folder: its config and weights
             sae = Path(suite.path)
             files += [("path", f) for f in sorted(sae.iterdir()) if f.is_file()] if sae.is_dir() else [("path", sae)]
@@ -92,19 +92,6 @@ def suite_files(suite, cfg: Config) -> list[tuple[str, Path]]:
         if not path.is_file():
             raise ConfigError(f"eval suite '{suite.name}': {field} file not found: {path}; fix the path under eval.suites")
     return files
-
-
-def _probe_files(suite, cfg: Config) -> list[tuple[str, Path]]:
-    """The file a suite's probe prompts come from (activations.probe_texts): its own, the first judge suite's
-    questions, or train.sample_prompts_file."""
-    if suite.prompts:
-        return [("prompts", Path(suite.prompts))]
-    judge = next((s for s in cfg.eval.suites if isinstance(s, JudgeSuite)), None)
-    if judge is not None:
-        return [("prompts (the judge suite's questions)", Path(judge.questions))]
-    if cfg.train.sample_every_steps is not None and cfg.train.sample_prompts_file:
-        return [("prompts (train.sample_prompts_file)", Path(cfg.train.sample_prompts_file))]
-    return []
 
 
 def suite_key(suite, checkpoint_id: str, cfg: Config, engine: str = "hf") -> str:
