@@ -73,7 +73,7 @@ def bench(method: str, repeats: int, root: Path) -> dict:
                     ft_run,
                     1,
                     lambda d: save_weights(accelerator.unwrap_model(model), tokenizer, d),
-                    checkpoint.capture_state(optimizer, {"step": 1}),
+                    checkpoint.capture_state(optimizer.state_dict(), {"step": 1}),
                     {"rules": ["bench"]},
                 )
             )
@@ -82,7 +82,13 @@ def bench(method: str, repeats: int, root: Path) -> dict:
         fresh = build_model(cfg.model, torch.device("cpu"))
         fresh_opt = build_optimizer(fresh, cfg.train, cfg.train.lr)
         ft_load.append(
-            timed(lambda: (checkpoint.verify(folder, full=True), load_weights(fresh, folder), checkpoint.restore_state(folder, fresh_opt)))
+            timed(
+                lambda: (
+                    checkpoint.verify(folder, full=True),
+                    load_weights(fresh, folder),
+                    checkpoint.restore_state(folder, fresh_opt.load_state_dict),
+                )
+            )
         )
         out["finetrack_mb"] = dir_mb(folder)
 

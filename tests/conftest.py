@@ -223,7 +223,7 @@ def make_checkpoint(run_dir: Path, step: int, resumable: bool = True, rules: lis
         opt = torch.optim.AdamW([param], lr=1e-3)
         param.grad = torch.ones_like(param)
         opt.step()
-        state = checkpoint.capture_state(opt, {"step": step, "tokens_seen": 100 * step})
+        state = checkpoint.capture_state(opt.state_dict(), {"step": step, "tokens_seen": 100 * step})
     return checkpoint.save(run_dir, step, write_weights, state, meta={"rules": rules if rules is not None else ["every_steps"]})
 
 

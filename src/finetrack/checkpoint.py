@@ -142,10 +142,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"][0])
 
 
-def capture_state(optimizer: torch.optim.Optimizer, progress: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+def capture_state(optimizer_state: dict, progress: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     """(trainer_state.json tree, trainer_state.safetensors tensors) for the state after an optimizer step.
 
-    `progress` is plain data from the loop (step, data position, tokens seen, schedule inputs, ...).
+    `optimizer_state` is `optimizer.state_dict()` (or its gathered equivalent, sharding.py); `progress` is plain data
+    from the loop (step, data position, tokens seen, schedule inputs, ...).
     """
     tensors: dict[str, torch.Tensor] = {}
     seen: dict[tuple, str] = {}
@@ -153,7 +154,7 @@ def capture_state(optimizer: torch.optim.Optimizer, progress: dict) -> tuple[dic
         "format": STATE_FORMAT,
         **progress,
         "rng": _to_tree(rng_state(), "rng", tensors, seen),
-        "optimizer": _to_tree(optimizer.state_dict(), "optimizer", tensors, seen),
+        "optimizer": _to_tree(optimizer_state, "optimizer", tensors, seen),
     }
     return tree, tensors
 
@@ -205,8 +206,9 @@ def check_resumable(folder: Path) -> dict:
     return meta
 
 
-def restore_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict:
-    """Load optimizer state and every RNG from a checkpoint; returns the loop's progress entries."""
+def restore_state(folder: Path, load_optimizer: Callable[[dict], Any]) -> dict:
+    """Load optimizer state (`load_optimizer(state_dict)`: optimizer.load_state_dict, or sharding's) and every RNG
+    from a checkpoint; returns the loop's progress entries."""
     folder = Path(folder)
     tree = read_state_tree(folder)
     try:
@@ -214,7 +216,7 @@ def restore_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict:
     except Exception as e:  # safetensors raises its own error type for a malformed file
         raise CheckpointError(f"{folder / STATE_TENSORS}: not a readable safetensors file ({e})") from None
     try:
-        optimizer.load_state_dict(_from_tree(tree.pop("optimizer"), tensors))
+        load_optimizer(_from_tree(tree.pop("optimizer"), tensors))
         set_rng_state(_from_tree(tree.pop("rng"), tensors))
     except (ValueError, KeyError, TypeError, IndexError) as e:  # a tree that names tensors the file lacks, or of the wrong shape
         raise CheckpointError(

@@ -112,10 +112,12 @@ def head_config(model: WithHead, objective: ObjectiveConfig) -> dict:
     }
 
 
-def save_head(model: WithHead, folder: Path, objective: ObjectiveConfig) -> None:
+def save_head(model: WithHead, folder: Path, objective: ObjectiveConfig, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """head.safetensors (the head's tensors, or `tensors` gathered from a sharded model) and head.json."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(folder / HEAD_WEIGHTS))
+    tensors = model.head.state_dict() if tensors is None else tensors
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / HEAD_WEIGHTS))
     (folder / HEAD_CONFIG).write_text(json.dumps(head_config(model, objective), indent=2) + "\n")
 
 

@@ -19,12 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import processes
+from . import processes, sharding
 from .batches import Batch, micro_batches, step_rows
 from .callbacks import CallbackError, Callbacks, Requests, RunView
 from .config import Config, RunShape
 from .data import Example
-from .heads import language_model
 from .health import stop_if_diverged
 from .interrupt import StopFlag
 from .metrics import MetricsLog, peak_memory_mib
@@ -97,7 +96,7 @@ def fit(loop: Loop, state: TrainState, stop: StopFlag) -> tuple[float, dict[str,
         stop_if_diverged(step, last_loss, loop.trainable if checked else [], acc, cfg, loop.run_dir)
         _advance(state, step, epoch, shape.steps_per_epoch, result, time.perf_counter() - started)
         report = _report_step(loop, state, step, lr, result)  # metrics line, validation, decisions, callbacks
-        loop.sampler.sample_if_due(step, language_model(loop.bare))  # before the checkpoint: a checkpoint implies its samples
+        loop.sampler.sample_if_due(step, loop.bare)  # before the checkpoint: a checkpoint implies its samples
         signum = stop.requested(acc)
         if step in shape.checkpoint_steps or report.save or report.stop_reason or signum:
             _save(loop, state, step, report, signum)
@@ -366,10 +365,17 @@ def _by_source(
 
 
 def _clip(accelerator, params: list[torch.Tensor], max_norm: float | None) -> float:
+    if max_norm is not None and sharding.is_sharded(accelerator):
+        # torch's clip works on sharded gradients directly (accelerate's FSDP branch compares the parameter lists
+        # with ==, which DTensors refuse); the norm it returns is completed over the processes
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     if max_norm is not None:
         return float(accelerator.clip_grad_norm_(params, max_norm))
-    grads = [p.grad for p in params if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
+    norms = [torch.linalg.vector_norm(p.grad.float()) for p in params if p.grad is not None]
+    # a sharded gradient's norm (FSDP: a DTensor) is completed over the processes
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 @torch.no_grad()
@@ -392,6 +398,12 @@ def held_out_result(
         batch = make_batch(rows)
         local.update(_units_of(batch))
         sums.add(objective(model, batch.to(accelerator.device)))
+    if sharding.is_sharded(accelerator) and examples:
+        # each forward of a sharded model gathers parameters on every process: a process with fewer rows runs the
+        # forwards it lacks on a row whose result is not counted (process 0 has the most)
+        most = math.ceil(math.ceil(len(examples) / accelerator.num_processes) / micro_batch_size)
+        for _ in range(most - math.ceil(len(mine) / micro_batch_size)):
+            objective(model, make_batch(examples[:1]).to(accelerator.device))
     model.train(was_training)
     if not sums.totals:
         return None

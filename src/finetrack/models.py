@@ -291,14 +291,25 @@ def saved_bytes(model: nn.Module) -> int:
     return head + sum(p.numel() * p.element_size() for p in lm.parameters() if p.requires_grad or not peft)
 
 
-def save_weights(model: nn.Module, tokenizer, out_dir: Path, objective: ObjectiveConfig | None = None) -> None:
+def save_weights(
+    model: nn.Module,
+    tokenizer,
+    out_dir: Path,
+    objective: ObjectiveConfig | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Weights in the format their own library loads: a PEFT adapter, or a full transformers model (safetensors);
-    a regression head beside them (heads.py: head.safetensors + head.json)."""
-    language_model(model).save_pretrained(out_dir, safe_serialization=True)
+    a regression head beside them (heads.py: head.safetensors + head.json). `tensors`: the model's state gathered
+    from its shards (sharding.gather_weights), written in place of the sharded parameters."""
+    lm_tensors, head_tensors = tensors, None
+    if tensors is not None and isinstance(model, WithHead):
+        lm_tensors = {k.removeprefix("lm."): v for k, v in tensors.items() if k.startswith("lm.")}
+        head_tensors = {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")}
+    language_model(model).save_pretrained(out_dir, safe_serialization=True, state_dict=lm_tensors)
     tokenizer.save_pretrained(out_dir)
     if isinstance(model, WithHead):
         assert objective is not None, "a model with a head is saved with its objective config"
-        save_head(model, Path(out_dir), objective)
+        save_head(model, Path(out_dir), objective, head_tensors)
 
 
 def load_weights(model: nn.Module, folder: Path) -> None:

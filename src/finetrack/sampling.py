@@ -2,7 +2,8 @@
 above the progress bar per answer, and a table in the trackers.
 
 Sampling must not change training: it runs on the main process inside `torch.random.fork_rng`
-(generation reseeds the global generators), and `generate` puts the model back in training mode.
+(generation reseeds the global generators), and `generate` puts the model back in training mode. A model sharded
+over processes (sharding.py) is answered by every process in step; the main process writes.
 Samples of step N are written before the checkpoint of step N, so a checkpoint implies its samples.
 """
 
@@ -17,8 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import sharding
 from .config import ConfigError, TrainConfig
 from .evaluate.generate import generate
+from .heads import language_model
 from .metrics import MetricsLog
 from .tracking import Trackers
 
@@ -78,7 +81,8 @@ def read_prompts_file(path: Path, field: str = "train.sample_prompts_file") -> l
 
 
 class Sampler:
-    """Answers the prompts at step 0 and every `sample_every_steps` (and the last step), on the main process."""
+    """Answers the prompts at step 0 and every `sample_every_steps` (and the last step), on the main process (on every
+    process when the model is sharded: `answers`; the main process writes: `writes`)."""
 
     def __init__(
         self,
@@ -90,24 +94,29 @@ class Sampler:
         steps_per_epoch: int,
         out: MetricsLog,
         trackers: Trackers,
-        enabled: bool,
+        answers: bool,
+        writes: bool,
     ) -> None:
         self.prompts, self.gen, self.every_steps = prompts, train.sample_generation, train.sample_every_steps
         self.tokenizer, self.path = tokenizer, run_dir / SAMPLES_FILE
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.out, self.trackers = out, trackers
-        self.enabled = enabled and bool(prompts)
+        self.enabled = answers and bool(prompts)
+        self.writes = writes
 
     def due(self, step: int) -> bool:
         """Step 0 (the starting weights), every sample_every_steps, and the last step."""
         return self.enabled and (step == 0 or step % self.every_steps == 0 or step == self.total_steps)
 
     def sample_if_due(self, step: int, model: nn.Module) -> None:
-        """Answer every prompt with `model` (the unwrapped one) after optimizer step `step`, and record the answers."""
+        """Answer every prompt with `model` (the unwrapped one; its language model generates) after optimizer step
+        `step`, and record the answers."""
         if not self.due(step):
             return
-        with untouched_rng():
-            answers = generate(model, self.tokenizer, [p.messages for p in self.prompts], self.gen)
+        with untouched_rng(), sharding.gathered(model):
+            answers = generate(language_model(model), self.tokenizer, [p.messages for p in self.prompts], self.gen)
+        if not self.writes:
+            return
         epoch = round(step / self.steps_per_epoch, 4)
         rows = [{"step": step, "epoch": epoch, "prompt": p.text, "answer": a} for p, a in zip(self.prompts, answers)]
         with open(self.path, "a", encoding="utf-8") as f:  # one flush per step: readers see whole steps

@@ -10,16 +10,31 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import checkpoint, checkpoint_jobs, heads, objectives, precision, processes, resume, rundir, runlock, sampling, tracking, warm_start
+from . import (
+    checkpoint,
+    checkpoint_jobs,
+    heads,
+    objectives,
+    precision,
+    processes,
+    resume,
+    rundir,
+    runlock,
+    sampling,
+    sharding,
+    tracking,
+    warm_start,
+)
 from .batches import batch_builder, packing_is_exact
 from .callbacks import Callbacks
 from .checkpoint import CheckpointError
@@ -94,9 +109,12 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
     callbacks = Callbacks.build(cfg.train.callbacks, list(hooks))  # so are the callbacks' files
     launched = processes.launched_processes()
     processes.stop_with_launcher()
+    sharding.check_launch(cfg.model.method)  # DeepSpeed, FSDP1: refused before accelerate imports them
     # several processes without a GPU: accelerate's CPU data parallel (gloo), which it only sets up when told cpu=True
     cpu = launched > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(cpu=cpu, **tracking.accelerator_kwargs(cfg.train.report_to, run_dir))
+    sharding.set_up(accelerator)  # an FSDP launch on CPU: accelerate's FSDP2 plugin, which it sets up on GPUs only
+    sharded = sharding.is_sharded(accelerator)
     main = accelerator.is_main_process
     processes.check_launch(launched, accelerator.num_processes)
     if cfg.checkpoint.remote:
@@ -170,12 +188,17 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
     model, optimizer = accelerator.prepare(model, optimizer)
     bare = accelerator.unwrap_model(model)  # what sampling and checkpoints use: the same module, without DDP/FSDP wrappers
     model.train()
+    # before any forward: a sharded model's root holds gathered copies after a forward outside training (sharding.py)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if sharded:
+        log.info("FSDP2: parameters, gradients and optimizer state sharded over %d processes", accelerator.num_processes)
 
     fresh = TrainState(
         data=DataPosition(cfg.train.seed, cfg.data.shuffle, len(data.train), rows_per_step, data.mixture),
         lr_schedule=LrSchedule(cfg.train.lr, shape.warmup_steps, shape.total_steps, cfg.train.lr_schedule),
     )
-    state = resume_state(start, optimizer, fresh, shape.total_steps)  # the RNG last, right before the loop
+    load_optimizer = partial(sharding.load_optimizer_state, model, optimizer) if sharded else optimizer.load_state_dict
+    state = resume_state(start, load_optimizer, fresh, shape.total_steps, main)  # the RNG last, right before the loop
     state.early_stopping, state.best = watches(cfg, state if start else None)
     if main and state.best and state.best.best_step is not None:  # a kill between a best checkpoint and best.json
         write_best(run_dir, state.best)
@@ -186,10 +209,13 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
     uploader = checkpoint_jobs.start_uploader(cfg, run_dir) if main else None
     exporter = checkpoint_jobs.start_exporter(cfg, run_dir) if main else None
     out = held.enter_context(MetricsLog(run_dir / "metrics.jsonl", shape.total_steps, state.step, main))  # closed on any error too
-    sampler = sampling.Sampler(prompts, cfg.train, tokenizer, run_dir, shape.total_steps, shape.steps_per_epoch, out, trackers, main)
+    # a sharded model answers on every process in step (each forward gathers parameters); the main process writes
+    sampler = sampling.Sampler(
+        prompts, cfg.train, tokenizer, run_dir, shape.total_steps, shape.steps_per_epoch, out, trackers, main or sharded, main
+    )
     validator = Validator(cfg, run_dir, tokenizer, accelerator, shape.total_steps)
     if not start:
-        sampler.sample_if_due(0, heads.language_model(bare))  # the starting weights' answers
+        sampler.sample_if_due(0, bare)  # the starting weights' answers
         base_values = validator.run(0, bare)  # the base model through the suites: the start of every validation curve
         validator.store(0, None, 0.0, False)  # also a suite skipped at step 0 (no trained head yet), as eval records it
         decide(cfg, state, 0, base_values)  # a watched metric its suite does not produce fails now, before any training
@@ -200,7 +226,6 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
     save = CheckpointWriter(
         run_dir, accelerator, cfg, shape, bare, tokenizer, optimizer, batch, fingerprint, uploader, out, init_record, exporter
     )
-    trainable = [p for p in model.parameters() if p.requires_grad]
     loop = Loop(
         cfg=cfg,
         shape=shape,
@@ -247,14 +272,15 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
     )
 
 
-def resume_state(start: Path | None, optimizer: torch.optim.Optimizer, fresh: TrainState, total_steps: int) -> TrainState:
+def resume_state(start: Path | None, load_optimizer: Callable[[dict], Any], fresh: TrainState, total_steps: int, main: bool) -> TrainState:
     """The progress to continue from: `fresh` (step 0) without a checkpoint, else the checkpoint's, with its optimizer
-    state and every RNG restored. The data order and the lr schedule follow this config (checked against the checkpoint's
-    before the model was loaded), not the copies the checkpoint recorded."""
+    state (`load_optimizer(state_dict)`) and every RNG restored. The data order and the lr schedule follow this config
+    (checked against the checkpoint's before the model was loaded), not the copies the checkpoint recorded."""
     if not start:
         return fresh
-    resumed = TrainState.from_json(checkpoint.restore_state(start, optimizer))
-    log.info("resuming from %s: step %d of %d, %s tokens seen", start, resumed.step, total_steps, f"{resumed.tokens_seen:,}")
+    resumed = TrainState.from_json(checkpoint.restore_state(start, load_optimizer))
+    if main:
+        log.info("resuming from %s: step %d of %d, %s tokens seen", start, resumed.step, total_steps, f"{resumed.tokens_seen:,}")
     return replace(resumed, data=fresh.data, lr_schedule=fresh.lr_schedule)
 
 
@@ -406,6 +432,11 @@ class CheckpointWriter:
         """Write checkpoint `step` of `state`, saved by `rules`, with the step's `metrics` and `extra` entries
         (validation, stop_reason) in its meta.json; then best.json (when this step is the best) and retention."""
         self.accelerator.wait_for_everyone()
+        tensors, optimizer_state = None, None
+        if sharding.is_sharded(self.accelerator):  # every process takes part in gathering; the main process writes
+            sharding.reshard(self.model)
+            tensors = sharding.gather_weights(self.model, trainable_only=self.cfg.model.method != "full")
+            optimizer_state = sharding.gather_optimizer_state(self.model, self.optimizer)
         if not self.accelerator.is_main_process:
             return checkpoint.checkpoint_dir(self.run_dir, step)
         cfg, ck = self.cfg, self.cfg.checkpoint
@@ -425,8 +456,8 @@ class CheckpointWriter:
         path = checkpoint.save(
             self.run_dir,
             step,
-            lambda d: save_weights(self.model, self.tokenizer, d, cfg.objective),
-            checkpoint.capture_state(self.optimizer, state.to_json()),
+            lambda d: save_weights(self.model, self.tokenizer, d, cfg.objective, tensors),
+            checkpoint.capture_state(self.optimizer.state_dict() if optimizer_state is None else optimizer_state, state.to_json()),
             meta,
             saved_bytes(self.model),
         )

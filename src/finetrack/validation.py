@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import rundir
+from . import rundir, sharding
 from .config import Config, ConfigError, MonitorConfig, load_config
 from .config_monitor import rate_rules
 from .evaluate.spec import validates_at, validation_every_steps
@@ -76,7 +76,7 @@ class Validator:
         was_training = model.training
         model.eval()
         try:
-            with untouched_rng(), torch.no_grad():
+            with untouched_rng(), torch.no_grad(), sharding.gathered(model):
                 for suite in todo:
                     skipped = skip_reason(suite, self.cfg, None if step == 0 else self.run_dir)
                     if skipped:

@@ -1,0 +1,168 @@
+"""Sharded training (accelerate's FSDP2 plugin) on CPU with gloo, through the real launcher and the accelerate config a
+user copies (examples/accelerate/fsdp2.yaml): LoRA and full fine-tuning give the one-process trajectory at the same
+global batch; checkpoints are gathered and written as one process writes them (same files, the optimizer state in the
+one-process layout), loadable by plain transformers / PEFT; kill -9 of the launcher and the same command resumes bit for
+bit; a one-process run continues from a sharded run's checkpoint; DeepSpeed, FSDP1 and QLoRA under FSDP are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import read_jsonl
+from safetensors.torch import load_file
+from test_multiprocess import BIN, free_port, launch, metrics, write_config
+
+from finetrack import checkpoint
+
+ACCELERATE_CONFIG = Path(__file__).resolve().parents[1] / "examples/accelerate/fsdp2.yaml"
+TIMING = ("tokens_per_s", "peak_mem_mib", "time")
+
+
+def fsdp(*args: str) -> list[str]:
+    """The command the README gives for sharded training, 2 processes."""
+    return [
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        str(ACCELERATE_CONFIG),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        free_port(),
+        "-m",
+        "finetrack",
+        "train",
+        *args,
+    ]
+
+
+def optimizer_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / checkpoint.STATE_TENSORS)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fsdp_gives_the_one_process_trajectory_and_checkpoints(tmp_path, tiny_model_dir, chat_file, method):
+    one = write_config(tmp_path, tiny_model_dir, chat_file, tmp_path / "one", grad_accum_steps=2)
+    two = write_config(tmp_path, tiny_model_dir, chat_file, tmp_path / "two")
+    for path in (one, two):
+        path.write_text(path.read_text().replace(f"name: {tiny_model_dir}", f"name: {tiny_model_dir}\n  method: {method}"))
+    r = launch([sys.executable, "-m", "finetrack", "train", str(one)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = launch(fsdp(str(two)), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "FSDP2: parameters, gradients and optimizer state sharded over 2 processes" in r.stderr
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert sorted(a) == sorted(b) == list(range(7))
+    # stated tolerance: rel 1e-5 (the reduce-scatter sums the processes' gradients in its own order)
+    for step in range(1, 7):
+        for key in ("loss", "grad_norm", "tokens", "target_tokens", "eval_loss", "val/qa.has_a"):
+            if key in a[step]:
+                assert b[step][key] == pytest.approx(a[step][key], rel=1e-5), (step, key)
+    assert {k for r in a.values() for k in r} == {k for r in b.values() for k in r}
+    for step in (2, 4, 6):  # the same files, written once, in the same format
+        x, y = checkpoint.checkpoint_dir(tmp_path / "one", step), checkpoint.checkpoint_dir(tmp_path / "two", step)
+        checkpoint.verify(y)
+        assert sorted(p.relative_to(x).as_posix() for p in x.rglob("*")) == sorted(p.relative_to(y).as_posix() for p in y.rglob("*"))
+    x, y = checkpoint.checkpoint_dir(tmp_path / "one", 6), checkpoint.checkpoint_dir(tmp_path / "two", 6)
+    weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    wa, wb = load_file(x / weights), load_file(y / weights)
+    assert sorted(wa) == sorted(wb)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), k
+    # the optimizer state: the one-process layout (tensor names = parameter positions), the same values
+    oa, ob = optimizer_tensors(x), optimizer_tensors(y)
+    assert sorted(oa) == sorted(ob) and len(oa) > 2
+    for k in oa:
+        assert torch.allclose(oa[k], ob[k], rtol=1e-4, atol=1e-7), k
+    ta, tb = (json.loads((d / checkpoint.STATE_JSON).read_text())["optimizer"]["param_groups"] for d in (x, y))
+    assert ta == tb
+    # the consolidated weights load where the library loads them, without finetrack
+    if method == "full":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(y)
+        assert torch.equal(model.state_dict()["model.layers.0.mlp.up_proj.weight"], wb["model.layers.0.mlp.up_proj.weight"])
+    else:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), y)
+    # samples and validation: answered by both processes in step, written once
+    assert [(s["step"], s["answer"]) for s in read_jsonl(tmp_path / "two/samples.jsonl")] == [
+        (s["step"], s["answer"]) for s in read_jsonl(tmp_path / "one/samples.jsonl")
+    ]
+    for name in ("step-000000.json", "step-000006.json"):  # validation results stored with their checkpoint
+        va, vb = (json.loads((tmp_path / d / "eval" / name).read_text()) for d in ("one", "two"))
+        assert vb["metrics"] == pytest.approx(va["metrics"], rel=1e-5)
+
+
+def test_fsdp_killed_launcher_resumes_bit_for_bit_and_one_process_continues(tmp_path, tiny_model_dir, chat_file):
+    settings = {"max_steps": 30, "micro_batch_size": 2, "sample_every_steps": None}
+    full = write_config(tmp_path, tiny_model_dir, chat_file, tmp_path / "full", **settings)
+    cut = write_config(tmp_path, tiny_model_dir, chat_file, tmp_path / "cut", **settings)
+    for path in (full, cut):
+        path.write_text(path.read_text().replace(f"name: {tiny_model_dir}", f"name: {tiny_model_dir}\n  method: full"))
+    r = launch(fsdp(str(full)), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    proc = subprocess.Popen(fsdp(str(cut)), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (tmp_path / "cut/checkpoints/step-000006/MANIFEST.json").is_file():
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # the launcher only
+    proc.wait()
+    time.sleep(5)
+    assert subprocess.run(["pgrep", "-f", f"finetrack train {cut}"], capture_output=True, text=True).stdout.split() == []
+    assert not (tmp_path / "cut/checkpoints/step-000030").exists(), "the run finished before it was cut off"
+    r = launch(fsdp(str(cut)), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("resuming from") == 1  # said once, by the main process
+    a, b = ({s: {k: v for k, v in row.items() if k not in TIMING} for s, row in metrics(tmp_path / d).items()} for d in ("full", "cut"))
+    assert a == b
+    x, y = (d / "checkpoints/step-000030" for d in (tmp_path / "full", tmp_path / "cut"))
+    for name in ("model.safetensors", checkpoint.STATE_TENSORS):
+        assert (x / name).read_bytes() == (y / name).read_bytes(), name
+
+    # a sharded run's checkpoint is a one-process checkpoint: one process continues it (another process count is
+    # refused without --allow-config-change, as for data parallel)
+    r = launch([sys.executable, "-m", "finetrack", "train", str(cut), "train.max_steps=32"], tmp_path)
+    assert r.returncode == 2 and "it was trained by 2 process(es), this launch has 1" in r.stderr, r.stderr[-2000:]
+    r = launch(
+        [sys.executable, "-m", "finetrack", "train", str(cut), "train.max_steps=32", "train.grad_accum_steps=2", "--allow-config-change"],
+        tmp_path,
+    )
+    assert r.returncode == 0 and "done: 32 steps" in r.stdout + r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "env, args, expected",
+    [
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, [], "DeepSpeed: not supported"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, [], "finetrack supports FSDP2 only"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["model.method=qlora"], "model.method qlora under FSDP"),
+    ],
+)
+def test_sharded_launches_finetrack_cannot_checkpoint_are_refused(tmp_path, tiny_model_dir, chat_file, env, args, expected):
+    """What accelerate launch sets for a DeepSpeed or FSDP1 config (or QLoRA under FSDP): one error line, before any
+    model is loaded or the run directory exists."""
+    config = write_config(tmp_path, tiny_model_dir, chat_file, tmp_path / "out")
+    r = subprocess.run(
+        [sys.executable, "-m", "finetrack", "train", str(config), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
