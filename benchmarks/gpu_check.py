@@ -10,6 +10,10 @@ Parts (each in its own process, so one failure or one out-of-memory does not sto
   measured peak (torch.cuda.max_memory_allocated, metrics.jsonl peak_mem_mib).
 - qlora: the same with model.method=qlora (bitsandbytes 4-bit base), fewer steps.
 - paged: the same LoRA run with train.optimizer=paged_adamw_8bit (bitsandbytes), fewer steps.
+- fsdp: the same LoRA run sharded with FSDP2 over every GPU (`accelerate launch --config_file
+  examples/accelerate/fsdp2.yaml`, NCCL), a few steps with a checkpoint every 2, killed with SIGTERM after its
+  first checkpoint and resumed by the same command: the checkpoint gathered on CUDA verifies and loads in PEFT, the
+  resumed run reaches its last step.
 - eval: the embedded SmolLM2-135M-Instruct trained for a few LoRA steps, then `finetrack eval` with eval.engine=hf and
   eval.engine=vllm on the same steps: a greedy judge suite on a probe set (answers identical? judged rate of each engine)
   and a sampled distribution suite (each option's share within 4.5 standard errors? Wasserstein of each engine), and
@@ -28,6 +32,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import random
 import shutil
 import subprocess
@@ -38,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 RESULT_PREFIX = "GPU_CHECK_RESULT "
-PARTS = ("train", "qlora", "paged", "eval")
+PARTS = ("train", "qlora", "paged", "fsdp", "eval")
 WARMUP_STEPS = 3  # the first steps compile kernels and warm the allocator: not timed
 MICRO_BATCH = 16  # rows of 1024 tokens per step (no accumulation): 16,384 tokens
 SAMPLES_PER_ITEM = 300
@@ -221,6 +226,50 @@ def run_child(part: str, overrides: list[str], timeout_s: float) -> dict[str, An
     return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
+def part_fsdp(work: Path, model_dir: Path, data: Path, steps: int, timeout_s: float) -> dict[str, Any]:
+    """Sharded LoRA over every GPU: SIGTERM after the first checkpoint, the same command resumes; the gathered
+    checkpoints verify and load in PEFT."""
+    import signal
+
+    import torch
+
+    from finetrack import checkpoint
+
+    run = work / "run-fsdp"
+    shutil.rmtree(run, ignore_errors=True)
+    config = Path(__file__).resolve().parents[1] / "examples/accelerate/fsdp2.yaml"
+    accelerate = Path(sys.executable).parent / "accelerate"
+    command = [str(accelerate), "launch", "--config_file", str(config), "--num_processes", str(torch.cuda.device_count())]
+    command += ["-m", "finetrack", "train", *train_overrides(model_dir, data, run, steps, "checkpoint.every_steps=2")]
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    while proc.poll() is None and not (run / "checkpoints/step-000002/MANIFEST.json").is_file():
+        if time.perf_counter() - started > timeout_s:
+            proc.kill()
+            raise RuntimeError("no checkpoint at step 2 in time")
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)  # finetrack's stop signal: every process stops at one step with a checkpoint
+    proc.communicate(timeout=timeout_s)
+    first_s = time.perf_counter() - started
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"resume exit {done.returncode}: {(done.stderr.strip().splitlines() or ['?'])[-1][:300]}")
+    final = checkpoint.checkpoint_dir(run, steps)
+    checkpoint.verify(final, full=True)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), final)
+    return {
+        "processes": torch.cuda.device_count(),
+        "resumed": "resuming from" in done.stderr,
+        "steps": steps,
+        "checkpoints": sorted(p.name for p in (run / "checkpoints").glob("step-*")),
+        "first_s": first_s,
+        "resume_s": time.perf_counter() - started - first_s,
+    }
+
+
 def finetrack(*argv: str, timeout_s: float) -> float:
     """`python -m finetrack ARGV` in its own process; its wall time in seconds (a failure raises with its last line)."""
     started = time.perf_counter()
@@ -340,6 +389,11 @@ def summary_line(part: str, r: dict[str, Any]) -> str:
             f"{_rounded(r['wasserstein_vllm'])}; eval wall time hf {r['hf_s']:.0f} s vs vllm {r['vllm_s']:.0f} s "
             f"({r['hf_s'] / r['vllm_s']:.2f}x) for {r['answers_per_engine']:,} answers"
         )
+    if part == "fsdp":
+        return (
+            f"{r['processes']} process(es): SIGTERM after step 2, resumed {r['resumed']}, checkpoints {r['checkpoints']} verified, "
+            f"loaded in PEFT; {r['first_s']:.0f} s + {r['resume_s']:.0f} s"
+        )
     mfu = f"MFU {100 * r['mfu']:.1f}% of {r['peak_tflops']:.0f} TFLOP/s" if r["mfu"] is not None else "MFU ? (GPU not in target.GPUS)"
     return (
         f"{r['params'] / 1e9:.2f}B params, {r['tokens_per_s']:,.0f} tokens/s (steps {r['timed_steps']}), {mfu}; peak "
@@ -376,7 +430,7 @@ def main() -> int:
     results: dict[str, dict[str, Any]] = {}
     bnb = importlib.util.find_spec("bitsandbytes") is not None
     try:
-        if {"train", "qlora", "paged"} & set(parts):
+        if {"train", "qlora", "paged", "fsdp"} & set(parts):
             model_dir = work / "llama-0.5b" if (work / "llama-0.5b" / "config.json").is_file() else build_model_dir(work / "llama-0.5b")
             data = write_chat_rows(work / "chat.jsonl", MICRO_BATCH * args.train_steps, 900)  # ~1,200 tokens each
         short = max(WARMUP_STEPS + 3, args.train_steps // 3)
@@ -391,6 +445,8 @@ def main() -> int:
             try:
                 if part == "eval":
                     figures = part_eval(work, args.part_timeout)
+                elif part == "fsdp":
+                    figures = part_fsdp(work, model_dir, data, short, args.part_timeout)
                 elif part != "train" and not bnb:
                     raise RuntimeError("bitsandbytes is not installed (pip install bitsandbytes)")
                 else:

@@ -46,5 +46,12 @@ def logit_probe(model, tokenizer, options: dict) -> dict:
     return {"mean_logit": float(logits.float().mean()), "scale": options["scale"]}
 
 
+def autocast_probe(model, tokenizer, options: dict) -> dict:
+    """1.0 when the suite runs under bf16 autocast on the CPU (model.mixed_precision=bf16), else 0.0."""
+    import torch
+
+    return {"autocast": float(torch.is_autocast_enabled("cpu"))}
+
+
 def returns_a_list(model, tokenizer, options: dict) -> list:
     return [1.0, 2.0]

@@ -54,7 +54,7 @@ FILE_CASES = [
     ("hf_save_steps", b"checkpoint:\n  save_steps: 100\n", ["checkpoint.every_steps"]),
     ("hf_save_total_limit", b"train:\n  save_total_limit: 2\n", ["checkpoint.num_keep_last"]),
     ("peft_lora_r", b"model:\n  lora_r: 8\n", ["model.lora.r"]),
-    ("hf_bf16", b"bf16: true\n", ["model.dtype"]),
+    ("hf_bf16", b"bf16: true\n", ["model.mixed_precision", "model.dtype: bfloat16"]),
     ("hf_max_seq_length", b"data:\n  max_seq_length: 512\n", ["data.max_length"]),
     ("hf_output_dir", b"output_dir: runs/x\n", ["output.dir"]),
     ("hf_model_name_or_path", b"model:\n  model_name_or_path: gpt2\n", ["model.name"]),

@@ -5,6 +5,8 @@ does not stay within it (benchmarks/cpu_bf16.py, README "Speed"), which is why `
 
 from __future__ import annotations
 
+import json
+
 import logging
 import platform
 from pathlib import Path
@@ -215,3 +217,41 @@ def test_training_runs_the_forward_under_bf16_autocast(tmp_path, tiny_model_dir,
     assert yaml.safe_load((result.run_dir / "config.resolved.yaml").read_text())["model"]["mixed_precision"] == "bf16"
     for f, b in zip(fp32, bf16):
         assert abs(b["loss"] - f["loss"]) / abs(f["loss"]) < TOLERANCE
+
+
+@pytest.mark.parametrize("mode", ["bf16", "none"])
+def test_samples_validation_and_eval_run_in_the_runs_precision(tmp_path, tiny_model_dir, chat_file, monkeypatch, mode):
+    """The forwards outside the training step follow model.mixed_precision too: samples, a suite validated during
+    training, and `finetrack eval` of the run afterwards (it reads config.resolved.yaml)."""
+    from finetrack import sampling
+    from finetrack.cli import main
+
+    seen: list[bool] = []
+    real_generate = sampling.generate
+
+    def recording_generate(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "generate", recording_generate)
+    suite = "{name: probe, kind: python, function: 'judge_helpers:autocast_probe', every_steps: 2}"
+    result, metrics = tiny_run(
+        tmp_path,
+        tiny_model_dir,
+        chat_file,
+        f"model.mixed_precision={mode}",
+        "train.max_steps=2",
+        "train.sample_every_steps=2",
+        "train.sample_prompts=[alpha beta]",
+        "train.sample_generation={max_new_tokens: 2}",
+        f"eval.suites=[{suite}]",
+    )
+    expected = 1.0 if mode == "bf16" else 0.0
+    assert seen == [mode == "bf16"] * 2  # step 0 and step 2
+    assert [m["val/probe.autocast"] for m in metrics if "val/probe.autocast" in m] == [expected, expected]
+    for step in (0, 2):
+        (result.run_dir / "eval" / f"step-{step:06d}.json").unlink()  # evaluated again by finetrack eval below
+    assert main(["eval", str(result.run_dir)]) == 0
+    for step in (0, 2):
+        record = json.loads((result.run_dir / "eval" / f"step-{step:06d}.json").read_text())
+        assert record["suites"]["probe"]["metrics"] == {"autocast": expected}

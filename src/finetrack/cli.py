@@ -49,10 +49,17 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def _main_process() -> bool:
+    """Rank 0 of a launch (torchrun, accelerate launch), or a process started alone."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _setup_output(verbose: bool) -> None:
     handler = _StderrHandler()
     handler.setFormatter(_RedactingFormatter("%(message)s"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
+    if not _main_process() and not verbose:  # the other processes of a launch would repeat each line; warnings still show
+        logging.getLogger("finetrack").setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if verbose:
         return
@@ -102,6 +109,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(config, overrides)
     _share_cores()
     result = run(cfg, request=request)
+    if not _main_process():  # a launcher's other processes trained the same run: the main process reports it
+        return 0
     stop = result.stop_reason
     if result.resumed_from_step == result.total_steps or (stop and result.resumed_from_step == stop.get("step")):
         ended = f"stopped early at step {stop['step']} ({stop.get('message')})" if stop else f"{result.total_steps} steps"

@@ -69,7 +69,7 @@ FOREIGN_KEYS = {
     "model_name": "model.name",
     "model_id": "model.name",
     "torch_dtype": "model.dtype",
-    "bf16": "model.dtype (e.g. model.dtype: bfloat16)",
+    "bf16": "model.mixed_precision (bf16 autocast over float32 weights, what bf16: true means in transformers; bfloat16 weights are model.dtype: bfloat16)",
     "fp16": "model.dtype (e.g. model.dtype: float16)",
     "load_in_4bit": "model.method (model.method: qlora)",
     "attn_implementation": "model.attn_implementation",

@@ -34,7 +34,7 @@ from .rundir import checkpoint_dir
 from .train_state import TrainState
 from .validation import Validator, decide
 
-# step, state, rules, metrics, meta -> folder: writes the checkpoint of `step` (every process calls it; see train.CheckpointWriter)
+# step, state, rules, metrics, meta -> folder: writes the checkpoint of `step` (every process calls it; see checkpoint_jobs.CheckpointWriter)
 SaveCheckpoint = Callable[[int, TrainState, list[str], dict[str, Any], dict[str, Any]], Path]
 
 

@@ -10,8 +10,8 @@ Samples of step N are written before the checkpoint of step N, so a checkpoint i
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +96,7 @@ class Sampler:
         trackers: Trackers,
         answers: bool,
         writes: bool,
+        precision: Callable[[], AbstractContextManager] = nullcontext,
     ) -> None:
         self.prompts, self.gen, self.every_steps = prompts, train.sample_generation, train.sample_every_steps
         self.tokenizer, self.path = tokenizer, run_dir / SAMPLES_FILE
@@ -103,6 +104,7 @@ class Sampler:
         self.out, self.trackers = out, trackers
         self.enabled = answers and bool(prompts)
         self.writes = writes
+        self.precision = precision  # the context of the run's forwards (model.mixed_precision)
 
     def due(self, step: int) -> bool:
         """Step 0 (the starting weights), every sample_every_steps, and the last step."""
@@ -113,7 +115,7 @@ class Sampler:
         `step`, and record the answers."""
         if not self.due(step):
             return
-        with untouched_rng(), sharding.gathered(model):
+        with untouched_rng(), sharding.gathered(model), self.precision():
             answers = generate(language_model(model), self.tokenizer, [p.messages for p in self.prompts], self.gen)
         if not self.writes:
             return

@@ -44,7 +44,6 @@ from .config import (
     Environment,
     Resolved,
     RunShape,
-    config_hash,
     effective_dump,
     resolve,
     resolved_yaml,
@@ -53,7 +52,7 @@ from .data import prepare, report_line
 from .interrupt import Interrupted, StopFlag
 from .loop import Loop, fit
 from .metrics import MetricsLog
-from .models import build_model, check_source, load_tokenizer, load_weights, save_weights, saved_bytes, trainable_report
+from .models import build_model, check_source, load_tokenizer, load_weights, trainable_report
 from .objectives import Objective
 from .optim import build_optimizer, check_optimizer
 from .resume import Request
@@ -211,7 +210,17 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
     out = held.enter_context(MetricsLog(run_dir / "metrics.jsonl", shape.total_steps, state.step, main))  # closed on any error too
     # a sharded model answers on every process in step (each forward gathers parameters); the main process writes
     sampler = sampling.Sampler(
-        prompts, cfg.train, tokenizer, run_dir, shape.total_steps, shape.steps_per_epoch, out, trackers, main or sharded, main
+        prompts,
+        cfg.train,
+        tokenizer,
+        run_dir,
+        shape.total_steps,
+        shape.steps_per_epoch,
+        out,
+        trackers,
+        answers=main or sharded,
+        writes=main,
+        precision=partial(precision.autocast, cfg.model, device.type),
     )
     validator = Validator(cfg, run_dir, tokenizer, accelerator, shape.total_steps)
     if not start:
@@ -223,7 +232,7 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
             out.write({"step": 0, "epoch": 0.0, **base_values})
             trackers.log_metrics({"step": 0, **base_values})
     out.watched = [w.metric for w in (state.early_stopping, state.best) if w]
-    save = CheckpointWriter(
+    save = checkpoint_jobs.CheckpointWriter(
         run_dir, accelerator, cfg, shape, bare, tokenizer, optimizer, batch, fingerprint, uploader, out, init_record, exporter
     )
     loop = Loop(
@@ -407,73 +416,6 @@ def _already_complete(run_dir: Path, start: Path, saved: dict, cfg: Config, main
         saved.get("stop_reason"),
         rundir.read_best(run_dir) if main else None,
     )
-
-
-@dataclass(frozen=True)
-class CheckpointWriter:
-    """Writes the checkpoint of a step. Every process calls it (they meet here, so the weights are final on all of
-    them); the main process writes, hands the folder to the uploader and applies retention."""
-
-    run_dir: Path
-    accelerator: Any
-    cfg: Config
-    shape: RunShape
-    model: nn.Module  # unwrapped
-    tokenizer: Any
-    optimizer: torch.optim.Optimizer
-    resolved: dict  # the resolved values a resume checks (global_batch_size)
-    data_fingerprint: str
-    uploader: Any  # storage.Uploader or None
-    out: MetricsLog
-    init_from: dict[str, Any] | None  # the warm start's record (model.init_from), in every checkpoint's meta
-    exporter: Any = None  # export.background.Exporter (checkpoint.export) or None
-
-    def __call__(self, step: int, state: TrainState, rules: list[str], metrics: dict[str, Any], extra: dict[str, Any]) -> Path:
-        """Write checkpoint `step` of `state`, saved by `rules`, with the step's `metrics` and `extra` entries
-        (validation, stop_reason) in its meta.json; then best.json (when this step is the best) and retention."""
-        self.accelerator.wait_for_everyone()
-        tensors, optimizer_state = None, None
-        if sharding.is_sharded(self.accelerator):  # every process takes part in gathering; the main process writes
-            sharding.reshard(self.model)
-            tensors = sharding.gather_weights(self.model, trainable_only=self.cfg.model.method != "full")
-            optimizer_state = sharding.gather_optimizer_state(self.model, self.optimizer)
-        if not self.accelerator.is_main_process:
-            return checkpoint.checkpoint_dir(self.run_dir, step)
-        cfg, ck = self.cfg, self.cfg.checkpoint
-        meta = {
-            "epoch": step / self.shape.steps_per_epoch,
-            "total_steps": self.shape.total_steps,
-            "tokens_seen": state.tokens_seen,
-            "rules": rules,
-            "metrics": metrics,
-            **extra,
-            **({"init_from": self.init_from} if self.init_from else {}),
-            "config_hash": config_hash(cfg),
-            "config": effective_dump(cfg),
-            "resolved": self.resolved,
-            "data_fingerprint": self.data_fingerprint,
-        }
-        path = checkpoint.save(
-            self.run_dir,
-            step,
-            lambda d: save_weights(self.model, self.tokenizer, d, cfg.objective, tensors),
-            checkpoint.capture_state(self.optimizer.state_dict() if optimizer_state is None else optimizer_state, state.to_json()),
-            meta,
-            saved_bytes(self.model),
-        )
-        self.out.say(f"checkpoint: {path} ({', '.join(rules)})")
-        best_step = state.best.best_step if state.best else None
-        if state.best and best_step == step:  # after the checkpoint is complete: best.json never names a partial one
-            write_best(self.run_dir, state.best)
-            self.out.say(f"best: step {step}, {state.best.metric} {state.best.best_value:.6g}")
-        if self.uploader:
-            self.uploader.submit(path)
-        if self.exporter:
-            self.exporter.submit(path)
-        busy = (self.uploader.busy() if self.uploader else set()) | (self.exporter.busy() if self.exporter else set())
-        for line in checkpoint.retain(self.run_dir, ck.num_keep_last, ck.keep_schedule, ck.keep_optimizer_state, busy, best_step):
-            self.out.say(f"retention: {line}")
-        return path
 
 
 def _share_path(accelerator, path: Path | None) -> Path | None:

@@ -7,6 +7,7 @@ direction, adapter_view, sae, or a user's python function); Judges holds the jud
 from __future__ import annotations
 
 import importlib
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -116,46 +117,51 @@ def run_suite(
     prepared rows when the caller keeps them (validation during training), else read now. `reference`: the base
     model and the checkpoint folders, for the suites that compare with them (`finetrack eval` only); `model` is None
     for a step whose suites read files alone (adapter) or get their answers from `answerer` alone. `answerer`: the
-    step's vLLM answers (engine.py), used by the suites that generate (judge, distribution with method sample)."""
+    step's vLLM answers (engine.py), used by the suites that generate (judge, distribution with method sample).
+    The forwards run in the precision the run trained in (model.mixed_precision bf16: under autocast, during training
+    and in `finetrack eval` alike; a run from before the field: none)."""
+    from .. import precision
     from ..heads import language_model
 
-    if isinstance(suite, (RepresentationSuite, DirectionSuite, AdapterSuite, SaeSuite)):
-        if reference is None:
-            raise ConfigError(f"eval suite '{suite.name}': compares checkpoints with the base model; run it with `finetrack eval`")
-        if isinstance(suite, AdapterSuite):
-            from . import adapter_view
+    trained_bf16 = cfg.model.mixed_precision == "bf16"
+    with precision.autocast(cfg.model, accelerator.device.type) if trained_bf16 else nullcontext():
+        if isinstance(suite, (RepresentationSuite, DirectionSuite, AdapterSuite, SaeSuite)):
+            if reference is None:
+                raise ConfigError(f"eval suite '{suite.name}': compares checkpoints with the base model; run it with `finetrack eval`")
+            if isinstance(suite, AdapterSuite):
+                from . import adapter_view
 
-            result = adapter_view.run(suite, reference.folder, reference.previous)
-        else:
-            module = {RepresentationSuite: "representation", DirectionSuite: "direction", SaeSuite: "sae"}[type(suite)]
-            scorer = importlib.import_module(f".{module}", __package__).run
-            result = scorer(suite, language_model(model), tokenizer, cfg, reference)
+                result = adapter_view.run(suite, reference.folder, reference.previous)
+            else:
+                module = {RepresentationSuite: "representation", DirectionSuite: "direction", SaeSuite: "sae"}[type(suite)]
+                scorer = importlib.import_module(f".{module}", __package__).run
+                result = scorer(suite, language_model(model), tokenizer, cfg, reference)
+            bar.update(1)
+            return result
+
+        if isinstance(suite, (LossSuite, RegressionSuite, ContrastiveSuite)):
+            from . import contrastive, loss, regression
+
+            scorer = {LossSuite: loss.run, RegressionSuite: regression.run, ContrastiveSuite: contrastive.run}[type(suite)]
+            result = scorer(suite, model, tokenizer, rows or loss.load_rows(suite, cfg, tokenizer), cfg, accelerator)
+            bar.update(1)
+            return result
+        model = language_model(model)
+        if isinstance(suite, JudgeSuite):
+            from . import freeform
+            from .questions import load_questions
+
+            return freeform.run(suite, answerer or model, tokenizer, load_questions(Path(suite.questions)), judges, bar.update)
+        if isinstance(suite, DistributionSuite):
+            from . import distribution
+
+            # generate() hands the sampled answers to the answerer; method probs reads the model's probabilities itself
+            generator = answerer if answerer is not None and suite.method == "sample" else model
+            return distribution.run(suite, generator, tokenizer, bar.update)
+        assert isinstance(suite, PythonSuite)
+        fn = _python_suite_function(suite)
+        metrics = fn(model, tokenizer, dict(suite.options))
         bar.update(1)
-        return result
-
-    if isinstance(suite, (LossSuite, RegressionSuite, ContrastiveSuite)):
-        from . import contrastive, loss, regression
-
-        scorer = {LossSuite: loss.run, RegressionSuite: regression.run, ContrastiveSuite: contrastive.run}[type(suite)]
-        result = scorer(suite, model, tokenizer, rows or loss.load_rows(suite, cfg, tokenizer), cfg, accelerator)
-        bar.update(1)
-        return result
-    model = language_model(model)
-    if isinstance(suite, JudgeSuite):
-        from . import freeform
-        from .questions import load_questions
-
-        return freeform.run(suite, answerer or model, tokenizer, load_questions(Path(suite.questions)), judges, bar.update)
-    if isinstance(suite, DistributionSuite):
-        from . import distribution
-
-        # generate() hands the sampled answers to the answerer; method probs reads the model's probabilities itself
-        generator = answerer if answerer is not None and suite.method == "sample" else model
-        return distribution.run(suite, generator, tokenizer, bar.update)
-    assert isinstance(suite, PythonSuite)
-    fn = _python_suite_function(suite)
-    metrics = fn(model, tokenizer, dict(suite.options))
-    bar.update(1)
-    if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) or v is None for v in metrics.values()):
-        raise ConfigError(f"eval suite '{suite.name}': {suite.function} must return {{metric: number or None}}, got {metrics!r:.200}")
-    return {"metrics": metrics, "counts": {}}
+        if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) or v is None for v in metrics.values()):
+            raise ConfigError(f"eval suite '{suite.name}': {suite.function} must return {{metric: number or None}}, got {metrics!r:.200}")
+        return {"metrics": metrics, "counts": {}}
