@@ -1,5 +1,5 @@
 """Sharded training (accelerate's FSDP2 plugin) on CPU with gloo, through the real launcher and the accelerate config a
-user copies (examples/accelerate/fsdp2.yaml): LoRA and full fine-tuning give the one-process trajectory at the same
+user copies (examples/accelerate/fsdp2.yaml): LoRA, full fine-tuning and a regression head give the one-process trajectory at the same
 global batch; checkpoints are gathered and written as one process writes them (same files, the optimizer state in the
 one-process layout), loadable by plain transformers / PEFT; kill -9 of the launcher and the same command resumes bit for
 bit; a one-process run continues from a sharded run's checkpoint; DeepSpeed, FSDP1 and QLoRA under FSDP are refused."""
@@ -99,6 +99,36 @@ def test_fsdp_gives_the_one_process_trajectory_and_checkpoints(tmp_path, tiny_mo
     for name in ("step-000000.json", "step-000006.json"):  # validation results stored with their checkpoint
         va, vb = (json.loads((tmp_path / d / "eval" / name).read_text()) for d in ("one", "two"))
         assert vb["metrics"] == pytest.approx(va["metrics"], rel=1e-5)
+
+
+def test_fsdp_with_a_regression_head(tmp_path, tiny_model_dir, regression_file):
+    """A head around a PEFT model: sharded with it, gathered with it (head.safetensors), the same trajectory."""
+    import yaml
+
+    def config(name: str, grad_accum_steps: int) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        cfg = {
+            "model": {"name": str(tiny_model_dir), "method": "lora"},
+            "data": {"path": str(regression_file), "max_length": 512, "eval_split": 0.1875},
+            "objective": {"kind": "regression", "regression": {"head": {"hidden_sizes": [8]}}},
+            "train": {"micro_batch_size": 4, "grad_accum_steps": grad_accum_steps, "max_steps": 4, "lr": 1e-2, "warmup_steps": 0},
+            "checkpoint": {"every_steps": 2},
+            "eval": {"loss_every_steps": 2, "suites": [{"name": "qa", "kind": "regression", "every_steps": 2}]},
+            "output": {"dir": str(tmp_path / name)},
+        }
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+    r = launch([sys.executable, "-m", "finetrack", "train", str(config("one", 2))], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = launch(fsdp(str(config("two", 1))), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    for step in (2, 4):
+        for key in ("loss", "grad_norm", "eval_loss", "val/qa.mse"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5), (step, key)
+    ha, hb = (load_file(tmp_path / d / "checkpoints/step-000004/head.safetensors") for d in ("one", "two"))
+    assert sorted(ha) == sorted(hb) and all(torch.allclose(ha[k], hb[k], atol=1e-6) for k in ha)
 
 
 def test_fsdp_killed_launcher_resumes_bit_for_bit_and_one_process_continues(tmp_path, tiny_model_dir, chat_file):
