@@ -112,6 +112,22 @@ def test_smoke_passes_end_to_end_and_leaves_nothing_behind(tmp_path, tiny_model_
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["real"]
 
 
+def test_smoke_launches_the_short_run_as_the_real_run_is_launched(tmp_path, tiny_model_dir, chat_file):
+    """--accelerate-config with --num-processes: the copy trains sharded (FSDP2 on gloo here), is killed and resumed."""
+    fsdp = Path(__file__).resolve().parents[1] / "examples/accelerate/fsdp2.yaml"
+    write_config(tmp_path / "cfg.yaml", tiny_model_dir, chat_file, tmp_path / "runs" / "real", remote=str(tmp_path / "bucket" / "real"))
+    args = ("--steps", STEPS, "--num-processes", "2", "--accelerate-config", str(fsdp), "--keep")
+    r = smoke(tmp_path, "cfg.yaml", *args)
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "smoke: PASS", r.stdout + r.stderr
+    items = checklist(r.stdout)
+    # every process of the job SIGKILLed (torch elastic starts the workers in sessions of their own): the resume starts
+    # from the checkpoint at the kill, not from one the workers wrote on their way out
+    assert items["resume"][0] == "PASS" and "resumed by the same command from step 4" in items["resume"][1]
+    for attempt in (1, 2):
+        log = (tmp_path / "runs" / "real-smoke" / "logs" / f"train-{attempt}.log").read_text()
+        assert "FSDP2: parameters, gradients and optimizer state sharded over 2 processes" in log
+
+
 def test_a_loss_that_does_not_go_down_fails_and_keep_keeps_the_scratch_on_s3(tmp_path, tiny_model_dir, chat_file, s3):
     """lr 1e-9 learns nothing: the loss item fails (exit 1) while the rest passes through a real S3 server; --keep keeps
     the scratch folder and the remote scratch prefix, which lies under the real prefix and is the only thing there."""
@@ -176,6 +192,7 @@ def test_a_remote_that_cannot_be_written_fails_before_training(tmp_path, tiny_mo
         (["cfg.yaml", "--scratch", "runs/real/inside"], "error: --scratch runs/real/inside: overlaps output.dir=runs/real"),
         (["cfg.yaml", "--scratch", "s3://bucket/scratch"], "error: --scratch s3://bucket/scratch: is a URL"),
         (["cfg.yaml", "train.lr=fast"], "error: override 'train.lr=fast'"),
+        (["cfg.yaml", "--accelerate-config", "nope.yaml"], "error: --accelerate-config: nope.yaml: no such file"),
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_2(tmp_path, tiny_model_dir, chat_file, args, message):

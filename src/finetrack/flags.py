@@ -258,7 +258,7 @@ def parser() -> Parser:
         "smoke",
         help="before a long run: check the environment, train a short copy (killed and resumed), sync, eval: PASS / FAIL, exit 0 / 1",
         description="finetrack smoke CONFIG.yaml [section.key=value ...] [--steps N] [--price-per-hour PRICE] [--num-processes N] "
-        "[--scratch DIR] [--keep]: the infrastructure test of a run, as one command",
+        "[--accelerate-config FILE] [--scratch DIR] [--keep]: the infrastructure test of a run, as one command",
     )
     sm.add_argument("config", nargs="?", help="YAML config file of the real run (omit to use defaults)")
     sm.add_argument("overrides", nargs="*", help="section.key=value, as for train (before or after flags)")
@@ -280,6 +280,12 @@ def parser() -> Parser:
         default=1,
         metavar="N",
         help="train the short run on N processes as the real run will (torchrun on CPU, accelerate launch on GPUs)",
+    )
+    sm.add_argument(
+        "--accelerate-config",
+        metavar="FILE",
+        help="train the short run under `accelerate launch --config_file FILE` as the real run will (FSDP: "
+        "examples/accelerate/fsdp2.yaml), on --num-processes processes",
     )
     sm.add_argument("--scratch", metavar="DIR", help="scratch folder for the short run, its mirror and logs (default <output.dir>-smoke)")
     sm.add_argument("--keep", action="store_true", help="keep the scratch folder and the remote scratch prefix (deleted by default)")

@@ -46,6 +46,23 @@ def _start_time(pid: int) -> str:
     return stat.rsplit(")", 1)[-1].split()[19]  # field 22; the command name in (...) may hold spaces
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (its children, theirs, ...), read from /proc: [] where there is none (not Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[-1].split()[1])  # field 4, after the command name in (...)
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def registry_dir() -> Path:
     """Per-user folder holding one file per running finetrack compute process (FINETRACK_RUNTIME_DIR overrides)."""
     base = os.environ.get("FINETRACK_RUNTIME_DIR") or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()

@@ -29,7 +29,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import flags, rundir
+from . import flags, processes, rundir
 from .config import Config, ConfigError, load_config
 from .redact import looks_like_url, redact
 from .smoke_env import Item, clean_up, device, disk, kernels, missing_folders, probe_remote, scratch_remote, versions
@@ -56,6 +56,7 @@ def main(args: argparse.Namespace) -> int:
 
     config, overrides = flags.config_and_overrides(args)
     cfg = load_config(config, overrides)
+    accelerate_config = _accelerate_config(args.accelerate_config)
     scratch = _scratch_dir(cfg, args.scratch)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     remote = scratch_remote(cfg.checkpoint.remote, stamp) if cfg.checkpoint.remote else None
@@ -78,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
         every,
         f", remote {redact(remote)}" if remote else "",
     )
-    runner = _Runner(scratch / "logs", cuda=torch.cuda.is_available(), num_processes=args.num_processes)
+    runner = _Runner(scratch / "logs", torch.cuda.is_available(), args.num_processes, accelerate_config)
     created = missing_folders(str(scratch)) + missing_folders(remote)
     items: list[Item] = []
     try:
@@ -167,19 +168,29 @@ def _short_run_overrides(cfg: Config, steps: int, total: int, run_dir: Path, rem
 
 
 # -------------------------------------------------------------------------------------- subprocesses
+def _accelerate_config(path: str | None) -> Path | None:
+    """--accelerate-config, checked before any work."""
+    if path and not Path(path).is_file():
+        raise ConfigError(f"--accelerate-config: {path}: no such file (an accelerate config, e.g. examples/accelerate/fsdp2.yaml)")
+    return Path(path).resolve() if path else None
+
+
 class _Runner:
     """Starts finetrack commands as a user's job would (`python -m finetrack ...`, under torchrun or accelerate launch
     for several processes), each in its own session so that a kill reaches every process of it, output to a log file."""
 
-    def __init__(self, logs: Path, cuda: bool, num_processes: int) -> None:
-        self.logs, self.cuda, self.num_processes = logs, cuda, num_processes
+    def __init__(self, logs: Path, cuda: bool, num_processes: int, accelerate_config: Path | None = None) -> None:
+        self.logs, self.cuda, self.num_processes, self.accelerate_config = logs, cuda, num_processes, accelerate_config
         self.proc: subprocess.Popen | None = None
         self.env = {k: v for k, v in os.environ.items() if k != "FINETRACK_FRESH"}  # a fresh start would defeat the resume
         self.env["PYTHONUNBUFFERED"] = "1"  # the log of a killed process keeps its last lines
 
     def argv(self, verb: str, *args: str) -> list[str]:
         launcher = ["finetrack"]
-        if verb == "train" and self.num_processes > 1:
+        if verb == "train" and self.accelerate_config:  # the real run's launch (FSDP, ...), as its user starts it
+            config = ["--config_file", str(self.accelerate_config), "--num_processes", str(self.num_processes)]
+            launcher = ["accelerate.commands.launch", *config, "-m", "finetrack"]
+        elif verb == "train" and self.num_processes > 1:
             n = str(self.num_processes)
             launcher = (
                 ["accelerate.commands.launch", "--multi_gpu", "--num_processes", n, "-m", "finetrack"]
@@ -206,12 +217,15 @@ class _Runner:
         return self.wait(), path
 
     def kill(self) -> None:
-        """SIGKILL to the whole job (a launcher and its workers): a machine lost, as far as the run can tell."""
+        """SIGKILL to the whole job (a launcher and its workers): a machine lost, as far as the run can tell. A
+        launcher's workers run in sessions of their own (torch elastic starts them so): each is killed by pid, before
+        the launcher, whose death would ask them to stop cleanly (processes.stop_with_launcher)."""
         if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            for pid in [*reversed(processes.descendants(self.proc.pid)), self.proc.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             self.proc.wait()
 
     def stop(self) -> None:
