@@ -143,3 +143,27 @@ def test_rebalance_follows_processes_starting_and_ending(tmp_path, monkeypatch):
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+def test_descendants_include_workers_in_sessions_of_their_own():
+    """What smoke kills: a launcher's workers, which torch's launcher starts in new sessions (killpg misses them)."""
+    import time
+
+    from finetrack.processes import descendants
+
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'], start_new_session=True); time.sleep(30)"
+    launcher = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        found: list[int] = []
+        for _ in range(100):  # the worker starts a moment after the launcher
+            found = descendants(launcher.pid)
+            if found:
+                break
+            time.sleep(0.05)
+        assert len(found) == 1
+        assert os.getsid(found[0]) != os.getsid(launcher.pid)  # in a session of its own: killpg of the launcher misses it
+        assert descendants(found[0]) == [] and launcher.pid in descendants(os.getpid())
+    finally:
+        for pid in [*descendants(launcher.pid), launcher.pid]:
+            os.kill(pid, 9)
+        launcher.wait()
