@@ -18,11 +18,12 @@ FSDP2 runs on CPU with gloo: there finetrack selects accelerate's own plugin its
 works, and is tested, on a CPU machine.
 
 Every process must run the same forwards while the model is sharded (each layer all-gathers its parameters):
-sampling and validation run on every process with the same inputs (the main process writes), and the held-out loss
-gives every process the same number of micro-batches (`gathered`, `reshard`).
+sampling and validation run on every process with the same inputs, the main process writing (`gathered`, `reshard`),
+and the held-out loss gives every process the same number of micro-batches.
 
-DeepSpeed is refused: its ZeRO optimizer partitions are saved with torch.save (pickle), and turning them into the
-layout above needs DeepSpeed on GPUs, which no test here has; FSDP2 shards as ZeRO-3 does
+DeepSpeed is refused: its ZeRO optimizer partitions are saved with torch.save (pickle); turning them into the layout
+above needs DeepSpeed's partition metadata, and its engine takes accumulation, clipping and the optimizer step over
+from the loop. Not written, since none of it has been tested; FSDP2 shards as ZeRO-3 does
 (`fsdp_reshard_after_forward: true`) or as ZeRO-2 (`false`).
 """
 
