@@ -18,12 +18,11 @@ import pytest
 import torch
 from conftest import read_jsonl
 from safetensors.torch import load_file
-from test_multiprocess import BIN, assert_same_trajectory, free_port, launch, metrics, write_config
+from test_multiprocess import BIN, assert_same_trajectory, free_port, launch, metrics, untimed_metrics, write_config
 
 from finetrack import checkpoint
 
 ACCELERATE_CONFIG = Path(__file__).resolve().parents[1] / "examples/accelerate/fsdp2.yaml"
-TIMING = ("tokens_per_s", "peak_mem_mib", "time")
 
 
 def fsdp(*args: str) -> list[str]:
@@ -151,7 +150,7 @@ def test_fsdp_killed_launcher_resumes_bit_for_bit_and_one_process_continues(tmp_
     r = launch(fsdp(str(cut)), tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("resuming from") == 1  # said once, by the main process
-    a, b = ({s: {k: v for k, v in row.items() if k not in TIMING} for s, row in metrics(tmp_path / d).items()} for d in ("full", "cut"))
+    a, b = (untimed_metrics(tmp_path / d) for d in ("full", "cut"))
     assert a == b
     x, y = (d / "checkpoints/step-000030" for d in (tmp_path / "full", tmp_path / "cut"))
     for name in ("model.safetensors", checkpoint.STATE_TENSORS):

@@ -197,7 +197,7 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
         lr_schedule=LrSchedule(cfg.train.lr, shape.warmup_steps, shape.total_steps, cfg.train.lr_schedule),
     )
     load_optimizer = partial(sharding.load_optimizer_state, model, optimizer) if sharded else optimizer.load_state_dict
-    state = resume_state(start, load_optimizer, fresh, shape.total_steps, main)  # the RNG last, right before the loop
+    state = resume_state(start, load_optimizer, fresh, shape.total_steps)  # the RNG last, right before the loop
     state.early_stopping, state.best = watches(cfg, state if start else None)
     if main and state.best and state.best.best_step is not None:  # a kill between a best checkpoint and best.json
         write_best(run_dir, state.best)
@@ -281,15 +281,14 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
     )
 
 
-def resume_state(start: Path | None, load_optimizer: Callable[[dict], Any], fresh: TrainState, total_steps: int, main: bool) -> TrainState:
+def resume_state(start: Path | None, load_optimizer: Callable[[dict], Any], fresh: TrainState, total_steps: int) -> TrainState:
     """The progress to continue from: `fresh` (step 0) without a checkpoint, else the checkpoint's, with its optimizer
     state (`load_optimizer(state_dict)`) and every RNG restored. The data order and the lr schedule follow this config
     (checked against the checkpoint's before the model was loaded), not the copies the checkpoint recorded."""
     if not start:
         return fresh
     resumed = TrainState.from_json(checkpoint.restore_state(start, load_optimizer))
-    if main:
-        log.info("resuming from %s: step %d of %d, %s tokens seen", start, resumed.step, total_steps, f"{resumed.tokens_seen:,}")
+    log.info("resuming from %s: step %d of %d, %s tokens seen", start, resumed.step, total_steps, f"{resumed.tokens_seen:,}")
     return replace(resumed, data=fresh.data, lr_schedule=fresh.lr_schedule)
 
 
