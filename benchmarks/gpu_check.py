@@ -14,6 +14,8 @@ Parts (each in its own process, so one failure or one out-of-memory does not sto
   examples/accelerate/fsdp2.yaml`, NCCL), a few steps with a checkpoint every 2, killed with SIGTERM after its
   first checkpoint and resumed by the same command: the checkpoint gathered on CUDA verifies and loads in PEFT, the
   resumed run reaches its last step.
+- zero2: the same as fsdp with DeepSpeed ZeRO-2 (`examples/accelerate/deepspeed_zero2.yaml`; needs deepspeed): the
+  optimizer state gathered from the partitions on CUDA.
 - eval: the embedded SmolLM2-135M-Instruct trained for a few LoRA steps, then `finetrack eval` with eval.engine=hf and
   eval.engine=vllm on the same steps: a greedy judge suite on a probe set (answers identical? judged rate of each engine)
   and a sampled distribution suite (each option's share within 4.5 standard errors? Wasserstein of each engine), and
@@ -43,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 RESULT_PREFIX = "GPU_CHECK_RESULT "
-PARTS = ("train", "qlora", "paged", "fsdp", "eval")
+PARTS = ("train", "qlora", "paged", "fsdp", "zero2", "eval")
 WARMUP_STEPS = 3  # the first steps compile kernels and warm the allocator: not timed
 MICRO_BATCH = 16  # rows of 1024 tokens per step (no accumulation): 16,384 tokens
 SAMPLES_PER_ITEM = 300
@@ -226,18 +228,23 @@ def run_child(part: str, overrides: list[str], timeout_s: float) -> dict[str, An
     return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
-def part_fsdp(work: Path, model_dir: Path, data: Path, steps: int, timeout_s: float) -> dict[str, Any]:
-    """Sharded LoRA over every GPU: SIGTERM after the first checkpoint, the same command resumes; the gathered
-    checkpoints verify and load in PEFT."""
+ACCELERATE_CONFIGS = {"fsdp": "fsdp2.yaml", "zero2": "deepspeed_zero2.yaml"}  # examples/accelerate/
+
+
+def part_launched(part: str, work: Path, model_dir: Path, data: Path, steps: int, timeout_s: float) -> dict[str, Any]:
+    """LoRA over every GPU under the part's accelerate config (FSDP2, DeepSpeed ZeRO-2): SIGTERM after the first
+    checkpoint, the same command resumes; the gathered checkpoints verify and load in PEFT."""
     import signal
 
     import torch
 
     from finetrack import checkpoint
 
-    run = work / "run-fsdp"
+    if part == "zero2" and importlib.util.find_spec("deepspeed") is None:
+        raise RuntimeError("deepspeed is not installed (pip install 'finetrack[deepspeed]')")
+    run = work / f"run-{part}"
     shutil.rmtree(run, ignore_errors=True)
-    config = Path(__file__).resolve().parents[1] / "examples/accelerate/fsdp2.yaml"
+    config = Path(__file__).resolve().parents[1] / "examples/accelerate" / ACCELERATE_CONFIGS[part]
     accelerate = Path(sys.executable).parent / "accelerate"
     command = [str(accelerate), "launch", "--config_file", str(config), "--num_processes", str(torch.cuda.device_count())]
     command += ["-m", "finetrack", "train", *train_overrides(model_dir, data, run, steps, "checkpoint.every_steps=2")]
@@ -389,7 +396,7 @@ def summary_line(part: str, r: dict[str, Any]) -> str:
             f"{_rounded(r['wasserstein_vllm'])}; eval wall time hf {r['hf_s']:.0f} s vs vllm {r['vllm_s']:.0f} s "
             f"({r['hf_s'] / r['vllm_s']:.2f}x) for {r['answers_per_engine']:,} answers"
         )
-    if part == "fsdp":
+    if part in ACCELERATE_CONFIGS:
         return (
             f"{r['processes']} process(es): SIGTERM after step 2, resumed {r['resumed']}, checkpoints {r['checkpoints']} verified, "
             f"loaded in PEFT; {r['first_s']:.0f} s + {r['resume_s']:.0f} s"
@@ -430,7 +437,7 @@ def main() -> int:
     results: dict[str, dict[str, Any]] = {}
     bnb = importlib.util.find_spec("bitsandbytes") is not None
     try:
-        if {"train", "qlora", "paged", "fsdp"} & set(parts):
+        if {"train", "qlora", "paged", *ACCELERATE_CONFIGS} & set(parts):
             model_dir = work / "llama-0.5b" if (work / "llama-0.5b" / "config.json").is_file() else build_model_dir(work / "llama-0.5b")
             data = write_chat_rows(work / "chat.jsonl", MICRO_BATCH * args.train_steps, 900)  # ~1,200 tokens each
         short = max(WARMUP_STEPS + 3, args.train_steps // 3)
@@ -445,8 +452,8 @@ def main() -> int:
             try:
                 if part == "eval":
                     figures = part_eval(work, args.part_timeout)
-                elif part == "fsdp":
-                    figures = part_fsdp(work, model_dir, data, short, args.part_timeout)
+                elif part in ACCELERATE_CONFIGS:
+                    figures = part_launched(part, work, model_dir, data, short, args.part_timeout)
                 elif part != "train" and not bnb:
                     raise RuntimeError("bitsandbytes is not installed (pip install bitsandbytes)")
                 else:

@@ -2,7 +2,7 @@
 user copies (examples/accelerate/fsdp2.yaml): LoRA, full fine-tuning and a regression head give the one-process trajectory at the same
 global batch; checkpoints are gathered and written as one process writes them (same files, the optimizer state in the
 one-process layout), loadable by plain transformers / PEFT; kill -9 of the launcher and the same command resumes bit for
-bit; a one-process run continues from a sharded run's checkpoint; DeepSpeed, FSDP1 and QLoRA under FSDP are refused."""
+bit; a one-process run continues from a sharded run's checkpoint; FSDP1 and QLoRA under FSDP are refused."""
 
 from __future__ import annotations
 
@@ -170,13 +170,12 @@ def test_fsdp_killed_launcher_resumes_bit_for_bit_and_one_process_continues(tmp_
 @pytest.mark.parametrize(
     "env, args, expected",
     [
-        ({"ACCELERATE_USE_DEEPSPEED": "true"}, [], "DeepSpeed: not supported"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, [], "finetrack supports FSDP2 only"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["model.method=qlora"], "model.method qlora under FSDP"),
     ],
 )
-def test_sharded_launches_finetrack_cannot_checkpoint_are_refused(tmp_path, tiny_model_dir, chat_file, env, args, expected):
-    """What accelerate launch sets for a DeepSpeed or FSDP1 config (or QLoRA under FSDP): one error line, before any
+def test_fsdp_launches_finetrack_cannot_checkpoint_are_refused(tmp_path, tiny_model_dir, chat_file, env, args, expected):
+    """What accelerate launch sets for an FSDP1 config (or QLoRA under FSDP): one error line, before any
     model is loaded or the run directory exists."""
     config = write_config(tmp_path, tiny_model_dir, chat_file, tmp_path / "out")
     r = subprocess.run(

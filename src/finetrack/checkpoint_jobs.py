@@ -5,11 +5,11 @@ Started and finished by train.run."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from . import checkpoint, sharding
@@ -79,7 +79,7 @@ class CheckpointWriter:
     shape: RunShape
     model: nn.Module  # unwrapped
     tokenizer: Any
-    optimizer: torch.optim.Optimizer
+    optimizer_state: Callable[[], dict]  # every process calls it: optimizer.state_dict, or its gathered equivalent
     resolved: dict  # the resolved values a resume checks (global_batch_size)
     data_fingerprint: str
     uploader: Any  # storage.Uploader or None
@@ -91,11 +91,11 @@ class CheckpointWriter:
         """Write checkpoint `step` of `state`, saved by `rules`, with the step's `metrics` and `extra` entries
         (validation, stop_reason) in its meta.json; then best.json (when this step is the best) and retention."""
         self.accelerator.wait_for_everyone()
-        tensors, optimizer_state = None, None
+        tensors = None
         if sharding.is_sharded(self.accelerator):  # every process takes part in gathering; the main process writes
             sharding.reshard(self.model)
             tensors = sharding.gather_weights(self.model, trainable_only=self.cfg.model.method != "full")
-            optimizer_state = sharding.gather_optimizer_state(self.model, self.optimizer)
+        optimizer_state = self.optimizer_state()  # sharded or partitioned (ZeRO): every process takes part
         if not self.accelerator.is_main_process:
             return checkpoint.checkpoint_dir(self.run_dir, step)
         cfg, ck = self.cfg, self.cfg.checkpoint
@@ -116,7 +116,7 @@ class CheckpointWriter:
             self.run_dir,
             step,
             lambda d: save_weights(self.model, self.tokenizer, d, cfg.objective, tensors),
-            checkpoint.capture_state(self.optimizer.state_dict() if optimizer_state is None else optimizer_state, state.to_json()),
+            checkpoint.capture_state(optimizer_state, state.to_json()),
             meta,
             saved_bytes(self.model),
         )

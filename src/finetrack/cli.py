@@ -82,7 +82,20 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     args = flags.parser().parse_args(argv)
     _setup_output(args.verbose)
+    _quiet_deepspeed()
     return _VERBS[args.verb](args)
+
+
+def _quiet_deepspeed() -> None:
+    """transformers and accelerate import DeepSpeed whenever it is installed, and without a GPU its accelerator
+    detection prints a warning in every command: tell it there is none (zero.py trains with it on CPU)."""
+    import importlib.util
+
+    if "DS_ACCELERATOR" not in os.environ and importlib.util.find_spec("deepspeed") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def _share_cores() -> None:

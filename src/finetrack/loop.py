@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import processes, sharding
+from . import processes, sharding, zero
 from .batches import Batch, micro_batches, step_rows
 from .callbacks import CallbackError, Callbacks, Requests, RunView
 from .config import Config, RunShape
@@ -211,6 +211,8 @@ def train_step(loop: Loop, batches: list[Batch], lr: float) -> StepResult:
     cfg: Config = loop.cfg
     set_lr(loop.optimizer, lr)
     result = _accumulate(loop.model, batches, loop.objective, loop.accelerator)
+    if engine := zero.engine_of(loop.model):  # DeepSpeed clips at train.max_grad_norm, steps and clears the gradients
+        return replace(result, grad_norm=zero.step(engine))
     grad_norm = _clip(loop.accelerator, loop.trainable, cfg.train.max_grad_norm)
     loop.optimizer.step()
     loop.optimizer.zero_grad(set_to_none=True)
@@ -270,12 +272,15 @@ def _accumulate(model: nn.Module, batches: list[Batch], objective: Objective, ac
     device = accelerator.device
     units = _step_units(batches, accelerator)
     sums = Sums()
+    engine = zero.engine_of(model)
     for i, batch in enumerate(batches):
-        # DDP averages gradients over processes; multiplying by the world size turns that into a sum.
-        sync = nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
+        last = i == len(batches) - 1
+        # DDP and ZeRO average gradients over processes; multiplying by the world size turns that into a sum.
+        sync = nullcontext() if last or engine else accelerator.no_sync(model)
         with sync:
             terms = objective(model, batch.to(device))
-            accelerator.backward(weighted_loss(terms, units, accelerator.num_processes))
+            loss = weighted_loss(terms, units, accelerator.num_processes)
+            zero.backward(engine, loss, last) if engine else accelerator.backward(loss)
         sums.add(terms)
     return _step_result(sums, units, accelerator)
 

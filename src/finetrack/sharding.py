@@ -21,10 +21,7 @@ Every process must run the same forwards while the model is sharded (each layer 
 sampling and validation run on every process with the same inputs, the main process writing (`gathered`, `reshard`),
 and the held-out loss gives every process the same number of micro-batches.
 
-DeepSpeed is refused: its ZeRO optimizer partitions are saved with torch.save (pickle); turning them into the layout
-above needs DeepSpeed's partition metadata, and its engine takes accumulation, clipping and the optimizer step over
-from the loop. Not written, since none of it has been tested; FSDP2 shards as ZeRO-3 does
-(`fsdp_reshard_after_forward: true`) or as ZeRO-2 (`false`).
+DeepSpeed ZeRO (stages 1 and 2, which keep the whole model on every process) is zero.py.
 """
 
 from __future__ import annotations
@@ -38,7 +35,6 @@ import torch
 from torch import nn
 
 FSDP_VARIABLE = "ACCELERATE_USE_FSDP"  # what `accelerate launch` sets for an FSDP config
-DEEPSPEED_VARIABLE = "ACCELERATE_USE_DEEPSPEED"
 
 
 def _flag(name: str) -> bool:
@@ -51,16 +47,10 @@ def requested() -> bool:
 
 
 def check_launch(method: str) -> None:
-    """Refuse, before accelerate starts, a sharded launch finetrack cannot checkpoint pickle-free: DeepSpeed, FSDP
-    version 1, and QLoRA under FSDP (bitsandbytes' 4-bit weights need their own storage type to be sharded)."""
+    """Refuse, before accelerate starts, a sharded launch finetrack cannot checkpoint pickle-free: FSDP version 1, and
+    QLoRA under FSDP (bitsandbytes' 4-bit weights need their own storage type to be sharded)."""
     from .config import ConfigError
 
-    if _flag(DEEPSPEED_VARIABLE):
-        raise ConfigError(
-            "accelerate launch with DeepSpeed: not supported (its ZeRO optimizer partitions are saved with pickle and "
-            "finetrack's checkpoints are pickle-free); shard with FSDP2 instead: `accelerate launch --use_fsdp "
-            "--fsdp_version 2 ...` (fsdp_reshard_after_forward true shards like ZeRO-3, false like ZeRO-2)"
-        )
     if not requested():
         return
     version = os.environ.get("FSDP_VERSION", "1")

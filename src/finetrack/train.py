@@ -34,6 +34,7 @@ from . import (
     sharding,
     tracking,
     warm_start,
+    zero,
 )
 from .batches import batch_builder, packing_is_exact
 from .callbacks import Callbacks
@@ -108,11 +109,13 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
     callbacks = Callbacks.build(cfg.train.callbacks, list(hooks))  # so are the callbacks' files
     launched = processes.launched_processes()
     processes.stop_with_launcher()
-    sharding.check_launch(cfg.model.method)  # DeepSpeed, FSDP1: refused before accelerate imports them
+    sharding.check_launch(cfg.model.method)  # FSDP1, QLoRA under FSDP: refused before accelerate imports them
+    zero.check_launch(cfg.model.method)  # so are ZeRO-3, offloading and QLoRA under DeepSpeed
     # several processes without a GPU: accelerate's CPU data parallel (gloo), which it only sets up when told cpu=True
     cpu = launched > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(cpu=cpu, **tracking.accelerator_kwargs(cfg.train.report_to, run_dir))
     sharding.set_up(accelerator)  # an FSDP launch on CPU: accelerate's FSDP2 plugin, which it sets up on GPUs only
+    zero.set_up(accelerator, cfg.train)  # a DeepSpeed launch: its plugin on CPU too, filled from cfg.train
     sharded = sharding.is_sharded(accelerator)
     main = accelerator.is_main_process
     processes.check_launch(launched, accelerator.num_processes)
@@ -184,6 +187,7 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
     num_sources = len(data.mixture.names) if data.mixture else 1  # several: the loss split by source (Batch.channels)
     make_batch = batch_builder(tokenizer.pad_token_id, cfg.data.pack, cfg.data.pack_row_tokens, heads.language_model(model), num_sources)
     optimizer = build_optimizer(model, cfg.train, cfg.train.lr)
+    positions = [p for group in optimizer.param_groups for p in group["params"]]  # the one-process state's keys
     model, optimizer = accelerator.prepare(model, optimizer)
     bare = accelerator.unwrap_model(model)  # what sampling and checkpoints use: the same module, without DDP/FSDP wrappers
     model.train()
@@ -191,12 +195,15 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
     trainable = [p for p in model.parameters() if p.requires_grad]
     if sharded:
         log.info("FSDP2: parameters, gradients and optimizer state sharded over %d processes", accelerator.num_processes)
+    if zero_stage := zero.stage(accelerator):
+        partitioned = "optimizer state" if zero_stage == 1 else "gradients and optimizer state"
+        log.info("DeepSpeed ZeRO-%d: %s partitioned over %d processes", zero_stage, partitioned, accelerator.num_processes)
 
     fresh = TrainState(
         data=DataPosition(cfg.train.seed, cfg.data.shuffle, len(data.train), rows_per_step, data.mixture),
         lr_schedule=LrSchedule(cfg.train.lr, shape.warmup_steps, shape.total_steps, cfg.train.lr_schedule),
     )
-    load_optimizer = partial(sharding.load_optimizer_state, model, optimizer) if sharded else optimizer.load_state_dict
+    save_optimizer, load_optimizer = _optimizer_io(model, optimizer, positions, sharded)
     state = resume_state(start, load_optimizer, fresh, shape.total_steps)  # the RNG last, right before the loop
     state.early_stopping, state.best = watches(cfg, state if start else None)
     if main and state.best and state.best.best_step is not None:  # a kill between a best checkpoint and best.json
@@ -233,7 +240,7 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
             trackers.log_metrics({"step": 0, **base_values})
     out.watched = [w.metric for w in (state.early_stopping, state.best) if w]
     save = checkpoint_jobs.CheckpointWriter(
-        run_dir, accelerator, cfg, shape, bare, tokenizer, optimizer, batch, fingerprint, uploader, out, init_record, exporter
+        run_dir, accelerator, cfg, shape, bare, tokenizer, save_optimizer, batch, fingerprint, uploader, out, init_record, exporter
     )
     loop = Loop(
         cfg=cfg,
@@ -290,6 +297,18 @@ def resume_state(start: Path | None, load_optimizer: Callable[[dict], Any], fres
     resumed = TrainState.from_json(checkpoint.restore_state(start, load_optimizer))
     log.info("resuming from %s: step %d of %d, %s tokens seen", start, resumed.step, total_steps, f"{resumed.tokens_seen:,}")
     return replace(resumed, data=fresh.data, lr_schedule=fresh.lr_schedule)
+
+
+def _optimizer_io(
+    model: nn.Module, optimizer: Any, positions: list[torch.Tensor], sharded: bool
+) -> tuple[Callable[[], dict], Callable[[dict], Any]]:
+    """(save, load) of the optimizer state in the one-process layout (state keyed by parameter position): the
+    optimizer's own state_dict, or gathered from FSDP2 shards / ZeRO partitions (every process calls them)."""
+    if engine := zero.engine_of(model):
+        return partial(zero.gather_optimizer_state, engine, positions), partial(zero.load_optimizer_state, engine, positions)
+    if sharded:
+        return partial(sharding.gather_optimizer_state, model, optimizer), partial(sharding.load_optimizer_state, model, optimizer)
+    return optimizer.state_dict, optimizer.load_state_dict
 
 
 def _trim_logs(run_dir: Path, kept_through: int, resumed: bool) -> None:
