@@ -14,8 +14,9 @@ Parts (each in its own process, so one failure or one out-of-memory does not sto
   examples/accelerate/fsdp2.yaml`, NCCL), a few steps with a checkpoint every 2, killed with SIGTERM after its
   first checkpoint and resumed by the same command: the checkpoint gathered on CUDA verifies and loads in PEFT, the
   resumed run reaches its last step.
-- zero2: the same as fsdp with DeepSpeed ZeRO-2 (`examples/accelerate/deepspeed_zero2.yaml`; needs deepspeed): the
-  optimizer state gathered from the partitions on CUDA.
+- zero2, zero3: the same as fsdp with DeepSpeed ZeRO-2 / ZeRO-3 (`examples/accelerate/deepspeed_zero2.yaml`,
+  `deepspeed_zero3.yaml`; needs deepspeed): the optimizer state (ZeRO-3: the weights too) gathered from the
+  partitions on CUDA.
 - eval: the embedded SmolLM2-135M-Instruct trained for a few LoRA steps, then `finetrack eval` with eval.engine=hf and
   eval.engine=vllm on the same steps: a greedy judge suite on a probe set (answers identical? judged rate of each engine)
   and a sampled distribution suite (each option's share within 4.5 standard errors? Wasserstein of each engine), and
@@ -45,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 RESULT_PREFIX = "GPU_CHECK_RESULT "
-PARTS = ("train", "qlora", "paged", "fsdp", "zero2", "eval")
+PARTS = ("train", "qlora", "paged", "fsdp", "zero2", "zero3", "eval")
 WARMUP_STEPS = 3  # the first steps compile kernels and warm the allocator: not timed
 MICRO_BATCH = 16  # rows of 1024 tokens per step (no accumulation): 16,384 tokens
 SAMPLES_PER_ITEM = 300
@@ -228,11 +229,11 @@ def run_child(part: str, overrides: list[str], timeout_s: float) -> dict[str, An
     return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
-ACCELERATE_CONFIGS = {"fsdp": "fsdp2.yaml", "zero2": "deepspeed_zero2.yaml"}  # examples/accelerate/
+ACCELERATE_CONFIGS = {"fsdp": "fsdp2.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml"}  # examples/accelerate/
 
 
 def part_launched(part: str, work: Path, model_dir: Path, data: Path, steps: int, timeout_s: float) -> dict[str, Any]:
-    """LoRA over every GPU under the part's accelerate config (FSDP2, DeepSpeed ZeRO-2): SIGTERM after the first
+    """LoRA over every GPU under the part's accelerate config (FSDP2, DeepSpeed ZeRO-2 / ZeRO-3): SIGTERM after the first
     checkpoint, the same command resumes; the gathered checkpoints verify and load in PEFT."""
     import signal
 
@@ -240,7 +241,7 @@ def part_launched(part: str, work: Path, model_dir: Path, data: Path, steps: int
 
     from finetrack import checkpoint
 
-    if part == "zero2" and importlib.util.find_spec("deepspeed") is None:
+    if part.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
         raise RuntimeError("deepspeed is not installed (pip install 'finetrack[deepspeed]')")
     run = work / f"run-{part}"
     shutil.rmtree(run, ignore_errors=True)

@@ -294,7 +294,9 @@ GPU_CHECK = Path(__file__).parent.parent / "benchmarks" / "gpu_check.py"
 
 def test_gpu_check_parses_its_arguments_here():
     done = subprocess.run([sys.executable, str(GPU_CHECK), "--help"], check=False, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and "of train, qlora, paged, fsdp, zero2, eval" in " ".join(done.stdout.split()), done.stdout + done.stderr
+    assert done.returncode == 0 and "of train, qlora, paged, fsdp, zero2, zero3, eval" in " ".join(done.stdout.split()), (
+        done.stdout + done.stderr
+    )
     bad = subprocess.run(
         [sys.executable, str(GPU_CHECK), "--parts", "train,nope"], check=False, capture_output=True, text=True, timeout=120
     )

@@ -18,7 +18,16 @@ import pytest
 import torch
 from conftest import read_jsonl
 from safetensors.torch import load_file
-from test_multiprocess import BIN, assert_same_trajectory, free_port, launch, metrics, untimed_metrics, write_config
+from test_multiprocess import (
+    BIN,
+    assert_same_checkpoints,
+    assert_same_trajectory,
+    free_port,
+    launch,
+    metrics,
+    untimed_metrics,
+    write_config,
+)
 
 from finetrack import checkpoint
 
@@ -63,34 +72,7 @@ def test_fsdp_gives_the_one_process_trajectory_and_checkpoints(tmp_path, tiny_mo
     assert "FSDP2: parameters, gradients and optimizer state sharded over 2 processes" in r.stderr
     # stated tolerance: rel 1e-5 (the reduce-scatter sums the processes' gradients in its own order)
     assert_same_trajectory(tmp_path / "one", tmp_path / "two", num_steps=6)
-    for step in (2, 4, 6):  # the same files, written once, in the same format
-        x, y = checkpoint.checkpoint_dir(tmp_path / "one", step), checkpoint.checkpoint_dir(tmp_path / "two", step)
-        checkpoint.verify(y)
-        assert sorted(p.relative_to(x).as_posix() for p in x.rglob("*")) == sorted(p.relative_to(y).as_posix() for p in y.rglob("*"))
-    x, y = checkpoint.checkpoint_dir(tmp_path / "one", 6), checkpoint.checkpoint_dir(tmp_path / "two", 6)
-    weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
-    wa, wb = load_file(x / weights), load_file(y / weights)
-    assert sorted(wa) == sorted(wb)
-    for k in wa:
-        assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), k
-    # the optimizer state: the one-process layout (tensor names = parameter positions), the same values
-    oa, ob = optimizer_tensors(x), optimizer_tensors(y)
-    assert sorted(oa) == sorted(ob) and len(oa) > 2
-    for k in oa:
-        assert torch.allclose(oa[k], ob[k], rtol=1e-4, atol=1e-7), k
-    ta, tb = (json.loads((d / checkpoint.STATE_JSON).read_text())["optimizer"]["param_groups"] for d in (x, y))
-    assert ta == tb
-    # the consolidated weights load where the library loads them, without finetrack
-    if method == "full":
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(y)
-        assert torch.equal(model.state_dict()["model.layers.0.mlp.up_proj.weight"], wb["model.layers.0.mlp.up_proj.weight"])
-    else:
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-
-        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), y)
+    assert_same_checkpoints(tmp_path / "one", tmp_path / "two", (2, 4, 6), method, tiny_model_dir)
     # samples and validation: answered by both processes in step, written once
     assert [(s["step"], s["answer"]) for s in read_jsonl(tmp_path / "two/samples.jsonl")] == [
         (s["step"], s["answer"]) for s in read_jsonl(tmp_path / "one/samples.jsonl")

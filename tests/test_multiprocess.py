@@ -104,6 +104,41 @@ def assert_same_trajectory(one: Path, two: Path, num_steps: int, rel: float = 1e
     assert {k for r in a.values() for k in r} == {k for r in b.values() for k in r}
 
 
+def assert_same_checkpoints(one: Path, two: Path, steps: tuple[int, ...], method: str, model_dir: Path, weights_atol: float = 1e-6) -> None:
+    """Run `two`'s checkpoints (several processes, sharded or partitioned) against run `one`'s (one process, the same
+    global batch): the same files, written once, verified; weights within rtol 1e-4 / `weights_atol`; the optimizer state
+    in the one-process layout with the same tree and values; the last checkpoint loads where its library loads it,
+    without finetrack (plain transformers for a full fine-tune, PEFT for an adapter)."""
+    import torch
+    from safetensors.torch import load_file
+
+    for step in steps:
+        x, y = checkpoint.checkpoint_dir(one, step), checkpoint.checkpoint_dir(two, step)
+        checkpoint.verify(y)
+        assert sorted(p.relative_to(x).as_posix() for p in x.rglob("*")) == sorted(p.relative_to(y).as_posix() for p in y.rglob("*"))
+    x, y = checkpoint.checkpoint_dir(one, steps[-1]), checkpoint.checkpoint_dir(two, steps[-1])
+    weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    wa, wb = load_file(x / weights), load_file(y / weights)
+    assert sorted(wa) == sorted(wb)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=weights_atol), k
+    oa, ob = load_file(x / checkpoint.STATE_TENSORS), load_file(y / checkpoint.STATE_TENSORS)  # tensor names: parameter positions
+    assert sorted(oa) == sorted(ob) and len(oa) > 2
+    for k in oa:
+        assert oa[k].dtype == ob[k].dtype and torch.allclose(oa[k], ob[k], rtol=1e-4, atol=1e-7), k
+    ta, tb = (json.loads((d / checkpoint.STATE_JSON).read_text())["optimizer"] for d in (x, y))
+    assert ta == tb  # param_groups (hyperparameters, positions) and the state's keys
+    from transformers import AutoModelForCausalLM
+
+    if method == "full":
+        model = AutoModelForCausalLM.from_pretrained(y)
+        assert torch.equal(model.state_dict()["model.layers.0.mlp.up_proj.weight"], wb["model.layers.0.mlp.up_proj.weight"])
+    else:
+        from peft import PeftModel
+
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), y)
+
+
 def test_two_processes_give_the_one_process_trajectory(tmp_path, tiny_model_dir, chat_file):
     one = write_config(tmp_path, tiny_model_dir, chat_file, tmp_path / "one", grad_accum_steps=2)
     two = write_config(tmp_path, tiny_model_dir, chat_file, tmp_path / "two")

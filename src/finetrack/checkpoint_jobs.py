@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from . import checkpoint, sharding
+from . import checkpoint, sharding, zero
 from .config import CheckpointConfig, Config, RunShape, config_hash, effective_dump
 from .metrics import MetricsLog
 from .models import save_weights, saved_bytes
@@ -92,9 +92,12 @@ class CheckpointWriter:
         (validation, stop_reason) in its meta.json; then best.json (when this step is the best) and retention."""
         self.accelerator.wait_for_everyone()
         tensors = None
+        trainable_only = self.cfg.model.method != "full"
         if sharding.is_sharded(self.accelerator):  # every process takes part in gathering; the main process writes
             sharding.reshard(self.model)
-            tensors = sharding.gather_weights(self.model, trainable_only=self.cfg.model.method != "full")
+            tensors = sharding.gather_weights(self.model, trainable_only)
+        elif zero.stage(self.accelerator) == 3:  # parameters partitioned too
+            tensors = zero.gather_weights(self.model, trainable_only, self.accelerator.is_main_process)
         optimizer_state = self.optimizer_state()  # sharded or partitioned (ZeRO): every process takes part
         if not self.accelerator.is_main_process:
             return checkpoint.checkpoint_dir(self.run_dir, step)

@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     args = flags.parser().parse_args(argv)
     _setup_output(args.verbose)
-    _quiet_deepspeed()
+    if args.verb not in ("report", "gate"):  # those two read JSON and YAML only: torch is never imported
+        _quiet_deepspeed()
     return _VERBS[args.verb](args)
 
 

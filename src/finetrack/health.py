@@ -25,10 +25,11 @@ def stop_if_diverged(step: int, loss: float, params: list[torch.Tensor], acceler
     NaN weights: the newest one stays the last good one."""
     what = None if math.isfinite(loss) else f"the loss is {loss}"
     if params:
-        # a sharded parameter (FSDP: a DTensor) is checked on this process's shard; the reduce below covers the rest
-        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+        # a sharded parameter is checked on this process's shard (FSDP: a DTensor; ZeRO-3: its ds_tensor, the
+        # parameter itself being empty); the reduce below covers the rest
+        local = [p.to_local() if hasattr(p, "to_local") else getattr(p, "ds_tensor", p) for p in params]
         bad = torch.stack([~torch.isfinite(p.detach()).all() for p in local]).any().float()
-        if accelerator.num_processes > 1:  # sharded (FSDP) weights: any process's shard counts
+        if accelerator.num_processes > 1:  # sharded weights: any process's shard counts
             bad = accelerator.reduce(bad, reduction="sum")
         if what is None and bad.item():
             what = "some weights are not finite (inf or NaN)"

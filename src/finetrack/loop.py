@@ -403,7 +403,7 @@ def held_out_result(
         batch = make_batch(rows)
         local.update(_units_of(batch))
         sums.add(objective(model, batch.to(accelerator.device)))
-    if sharding.is_sharded(accelerator) and examples:
+    if sharding.in_step(accelerator) and examples:
         # each forward of a sharded model gathers parameters on every process: a process with fewer rows runs the
         # forwards it lacks on a row whose result is not counted (process 0 has the most)
         most = math.ceil(math.ceil(len(examples) / accelerator.num_processes) / micro_batch_size)

@@ -21,7 +21,7 @@ Every process must run the same forwards while the model is sharded (each layer 
 sampling and validation run on every process with the same inputs, the main process writing (`gathered`, `reshard`),
 and the held-out loss gives every process the same number of micro-batches.
 
-DeepSpeed ZeRO (stages 1 and 2, which keep the whole model on every process) is zero.py.
+DeepSpeed ZeRO (stages 1-3) is zero.py.
 """
 
 from __future__ import annotations
@@ -81,6 +81,13 @@ def set_up(accelerator: Any) -> None:
 def is_sharded(accelerator: Any) -> bool:
     """Is the model sharded over the processes (FSDP2)?"""
     return bool(getattr(accelerator, "is_fsdp2", False))
+
+
+def in_step(accelerator: Any) -> bool:
+    """Must every process run the same forwards (each one gathers parameters from the others)? FSDP2 and ZeRO-3."""
+    from . import zero
+
+    return is_sharded(accelerator) or zero.stage(accelerator) == 3
 
 
 def _options(**kwargs: bool) -> Any:

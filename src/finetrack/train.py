@@ -110,13 +110,14 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
     launched = processes.launched_processes()
     processes.stop_with_launcher()
     sharding.check_launch(cfg.model.method)  # FSDP1, QLoRA under FSDP: refused before accelerate imports them
-    zero.check_launch(cfg.model.method)  # so are ZeRO-3, offloading and QLoRA under DeepSpeed
+    zero.check_launch(cfg.model.method, launched)  # so are DeepSpeed offloading and QLoRA under DeepSpeed
     # several processes without a GPU: accelerate's CPU data parallel (gloo), which it only sets up when told cpu=True
     cpu = launched > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(cpu=cpu, **tracking.accelerator_kwargs(cfg.train.report_to, run_dir))
     sharding.set_up(accelerator)  # an FSDP launch on CPU: accelerate's FSDP2 plugin, which it sets up on GPUs only
     zero.set_up(accelerator, cfg.train)  # a DeepSpeed launch: its plugin on CPU too, filled from cfg.train
     sharded = sharding.is_sharded(accelerator)
+    in_step = sharding.in_step(accelerator)  # FSDP2, ZeRO-3: every forward on every process
     main = accelerator.is_main_process
     processes.check_launch(launched, accelerator.num_processes)
     if cfg.checkpoint.remote:
@@ -196,7 +197,9 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
     if sharded:
         log.info("FSDP2: parameters, gradients and optimizer state sharded over %d processes", accelerator.num_processes)
     if zero_stage := zero.stage(accelerator):
-        partitioned = "optimizer state" if zero_stage == 1 else "gradients and optimizer state"
+        partitioned = {1: "optimizer state", 2: "gradients and optimizer state"}.get(
+            zero_stage, "parameters, gradients and optimizer state"
+        )
         log.info("DeepSpeed ZeRO-%d: %s partitioned over %d processes", zero_stage, partitioned, accelerator.num_processes)
 
     fresh = TrainState(
@@ -215,7 +218,7 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
     uploader = checkpoint_jobs.start_uploader(cfg, run_dir) if main else None
     exporter = checkpoint_jobs.start_exporter(cfg, run_dir) if main else None
     out = held.enter_context(MetricsLog(run_dir / "metrics.jsonl", shape.total_steps, state.step, main))  # closed on any error too
-    # a sharded model answers on every process in step (each forward gathers parameters); the main process writes
+    # a sharded / partitioned model answers on every process in step (each forward gathers parameters); the main process writes
     sampler = sampling.Sampler(
         prompts,
         cfg.train,
@@ -225,7 +228,7 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
         shape.steps_per_epoch,
         out,
         trackers,
-        answers=main or sharded,
+        answers=main or in_step,
         writes=main,
         precision=partial(precision.autocast, cfg.model, device.type),
     )
