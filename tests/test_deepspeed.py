@@ -8,18 +8,21 @@ cannot checkpoint or whose settings contradict its config is refused."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import read_jsonl
-from test_multiprocess import BIN, assert_same_checkpoints, assert_same_trajectory, free_port, launch, untimed_metrics, write_config
-
-from finetrack import checkpoint
+from test_multiprocess import (
+    accelerate_launch,
+    assert_killed_launcher_resumes_bit_for_bit,
+    assert_refused_before_loading,
+    assert_same_checkpoints,
+    assert_same_trajectory,
+    launch,
+    with_method,
+    write_config,
+)
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is part of the test extra (pip install -e '.[test]')")
 
@@ -28,25 +31,7 @@ ACCELERATE_CONFIG = Path(__file__).resolve().parents[1] / "examples/accelerate/d
 
 def zero(*args: str, config: Path = ACCELERATE_CONFIG) -> list[str]:
     """The command the README gives for DeepSpeed ZeRO, 2 processes."""
-    return [
-        str(BIN / "accelerate"),
-        "launch",
-        "--config_file",
-        str(config),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        free_port(),
-        "-m",
-        "finetrack",
-        "train",
-        *args,
-    ]
-
-
-def with_method(path: Path, model_dir: Path, method: str) -> Path:
-    path.write_text(path.read_text().replace(f"name: {model_dir}", f"name: {model_dir}\n  method: {method}"))
-    return path
+    return accelerate_launch(config, *args)
 
 
 # the slow ones (30-80 s each): run with -m slow; the others cover each stage and both methods within the 45-minute suite
@@ -94,26 +79,8 @@ def test_zero_killed_launcher_resumes_bit_for_bit_and_one_process_continues(tmp_
     cut = with_method(write_config(tmp_path, tiny_model_dir, chat_file, tmp_path / "cut", **settings), tiny_model_dir, "full")
     accelerate_config = tmp_path / "zero.yaml"
     accelerate_config.write_text(ACCELERATE_CONFIG.read_text().replace("zero_stage: 2", f"zero_stage: {stage}"))
-    r = launch(zero(str(full), config=accelerate_config), tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    command = zero(str(cut), config=accelerate_config)
-    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (tmp_path / "cut/checkpoints/step-000006/MANIFEST.json").is_file():
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)  # the launcher only
-    proc.wait()
-    time.sleep(5)
-    assert subprocess.run(["pgrep", "-f", f"finetrack train {cut}"], capture_output=True, text=True).stdout.split() == []
-    assert not (tmp_path / "cut/checkpoints/step-000030").exists(), "the run finished before it was cut off"
-    r = launch(command, tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stderr.count("resuming from") == 1  # said once, by the main process
-    a, b = (untimed_metrics(tmp_path / d) for d in ("full", "cut"))
-    assert a == b
-    x, y = (d / "checkpoints/step-000030" for d in (tmp_path / "full", tmp_path / "cut"))
-    for name in ("model.safetensors", checkpoint.STATE_TENSORS):
-        assert (x / name).read_bytes() == (y / name).read_bytes(), name
+    command = lambda config: zero(str(config), config=accelerate_config)  # noqa: E731
+    assert_killed_launcher_resumes_bit_for_bit(command, tmp_path, full, cut, 6, 30, "model.safetensors")
 
     # the checkpoint is a one-process checkpoint: one process continues it with --allow-config-change
     r = launch(
@@ -190,16 +157,4 @@ def test_deepspeed_launches_finetrack_cannot_run_are_refused(tmp_path, tiny_mode
     """What accelerate launch sets for such a DeepSpeed config: one error line, before any model is loaded or the run
     directory exists."""
     config = write_config(tmp_path, tiny_model_dir, chat_file, tmp_path / "out")
-    r = subprocess.run(
-        [sys.executable, "-m", "finetrack", "train", str(config), *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "ACCELERATE_USE_DEEPSPEED": "true", **env},
-    )
-    assert r.returncode == 2, r.stderr[-2000:]
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and expected in errors[0], r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
-    assert not (tmp_path / "out").exists()
+    assert_refused_before_loading(tmp_path, config, args, {"ACCELERATE_USE_DEEPSPEED": "true", **env}, expected)

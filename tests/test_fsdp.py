@@ -7,11 +7,7 @@ bit; a one-process run continues from a sharded run's checkpoint; FSDP1 and QLoR
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,41 +15,23 @@ import torch
 from conftest import read_jsonl
 from safetensors.torch import load_file
 from test_multiprocess import (
-    BIN,
+    accelerate_launch,
+    assert_killed_launcher_resumes_bit_for_bit,
+    assert_refused_before_loading,
     assert_same_checkpoints,
     assert_same_trajectory,
-    free_port,
     launch,
     metrics,
-    untimed_metrics,
+    with_method,
     write_config,
 )
-
-from finetrack import checkpoint
 
 ACCELERATE_CONFIG = Path(__file__).resolve().parents[1] / "examples/accelerate/fsdp2.yaml"
 
 
 def fsdp(*args: str) -> list[str]:
     """The command the README gives for sharded training, 2 processes."""
-    return [
-        str(BIN / "accelerate"),
-        "launch",
-        "--config_file",
-        str(ACCELERATE_CONFIG),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        free_port(),
-        "-m",
-        "finetrack",
-        "train",
-        *args,
-    ]
-
-
-def optimizer_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / checkpoint.STATE_TENSORS)
+    return accelerate_launch(ACCELERATE_CONFIG, *args)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -61,7 +39,7 @@ def test_fsdp_gives_the_one_process_trajectory_and_checkpoints(tmp_path, tiny_mo
     one = write_config(tmp_path, tiny_model_dir, chat_file, tmp_path / "one", grad_accum_steps=2)
     two = write_config(tmp_path, tiny_model_dir, chat_file, tmp_path / "two")
     for path in (one, two):
-        text = path.read_text().replace(f"name: {tiny_model_dir}", f"name: {tiny_model_dir}\n  method: {method}")
+        text = with_method(path, tiny_model_dir, method).read_text()
         # 9 held-out rows: 5 for process 0 (2 micro-batches of 4), 4 for process 1 (1): it runs a forward it does not
         # count, since every forward of a sharded model gathers on both (without it the run would hang)
         path.write_text(text.replace("eval_split: 0.25", "eval_split: 0.1875"))
@@ -117,26 +95,8 @@ def test_fsdp_killed_launcher_resumes_bit_for_bit_and_one_process_continues(tmp_
     full = write_config(tmp_path, tiny_model_dir, chat_file, tmp_path / "full", **settings)
     cut = write_config(tmp_path, tiny_model_dir, chat_file, tmp_path / "cut", **settings)
     for path in (full, cut):
-        path.write_text(path.read_text().replace(f"name: {tiny_model_dir}", f"name: {tiny_model_dir}\n  method: full"))
-    r = launch(fsdp(str(full)), tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    proc = subprocess.Popen(fsdp(str(cut)), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (tmp_path / "cut/checkpoints/step-000006/MANIFEST.json").is_file():
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)  # the launcher only
-    proc.wait()
-    time.sleep(5)
-    assert subprocess.run(["pgrep", "-f", f"finetrack train {cut}"], capture_output=True, text=True).stdout.split() == []
-    assert not (tmp_path / "cut/checkpoints/step-000030").exists(), "the run finished before it was cut off"
-    r = launch(fsdp(str(cut)), tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stderr.count("resuming from") == 1  # said once, by the main process
-    a, b = (untimed_metrics(tmp_path / d) for d in ("full", "cut"))
-    assert a == b
-    x, y = (d / "checkpoints/step-000030" for d in (tmp_path / "full", tmp_path / "cut"))
-    for name in ("model.safetensors", checkpoint.STATE_TENSORS):
-        assert (x / name).read_bytes() == (y / name).read_bytes(), name
+        with_method(path, tiny_model_dir, "full")
+    assert_killed_launcher_resumes_bit_for_bit(lambda config: fsdp(str(config)), tmp_path, full, cut, 6, 30, "model.safetensors")
 
     # a sharded run's checkpoint is a one-process checkpoint: one process continues it (another process count is
     # refused without --allow-config-change, as for data parallel)
@@ -160,16 +120,4 @@ def test_fsdp_launches_finetrack_cannot_checkpoint_are_refused(tmp_path, tiny_mo
     """What accelerate launch sets for an FSDP1 config (or QLoRA under FSDP): one error line, before any
     model is loaded or the run directory exists."""
     config = write_config(tmp_path, tiny_model_dir, chat_file, tmp_path / "out")
-    r = subprocess.run(
-        [sys.executable, "-m", "finetrack", "train", str(config), *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **env},
-    )
-    assert r.returncode == 2, r.stderr[-2000:]
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and expected in errors[0], r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
-    assert not (tmp_path / "out").exists()
+    assert_refused_before_loading(tmp_path, config, args, env, expected)

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,42 @@ def torchrun(n: int, *args: str) -> list[str]:
     return [str(BIN / "torchrun"), "--nproc_per_node", str(n), "--master_port", free_port(), "-m", "finetrack", "train", *args]
 
 
+def accelerate_launch(accelerate_config: Path, *args: str) -> list[str]:
+    """`accelerate launch --config_file FILE` of `finetrack train ARGS` on 2 processes (the README's FSDP / DeepSpeed commands)."""
+    return [str(BIN / "accelerate"), "launch", "--config_file", str(accelerate_config), "--num_processes", "2"] + [
+        "--main_process_port",
+        free_port(),
+        "-m",
+        "finetrack",
+        "train",
+        *args,
+    ]
+
+
+def with_method(config: Path, model_dir: Path, method: str) -> Path:
+    """The config at `config` with model.method set (write_config's configs are LoRA)."""
+    config.write_text(config.read_text().replace(f"name: {model_dir}", f"name: {model_dir}\n  method: {method}"))
+    return config
+
+
+def assert_refused_before_loading(tmp_path: Path, config: Path, args: list[str], env: dict[str, str], expected: str) -> None:
+    """`finetrack train CONFIG ARGS` with what a launcher sets (`env`): exit 2 with one `error:` line holding `expected`,
+    no traceback, before any model is loaded or the run directory (tmp_path/out) exists."""
+    r = subprocess.run(
+        [sys.executable, "-m", "finetrack", "train", str(config), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def metrics(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in read_jsonl(run_dir / "metrics.jsonl")}
 
@@ -102,6 +139,35 @@ def assert_same_trajectory(one: Path, two: Path, num_steps: int, rel: float = 1e
             if key in a[step]:
                 assert b[step][key] == pytest.approx(a[step][key], rel=rel), (step, key)
     assert {k for r in a.values() for k in r} == {k for r in b.values() for k in r}
+
+
+def assert_killed_launcher_resumes_bit_for_bit(
+    command: Callable[[Path], list[str]], tmp_path: Path, full: Path, cut: Path, kill_after_step: int, last_step: int, weights: str
+) -> None:
+    """`command(config)` launches several processes. An uninterrupted run of `full`; a run of `cut` whose launcher alone
+    is SIGKILLed once checkpoint `kill_after_step` exists, then the same command: no worker outlived its launcher, the
+    resume is said once, and every metrics line and the last checkpoint's `weights` and optimizer state are
+    byte-identical to the uninterrupted run's."""
+    r = launch(command(full), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    proc = subprocess.Popen(command(cut), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (checkpoint.checkpoint_dir(tmp_path / "cut", kill_after_step) / "MANIFEST.json").is_file():
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # the launcher only: its workers must not train on
+    proc.wait()
+    time.sleep(5)
+    workers = subprocess.run(["pgrep", "-f", f"finetrack train {cut}"], capture_output=True, text=True).stdout.split()
+    assert workers == [], "the workers outlived their launcher"
+    assert not checkpoint.checkpoint_dir(tmp_path / "cut", last_step).exists(), "the run finished before it was cut off"
+    r = launch(command(cut), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("resuming from") == 1  # said once, by the main process
+    a, b = (untimed_metrics(tmp_path / d) for d in ("full", "cut"))
+    assert a == b
+    for name in (weights, checkpoint.STATE_TENSORS):
+        x, y = (checkpoint.checkpoint_dir(tmp_path / d, last_step) / name for d in ("full", "cut"))
+        assert x.read_bytes() == y.read_bytes(), name
 
 
 def assert_same_checkpoints(one: Path, two: Path, steps: tuple[int, ...], method: str, model_dir: Path, weights_atol: float = 1e-6) -> None:
@@ -174,29 +240,8 @@ def test_killed_launcher_stops_its_workers_and_the_same_command_resumes_bit_for_
     settings = {"max_steps": 40, "micro_batch_size": 2, "sample_every_steps": None}
     full = write_config(tmp_path, tiny_model_dir, chat_file, tmp_path / "full", **settings)
     cut = write_config(tmp_path, tiny_model_dir, chat_file, tmp_path / "cut", **settings)
-    r = launch(torchrun(2, str(full)), tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    proc = subprocess.Popen(
-        torchrun(2, str(cut)), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (tmp_path / "cut/checkpoints/step-000008/MANIFEST.json").is_file():
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)  # the launcher only: its workers must not train on
-    proc.wait()
-    time.sleep(5)
-    workers = subprocess.run(["pgrep", "-f", f"finetrack train {cut}"], capture_output=True, text=True).stdout.split()
-    assert workers == [], "the workers outlived their launcher"
-    assert not (tmp_path / "cut/checkpoints/step-000040").exists(), "the run finished before it was cut off"
-    r = launch(torchrun(2, str(cut)), tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stderr.count("resuming from") == 1  # said once, by the main process
-    a, b = (untimed_metrics(tmp_path / d) for d in ("full", "cut"))
-    assert a == b
-    for name in ("adapter_model.safetensors", "optimizer.safetensors"):
-        x, y = (d / "checkpoints/step-000040" / name for d in (tmp_path / "full", tmp_path / "cut"))
-        if x.exists():
-            assert x.read_bytes() == y.read_bytes(), name
+    command = lambda config: torchrun(2, str(config))  # noqa: E731
+    assert_killed_launcher_resumes_bit_for_bit(command, tmp_path, full, cut, 8, 40, "adapter_model.safetensors")
 
     # another process count: refused, saying why; --allow-config-change continues (same global batch)
     r = launch([sys.executable, "-m", "finetrack", "train", str(cut), "train.max_steps=44"], tmp_path)
