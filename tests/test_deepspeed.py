@@ -34,12 +34,20 @@ def zero(*args: str, config: Path = ACCELERATE_CONFIG) -> list[str]:
     return accelerate_launch(config, *args)
 
 
-# the slow ones (30-80 s each): run with -m slow; the others cover each stage and both methods within the 45-minute suite
+# the slow ones (10-80 s each, README "Tests"): run with -m slow; the suite keeps ZeRO-2 LoRA and ZeRO-3 full
+# trajectories, the ZeRO-3 kill -9 resume and one refusal through the launcher
 SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize(
-    "stage, method", [(2, "lora"), pytest.param(2, "full", marks=SLOW), (1, "lora"), pytest.param(3, "lora", marks=SLOW), (3, "full")]
+    "stage, method",
+    [
+        (2, "lora"),
+        pytest.param(2, "full", marks=SLOW),
+        pytest.param(1, "lora", marks=SLOW),
+        pytest.param(3, "lora", marks=SLOW),
+        (3, "full"),
+    ],
 )
 def test_zero_gives_the_one_process_trajectory_and_checkpoints(tmp_path, tiny_model_dir, chat_file, stage, method):
     # 2 processes x 2 micro-batches vs 1 process x 4: the accumulation boundary is the loop's, not DeepSpeed's counter
@@ -116,14 +124,15 @@ deepspeed_config:
 @pytest.mark.parametrize(
     "settings, expected",
     [
-        ({"precision": "bf16"}, "DeepSpeed's bf16 engine: not supported"),
+        pytest.param({"precision": "bf16"}, "DeepSpeed's bf16 engine: not supported", marks=SLOW),
         (
             {"extra": "  gradient_accumulation_steps: 4\n"},
             "the DeepSpeed config sets gradient_accumulation_steps: 4, but train.grad_accum_steps gives 1",
         ),
-        (
+        pytest.param(
             {"json": {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}},
             "the DeepSpeed config has an `optimizer` section: not supported",
+            marks=SLOW,
         ),
     ],
 )

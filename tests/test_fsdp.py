@@ -34,7 +34,11 @@ def fsdp(*args: str) -> list[str]:
     return accelerate_launch(ACCELERATE_CONFIG, *args)
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+# the slow ones (20-70 s each, README "Tests"): run with -m slow; the suite keeps the LoRA trajectory and the refusals
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("method", ["lora", pytest.param("full", marks=SLOW)])
 def test_fsdp_gives_the_one_process_trajectory_and_checkpoints(tmp_path, tiny_model_dir, chat_file, method):
     one = write_config(tmp_path, tiny_model_dir, chat_file, tmp_path / "one", grad_accum_steps=2)
     two = write_config(tmp_path, tiny_model_dir, chat_file, tmp_path / "two")
@@ -60,6 +64,7 @@ def test_fsdp_gives_the_one_process_trajectory_and_checkpoints(tmp_path, tiny_mo
         assert vb["metrics"] == pytest.approx(va["metrics"], rel=1e-5)
 
 
+@SLOW
 def test_fsdp_with_a_regression_head(tmp_path, tiny_model_dir, regression_file):
     """A head around a PEFT model: sharded with it, gathered with it (head.safetensors), the same trajectory."""
     import yaml
@@ -90,6 +95,7 @@ def test_fsdp_with_a_regression_head(tmp_path, tiny_model_dir, regression_file):
     assert sorted(ha) == sorted(hb) and all(torch.allclose(ha[k], hb[k], atol=1e-6) for k in ha)
 
 
+@SLOW
 def test_fsdp_killed_launcher_resumes_bit_for_bit_and_one_process_continues(tmp_path, tiny_model_dir, chat_file):
     settings = {"max_steps": 30, "micro_batch_size": 2, "sample_every_steps": None}
     full = write_config(tmp_path, tiny_model_dir, chat_file, tmp_path / "full", **settings)

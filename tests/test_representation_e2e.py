@@ -71,6 +71,7 @@ def train_sae(folder: Path, layer: int, d_sae: int = 256, steps: int = 300) -> N
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # 60 s; the suite's 45 minutes (README "Tests"): run with -m slow
 def test_representation_suites_through_train_eval_and_report(tmp_path):
     sae = tmp_path / "sae"
     train_sae(sae, SAE_LAYER)

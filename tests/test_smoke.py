@@ -112,6 +112,7 @@ def test_smoke_passes_end_to_end_and_leaves_nothing_behind(tmp_path, tiny_model_
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["real"]
 
 
+@pytest.mark.slow  # 45 s; the suite's 45 minutes (README "Tests"): run with -m slow
 def test_smoke_launches_the_short_run_as_the_real_run_is_launched(tmp_path, tiny_model_dir, chat_file):
     """--accelerate-config with --num-processes: the copy trains sharded (FSDP2 on gloo here), is killed and resumed."""
     fsdp = Path(__file__).resolve().parents[1] / "examples/accelerate/fsdp2.yaml"

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import zero
+
 FSDP_VARIABLE = "ACCELERATE_USE_FSDP"  # what `accelerate launch` sets for an FSDP config
 
 
@@ -85,8 +87,6 @@ def is_sharded(accelerator: Any) -> bool:
 
 def in_step(accelerator: Any) -> bool:
     """Must every process run the same forwards (each one gathers parameters from the others)? FSDP2 and ZeRO-3."""
-    from . import zero
-
     return is_sharded(accelerator) or zero.stage(accelerator) == 3
 
 

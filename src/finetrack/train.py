@@ -197,10 +197,7 @@ def _run(cfg: Config, objective: Objective | None, request: Request, stop: StopF
     if sharded:
         log.info("FSDP2: parameters, gradients and optimizer state sharded over %d processes", accelerator.num_processes)
     if zero_stage := zero.stage(accelerator):
-        partitioned = {1: "optimizer state", 2: "gradients and optimizer state"}.get(
-            zero_stage, "parameters, gradients and optimizer state"
-        )
-        log.info("DeepSpeed ZeRO-%d: %s partitioned over %d processes", zero_stage, partitioned, accelerator.num_processes)
+        log.info("DeepSpeed ZeRO-%d: %s partitioned over %d processes", zero_stage, zero.PARTITIONED[zero_stage], accelerator.num_processes)
 
     fresh = TrainState(
         data=DataPosition(cfg.train.seed, cfg.data.shuffle, len(data.train), rows_per_step, data.mixture),

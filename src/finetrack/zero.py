@@ -41,7 +41,7 @@ from torch import nn
 from .config import ConfigError, TrainConfig
 
 VARIABLE = "ACCELERATE_USE_DEEPSPEED"  # what `accelerate launch` sets for a DeepSpeed config
-SUPPORTED_STAGES = (1, 2, 3)
+PARTITIONED = {1: "optimizer state", 2: "gradients and optimizer state", 3: "parameters, gradients and optimizer state"}
 
 
 def requested() -> bool:
@@ -66,7 +66,7 @@ def check_launch(method: str, num_processes: int) -> None:
 
 
 def _check_stage(stage: int) -> None:
-    if stage not in SUPPORTED_STAGES:
+    if stage not in PARTITIONED:
         raise ConfigError(f"DeepSpeed ZeRO stage {stage}: not supported; set zero_stage: 1, 2 or 3 in the accelerate config")
 
 
