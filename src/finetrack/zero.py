@@ -149,7 +149,6 @@ def _select_plugin(accelerator: Any) -> None:
     # AcceleratorState copies PartialState's fields each time it is constructed (accelerate's state.py does the same)
     PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
     plugin.select(_from_accelerator_state=True)
-    accelerator.deepspeed_engine_wrapped = None
 
 
 def stage(accelerator: Any) -> int | None:
@@ -199,8 +198,10 @@ def _partitions(zo: Any) -> list[_Partition]:
     return [_Partition(g, flat, zo.bit16_groups[g]) for g, flat in enumerate(zo.single_partition_of_fp32_groups)]
 
 
-def _numel(p: nn.Parameter) -> int:
-    return int(getattr(p, "ds_numel", p.numel()))  # stage 3: the whole parameter's count (p itself is empty)
+def _per_parameter(value: Any, p: nn.Parameter) -> bool:
+    """Is a saved state entry p's own tensor (exp_avg, ...), not one the partition shares (step)?"""
+    numel = int(getattr(p, "ds_numel", p.numel()))  # stage 3: the whole parameter's count (p itself is empty)
+    return torch.is_tensor(value) and value.dim() > 0 and value.numel() == numel
 
 
 def _full(zo: Any, part: _Partition, p: nn.Parameter, key: str) -> torch.Tensor:
@@ -269,14 +270,13 @@ def load_optimizer_state(engine: Any, positions: list[torch.Tensor], saved: dict
         flat_state: dict[str, Any] = {}
         for p in part.params:
             for key, value in saved_of[id(p)].items():
-                partitioned = torch.is_tensor(value) and value.dim() > 0 and value.numel() == _numel(p)
-                flat_state.setdefault(key, torch.zeros_like(part.flat) if partitioned else _copy(value).to(part.flat.device))
+                flat_state.setdefault(key, torch.zeros_like(part.flat) if _per_parameter(value, p) else _copy(value).to(part.flat.device))
         if not flat_state:
             continue
         zo.optimizer.state[part.flat] = flat_state
         for p in part.params:
             for key, value in saved_of[id(p)].items():
-                if torch.is_tensor(value) and value.dim() > 0 and value.numel() == _numel(p):
+                if _per_parameter(value, p):
                     _set_full(zo, part, p, key, value)
     for group, was in zip(zo.optimizer.param_groups, saved["param_groups"]):
         group.update({k: v for k, v in was.items() if k != "params"})
