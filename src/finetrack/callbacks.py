@@ -108,7 +108,7 @@ class Callbacks:
             try:
                 method(replace(view, _hook=hook, _caller=name))
             except Exception as e:
-                log.debug("%s", traceback.format_exc())  # -v shows where in the callback
+                log.debug("%s", traceback.format_exc())  # --verbose shows where in the callback
                 raise CallbackError(f"callback {name} raised in {hook} at step {view.step}: {type(e).__name__}: {e}") from e
 
 

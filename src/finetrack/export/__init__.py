@@ -199,7 +199,7 @@ def _rejected(staged: Path, target: str, certificate: dict) -> str:
 
 
 def default_output(source, fmt: str, quantize: str | None) -> Path:
-    """RUN_DIR/exports/step-NNNNNN-<format>[-<type>] for a run's checkpoint, else <folder>-<format>[-<type>] beside it."""
+    """RUN_DIR/exports/step-NNNNNN-<format>[-<type>] for a run's checkpoint, else <folder name>-<format>[-<type>] in the current directory."""
     name = f"{fmt}-{quantize}" if quantize else fmt
     folder = source.folder
     if folder.parent.name == "checkpoints" and source.found.step is not None:
