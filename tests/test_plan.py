@@ -337,6 +337,9 @@ def test_processes_multiply_the_rate_on_gpus_not_on_a_cpu(tmp_path, tiny_model_d
     assert any("x 2 GPUs (data parallel)" in a for a in two_here.assumptions)
     # processes on one CPU share its cores: no speed-up assumed
     assert any("the 2 processes share it" in a for a in make_plan(cfg, target_for(None, None, 2)).assumptions)
+    # the memory is per process, a full replica each: said where the memory is, and only with several processes
+    assert "each of the 2 holds a full replica (data parallel)" in render(two)
+    assert "full replica" not in render(one)
 
 
 def test_measure_steps_must_be_positive(tmp_path, tiny_model_dir, chat_file):

@@ -54,6 +54,11 @@ def render(plan: Plan) -> str:
             f"{w['longest_row_tokens']} tokens = {w['micro_batch_tokens']:,} tokens, {w['target_tokens']:,} carrying the next-token loss{reads}"
         ),
     ]
+    if plan.target["num_processes"] > 1:  # the model has no sharded terms yet: an upper bound under FSDP2 / ZeRO
+        lines.append(
+            f"  per process: each of the {plan.target['num_processes']} holds a full replica (data parallel); under FSDP2 or "
+            "DeepSpeed ZeRO a process holds less (not modelled: an upper bound there)"
+        )
     width = max(len(term["name"]) for term in m["terms"])
     for term in m["terms"]:
         alive = ",".join(term["phases"]) or "always"
