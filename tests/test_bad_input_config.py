@@ -29,6 +29,29 @@ FILE_CASES = [
     ("max_steps_true", b"train:\n  max_steps: true\n", [":2:", "train.max_steps", "boolean"]),
     ("batch_false", b"train:\n  micro_batch_size: false\n", ["train.micro_batch_size", "boolean"]),
     ("steps_with_bool", b"checkpoint:\n  steps: [true, 5]\n", ["checkpoint.steps", "boolean"]),
+    # the other way round: pydantic read 'yes', 'off', 1 and 0 as booleans (a quoted "yes" turned on remote code)
+    ("remote_code_text", b"model:\n  trust_remote_code: 'yes'\n", [":2:", "model.trust_remote_code", "'yes', text: write true or false"]),
+    ("shuffle_number", b"data:\n  shuffle: 0\n", [":2:", "data.shuffle", "0, a number: write true or false"]),
+    ("pack_text", b"data:\n  pack: 'off'\n", [":2:", "data.pack", "or 'auto'", "write true or false"]),
+    # an empty text was the current directory: `output.dir: ''` with --fresh moved the whole folder aside
+    ("output_dir_empty", b"output:\n  dir: ''\n", [":2:", "output.dir", "empty: give a value"]),
+    ("data_path_empty", b"data:\n  path: ''\n", [":2:", "data.path", "empty: give a value"]),
+    ("remote_empty", b"checkpoint:\n  remote: ''\n", [":2:", "checkpoint.remote", "empty"]),
+    ("prompt_empty", b"train:\n  sample_prompts: ['hi', '']\n", [":2:", "train.sample_prompts.1", "empty"]),
+    ("data_path_no_files", b"data:\n  path: []\n", [":2:", "data.path", "at least 1 item"]),
+    # PEFT reads [] as "not set": every layer was adapted
+    ("layers_empty", b"model:\n  lora:\n    layers_to_transform: []\n", [":3:", "model.lora.layers_to_transform", "at least 1 item"]),
+    (
+        "layers_negative",
+        b"model:\n  lora:\n    layers_to_transform: [-1]\n",
+        ["model.lora.layers_to_transform.0", "greater than or equal to 0"],
+    ),
+    ("targets_empty", b"model:\n  lora:\n    target_modules: []\n", [":3:", "model.lora.target_modules", "at least 1 item"]),
+    (
+        "all_linear_in_list",
+        b"model:\n  lora:\n    target_modules: [all-linear]\n",
+        ["model.lora.target_modules", "write target_modules: all-linear"],
+    ),
     ("epochs_inf", b"train:\n  num_epochs: .inf\n", ["train.num_epochs", "finite"]),
     ("warmup_ratio_nan", b"train:\n  warmup_ratio: .nan\n", ["train.warmup_ratio"]),
     ("temperature_inf", SUITE + b"      method: sample\n      generation: {temperature: .inf}\n", ["generation.temperature", "finite"]),
@@ -116,6 +139,7 @@ OVERRIDE_CASES = [
     ("checkpoint.per_epoch=2", ["checkpoint.num_per_epoch"]),
     ("train.lr={a: 1, a: 2}", ["override 'train.lr={a: 1, a: 2}'", "duplicate key"]),
     ("train.seed=-5", ["train.seed"]),
+    ("model.gradient_checkpointing=1", ["override 'model.gradient_checkpointing=1'", "write true or false"]),
 ]
 
 
@@ -244,7 +268,22 @@ WATCH_CASES = [
 SOURCES = b"data:\n  sources:\n    - {path: a.jsonl, weight: 0.5}\n    - {path: b.jsonl, weight: 0.5}\n"
 MIXTURE_CASES = [
     ("path_and_sources", SOURCES + b"  path: c.jsonl\n", ["data.path and data.sources are both set"]),
-    ("weight_zero", b"data:\n  sources:\n    - {path: a.jsonl, weight: 0}\n", [":3:", "data.sources.0.weight", "greater than 0"]),
+    (
+        "weight_zero",
+        b"data:\n  sources:\n    - {path: a.jsonl, weight: 0}\n",
+        [":3:", "data.sources.0.weight", "greater than or equal to 0.000001"],
+    ),
+    # two weights of 1e308 summed to inf (every target share 0.0); one of 1e-320 was never drawn
+    (
+        "weight_huge",
+        b"data:\n  sources:\n    - {path: a.jsonl, weight: 1.0e+308}\n",
+        [":3:", "data.sources.0.weight", "less than or equal to 1000000"],
+    ),
+    (
+        "weight_tiny",
+        b"data:\n  sources:\n    - {path: a.jsonl, weight: 1.0e-320}\n",
+        [":3:", "data.sources.0.weight", "greater than or equal to 0.000001"],
+    ),
     ("weight_missing", b"data:\n  sources:\n    - {path: a.jsonl}\n", [":3:", "data.sources.0.weight", "required"]),
     ("path_missing", b"data:\n  sources:\n    - {weight: 1}\n", [":3:", "data.sources.0.path", "required"]),
     (

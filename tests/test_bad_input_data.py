@@ -440,7 +440,7 @@ def test_mapped_objective_field_missing_names_both(tmp_path, tiny_tokenizer):
     [
         ("data.columns={question: q}", "data.columns.question: not a field finetrack reads; known: messages, prompt, completion, text, "),
         ("data.columns={prompt: q, completion: q}", "data.columns.prompt and data.columns.completion both name field 'q'"),
-        ('data.columns={prompt: ""}', "data.columns.prompt is empty"),
+        ('data.columns={prompt: ""}', "data.columns.prompt: Input should be a valid string (got '', empty"),
         ("data.max_rows=0", "data.max_rows: Input should be greater than 0"),
     ],
 )

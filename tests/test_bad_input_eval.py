@@ -73,8 +73,12 @@ def eval_with(capsys, run: Path, suites: list[dict]) -> tuple[int, str, str]:
 
 # ------------------------------------------------------------------------------------------ report
 def test_report_output_is_a_folder(capsys, untrained_run, tmp_path):
+    """-o FOLDER (existing, or written with a trailing slash): report.html inside it, never a file named like the folder."""
     (tmp_path / "out").mkdir()
-    assert_one_error(*run_cli(capsys, "report", untrained_run, "-o", tmp_path / "out"), f"-o {tmp_path / 'out'}", "is a folder")
+    assert run_cli(capsys, "report", untrained_run, "-o", tmp_path / "out")[0] == 0
+    assert (tmp_path / "out" / "report.html").is_file()
+    assert run_cli(capsys, "report", untrained_run, "-o", f"{tmp_path / 'new'}/")[0] == 0
+    assert (tmp_path / "new" / "report.html").is_file()
 
 
 def test_report_output_below_a_file(capsys, untrained_run, tmp_path):
@@ -283,3 +287,92 @@ def test_report_and_gate_import_neither_torch_nor_fsspec(baseline_then_trained, 
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0 and done.stdout.strip().endswith("clean"), done.stdout + done.stderr
     assert (tmp_path / "r.html").stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------- counts bounded before memory runs out
+def _questions(tmp: Path, items: list[dict]) -> Path:
+    path = tmp / "q.jsonl"
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return path
+
+
+_PATTERN_JUDGE = [{"kind": "pattern", "metric": "m", "pattern": "a"}]
+
+
+@pytest.mark.parametrize(
+    "case, said",
+    [
+        ("samples", ["q.jsonl:1", "field 'samples' is 1,000,000,000", "at most 10,000"]),
+        ("paraphrases", ["q.jsonl:1", "10,000 paraphrases x 10,000 samples", "at most 10,000 per question"]),
+        ("questions", ["q.jsonl", "10,001 questions", "at most 100,000"]),
+        ("num_samples", ["generation.num_samples", "less than or equal to 10000"]),
+        ("distribution", ["num_samples", "less than or equal to 10000"]),
+    ],
+)
+def test_eval_answer_counts_that_would_exhaust_memory(untrained_run, tmp_path, case, said):
+    """A count such as `samples: 1000000000` is one error line naming the file and line, before any model loads: the
+    answers' conversations are never built. Run in a child process with 4 GB of address space (`ulimit -v 4000000`),
+    so a regression is a MemoryError there, not this test process killed."""
+    import resource
+
+    suite = {"name": "qa", "kind": "judge", "judges": _PATTERN_JUDGE}
+    if case == "samples":
+        suite["questions"] = str(_questions(tmp_path, [{"question": "hi", "samples": 10**9}]))
+    elif case == "paraphrases":
+        suite["questions"] = str(_questions(tmp_path, [{"paraphrases": [f"p{i}" for i in range(10_000)], "samples": 10_000}]))
+    elif case == "questions":
+        suite["questions"] = str(_questions(tmp_path, [{"question": f"q{i}", "samples": 10_000} for i in range(10_001)]))
+    elif case == "num_samples":
+        suite["questions"] = str(_questions(tmp_path, [{"question": "hi"}]))
+        suite["generation"] = {"num_samples": 10**9}
+    else:
+        items = tmp_path / "items.jsonl"
+        items.write_text(json.dumps({"prompt": "Rate 1-3.", "options": ["1", "2", "3"], "target": [1, 1, 1]}) + "\n")
+        suite = {"name": "dist", "kind": "distribution", "items": str(items), "method": "sample", "num_samples": 10**9}
+
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4_000_000 * 1024, 4_000_000 * 1024))
+
+    argv = [sys.executable, "-m", "finetrack", "eval", str(untrained_run), "--steps", "0", f"eval.suites={json.dumps([suite])}"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False, preexec_fn=limit_memory)
+    assert_one_error(done.returncode, done.stdout, done.stderr, *said)
+    assert "answer/s" not in done.stderr  # refused before the pass (and its progress bar) began
+
+
+# ------------------------------------------------------------------- RUN_DIR/eval, and errors during the pass
+def test_eval_when_the_eval_folder_is_a_file(capsys, untrained_run):
+    """RUN_DIR/eval taken by a file: one error line naming it, found before any model loads (no progress bar)."""
+    (untrained_run / "eval").write_text("x")
+    code, out, err = run_cli(capsys, "eval", untrained_run)
+    assert_one_error(code, out, err, str(untrained_run / "eval"), "is a file, not a folder")
+    assert "answer/s" not in err  # no progress bar: refused before the pass began
+
+
+def _mix_adapter_files(folder: Path) -> None:
+    """adapter_config.json of another rank than the weights beside it, the manifest updated to match (a folder whose
+    files come from different runs, yet complete by its manifest)."""
+    import hashlib
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["r"] = 999
+    data = json.dumps(config, indent=2).encode()
+    (folder / "adapter_config.json").write_bytes(data)
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    manifest["files"]["adapter_config.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))
+
+
+def test_eval_of_a_checkpoint_whose_adapter_config_does_not_match_its_weights(baseline_then_trained, tmp_path, capsys):
+    """PEFT's "size mismatch" while the adapter loads, inside the pass: one error line naming the checkpoint and what
+    disagrees, on a line of its own (the progress bar closed first), no traceback."""
+    import shutil
+
+    _, trained, _ = baseline_then_trained
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    _mix_adapter_files(run / "checkpoints" / "step-000004")
+    suites = json.dumps([{"name": "heldout", "kind": "loss"}])
+    code, out, err = run_cli(capsys, "eval", run, "--steps", "4", f"eval.suites={suites}")
+    assert_one_error(
+        code, out, err, "checkpoints/step-000004", "adapter_config.json does not match adapter_model.safetensors", "size mismatch"
+    )

@@ -207,7 +207,7 @@ def test_help_config_lists_every_key():
         for name in model.annotation.model_fields:
             assert f"{section}.{name}:" in text or f"[{section}.{name}]" in text, f"{section}.{name}"
     # the suite and judge keys too, with types a person reads (no `typing.Annotated[...]`, no `<class ...>`)
-    assert "eval.suites[kind=distribution].num_samples: int (> 0) = 50" in text
+    assert "eval.suites[kind=distribution].num_samples: int (> 0, <= 10000) = 50" in text
     assert "eval.suites[kind=judge].judges[].kind: 'local' | 'openai' | 'pattern' | 'python' = \"local\"" in text
     assert "train.max_steps: int | null (> 0) = null" in text and "train.lr_schedule: 'cosine' | 'linear' | 'constant'" in text
     assert not re.search(r"typing|Annotated|<class|NoneType|FieldInfo|Literal\[", text)

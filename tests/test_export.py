@@ -269,3 +269,44 @@ def test_onnx_export_through_the_cli_is_verified_in_onnxruntime(lora_run, tmp_pa
     assert (out / ("onnx/model_quantized.onnx" if "int8" in argv else "onnx/model.onnx")).is_file()
     names = {c["name"] for c in cert["verification"]["checks"]}
     assert names >= {"chat_template", "eos_token_id", "mean_kl"} and ("greedy_answers" in names) == ("int8" not in argv)
+
+
+# ------------------------------------------------------------------------------------------ bad input, one line
+@pytest.mark.parametrize(
+    "url, expected", [("nosuch://bucket/x", "Protocol not known: nosuch"), ("s3://AKIAFAKE:Secret@bucket/x", "put no credentials")]
+)
+def test_an_output_url_that_cannot_be_used_is_one_error_line(lora_run, capsys, url, expected):
+    """An unknown scheme or credentials in --output: exit 2, one `error: --output ...` line, the credentials never
+    printed, refused before the checkpoint is loaded (as checkpoint.remote and `sync` refuse the same URLs)."""
+    code = main(["export", str(lora_run), "--format", "merged", "--output", url])
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert code == 2 and "Traceback" not in text, text
+    (line,) = [x for x in text.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: --output ") and expected in line, line
+    assert "Secret" not in text and "AKIAFAKE" not in text, text
+    assert "export: " not in text  # nothing was located or loaded
+
+
+def test_a_checkpoint_whose_adapter_config_does_not_match_its_weights(lora_run, tmp_path, capsys):
+    """adapter_config.json of another rank than adapter_model.safetensors (the manifest updated to match): one error
+    line naming the checkpoint folder and what disagrees, not PEFT's "size mismatch" traceback; nothing at --output."""
+    import hashlib
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run, ignore=shutil.ignore_patterns("exports"))
+    folder = run / "checkpoints" / "step-000003"
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["r"] = 999
+    data = json.dumps(config, indent=2).encode()
+    (folder / "adapter_config.json").write_bytes(data)
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    manifest["files"]["adapter_config.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))
+    out = tmp_path / "out"
+    code, stdout, err = export(capsys, str(run), "--format", "merged", "--output", str(out))
+    assert code == 2, stdout + err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert str(folder) in line and "adapter_config.json does not match adapter_model.safetensors" in line, line
+    assert "size mismatch" in line and not out.exists()

@@ -14,7 +14,7 @@ from conftest import build_tiny_model, build_tiny_tokenizer, regression_rows, st
 from finetrack.batches import batch_builder
 from finetrack.config import DataConfig, ObjectiveConfig
 from finetrack.data import DataError, prepare
-from finetrack.heads import Head, WithHead, attach
+from finetrack.heads import Head, attach
 from finetrack.objectives import Contrastive, Regression, Term, build, causal_lm, weighted_loss
 
 
@@ -63,6 +63,16 @@ def test_regression_loss_matches_a_hand_computation(tmp_path, tok, model, pack, 
         ).sum(),
     }[loss]
     torch.testing.assert_close(terms["regression"].total, by_hand, rtol=1e-4, atol=1e-5)
+
+
+def test_normalizing_targets_that_overflow_is_a_data_error_and_constant_ones_a_warning(model, caplog):
+    """Targets near 1e308 overflowed the standard deviation: the loss was NaN and the error blamed train.lr."""
+    objective = _objective(kind="regression", regression={"normalize_targets": True})
+    with pytest.raises(DataError, match=r"the regression targets \(target\) range from -1e\+308 to 1e\+308: .* rescale them"):
+        attach(model, objective, [1e308, -1e308, 0.1])
+    with caplog.at_level("WARNING", logger="finetrack"):
+        scored = attach(model, objective, [0.5, 0.5, 0.5])
+    assert "every training target (target) is 0.5" in caplog.text and float(scored.head.target_std) == pytest.approx(1e-6)
 
 
 def test_regression_with_lm_weight_and_normalized_targets(tmp_path, tok, model):

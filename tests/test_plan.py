@@ -41,15 +41,16 @@ def tiny_cfg(tmp_path: Path, model_dir: Path, data: Path, *overrides: str):
 
 
 @pytest.mark.parametrize(
-    "text, expected", [("24GB", 24 * 2**30), ("80GiB", 80 * 2**30), ("16000MB", 16000 * 2**20), ("1.5 tb", int(1.5 * 2**40)), ("512", 512)]
+    "text, expected", [("24GB", 24 * 2**30), ("80GiB", 80 * 2**30), ("16000MB", 16000 * 2**20), ("1.5 tb", int(1.5 * 2**40)), ("512B", 512)]
 )
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
 
 
-def test_parse_bytes_error():
-    with pytest.raises(ConfigError, match="write a size such as 24GB"):
-        parse_bytes("lots")
+@pytest.mark.parametrize("text", ["lots", "24"])  # a bare number: bytes or GiB? it was read as 24 bytes
+def test_parse_bytes_error(text):
+    with pytest.raises(ConfigError, match="write a size with its unit, such as 24GB"):
+        parse_bytes(text)
 
 
 def test_length_histogram():
@@ -416,6 +417,10 @@ def test_plan_runs_trains_checks_that_need_no_weights(tmp_path, tiny_model_dir, 
     assert main(["plan", *args, f"output.dir={tmp_path / 'afile'}", "model.attn_implementation=flash_attention_2"]) == 0
     err = capsys.readouterr().err
     assert "warning: output.dir=" in err and "is a file" in err and "error:" not in err, err
+    # a warm start train would refuse now: a warning too (the run it names may be one still to train)
+    assert main(["plan", *args, f"model.init_from={tmp_path / 'phase1'}:best"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: model.init_from={tmp_path / 'phase1'}:best: no such run directory" in err and "would refuse it now" in err, err
 
 
 # ------------------------------------------------------------------------------------------ objectives
@@ -775,3 +780,10 @@ def test_plan_cli_costs_checkpoint_exports(tmp_path, tiny_model_dir, chat_file):
     # without checkpoint.export: nothing to cost, nothing waited for
     plain = make_plan(tiny_cfg(tmp_path, tiny_model_dir, chat_file), target_for(None, None))
     assert plain.exports == {} and plain.time["export_wait_s"] == 0 and "checkpoint.export" not in render(plain)
+
+
+def test_plan_refuses_lora_layers_the_model_does_not_have(tmp_path, tiny_model_dir, chat_file):
+    """As train does once the model is built (PEFT's own error blamed the module names), before any time is spent."""
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", f"data.path={chat_file}", "model.lora.layers_to_transform=[0, 99]"])
+    with pytest.raises(ConfigError, match=r"layers_to_transform=\[0, 99\]: .* has \d+ decoder layers \(indices 0\.\.\d+\)"):
+        make_plan(cfg, target_for("H100", None))

@@ -38,6 +38,10 @@ def test_what_is_not_a_url_is_left_alone():
         (["eval", "s3://AKIAUSER:Zq9w@Kx4m/Pw7t@bucket/run"], "no such run directory"),
         (["report", "s3://AKIAUSER:Zq9w@Kx4m/Pw7t@bucket/run"], "no such run directory"),
         (["sync", "s3://AKIAUSER:Zq9w#Kx4m@bucket/run", "dst"], "put no credentials in the URL"),
+        # a presigned URL's secret lives in its query string
+        (["sync", "s3://bucket/run?X-Amz-Signature=Zq9wKx4mPw7t", "dst"], "a query string is no part of a storage location"),
+        (["sync", "memory://run?token=Zq9wKx4mPw7t", "dst"], "a query string is no part of a storage location"),
+        (["train", "checkpoint.remote=file:///tmp/remote?token=Zq9wKx4mPw7t"], "a query string is no part of a storage location"),
     ],
 )
 def test_a_url_where_a_local_folder_belongs_is_refused_without_its_password(argv, said, tmp_path, monkeypatch, capsys):
@@ -47,3 +51,12 @@ def test_a_url_where_a_local_folder_belongs_is_refused_without_its_password(argv
     assert said in err and err.count("error:") == 1 and "Traceback" not in err, err
     assert not any(part in err for part in SECRET_PARTS), err
     assert not any(tmp_path.iterdir()), "nothing may be created, least of all a folder named after the URL"
+
+
+def test_a_judge_base_url_with_credentials_is_refused_without_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    judge = "{kind: openai, model: m, base_url: 'https://AKIAUSER:Zq9wKx4mPw7t@judge.example/v1'}"
+    assert main(["plan", f"eval.suites=[{{name: j, kind: judge, questions: q.yaml, judges: [{judge}]}}]"]) == 2
+    err = capsys.readouterr().err
+    assert "put no credentials in the URL" in err and "api_key_env" in err and err.count("error:") == 1, err
+    assert not any(part in err for part in SECRET_PARTS), err

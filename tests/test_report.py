@@ -375,3 +375,189 @@ def test_objective_terms_get_their_own_charts(tmp_path, tiny_model_dir, triplet_
             if f"eval_{term}" in m:
                 assert f"held-out: step {m['step']}, {fmt(m[f'eval_{term}'])}" in tips, (term, m["step"])
     assert ">1 - mean cos(anchor, negative)</text>" in html
+
+
+# --------------------------------------------------------------------------------- bad records
+# A run directory written by hand (no training: these tests are about what the report reads), and the report run
+# through the real CLI in a process capped at 4 GB, so a report that eats memory fails the test, not the machine.
+REPORT_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
+GOOD_METRICS = [
+    {"step": 1, "epoch": 0.5, "loss": 2.5, "lr": 1e-3, "time": 100.0},
+    {"step": 2, "epoch": 1.0, "loss": 2.0, "lr": 1e-3, "time": 101.0},
+]
+
+
+def bare_run(root: Path, total_steps: int = 4, steps_per_epoch: int = 2, metrics: list[dict] = GOOD_METRICS) -> Path:
+    """A run directory with a config.resolved.yaml (total_steps, steps_per_epoch) and metrics.jsonl, nothing else."""
+    run = root / "run"
+    run.mkdir(parents=True)
+    config = {
+        "model": {"name": "tiny", "method": "lora"},
+        "resolved": {
+            "total_steps": {"value": total_steps, "reason": "test"},
+            "steps_per_epoch": {"value": steps_per_epoch, "reason": "test"},
+        },
+    }
+    (run / "config.resolved.yaml").write_text(yaml.safe_dump(config))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    return run
+
+
+def report_cli(*args: str) -> subprocess.CompletedProcess:
+    def cap_memory() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    return subprocess.run(
+        [sys.executable, "-m", "finetrack", "report", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=REPORT_ENV,
+        timeout=120,
+        preexec_fn=cap_memory,
+    )
+
+
+def problems_of(html: str) -> list[str]:
+    """The items of the page's "Left out" list, as text."""
+    block = re.search(r'<section class="problems">(.*?)</section>', html, re.DOTALL)
+    return [unescape(x) for x in re.findall(r"<li>(.*?)</li>", block.group(1))] if block else []
+
+
+def test_huge_step_is_left_out_and_counted(tmp_path):
+    """A step of 10^23 once built 10^23 epoch lines: now the line is left out (beyond the planned steps), counted with
+    its line number, and the page is written from the rest."""
+    run = bare_run(tmp_path)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99999999999999999999999, "loss": 1}\n{"step": 5, "loss": 1}\n')
+    r = report_cli(str(run))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    html = (run / "report.html").read_text()
+    assert problems_of(html) == [
+        "run: metrics.jsonl: 2 line(s) of the wrong shape left out (line 3: step 99999999999999999999999 is beyond the run's 4 "
+        "planned steps (config.resolved.yaml total_steps); line 4: step 5 is beyond the run's 4 planned steps "
+        "(config.resolved.yaml total_steps)); fix or delete them"
+    ]
+    assert "train loss: step 2, 2" in titles(html) and "step 5," not in html
+
+
+def test_epoch_lines_are_bounded(tmp_path):
+    """10,000 one-step epochs: every n-th boundary is drawn, never more than 40 per chart."""
+    run = bare_run(tmp_path, total_steps=10_000, steps_per_epoch=1, metrics=[{"step": 1, "loss": 3.0}, {"step": 10_000, "loss": 1.0}])
+    r = report_cli(str(run))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    loss = chart((run / "report.html").read_text(), "Loss per target token")
+    epochs = [t for t in titles(loss) if t.startswith("epoch ")]
+    assert len(epochs) == 39 and epochs[0] == "epoch 251" and epochs[-1] == "epoch 9751"  # every 250th of 9,999
+
+
+def test_many_steps_without_a_total_are_bounded(tmp_path):
+    """No total_steps in the config: a step past a billion is still garbage, left out and counted."""
+    run = bare_run(tmp_path)
+    config = yaml.safe_load((run / "config.resolved.yaml").read_text())
+    del config["resolved"]["total_steps"]
+    (run / "config.resolved.yaml").write_text(yaml.safe_dump(config))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 10000000000, "loss": 1}\n')
+    r = report_cli(str(run))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "line 3: step 10000000000 is beyond 1,000,000,000 steps" in problems_of((run / "report.html").read_text())[0]
+
+
+SAMPLE = {"step": 1, "prompt": "Say hi", "answer": "hi"}
+RESPONSE = {"suite": "qa", "question_id": "q1", "paraphrase": 0, "question": "Why?", "answer": "Because.", "scores": {"s": 50}}
+
+
+@pytest.mark.parametrize(
+    "file, lines, problem",
+    [
+        (
+            "metrics.jsonl",
+            [{"step": "x", "loss": 1}],
+            "metrics.jsonl: 1 line(s) of the wrong shape left out "
+            '(line 3: step "x" is not a step number (a whole number >= 0)); fix or delete them',
+        ),
+        ("metrics.jsonl", [{"step": None}], "(line 3: step null is not a step number (a whole number >= 0))"),
+        ("metrics.jsonl", [{"step": True, "loss": 1}], "(line 3: step true is not a step number"),
+        ("metrics.jsonl", [{"loss": 2}, {"step": -1}], "2 line(s) of the wrong shape left out (line 3: no step; line 4: step -1 is"),
+        (
+            "metrics.jsonl",
+            [{"step": 3, "loss": "abc", "lr": [1], "grad_norm": None}],
+            "metrics.jsonl: 2 value(s) of the wrong type left "
+            'out of the charts (line 3: loss "abc" is not a number; line 3: lr [1] is not a number); fix them',
+        ),
+        ("samples.jsonl", [SAMPLE, {**SAMPLE, "step": "x"}], 'samples.jsonl: 1 line(s) of the wrong shape left out (line 2: step "x" is'),
+        ("samples.jsonl", [SAMPLE, {"step": 1, "prompt": 5, "answer": None}], "(line 2: prompt 5 is not text)"),
+        ("samples.jsonl", [SAMPLE, {"step": 2, "prompt": "p", "answer": None}], "(line 2: answer null is not text)"),
+        ("eval/responses/step-000001.jsonl", [RESPONSE, {**RESPONSE, "question_id": ["a"]}], '(line 2: question_id ["a"] is not text)'),
+        ("eval/responses/step-000001.jsonl", [{**RESPONSE, "question": None}], "(line 1: question null is not text)"),
+        (
+            "eval/responses/step-000001.jsonl",
+            [{**RESPONSE, "scores": {"s": "x"}}],
+            '(line 1: scores {"s": "x"} is not {metric: number or null})',
+        ),
+        ("eval/responses/step-000001.jsonl", [{**RESPONSE, "answer": 5}], "(line 1: answer 5 is not text or null)"),
+    ],
+)
+def test_records_of_the_wrong_type_are_left_out_and_counted(tmp_path, file, lines, problem):
+    """Valid JSON of the wrong types once crashed the report (a sort of str against int, escape() of an int, a dict
+    key of a list): each line is now left out, or its bad value is, and counted with its file and line number."""
+    run = bare_run(tmp_path)
+    path = run / file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(x) + "\n" for x in lines))
+    r = report_cli(str(run))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    found = problems_of((run / "report.html").read_text())
+    assert len(found) == 1 and problem in found[0], found
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"epoch": None}, "eval/step-000001.json: epoch null is not a number left out of the charts; delete it and re-run"),
+        ({"counts": "x"}, 'eval/step-000001.json: counts "x" is not an object left out of the charts'),
+        ({"counts": {"qa.answers": "3", "qa.s_unscored": 0}}, 'count qa.answers "3" is not a number left out of the charts'),
+        ({"metrics": {"qa.s": "high"}}, 'eval/step-000001.json: metric qa.s "high" is not a number left out of the charts'),
+        ({"step": 10**30}, "eval/step-000001.json: step 1000000000000000000000000000000 is beyond the run's 4 planned steps"),
+        ({"step": True}, "eval/step-000001.json: not a finetrack eval record (an object with 'step' >= 0 and 'metrics')"),
+    ],
+)
+def test_eval_records_of_the_wrong_type_are_shown_as_problems(tmp_path, change, problem):
+    run = bare_run(tmp_path)
+    (run / "eval").mkdir()
+    record = {"step": 1, "epoch": 0.5, "metrics": {"qa.s": 50.0}, "counts": {"qa.answers": 3, "qa.s_unscored": 0}}
+    (run / "eval/step-000001.json").write_text(json.dumps({**record, **change}))
+    r = report_cli(str(run))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    found = problems_of((run / "report.html").read_text())
+    assert len(found) == 1 and problem in found[0], found
+
+
+def test_output_folder_gets_report_html(tmp_path):
+    """-o an existing folder, or a path ending in a slash: report.html inside it, never a file named like the folder."""
+    run = bare_run(tmp_path)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    r = report_cli(str(run), "-o", str(folder))
+    assert r.returncode == 0 and r.stdout.strip() == f"report: {(folder / 'report.html').resolve()}", r.stderr
+    assert (folder / "report.html").read_text().startswith("<!DOCTYPE html>")
+    made = write_report([run], f"{tmp_path / 'new'}/")  # not there yet: the slash says it is a folder
+    assert made == tmp_path / "new" / "report.html" and made.is_file()
+
+
+def test_ticks_below_float_precision_end():
+    """Values one float apart (a constant learning rate summed two ways) once looped forever adding a tick step too
+    small to move the value; run in a capped process so a regression fails instead of eating the machine."""
+    code = "from finetrack.report.charts import nice_ticks; print(nice_ticks(1.0, 1.0000000000000002))"
+
+    def cap_memory() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=REPORT_ENV, timeout=60, preexec_fn=cap_memory)
+    assert r.returncode == 0 and r.stdout.strip() == "[1.0]", r.stderr

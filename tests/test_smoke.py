@@ -215,3 +215,20 @@ def test_checkpoints_on_disk_follows_retention():
     schedule = {"2": "first_epoch", "4": "first_epoch", "6": "every_steps", "12": "every_steps", "18": "every_steps+last"}
     assert checkpoints_on_disk(schedule, 1, True) == 4  # the schedule's checkpoints stay
     assert checkpoints_on_disk(schedule, 1, False) == 2
+
+
+def test_a_failed_item_keeps_the_log_its_line_names(tmp_path, tiny_model_dir, chat_file):
+    """Without --keep the scratch run is deleted, but not the logs: the FAIL line points at one (it pointed at a
+    deleted file)."""
+    (tmp_path / "stop.py").write_text(
+        "class Boom:\n    def on_step_end(self, view):\n        raise RuntimeError('boom at step ' + str(view.step))\n"
+    )
+    write_config(tmp_path / "cfg.yaml", tiny_model_dir, chat_file, tmp_path / "runs" / "real")
+    scratch = tmp_path / "scratch"
+    r = smoke(tmp_path, "cfg.yaml", "--steps", STEPS, "--scratch", str(scratch), "train.callbacks=[{function: stop.py:Boom}]")
+    assert r.returncode == 1, r.stdout + r.stderr
+    status, evidence = checklist(r.stdout)["train"]
+    assert status == "FAIL" and "boom at step 1" in evidence, r.stdout
+    log_file = Path(evidence.rsplit("(log: ", 1)[1].rstrip(")"))
+    assert log_file.is_file() and "boom at step 1" in log_file.read_text()
+    assert sorted(p.name for p in scratch.iterdir()) == ["logs"]  # the scratch run itself is gone

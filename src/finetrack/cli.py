@@ -217,7 +217,7 @@ def _export(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    path = write_report([Path(d) for d in args.run_dirs], args.output and Path(args.output))
+    path = write_report([Path(d) for d in args.run_dirs], args.output)  # text: `-o out/` keeps its slash (a folder)
     print(f"report: {path.resolve()}")
     return 0
 

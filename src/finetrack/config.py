@@ -52,10 +52,21 @@ class LoraConfig(Section):
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with use_rslora).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: Literal["all-linear"] | list[str] = Field(
+    target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] = Field(
         "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]) or 'all-linear' (every linear layer but the output head)."
     )
-    layers_to_transform: list[int] | None = Field(None, description="Only adapt these decoder layer indices (None = all).")
+    # an empty list is refused: PEFT reads [] as "not set" and adapted every layer
+    layers_to_transform: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = Field(
+        None, description="Only adapt these decoder layer indices (None = all)."
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _all_linear_alone(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and "all-linear" in value:
+            raise ValueError("'all-linear' is a value of its own, not a module name: write target_modules: all-linear")
+        return value
+
     use_rslora: bool = Field(False, description="Rank-stabilized scaling alpha / sqrt(r).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
 

@@ -25,8 +25,13 @@ class SourceConfig(Section):
         description="Name in metrics (source/<name>.loss), reports and errors: letters, digits, _ and -. Default: the file name "
         "without its suffix.",
     )
-    path: str | list[str] = Field(description="This source's rows: file(s), a folder of them, a `datasets` name or builtin:demo-chat.")
-    weight: float = Field(gt=0, description="Share of the rows of every optimizer step, relative to the other sources' weights.")
+    path: str | Annotated[list[str], Field(min_length=1)] = Field(
+        description="This source's rows: file(s), a folder of them, a `datasets` name or builtin:demo-chat."
+    )
+    # bounded: weights of 1e308 summed to inf (every target share 0.0), and one of 1e-320 was never drawn
+    weight: float = Field(
+        ge=1e-6, le=1e6, description="Share of the rows of every optimizer step, relative to the other sources' weights (1e-6 to 1e6)."
+    )
     split: Annotated[
         str | None,
         Knob(
@@ -54,7 +59,7 @@ class SourceConfig(Section):
 
 
 class DataConfig(Section):
-    path: str | list[str] = Field(
+    path: str | Annotated[list[str], Field(min_length=1)] = Field(
         DEFAULT_PATH,
         description="Training data: file(s) (.jsonl .json .csv .parquet), a directory of them, a `datasets` hub name, "
         "or 'builtin:demo-chat' (the chat set shipped with finetrack). One source; several weighted ones: data.sources.",

@@ -48,7 +48,19 @@ class VerbParser(Parser):
             self._intermixed = False
         if extras:  # here, not in the top-level parser: the message names this verb's flags
             self.error(f"unrecognized arguments: {' '.join(extras)}{self._closest(extras)}")
+        self._refuse_empty(namespace)
         return namespace, extras
+
+    def _refuse_empty(self, namespace: argparse.Namespace) -> None:
+        """An empty text is no path or name: `sync RUN ''` mirrored into the current directory, and `--output ''`
+        or `--json ''` acted as if the flag were not given."""
+        for action in self._actions:
+            value = getattr(namespace, action.dest, None)
+            values = value if isinstance(value, list) else [value]
+            if any(isinstance(v, str) and not v.strip() for v in values):
+                name = max(action.option_strings, key=len) if action.option_strings else (action.metavar or action.dest).upper()
+                optional = bool(action.option_strings) or action.nargs in ("?", "*")
+                self.error(f"{name} is empty: give a value" + (", or leave it out" if optional else ""))
 
     def _closest(self, unknown: list[str]) -> str:
         known = [s for a in self._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
@@ -101,7 +113,9 @@ def memory_size(text: str) -> str:
     try:
         size = parse_bytes(text)
     except ConfigError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 24GB (read as GiB), 80GiB or 16000MB") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size; write it with its unit, e.g. 24GB (read as GiB), 80GiB or 16000MB"
+        ) from None
     if not 0 < size <= MAX_DEVICE_MEMORY_BYTES:
         raise argparse.ArgumentTypeError(f"{text!r} is out of range; give the device's memory, e.g. 24GB or 80GiB")
     return text
@@ -210,7 +224,12 @@ def parser() -> Parser:
         description="finetrack report RUN_DIR [RUN_DIR ...] [-o report.html]: several runs are overlaid, one colour per run.",
     )
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (holding config.resolved.yaml)")
-    r.add_argument("-o", "--output", help="HTML file to write (default: RUN_DIR/report.html for one run, ./report.html for several)")
+    r.add_argument(
+        "-o",
+        "--output",
+        help="HTML file to write, or a folder to write report.html in (an existing one, or a path ending in /); "
+        "default: RUN_DIR/report.html for one run, ./report.html for several",
+    )
 
     pl = verb(
         "plan",

@@ -9,12 +9,17 @@ export load both from there.
 from __future__ import annotations
 
 import json
+import logging
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .config import HeadConfig, ObjectiveConfig
+from .data_files import DataError
+
+log = logging.getLogger("finetrack")
 
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "head.json"
@@ -88,8 +93,16 @@ def attach(model: nn.Module, objective: ObjectiveConfig, train_values: list[floa
     head = head.to(next(lm.parameters()).device)
     if r.normalize_targets and train_values:
         values = torch.tensor(train_values, dtype=torch.float64)
-        head.target_mean.fill_(float(values.mean()))
-        head.target_std.fill_(float(values.std(correction=0).clamp(min=1e-6)) if len(values) > 1 else 1.0)
+        mean, std = float(values.mean()), float(values.std(correction=0)) if len(values) > 1 else 1.0
+        if not (math.isfinite(mean) and math.isfinite(std)):  # targets near 1e308: the loss was NaN, blamed on train.lr
+            raise DataError(
+                f"the regression targets ({r.target_field}) range from {min(train_values):.3g} to {max(train_values):.3g}: their mean "
+                "and spread overflow float64; rescale them in the data (e.g. divide by a power of ten)"
+            )
+        if std == 0:
+            log.warning("warning: every training target (%s) is %g: the head can only learn that constant", r.target_field, mean)
+        head.target_mean.fill_(mean)
+        head.target_std.fill_(max(std, 1e-6))
     if r.freeze_backbone:
         lm.requires_grad_(False)
     return WithHead(lm, head, r.layer)

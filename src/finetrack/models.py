@@ -220,6 +220,16 @@ def load_base_model(cfg: ModelConfig, device: torch.device) -> nn.Module:
     return model
 
 
+def check_lora_layers(cfg: ModelConfig, num_layers: int) -> None:
+    """model.lora.layers_to_transform names layers the model has (PEFT's own error blamed the module names)."""
+    layers = cfg.lora.layers_to_transform
+    if cfg.method != "full" and layers and max(layers) >= num_layers:
+        raise ConfigError(
+            f"model.lora.layers_to_transform={layers}: {cfg.name} has {num_layers} decoder layers (indices 0..{num_layers - 1}); "
+            "give indices in that range, or leave the key out to adapt every layer"
+        )
+
+
 def _apply_method(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     if cfg.method == "full":
         if cfg.gradient_checkpointing:
@@ -235,6 +245,7 @@ def _apply_method(model: nn.Module, cfg: ModelConfig) -> nn.Module:
         )
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    check_lora_layers(cfg, model.config.num_hidden_layers)
     lora = cfg.lora
     targets = lora.target_modules
     if targets == "all-linear" and lora.layers_to_transform is not None:

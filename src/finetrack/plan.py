@@ -164,7 +164,9 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     """Everything `finetrack plan` prints, as plain data."""
     from transformers import AutoConfig
 
-    from .models import check_source, load_tokenizer, model_source
+    from . import warm_start
+    from .models import check_lora_layers, check_source, load_tokenizer, model_source
+    from .redact import looks_like_url
 
     if measure_steps is not None and measure_steps < 1:
         raise ConfigError(f"--measure-steps {measure_steps}: measure at least 1 optimizer step (default 5)")
@@ -173,6 +175,11 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
     check_source(cfg.model.model_copy(update={"attn_implementation": "auto"}))
     if problem := runlock.run_dir_problem(Path(cfg.output.dir)):
         log.warning("warning: %s (on this machine: finetrack train here would refuse it)", problem)
+    if cfg.model.init_from and not looks_like_url(cfg.model.init_from):  # as train checks it (a remote one is not fetched);
+        try:  # a warning: the run it names may be one still to train (phase 2 planned before phase 1)
+            warm_start.check_method(warm_start.locate(cfg.model.init_from, Path(cfg.output.dir)), cfg.model.method)
+        except ConfigError as e:
+            log.warning("warning: %s (finetrack train would refuse it now)", e)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare(cfg.data, tokenizer, cfg.train.seed, cfg.objective)
     as_given = cfg  # --measure resolves it again for this machine
@@ -189,6 +196,7 @@ def make_plan(cfg: Config, target: Target, price_per_hour: float | None = None, 
             model_source(cfg.model), revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
         ).to_dict()
     )
+    check_lora_layers(cfg.model, arch.num_layers)  # as train does once the model is built
     total_steps = shape.total_steps
     work = workload(data.train, cfg, arch, total_steps, target.num_processes, data.mixture)
     assumptions: list[str] = []

@@ -248,10 +248,16 @@ def read_jsonl(path: Path, bad_lines: list[int] | None = None) -> list[dict]:
     A line that is not a JSON object (a run killed mid-write, a hand edit) is left out and its number
     appended to `bad_lines`; with bad_lines None such a line is a ConfigError naming the file and line.
     """
+    return [row for _, row in read_jsonl_numbered(path, bad_lines)]
+
+
+def read_jsonl_numbered(path: Path, bad_lines: list[int] | None = None) -> list[tuple[int, dict]]:
+    """As read_jsonl, each object with its line number (1-based): for a reader that checks the objects' fields and
+    must name the line of one it leaves out."""
     path = Path(path)
     if not path.is_file():
         return []
-    rows = []
+    rows: list[tuple[int, dict]] = []
     for number, raw in enumerate(path.read_bytes().splitlines(), 1):
         if not raw.strip():
             continue
@@ -260,7 +266,7 @@ def read_jsonl(path: Path, bad_lines: list[int] | None = None) -> list[dict]:
         except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
             row = None
         if isinstance(row, dict):
-            rows.append(row)
+            rows.append((number, row))
         elif bad_lines is not None:
             bad_lines.append(number)
         else:
@@ -330,8 +336,10 @@ def read_eval(path: Path, run_dir: Path | None = None) -> dict:
         raise EvalError(f"{path}: cannot be read ({e.strerror or e})") from None
     except ValueError as e:
         raise EvalError(f"{path}: not valid JSON ({' '.join(str(e).split())[:120]}); {again}") from None
-    if not isinstance(record, dict) or not isinstance(record.get("metrics", {}), dict) or not isinstance(record.get("step"), int):
-        raise EvalError(f"{path}: not a finetrack eval record (an object with 'step' and 'metrics'); {again}")
+    step = record.get("step") if isinstance(record, dict) else None
+    is_step = isinstance(step, int) and not isinstance(step, bool) and step >= 0  # True is an int to Python, not a step
+    if not is_step or not isinstance(record.get("metrics", {}), dict):
+        raise EvalError(f"{path}: not a finetrack eval record (an object with 'step' >= 0 and 'metrics'); {again}")
     return record
 
 

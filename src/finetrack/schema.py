@@ -7,6 +7,7 @@ Which settings matter is said once, on the field, as `Annotated[type, Knob(...)]
 
 from __future__ import annotations
 
+import types
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -68,6 +69,66 @@ class _Boolean:
         return f"{str(self.value).lower()}, a boolean"
 
 
+class _NotBoolean:
+    """Text or a number written where true/false belongs: fails the field's validation, so the message names the key
+    and its line (pydantic reads 'yes', 'off', 1 and 0 as booleans: a quoted `trust_remote_code: "yes"` ran remote code)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        kind = "text" if isinstance(self.value, str) else "a number"
+        return f"{self.value!r}, {kind}: write true or false"
+
+
+class _Empty:
+    """An empty text where a value belongs: fails the field's validation, so the message names the key and its line
+    (an empty path was the current directory: `output.dir: ''` with --fresh moved the whole folder aside)."""
+
+    def __repr__(self) -> str:
+        return "'', empty: give a value, or leave the key out for its default"
+
+
+def _free_form(annotation: Any) -> bool:
+    """A field that takes anything as it is (Any, a bare dict or list): its values are the user's own."""
+    return annotation is Any or annotation in (dict, list)
+
+
+def _holds_empty(value: Any) -> bool:
+    if isinstance(value, str):
+        return value == ""
+    if isinstance(value, (list, tuple)):
+        return any(_holds_empty(v) for v in value)
+    return isinstance(value, dict) and any(_holds_empty(v) for v in value.values())
+
+
+def _mark_empty(value: Any) -> Any:
+    if isinstance(value, str):
+        return _Empty() if value == "" else value
+    if isinstance(value, (list, tuple)):
+        return [_mark_empty(v) for v in value]
+    return {k: _mark_empty(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+
+def _bool_words(annotation: Any) -> frozenset | None:
+    """The words a true/false field takes besides true, false (and null where optional): `bool | Literal["auto"]`
+    -> {"auto"}; None for a field that is not a true/false one."""
+    if annotation is bool:
+        return frozenset()
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return None
+    args = set(typing.get_args(annotation)) - {type(None)}
+    literals = [a for a in args if typing.get_origin(a) is typing.Literal]
+    if bool not in args or args - {bool} != set(literals):
+        return None
+    return frozenset(v for a in literals for v in typing.get_args(a))
+
+
+def _not_a_flag(value: Any, words: frozenset | None) -> bool:
+    """A value a true/false field must refuse: not true, false, null or one of its words."""
+    return words is not None and not isinstance(value, (bool, type(None))) and not (isinstance(value, str) and value in words)
+
+
 def _holds_bool(value: Any) -> bool:
     return isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(_holds_bool(v) for v in value))
 
@@ -87,12 +148,19 @@ class Section(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _no_bool_as_number(cls, data: Any) -> Any:
+        """What pydantic would read loosely fails instead: true/false as a number, text or a number as true/false,
+        an empty text as a value."""
         if not isinstance(data, dict):
             return data
         fields = cls.model_fields
-        if not any(_holds_bool(v) for v in data.values()):
+        flags = {k for k, v in data.items() if k in fields and _not_a_flag(v, _bool_words(fields[k].annotation))}
+        empty = {k for k, v in data.items() if k in fields and not _free_form(fields[k].annotation) and _holds_empty(v)}
+        if not flags and not empty and not any(_holds_bool(v) for v in data.values()):
             return data  # untouched (also on validate_assignment, which passes the model's own values)
-        return {k: v if k not in fields or _takes_bool(fields[k].annotation) else _mark_booleans(v) for k, v in data.items()}
+        out = {k: v if k not in fields or _takes_bool(fields[k].annotation) else _mark_booleans(v) for k, v in data.items()}
+        out.update({k: _mark_empty(data[k]) for k in empty})
+        out.update({k: _NotBoolean(data[k]) for k in flags})
+        return out
 
 
 # ------------------------------------------------------------------------------------ walking knobs

@@ -82,6 +82,7 @@ def main(args: argparse.Namespace) -> int:
     runner = _Runner(scratch / "logs", torch.cuda.is_available(), args.num_processes, accelerate_config)
     created = missing_folders(str(scratch)) + missing_folders(remote)
     items: list[Item] = []
+    finished = False
     try:
         scratch.mkdir(parents=True, exist_ok=True)
         items += [versions(cfg), device(args.num_processes), kernels(cfg)]
@@ -96,9 +97,12 @@ def main(args: argparse.Namespace) -> int:
             items += [Item("SKIP", name, why) for name in ("resume", "sync", "eval", "memory", "loss", "throughput")]
         else:
             items += _short_run(runner, config, smoke_overrides, smoke_cfg, scratch, remote, steps, full, short, target.device_type, args)
+        finished = True
     finally:
         runner.stop()
-        clean_up(scratch, remote, args.keep, created)
+        # a FAIL line (or an error) names a log: the logs stay for it
+        failing = not finished or any(i.status == "FAIL" for i in items)
+        clean_up(scratch, remote, args.keep, created, scratch / "logs" if failing else None)
     failed = [i for i in items if i.status == "FAIL"]
     for item in items:
         print(item.line())

@@ -290,13 +290,22 @@ def missing_folders(path: str | None) -> list[Path]:
     return missing
 
 
-def clean_up(scratch: Path, remote: str | None, keep: bool, created: list[Path]) -> None:
+def clean_up(scratch: Path, remote: str | None, keep: bool, created: list[Path], logs: Path | None = None) -> None:
     """Delete the scratch folder and the remote scratch prefix (unless --keep), then the `created` folders (missing_folders)
-    left empty, and say so."""
+    left empty, and say so. `logs`: a folder inside the scratch folder that stays (an item failed: its FAIL line points
+    there)."""
     if keep:
         log.info("smoke: kept (--keep): %s%s", scratch, f" and {redact(remote)}" if remote else "")
         return
-    shutil.rmtree(scratch, ignore_errors=True)
+    if logs is not None and logs.is_dir():
+        for child in scratch.iterdir():
+            if child.is_dir() and child != logs:
+                shutil.rmtree(child, ignore_errors=True)
+            elif not child.is_dir():
+                child.unlink(missing_ok=True)
+        log.info("smoke: scratch deleted but its logs, kept for the failed item(s): %s", logs)
+    else:
+        shutil.rmtree(scratch, ignore_errors=True)
     if remote and (problem := delete_remote(remote)):
         log.warning("warning: the remote scratch %s could not be deleted (%s): delete it by hand", redact(remote), problem)
     for folder in created:  # deepest first; a folder something else wrote into meanwhile stays
@@ -304,4 +313,5 @@ def clean_up(scratch: Path, remote: str | None, keep: bool, created: list[Path])
             folder.rmdir()
         except OSError:
             pass
-    log.info("smoke: scratch deleted: %s%s", scratch, f" and {redact(remote)}" if remote else "")
+    if logs is None or not logs.is_dir():
+        log.info("smoke: scratch deleted: %s%s", scratch, f" and {redact(remote)}" if remote else "")

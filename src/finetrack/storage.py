@@ -50,13 +50,31 @@ def describe_error(error: BaseException, url: str) -> str:
 
 def check_url(url: str) -> None:
     """Fail early on a backend that is not installed, or on credentials the backend would not take from the URL."""
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
     if has_credentials(url):  # the URL is saved in config.resolved.yaml and meta.json: it must hold no secret
         raise ValueError(
             f"{redact(url)}: put no credentials in the URL (it is saved with the run and shown in messages); "
-            "set them the backend's usual way, e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws/credentials for s3"
+            f"set them {_credentials_hint(protocol)}"
         )
-    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    if "?" in redact(url):  # a presigned URL's token or signature (?X-Amz-Signature=..., ?sig=..., ?token=...)
+        raise ValueError(
+            f"{redact(url).partition('?')[0]}?...: a query string is no part of a storage location and may hold a token or "
+            "signature (the URL is saved with the run and shown in messages): remove it"
+            + ("" if protocol in ("file", "local", "memory") else f", and set credentials {_credentials_hint(protocol)}")
+        )
     fsspec.get_filesystem_class(protocol)  # ImportError naming the package to install
+
+
+def _credentials_hint(protocol: str) -> str:
+    """Where a backend takes credentials from, instead of the URL."""
+    hints = {
+        "s3": "e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or ~/.aws/credentials",
+        "gs": "e.g. GOOGLE_APPLICATION_CREDENTIALS or gcloud auth application-default login",
+        "hf": "e.g. HF_TOKEN or huggingface-cli login",
+        "az": "e.g. AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY",
+    }
+    aliases = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}
+    return hints.get(aliases.get(protocol, protocol), f"the way the {protocol} backend of fsspec reads them (its environment or config)")
 
 
 def open_url(url: str) -> tuple[fsspec.AbstractFileSystem, str]:

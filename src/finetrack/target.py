@@ -48,9 +48,9 @@ class Target:
 def parse_bytes(text: str) -> int:
     """'24GB' -> 24 GiB: memory sizes are read in binary units (a '24 GB' GPU has 24 GiB), '1.5TB' too."""
     m = _SIZE.match(text)
-    if not m:
-        raise ConfigError(f"--device-memory {text!r}: write a size such as 24GB, 80GiB or 16000MB")
-    unit = (m.group(2) or "B").upper().replace("I", "")
+    if not m or not m.group(2):  # a bare number: bytes, or GiB? (`--device-memory 24` was planned as 24 bytes)
+        raise ConfigError(f"--device-memory {text!r}: write a size with its unit, such as 24GB, 80GiB or 16000MB")
+    unit = m.group(2).upper().replace("I", "")
     return int(float(m.group(1)) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}[unit])
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,3 +236,52 @@ def run(suite: AdapterSuite, folder: Path | None, previous: Path | None) -> dict
         },
         "previous": _where(previous) if previous is not None and folder is not None else None,
     }
+
+
+# PyTorch's words (Module.load_state_dict) for a tensor of the file that does not fit the model PEFT built from the config
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (?P<name>\S+): copying a param with shape torch\.Size\(\[(?P<file>[^\]]*)\]\) from checkpoint, "
+    r"the shape in current model is torch\.Size\(\[(?P<model>[^\]]*)\]\)"
+)
+
+
+@contextmanager
+def adapter_load_errors(folder: Path) -> Iterator[None]:
+    """Around a PEFT load of `folder`: PyTorch's "size mismatch" list (its files disagree) as one CheckpointError
+    naming the folder (load_error); anything else as it is."""
+    try:
+        yield
+    except RuntimeError as e:
+        error = load_error(folder, e)
+        if error is None:
+            raise
+        raise error from None
+
+
+def load_error(folder: Path, error: BaseException) -> Exception | None:
+    """The user error for an adapter folder PEFT could not load because its files disagree (adapter_config.json and
+    adapter_model.safetensors of different runs, or an adapter of another base model), naming the folder and the first
+    tensor that does not fit; None when `error` is something else (then it is re-raised as it is)."""
+    from ..rundir import CheckpointError
+
+    found = _SIZE_MISMATCH.search(str(error)) if isinstance(error, RuntimeError) else None
+    if found is None:
+        return None
+    count = len(_SIZE_MISMATCH.findall(str(error)))
+    name = found["name"].removeprefix(_PREFIX).replace(".default.", ".")  # as the file names it, without PEFT's adapter name
+    in_file, in_model = (tuple(int(x) for x in found[k].split(",") if x.strip()) for k in ("file", "model"))
+    more = f" and {count - 1} more tensor(s)" if count > 1 else ""
+    what = f"size mismatch for {name}{more}: {list(in_file)} in the file, {list(in_model)} by the config"
+    # a LoRA factor's rank is its first axis (lora_A: r x in) or its second (lora_B: out x r); another side that
+    # differs is a base-model dimension: the adapter was trained on another base model
+    rank_axis = 1 if re.search(r"\.lora_(?:embedding_)?B", name) else 0
+    other_sides_equal = len(in_file) == len(in_model) and all(a == b for i, (a, b) in enumerate(zip(in_file, in_model)) if i != rank_axis)
+    if other_sides_equal:
+        return CheckpointError(
+            f"{folder}: {CONFIG} does not match {WEIGHTS} ({what}): the folder mixes files of different runs; "
+            "restore the checkpoint's own files (or evaluate / export another step)"
+        )
+    return CheckpointError(
+        f"{folder}: {WEIGHTS} does not fit the base model ({what}): the adapter was trained on another base model; "
+        f"set the base it was trained on (base_model_name_or_path in {CONFIG}, or the run's model.name)"
+    )

@@ -69,9 +69,10 @@ def estimate(
         elif isinstance(suite, JudgeSuite):
             out.suites.append(_judge(suite, arch, tokenizer, steps, flops_per_s, gen_rate, out.assumptions))
         elif isinstance(suite, DistributionSuite):
-            from .distribution import load_items
+            from .distribution import check_sample_count, load_items
 
             items = load_items(Path(suite.items))
+            check_sample_count(suite, items)
             prompts = [
                 _prompt_tokens(
                     tokenizer, ([{"role": "system", "content": i.system}] if i.system else []) + [{"role": "user", "content": i.prompt}]
@@ -103,9 +104,10 @@ def _loss_rows(suite: RowSuite, cfg: Config, tokenizer, held_out: list | None) -
 
 def _judge(suite: JudgeSuite, arch, tokenizer, steps: int, flops_per_s: float, gen_rate: float, assumptions: list[str]) -> dict:
     from .freeform import conversations
-    from .questions import load_questions
+    from .questions import check_answer_count, load_questions
 
     questions = load_questions(Path(suite.questions))
+    check_answer_count(Path(suite.questions), questions, suite.generation.num_samples, "generation.num_samples")
     items = conversations(questions, suite.generation.num_samples)
     new = suite.generation.max_new_tokens
     seconds = steps * sum(forward_flops(arch, _prompt_tokens(tokenizer, it["messages"]) + new, new) for it in items) / gen_rate

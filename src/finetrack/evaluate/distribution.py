@@ -38,7 +38,7 @@ from torch import nn
 
 from .generate import generate
 from .judges import end_of_turn_id
-from .questions import read_items
+from .questions import MAX_ANSWERS_PER_SUITE, read_items
 from .spec import DistributionSuite, EvalError, GenerationConfig
 
 log = logging.getLogger("finetrack")
@@ -143,6 +143,17 @@ def load_items(path: Path) -> list[Item]:
         seen[item.id] = where
         items.append(item)
     return items
+
+
+def check_sample_count(suite: DistributionSuite, items: list[Item]) -> None:
+    """method sample: items x num_samples answers are held in memory at once (one generate() call), so their number is
+    bounded as a judge suite's is (questions.MAX_ANSWERS_PER_SUITE); a DistributionError naming the file otherwise."""
+    total = len(items) * suite.num_samples
+    if suite.method == "sample" and total > MAX_ANSWERS_PER_SUITE:
+        raise DistributionError(
+            f"{suite.items}: {len(items):,} items x num_samples={suite.num_samples:,} make {total:,} answers per step; at most "
+            f"{MAX_ANSWERS_PER_SUITE:,} (every answer is held in memory): lower num_samples of eval suite '{suite.name}' or split the file"
+        )
 
 
 def _parse_item(raw: Any, where: str, default_id: str) -> Item:
@@ -369,6 +380,7 @@ def run(suite: DistributionSuite, model: nn.Module, tokenizer, on_progress: Call
     Returns {"metrics": wasserstein / mae_mean / pearson_means, "counts": ..., "responses": one record per item}.
     """
     items = load_items(Path(suite.items))
+    check_sample_count(suite, items)
     records: list[dict] = []
     counts: dict[str, int] = {}
     if suite.method == "probs":

@@ -126,7 +126,7 @@ class OpenAIJudge:
                 if attempt == self.retries:
                     raise JudgeError(
                         f"openai judge: POST {url} failed after {self.retries + 1} attempt(s): {e.what}; "
-                        "check that the server is up and the URL is right, or raise retries / timeout_s"
+                        "check that the server is up and the judge's base_url (or $OPENAI_BASE_URL) is right"
                     ) from None
                 wait_s = _BACKOFF_S * 2**attempt
                 if e.wait_s is not None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..data_files import iter_text_lines, read_text
 from ..yamlfile import parse_yaml
-from .spec import EvalError
+from .spec import MAX_ANSWERS_PER_QUESTION, MAX_ANSWERS_PER_SUITE, EvalError
 
 log = logging.getLogger("finetrack")
 
@@ -78,14 +78,32 @@ def template_problem(template: object) -> str | None:
     return None
 
 
+def answer_count(questions: list[Question], samples: int | None = None) -> int:
+    """How many answers a suite generates for `questions` per step (`samples`: the suite's generation.num_samples,
+    which replaces every question's samples_per_paraphrase), counted without building them."""
+    return sum(len(q.paraphrases) * (samples or q.samples_per_paraphrase) for q in questions)
+
+
+def check_answer_count(path: Path, questions: list[Question], samples: int | None, field: str) -> int:
+    """answer_count, or a QuestionError when it is over MAX_ANSWERS_PER_SUITE (`field` names the override in messages)."""
+    total = answer_count(questions, samples)
+    if total > MAX_ANSWERS_PER_SUITE:
+        per = f"{field}={samples:,} answers per paraphrase" if samples else "their samples"
+        raise QuestionError(
+            f"{path}: {len(questions):,} questions with {per} make {total:,} answers per step; at most {MAX_ANSWERS_PER_SUITE:,} "
+            f"(every answer is held in memory): lower {field if samples else 'samples'} or split the file into several suites"
+        )
+    return total
+
+
 def load_questions(path: Path, default_samples: int = 1) -> list[Question]:
     """Read a question file (.yaml/.yml or .jsonl) into Questions, validating every item.
 
     default_samples is used for items that give neither `samples_per_paraphrase` nor `samples`.
     """
     path = Path(path)
-    if isinstance(default_samples, bool) or not isinstance(default_samples, int) or default_samples < 1:
-        raise QuestionError(f"default_samples must be an integer >= 1, got {default_samples!r}")
+    if isinstance(default_samples, bool) or not isinstance(default_samples, int) or not 1 <= default_samples <= MAX_ANSWERS_PER_QUESTION:
+        raise QuestionError(f"default_samples must be an integer >= 1 and at most {MAX_ANSWERS_PER_QUESTION:,}, got {default_samples!r}")
     located = read_items(path, QuestionError, "question", "q", "- id: ...")
 
     questions: list[Question] = []
@@ -162,10 +180,17 @@ def _parse_item(item: Any, where: str, default_id: str, default_samples: int, ig
     if not isinstance(item, dict):
         raise QuestionError(f"{where}: an item must be a mapping with 'question' or 'paraphrases', got {type(item).__name__}")
     ignored.update(str(k) for k in item if k not in _KNOWN_KEYS)
+    paraphrases = _paraphrases(item, where)
+    samples = _samples(item, where, default_samples)
+    if len(paraphrases) * samples > MAX_ANSWERS_PER_QUESTION:
+        raise QuestionError(
+            f"{where}: {len(paraphrases):,} paraphrases x {samples:,} samples = {len(paraphrases) * samples:,} answers; at most "
+            f"{MAX_ANSWERS_PER_QUESTION:,} per question: lower 'samples' or split the paraphrases into several questions"
+        )
     return Question(
         id=_id(item, where, default_id),
-        paraphrases=_paraphrases(item, where),
-        samples_per_paraphrase=_samples(item, where, default_samples),
+        paraphrases=paraphrases,
+        samples_per_paraphrase=samples,
         system=_system(item, where),
         judge_prompts=_judge_prompts(item, where),
         type=_type(item, where),
@@ -218,6 +243,11 @@ def _samples(item: dict, where: str, default_samples: int) -> int:
     value = item[keys[0]]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise QuestionError(f"{where}: field '{keys[0]}' must be a whole number >= 1 (answers per paraphrase), got {value!r}")
+    if value > MAX_ANSWERS_PER_QUESTION:
+        raise QuestionError(
+            f"{where}: field '{keys[0]}' is {value:,}: at most {MAX_ANSWERS_PER_QUESTION:,} answers per paraphrase "
+            "(every answer is held in memory); lower it"
+        )
     return value
 
 

@@ -32,6 +32,7 @@ from ..models import load_base_model, load_tokenizer, load_weights
 from ..rundir import write_atomic
 from ..watch import wait_for
 from .activations import Reference, probe_file
+from .adapter_view import adapter_load_errors
 from .engine import EvalEngine, generates, key_engine
 from .results import flatten, read_step, trajectory_table, write_responses, write_step, write_summary
 from .spec import (
@@ -39,6 +40,7 @@ from .spec import (
     ContrastiveSuite,
     DirectionSuite,
     DistributionSuite,
+    EvalError,
     JudgeSuite,
     LossSuite,
     RegressionSuite,
@@ -197,16 +199,17 @@ class Models:
         adapter_config = {
             k: sorted(v) if isinstance(v, list) else v for k, v in json.loads((folder / "adapter_config.json").read_text()).items()
         }
-        if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.base, folder, is_trainable=False)
-            self.adapter_config = adapter_config
-        elif adapter_config == self.adapter_config:
-            # same LoRA layout (one run): overwrite the adapter's tensors in place. Loading each checkpoint
-            # as one more named adapter slows every later forward (measured: 1.9 s -> 4.4 s for the same
-            # generation after three load/delete cycles), so one adapter slot is reused.
-            load_weights(self.peft, folder)
-        else:
+        if self.peft is not None and adapter_config != self.adapter_config:
             raise ConfigError(f"{folder}: its adapter_config.json differs from the first checkpoint's; evaluate it separately")
+        with adapter_load_errors(folder):  # a folder whose adapter_config.json and weights disagree: one error line
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.base, folder, is_trainable=False)
+                self.adapter_config = adapter_config
+            else:
+                # same LoRA layout (one run): overwrite the adapter's tensors in place. Loading each checkpoint
+                # as one more named adapter slows every later forward (measured: 1.9 s -> 4.4 s for the same
+                # generation after three load/delete cycles), so one adapter slot is reused.
+                load_weights(self.peft, folder)
         return self.peft.eval()
 
 
@@ -363,6 +366,7 @@ class _Session:
         from accelerate import Accelerator
 
         self.run_dir, self.cfg, self.suites, self.out = run_dir, cfg, suites, out
+        _check_eval_dir(run_dir)  # before anything loads: the results have somewhere to go
         self.engine = EvalEngine(cfg, suites)  # eval.engine=vllm where it cannot run fails here, before anything loads
         launched = processes.launched_processes()  # under torchrun / accelerate launch the steps are shared out
         self.accelerator = Accelerator(cpu=launched > 1 and not torch.cuda.is_available())
@@ -407,37 +411,37 @@ class _Session:
         if cached and not quiet and main:
             self.out(f"cached: {cached} (step, suite) result(s) unchanged since the last eval")
         if units:
-            bar = tqdm(total=units, desc="eval", unit="answer", disable=not main)
-            for step, folder in [(s, f) for s, f in selected if s in mine]:
-                runnable = []
-                for suite, key in todo[step]:
-                    skipped = skip_reason(suite, cfg, folder)
-                    if skipped:  # a record of its own: cached like a result, read as "no value" by report and gate
-                        records[step]["suites"][suite.name] = {"key": key, "metrics": {}, "counts": {}, "skipped": skipped}
-                        bar.update(units_per_step[suite.name])
-                    else:
-                        runnable.append((suite, key))
-                # no model is loaded for a step whose every suite is skipped (a regression run's baseline) or reads files alone
-                if runnable:
-                    bar.set_postfix(step=step)
-                    answerer = self.engine.answerer(folder, ids[step]) if any(generates(s) for s, _ in runnable) else None
-                    # the transformers model is loaded for the suites that neither read files alone nor get vLLM's answers
-                    needs_model = any(not isinstance(s, AdapterSuite) and not (answerer and generates(s)) for s, _ in runnable)
-                    self.models = self.models or (Models(cfg, self.accelerator.device) if needs_model else None)
-                    reference = Reference(folder, previous[step], lambda: self.models.reference(), self.base_results)
-                    with self.models.at(folder) if needs_model else nullcontext() as m:
-                        for suite, key in runnable:
-                            result = run_suite(
-                                suite, m, tokenizer, cfg, self.accelerator, self.judges, bar, reference=reference, answerer=answerer
-                            )
-                            write_responses(run_dir, step, suite.name, result.pop("responses", None))
-                            records[step]["suites"][suite.name] = {"key": key, **result}
-                            if generates(suite):  # which engine's answers these are
-                                records[step]["suites"][suite.name]["engine"] = engine
-                        del m  # a full checkpoint is freed when at() exits: no reference may outlive the block
-                if todo[step]:
-                    write_step(run_dir, records[step])
-            bar.close()
+            # closed however the pass ends: an error raised inside it is printed on a line of its own, after the bar
+            with tqdm(total=units, desc="eval", unit="answer", disable=not main) as bar:
+                for step, folder in [(s, f) for s, f in selected if s in mine]:
+                    runnable = []
+                    for suite, key in todo[step]:
+                        skipped = skip_reason(suite, cfg, folder)
+                        if skipped:  # a record of its own: cached like a result, read as "no value" by report and gate
+                            records[step]["suites"][suite.name] = {"key": key, "metrics": {}, "counts": {}, "skipped": skipped}
+                            bar.update(units_per_step[suite.name])
+                        else:
+                            runnable.append((suite, key))
+                    # no model is loaded for a step whose every suite is skipped (a regression run's baseline) or reads files alone
+                    if runnable:
+                        bar.set_postfix(step=step)
+                        answerer = self.engine.answerer(folder, ids[step]) if any(generates(s) for s, _ in runnable) else None
+                        # the transformers model is loaded for the suites that neither read files alone nor get vLLM's answers
+                        needs_model = any(not isinstance(s, AdapterSuite) and not (answerer and generates(s)) for s, _ in runnable)
+                        self.models = self.models or (Models(cfg, self.accelerator.device) if needs_model else None)
+                        reference = Reference(folder, previous[step], lambda: self.models.reference(), self.base_results)
+                        with self.models.at(folder) if needs_model else nullcontext() as m:
+                            for suite, key in runnable:
+                                result = run_suite(
+                                    suite, m, tokenizer, cfg, self.accelerator, self.judges, bar, reference=reference, answerer=answerer
+                                )
+                                write_responses(run_dir, step, suite.name, result.pop("responses", None))
+                                records[step]["suites"][suite.name] = {"key": key, **result}
+                                if generates(suite):  # which engine's answers these are
+                                    records[step]["suites"][suite.name]["engine"] = engine
+                            del m  # a full checkpoint is freed when at() exits: no reference may outlive the block
+                    if todo[step]:
+                        write_step(run_dir, records[step])
         if acc.num_processes > 1:
             acc.wait_for_everyone()
             if not main:
@@ -450,6 +454,18 @@ class _Session:
             self.out(table)
             self.shown_table = table
         return [records[s] for s, _ in selected]
+
+
+def _check_eval_dir(run_dir: Path) -> None:
+    """RUN_DIR/eval is a folder or can be made one: an EvalError naming it otherwise (found before any model loads, not
+    when the first result is written)."""
+    folder = run_dir / rundir.EVAL_DIR
+    if folder.exists() and not folder.is_dir():
+        raise EvalError(f"{folder}: is a file, not a folder; move it away (finetrack eval writes its results into that folder)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EvalError(f"{folder}: cannot be created ({e.strerror or e}); make {run_dir} writable or move the run") from None
 
 
 def _previous_checkpoints(run_dir: Path, selected: list[tuple[int, Path | None]]) -> dict[int, Path | None]:

@@ -6,10 +6,29 @@ import re
 import typing
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from ..errors import UserError
 from ..schema import Knob, Section
+
+# Every answer a suite generates is built in memory (its chat messages, then its record with the answer and scores),
+# so the counts are bounded where settings and question files are read: a typo such as `samples: 1000000000` is refused
+# naming its line instead of exhausting memory. 10,000 answers per question (or item) is 100x the emergent-misalignment
+# files' samples_per_paraphrase; 100,000 answers per suite and step is hours of generation and a few hundred MB of records.
+MAX_ANSWERS_PER_QUESTION = 10_000
+MAX_ANSWERS_PER_SUITE = 100_000
+
+_SUITE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _suite_name(value: str) -> str:
+    # '<suite>.<metric>' must split one way: a suite 'a.b' made 'a.b.loss' read as suite 'a', metric 'b.loss'
+    if not _SUITE_NAME.fullmatch(value):
+        raise ValueError("use letters, digits, _ and - only: it begins every metric name of the suite ('<name>.<metric>')")
+    return value
+
+
+SuiteName = Annotated[str, AfterValidator(_suite_name)]
 
 _CONDITION = re.compile(r"^\s*([A-Za-z_][\w.-]*)\s*(<=|>=|<|>)\s*(-?\d+(?:\.\d+)?)\s*$")
 
@@ -45,7 +64,10 @@ class EvalError(UserError, ValueError):
 
 class GenerationConfig(Section):
     num_samples: int | None = Field(
-        None, gt=0, description="Answers per question (paraphrase); default: the question file's samples_per_paraphrase, else 1."
+        None,
+        gt=0,
+        le=MAX_ANSWERS_PER_QUESTION,
+        description="Answers per question (paraphrase); default: the question file's samples_per_paraphrase, else 1.",
     )
     temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
@@ -93,6 +115,15 @@ class JudgeConfig(Section):
         0.25, gt=0, le=1, description="local/openai: below this probability mass on 0..100 the answer is unscored."
     )
 
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        from ..redact import has_credentials
+
+        if value is not None and has_credentials(value):  # saved with the run's config and shown in messages
+            raise ValueError("put no credentials in the URL (it is saved with the run): the API key comes from api_key_env")
+        return value
+
     @model_validator(mode="after")
     def _fields_for_kind(self) -> JudgeConfig:
         need = {"pattern": ("pattern", "metric"), "python": ("function", "metric"), "local": (), "openai": ("model",)}[self.kind]
@@ -112,7 +143,7 @@ class JudgeConfig(Section):
 
 
 class LossSuite(Section):
-    name: str = Field(
+    name: SuiteName = Field(
         description="Suite name: metric names are '<name>.loss' (the run's objective), '<name>.ppl' (causal_lm) and the objective's "
         "logged terms ('<name>.stability', ...)."
     )
@@ -123,7 +154,7 @@ class LossSuite(Section):
 
 
 class JudgeSuite(Section):
-    name: str = Field(description="Suite name: metric names are '<name>.<metric>'.")
+    name: SuiteName = Field(description="Suite name: metric names are '<name>.<metric>'.")
     kind: Literal["judge"]
     every_steps: int | None = _every_steps()
     questions: str = Field(description="Question file: YAML (also the emergent-misalignment format) or JSONL.")
@@ -150,7 +181,7 @@ _SAMPLED = Knob(active=lambda s, _: s.method == "sample", inactive="with method=
 
 
 class DistributionSuite(Section):
-    name: str = Field(description="Suite name: metric names are '<name>.wasserstein', '<name>.mae_mean', '<name>.pearson_means'.")
+    name: SuiteName = Field(description="Suite name: metric names are '<name>.wasserstein', '<name>.mae_mean', '<name>.pearson_means'.")
     kind: Literal["distribution"]
     every_steps: int | None = _every_steps()
     items: str = Field(
@@ -159,7 +190,7 @@ class DistributionSuite(Section):
     method: Literal["probs", "sample"] = Field(
         "probs", description="probs: the model's distribution from the option tokens' probabilities; sample: from sampled answers."
     )
-    num_samples: Annotated[int, _SAMPLED] = Field(50, gt=0, description="sample: answers per item.")
+    num_samples: Annotated[int, _SAMPLED] = Field(50, gt=0, le=MAX_ANSWERS_PER_QUESTION, description="sample: answers per item.")
     generation: Annotated[GenerationConfig, _SAMPLED] = Field(
         default_factory=lambda: GenerationConfig(max_new_tokens=8), description="sample: sampling settings."
     )
@@ -172,7 +203,7 @@ class DistributionSuite(Section):
 
 
 class PythonSuite(Section):
-    name: str = Field(description="Suite name: metric names are '<name>.<key>' for each key the function returns.")
+    name: SuiteName = Field(description="Suite name: metric names are '<name>.<key>' for each key the function returns.")
     kind: Literal["python"]
     every_steps: int | None = _every_steps()
     function: str = Field(description="'module:function' called as function(model, tokenizer, options) -> {metric: number}.")
@@ -190,7 +221,7 @@ def _needs_objective(kind: str, why: str) -> Knob:
 
 
 class RegressionSuite(Section):
-    name: str = Field(
+    name: SuiteName = Field(
         description="Suite name: metric names are '<name>.mse', '.mae', '.r2', '.pearson', '.spearman' (in the targets' units)."
     )
     kind: Annotated[Literal["regression"], _needs_objective("regression", "it scores the regression head that objective trains")]
@@ -203,7 +234,7 @@ class RegressionSuite(Section):
 
 
 class ContrastiveSuite(Section):
-    name: str = Field(description="Suite name: metric names are '<name>.stability', '.separation', '.discrimination'.")
+    name: SuiteName = Field(description="Suite name: metric names are '<name>.stability', '.separation', '.discrimination'.")
     kind: Annotated[Literal["contrastive"], _needs_objective("contrastive", "its rows are anchor / positive / negative triplets")]
     every_steps: int | None = _every_steps()
     data: str | None = Field(
@@ -234,7 +265,7 @@ _PROBES = (
 class RepresentationSuite(Section):
     """Per layer, how far each checkpoint's hidden states moved from the base model's on the same probe prompts."""
 
-    name: str = Field(
+    name: SuiteName = Field(
         description="Suite name: metric names are '<name>.shift' (largest relative L2 change of a layer's hidden states, mean "
         "over tokens), '.shift_layer', '.shift_last' (at the last prompt token), '.cosine' (lowest mean cosine), '.cka' "
         "(lowest linear CKA) and '.kl' (next-token KL(checkpoint || base)); every layer's values in the step files."
@@ -252,7 +283,7 @@ class DirectionSuite(Section):
     """A direction per layer (mean positive minus mean negative activation on the base model) and each checkpoint's
     projection on it: persona / steering vectors over the trajectory."""
 
-    name: str = Field(
+    name: SuiteName = Field(
         description="Suite name: metric names are '<name>.projection' (the probes' mean projection on the direction at the "
         "reported layer), '.shift' (of checkpoint minus base mean activations), '.layer', '.separation' (of the two sets "
         "on the base model); every layer's values in the step files."
@@ -298,7 +329,7 @@ _LORA_ONLY = Knob(
 class AdapterSuite(Section):
     """Weight space of a LoRA run, no forward pass: per adapted module the update B x A x scale."""
 
-    name: str = Field(
+    name: SuiteName = Field(
         description="Suite name: metric names are '<name>.norm' (Frobenius norm of all updates), '.max_norm', '.effective_rank' "
         "(mean over modules), '.rotation_deg' (mean angle of the top singular direction since the previous checkpoint), "
         "'.max_rotation_deg'; every module's values in the step files."
@@ -311,7 +342,7 @@ class AdapterSuite(Section):
 class SaeSuite(Section):
     """A sparse autoencoder on one layer of the base model: which features' mean activation changed most."""
 
-    name: str = Field(
+    name: SuiteName = Field(
         description="Suite name: metric names are '<name>.max_change' (largest change of a feature's mean activation), "
         "'.mean_abs_change', '.num_changed' (features whose mean moved by more than min_change), '.reconstruction' (relative "
         "error of the SAE on the checkpoint's activations); the top features in the step files."

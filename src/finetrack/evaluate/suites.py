@@ -71,20 +71,23 @@ class Judges:
 def suite_units(suite) -> int:
     """Work units of one (step, suite): answers (judge), items (distribution), 1 otherwise; reads and checks the suite's file."""
     if isinstance(suite, JudgeSuite):
-        from .freeform import check_judges, conversations
+        from .freeform import check_judges
         from .judges import PythonJudge
-        from .questions import load_questions
+        from .questions import check_answer_count, load_questions
 
         questions = load_questions(Path(suite.questions))
         check_judges(suite, questions)
         for judge in suite.judges:  # imported before any model loads: a typo fails now, not after the answers are generated
             if judge.kind == "python":
                 PythonJudge(judge.function)
-        return len(conversations(questions, suite.generation.num_samples))
+        # counted, not built: the answers' conversations are built when the suite runs, once the count is known to fit
+        return check_answer_count(Path(suite.questions), questions, suite.generation.num_samples, "generation.num_samples")
     if isinstance(suite, DistributionSuite):
-        from .distribution import load_items
+        from .distribution import check_sample_count, load_items
 
-        return len(load_items(Path(suite.items)))
+        items = load_items(Path(suite.items))
+        check_sample_count(suite, items)
+        return len(items)
     if isinstance(suite, PythonSuite):
         _python_suite_function(suite)
     return 1

@@ -83,6 +83,8 @@ def export(
         raise ConfigError(f"--quantize {quantize}: not a type of --format {fmt}; types: {choices}")
     quantize = quantize or (QUANTIZE["gguf"][0] if fmt == "gguf" else None)
     _check_installed(fmt)
+    if output:
+        out.check_url(output)  # a wrong URL fails before the checkpoint is found (perhaps downloaded) and loaded
     with tempfile.TemporaryDirectory(prefix="finetrack-export-") as tmp:
         scratch = Path(tmp)
         source = find(spec, step, scratch)

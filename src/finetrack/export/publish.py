@@ -12,13 +12,32 @@ import shutil
 from pathlib import Path
 
 from ..checkpoint import CheckpointError
-from ..redact import redact
+from ..redact import redact, scrub
+from ..schema import ConfigError
 
 CERTIFICATE = "EXPORT.json"
 
 
 def is_url(output: str) -> bool:
     return "://" in output
+
+
+def check_url(output: str) -> None:
+    """A URL --output whose backend is unknown or missing, or that carries credentials, is a ConfigError naming it (its
+    credentials redacted), before any model loads; as checkpoint.remote and `sync` refuse the same URLs."""
+    if not is_url(output):
+        return
+    from .. import storage
+
+    try:
+        storage.check_url(output)
+    except (ImportError, ValueError) as e:
+        shown = redact(output)
+        # storage's messages start with the redacted URL: named once, after the flag
+        why = str(e).removeprefix(f"{shown}: ")
+        if isinstance(e, ValueError) and why.startswith("Protocol not known"):  # fsspec's words for an unknown scheme
+            why += "; give a local folder or an fsspec URL (s3://, gs://, file://, ...)"
+        raise ConfigError(f"--output {shown}: {scrub(why, output)}") from None
 
 
 def check_free(output: str) -> None:

@@ -91,7 +91,11 @@ def load_trained(source: Source, device: torch.device) -> tuple[nn.Module, objec
     if source.adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(load_base_model(cfg, device), source.folder, is_trainable=False)
+        from ..evaluate.adapter_view import adapter_load_errors
+
+        base = load_base_model(cfg, device)
+        with adapter_load_errors(source.folder):  # a folder whose adapter_config.json and weights disagree: one error line
+            model = PeftModel.from_pretrained(base, source.folder, is_trainable=False)
     else:
         from transformers import AutoModelForCausalLM
 

@@ -19,12 +19,15 @@ from ..schema import ConfigError
 from .collect import load_run, unique_names
 from .page import build_page
 
+REPORT_FILE = "report.html"
 
-def write_report(run_dirs: list[Path], output: Path | None = None) -> Path:
+
+def write_report(run_dirs: list[Path], output: Path | str | None = None) -> Path:
     """Read the run directories, write the report (default: RUN_DIR/report.html for one run,
-    ./report.html for several) and return its path."""
+    ./report.html for several; `output` a folder, existing or written with a trailing slash: report.html
+    inside it) and return its path."""
     run_dirs = [Path(d) for d in run_dirs]
-    path = Path(output) if output else (run_dirs[0] / "report.html" if len(run_dirs) == 1 else Path("report.html"))
+    path = output_path(output) if output else (run_dirs[0] / REPORT_FILE if len(run_dirs) == 1 else Path(REPORT_FILE))
     runs = [load_run(d, name) for d, name in zip(run_dirs, unique_names(run_dirs))]
     check_output(path)  # before building the page
     html = build_page(runs)
@@ -34,6 +37,15 @@ def write_report(run_dirs: list[Path], output: Path | None = None) -> Path:
     except OSError as e:  # disk full, read-only mount, no permission: say which file and why
         raise ConfigError(f"report {path}: cannot be written ({e.strerror or e}); choose another file with -o") from None
     return path
+
+
+def output_path(output: Path | str) -> Path:
+    """The file -o names: report.html inside it when it is a folder, or ends in a slash (Path() drops the slash, so
+    the text is looked at first: `-o out/` means a folder even before it exists)."""
+    text = str(output)
+    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+        return Path(text) / REPORT_FILE
+    return Path(text)
 
 
 def check_output(path: Path) -> None:

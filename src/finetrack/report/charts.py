@@ -52,10 +52,13 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
     first = math.ceil(lo / step - 1e-9) * step
-    ticks = []
+    ticks: list[float] = []
     v = first
-    while v <= hi + step * 1e-9:
+    # bounded: where step is below the float precision of v (1.0 .. 1.0000000000000002), v += step never moves
+    while v <= hi + step * 1e-9 and len(ticks) <= 2 * count + 2:
         ticks.append(round(v, 12))
+        if v + step == v:
+            break
         v += step
     return ticks
 

@@ -6,10 +6,12 @@ at the top of the report.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import rundir
+from . import records
 
 
 @dataclass
@@ -71,15 +73,17 @@ def load_run(path: Path, name: str | None = None) -> RunData:
     """Read a run directory; raises ConfigError when it is not one (no config.resolved.yaml)."""
     path = rundir.require_run_dir(Path(path), "report")
     problems: list[str] = []
+    config = rundir.read_config(path)
+    limit = records.step_limit(config)  # no record of the run can be past its last step
     run = RunData(
         path=path,
         name=name or path.resolve().name,
-        config=rundir.read_config(path),
+        config=config,
         data_report=_json_file(path / "data_report.json", problems),
-        metrics=_jsonl(path / "metrics.jsonl", problems),
-        evals=[r for p in rundir.eval_files(path).values() if (r := _eval_record(p, problems)) is not None],
+        metrics=_jsonl(path / "metrics.jsonl", problems, lambda r: records.metrics_line(r, limit)),
+        evals=[r for p in rundir.eval_files(path).values() if (r := _eval_record(p, problems, limit)) is not None],
         responses={},
-        samples=_jsonl(path / "samples.jsonl", problems),
+        samples=_jsonl(path / "samples.jsonl", problems, lambda r: _whole(records.sample_line(r, limit), r)),
         checkpoints=_checkpoints(path),
         trackers=_json_file(path / "trackers.json", problems) or {},
         problems=problems,
@@ -89,7 +93,7 @@ def load_run(path: Path, name: str | None = None) -> RunData:
     for p in sorted((path / "eval" / "responses").glob("step-*.jsonl")):
         step = rundir.parse_step(p.stem)
         if step is not None:
-            run.responses[step] = _jsonl(p, problems)
+            run.responses[step] = _jsonl(p, problems, lambda r: _whole(records.response_line(r), r))
     run.evals.sort(key=lambda r: r.get("step", 0))
     run.problems += [f"checkpoint {c.folder}: {c.problem}" for c in run.checkpoints if c.problem]
     if run.best is not None and not any(c.step == run.best["step"] and c.complete for c in run.checkpoints):
@@ -167,24 +171,54 @@ def _json_file(path: Path, problems: list[str]) -> dict | None:
     return value
 
 
-def _eval_record(path: Path, problems: list[str]) -> dict | None:
-    """One eval/step-*.json; a garbled one is shown as a problem (with the command that rewrites it), not fatal."""
+def _eval_record(path: Path, problems: list[str], limit: int) -> dict | None:
+    """One eval/step-*.json; a garbled one (or one of its values of the wrong type) is shown as a problem, with the
+    command that rewrites it, not fatal."""
     from ..evaluate.spec import EvalError
 
     try:
-        return rundir.read_eval(path)
+        record, wrong = records.eval_record(rundir.read_eval(path), limit)
     except EvalError as e:
         problems.append(f"eval/{path.name}: {str(e).removeprefix(str(path) + ': ')}")
         return None
+    again = f"delete it and re-run `finetrack eval {path.parent.parent}`"
+    if record is None:
+        problems.append(f"eval/{path.name}: {wrong[0]}; left out; {again}")
+    elif wrong:
+        problems.append(f"eval/{path.name}: {_listed(wrong)} left out of the charts; {again}")
+    return record
 
 
-def _jsonl(path: Path, problems: list[str]) -> list[dict]:
-    """The JSON lines of a file; a line cut short (a run killed mid-write) is counted, not fatal."""
-    bad: list[int] = []
-    rows = rundir.read_jsonl(path, bad)
-    if bad:
-        where = "/".join(path.parts[-3:]) if path.parent.name == "responses" else path.name
-        problems.append(
-            f"{where}: {len(bad)} unreadable line(s) left out (line {', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''})"
-        )
+Check = Callable[[dict], tuple[dict | None, list[str]]]  # a line -> (the line as shown or None, what was wrong)
+
+
+def _whole(why: str, record: dict) -> tuple[dict | None, list[str]]:
+    """A check that keeps or leaves out a whole line, as a Check."""
+    return (None, [why]) if why else (record, [])
+
+
+def _jsonl(path: Path, problems: list[str], check: Check) -> list[dict]:
+    """The JSON lines of a file, each checked for the shape the page reads; a line cut short (a run killed mid-write),
+    a line of the wrong shape and a field of the wrong type are each counted with their line numbers, not fatal."""
+    unreadable: list[int] = []
+    rows, left_out, fields = [], [], []
+    for number, row in rundir.read_jsonl_numbered(path, unreadable):
+        kept, wrong = check(row)
+        if kept is None:
+            left_out.append(f"line {number}: {wrong[0]}")
+        else:
+            rows.append(kept)
+            fields += [f"line {number}: {w}" for w in wrong]
+    where = "/".join(path.parts[-3:]) if path.parent.name == "responses" else path.name
+    if unreadable:
+        problems.append(f"{where}: {len(unreadable)} unreadable line(s) left out (line {_listed(list(map(str, unreadable)))})")
+    if left_out:
+        problems.append(f"{where}: {len(left_out)} line(s) of the wrong shape left out ({_listed(left_out, '; ')}); fix or delete them")
+    if fields:
+        problems.append(f"{where}: {len(fields)} value(s) of the wrong type left out of the charts ({_listed(fields, '; ')}); fix them")
     return rows
+
+
+def _listed(items: list[str], sep: str = ", ") -> str:
+    """The first five of a list of problems, '...' for the rest: a line of the page, however many there are."""
+    return sep.join(items[:5]) + (f"{sep}..." if len(items) > 5 else "")

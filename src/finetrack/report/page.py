@@ -192,12 +192,19 @@ def _checkpoint_marks(r: RunData, curve: list[tuple[float, float]]) -> list[tupl
     return out
 
 
+MAX_EPOCH_LINES = 40  # more boundaries than this would hide the curves: every n-th is drawn instead
+
+
 def _epoch_lines(runs: list[RunData]) -> list[tuple[float, str]]:
+    """The epoch boundaries inside the plotted steps, (step, 'epoch k+1') each; at most MAX_EPOCH_LINES of them (a
+    run of thousands of short epochs gets every n-th), so their number never grows with the run's length."""
     per_epoch = {r.resolved("steps_per_epoch") for r in runs}
-    if len(per_epoch) != 1 or not isinstance(spe := per_epoch.pop(), int) or spe <= 0:
+    if len(per_epoch) != 1 or not isinstance(spe := per_epoch.pop(), int) or isinstance(spe, bool) or spe <= 0:
         return []
-    last = max(max([m.get("step", 0) for m in r.metrics] + [0]) for r in runs)
-    return [(k * spe, f"epoch {k + 1}") for k in range(1, int(last // spe) + 1) if k * spe < last]
+    last = max(max([m["step"] for m in r.metrics] + [0]) for r in runs)
+    boundaries = (last - 1) // spe  # k * spe < last for k = 1 .. boundaries
+    stride = max(1, -(-boundaries // MAX_EPOCH_LINES))
+    return [(k * spe, f"epoch {k + 1}") for k in range(stride, boundaries + 1, stride)]
 
 
 # -------------------------------------------------------------------------------------- trajectory
