@@ -61,6 +61,9 @@ CASES = [
     (["plan", "cfg.yaml", "--gpu", " "], "--gpu is empty"),
     (["export", "runs/x", "--format", "merged", "--output", ""], "--output is empty"),
     (["train", "cfg.yaml", ""], "OVERRIDES is empty"),
+    (["export", "runs/x", "--step", "-1"], "--step: '-1' is not 'latest' or a step number"),
+    (["gate", "runs/x", "--metric", "a.b", "--baseline", "-1"], "--baseline: -1 is out of range"),
+    (["eval", "runs/x", "--steps", "\uff11"], "--steps: '\uff11': use all, latest"),  # a full-width 1 (int() reads it)
     (["plan", "cfg.yaml", "--device-memory", "24"], "--device-memory: '24' is not a size; write it with its unit"),
     (["plan", "cfg.yaml", "--device-memory", "99999999TB"], "--device-memory: '99999999TB' is out of range"),
     (["plan", "cfg.yaml", "--num-processes", "0"], "--num-processes: 0 is out of range"),

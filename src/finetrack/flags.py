@@ -121,11 +121,21 @@ def memory_size(text: str) -> str:
     return text
 
 
+def one_step(text: str) -> str:
+    """argparse type for one step (gate --step, export --step): a step number, best or latest; ASCII digits only
+    (Python's int() reads '１' as 1)."""
+    if text not in ("latest", "best") and not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not 'latest' or a step number such as 47 (or 'best': the step checkpoints/best.json names)"
+        )
+    return text
+
+
 def step_list(text: str) -> str:
     """argparse type for eval --steps: all, latest, best, or comma-separated step numbers (0 = the base model) and best."""
     value = text.strip()
     parts = [p.strip() for p in value.split(",")]
-    if value in ("all", "latest") or (value and all(p.isdigit() or p == "best" for p in parts)):
+    if value in ("all", "latest") or (value and all((p.isascii() and p.isdigit()) or p == "best" for p in parts)):
         return value
     raise argparse.ArgumentTypeError(
         f"{text!r}: use all, latest, or a comma-separated list of step numbers such as 0,47,94; "

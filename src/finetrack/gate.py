@@ -23,6 +23,7 @@ from pathlib import Path
 from . import rundir
 from .evaluate import rates
 from .evaluate.spec import EvalError, parse_rate
+from .flags import one_step, whole_number
 from .schema import ConfigError
 
 # A leaf metric name containing one of these words says which way is better (lower words are checked first:
@@ -312,14 +313,6 @@ def _threshold_arg(text: str) -> str:
     return text
 
 
-def _step_arg(text: str) -> str:
-    if text not in ("latest", rundir.BEST) and not text.isdigit():
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not 'latest' or a step number such as 47 (or 'best': the step checkpoints/best.json names)"
-        )
-    return text
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `finetrack gate` arguments to `parser` (the CLI wires the verb to `main`)."""
     parser.add_argument("run_dir", help="run directory holding eval/step-NNNNNN.json files (from `finetrack eval`)")
@@ -327,11 +320,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--step",
         default="latest",
-        type=_step_arg,
+        type=one_step,
         help="step to judge: a step number, 'best' (the step checkpoints/best.json names) "
         "or 'latest' (default): the highest evaluated step",
     )
-    parser.add_argument("--baseline", default=0, type=int, help="step to compare against (default 0: the base model)")
+    parser.add_argument(
+        "--baseline", default=0, type=whole_number(0, 10**9, "a step number"), help="step to compare against (default 0: the base model)"
+    )
     parser.add_argument(
         "--min-improvement",
         default="5%",

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..flags import one_step
 from ..schema import ConfigError
 
 log = logging.getLogger("finetrack")
@@ -225,7 +226,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format", required=True, choices=FORMATS, help="merged (safetensors), onnx (transformers.js layout) or gguf (llama.cpp)"
     )
-    parser.add_argument("--step", help="a run directory's checkpoint: N, best or latest (default latest)")
+    parser.add_argument("--step", type=one_step, help="a run directory's checkpoint: N, best or latest (default latest)")
     parser.add_argument("--quantize", help="onnx: int8; gguf: f16 (default), q8_0, q4_k_m")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="merged weights (default float32)")
     parser.add_argument("--output", help="folder or fsspec URL (default: RUN_DIR/exports/step-N-<format> for a run's checkpoint)")
