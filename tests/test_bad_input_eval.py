@@ -376,3 +376,20 @@ def test_eval_of_a_checkpoint_whose_adapter_config_does_not_match_its_weights(ba
     assert_one_error(
         code, out, err, "checkpoints/step-000004", "adapter_config.json does not match adapter_model.safetensors", "size mismatch"
     )
+
+
+def test_eval_names_a_damaged_checkpoint_once_and_evaluates_the_rest(baseline_then_trained, tmp_path, capsys):
+    import shutil
+
+    _, trained, _ = baseline_then_trained
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    shutil.rmtree(run / "eval", ignore_errors=True)
+    steps = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step-*"))
+    damaged = run / "checkpoints" / f"step-{steps[0]:06d}" / "adapter_model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:10])
+    suites = json.dumps([{"name": "heldout", "kind": "loss"}])
+    code, out, err = run_cli(capsys, "eval", run, f"eval.suites={suites}")
+    assert code == 0 and "Traceback" not in err, err
+    assert err.count(f"skipping checkpoint step-{steps[0]:06d}") == 1, err  # it was said twice
+    assert {r.name for r in (run / "eval").glob("step-*.json")} == {f"step-{s:06d}.json" for s in [0, *steps[1:]]}

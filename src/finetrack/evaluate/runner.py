@@ -470,5 +470,7 @@ def _check_eval_dir(run_dir: Path) -> None:
 
 def _previous_checkpoints(run_dir: Path, selected: list[tuple[int, Path | None]]) -> dict[int, Path | None]:
     """Per selected step, the run's complete checkpoint just before it (None: the first, or the base model)."""
-    found = sorted((f.step, f.path) for f in checkpoint.complete_checkpoints(run_dir)) if (run_dir / "checkpoints").is_dir() else []
+    # quiet: the step selection has named each checkpoint it skipped (every one was said twice)
+    listed = checkpoint.complete_checkpoints(run_dir, warn=lambda _: None) if (run_dir / "checkpoints").is_dir() else []
+    found = sorted((f.step, f.path) for f in listed)
     return {step: max(((s, p) for s, p in found if s < step), default=(0, None))[1] if folder else None for step, folder in selected}
