@@ -378,7 +378,7 @@ def test_eval_of_a_checkpoint_whose_adapter_config_does_not_match_its_weights(ba
     )
 
 
-def test_eval_names_a_damaged_checkpoint_once_and_evaluates_the_rest(baseline_then_trained, tmp_path, capsys):
+def test_eval_names_a_damaged_or_misnamed_checkpoint_once_and_evaluates_the_rest(baseline_then_trained, tmp_path, capsys):
     import shutil
 
     _, trained, _ = baseline_then_trained
@@ -388,8 +388,10 @@ def test_eval_names_a_damaged_checkpoint_once_and_evaluates_the_rest(baseline_th
     steps = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step-*"))
     damaged = run / "checkpoints" / f"step-{steps[0]:06d}" / "adapter_model.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:10])
+    shutil.copytree(run / "checkpoints" / f"step-{steps[-1]:06d}", run / "checkpoints" / "step-1")  # renamed by hand
     suites = json.dumps([{"name": "heldout", "kind": "loss"}])
     code, out, err = run_cli(capsys, "eval", run, f"eval.suites={suites}")
     assert code == 0 and "Traceback" not in err, err
     assert err.count(f"skipping checkpoint step-{steps[0]:06d}") == 1, err  # it was said twice
+    assert err.count("ignoring checkpoints/step-1: not a checkpoint folder name") == 1, err  # it was read as step 1
     assert {r.name for r in (run / "eval").glob("step-*.json")} == {f"step-{s:06d}.json" for s in [0, *steps[1:]]}

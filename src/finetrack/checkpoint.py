@@ -50,6 +50,7 @@ from .rundir import (  # noqa: F401  (re-exported: callers import them from here
     sha256_file,
     size_text,
     step_folders,
+    stray_step_folders,
     verify,
     write_atomic,
 )
@@ -373,6 +374,8 @@ class Found:
 
 def complete_checkpoints(run_dir: Path, warn: Callable[[str], None] = log.warning) -> list[Found]:
     """Checkpoints of a run whose manifest verifies (sizes: cheap enough to list often), oldest first; the others are named through warn()."""
+    for d in stray_step_folders(run_dir):
+        warn(f"ignoring checkpoints/{d.name}: not a checkpoint folder name (step-NNNNNN, six digits or more); rename it if it is one")
     found = []
     for step, d in step_folders(run_dir):
         try:

@@ -36,10 +36,13 @@ def step_name(step: int) -> str:
 
 
 def parse_step(name: str) -> int | None:
-    """`step-000047` -> 47; anything else (temporary folders, stray files) -> None."""
-    if not name.startswith(_STEP_PREFIX) or not name[len(_STEP_PREFIX) :].isdigit():
+    """`step-000047` -> 47; anything else (temporary folders, stray files, `step-47`, `step-0000047`) -> None: a
+    step has one name, so two folders can never both be step 47."""
+    digits = name[len(_STEP_PREFIX) :]
+    if not name.startswith(_STEP_PREFIX) or not (digits.isascii() and digits.isdigit()):
         return None
-    return int(name[len(_STEP_PREFIX) :])
+    step = int(digits)
+    return step if step_name(step) == name else None
 
 
 EXPORTS_DIR = "exports"
@@ -79,6 +82,12 @@ def step_folders(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every `checkpoints/step-*` folder, complete or not, by step."""
     found = ((parse_step(d.name), d) for d in (Path(run_dir) / CHECKPOINTS_DIR).glob(f"{_STEP_PREFIX}*") if d.is_dir())
     return sorted((step, d) for step, d in found if step is not None)
+
+
+def stray_step_folders(run_dir: Path) -> list[Path]:
+    """Folders under checkpoints/ named like a checkpoint but not one (`step-1`, `step-abc`, `step-0000047`): never
+    read as a step, and named by the commands that list checkpoints, so a hand-renamed folder is not passed over unsaid."""
+    return sorted(d for d in (Path(run_dir) / CHECKPOINTS_DIR).glob(f"{_STEP_PREFIX}*") if d.is_dir() and parse_step(d.name) is None)
 
 
 def eval_path(run_dir: Path, step: int) -> Path:
