@@ -140,6 +140,8 @@ OVERRIDE_CASES = [
     ("train.lr={a: 1, a: 2}", ["override 'train.lr={a: 1, a: 2}'", "duplicate key"]),
     ("train.seed=-5", ["train.seed"]),
     ("model.gradient_checkpointing=1", ["override 'model.gradient_checkpointing=1'", "write true or false"]),
+    ("eval.suites=[{name: x}]", ["eval.suites.0", "needs kind: one of loss, judge, distribution"]),  # pydantic's words before
+    ("model=5", ["'model' is a section: set one of its keys, e.g. model.name="]),  # "did you mean 'model'?" before
 ]
 
 

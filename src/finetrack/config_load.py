@@ -132,7 +132,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if len(parts) < 2 or not all(parts):
-        raise ConfigError(f"override '{text}': the key must name a section and a field, e.g. train.lr=1e-4{_hint(key.strip())}")
+        raise ConfigError(f"override '{text}': the key must name a section and a field, e.g. train.lr=1e-4{_section_hint(key.strip())}")
     value = parse_yaml(raw, f"override '{text}'", ConfigError, lines=False).data if raw.strip() else None
     # YAML reads 1e-4 as a string (YAML 1.1 wants a dot); a user means a number.
     if isinstance(value, str):
@@ -169,6 +169,22 @@ def _all_keys(model_cls: type[BaseModel] = Config, prefix: str = "") -> list[str
     return keys
 
 
+def _section_hint(key: str) -> str:
+    """_hint for an override key that names no field: nothing for an empty key, the section's keys for a section."""
+    from .config import Config
+
+    if not key:
+        return ""
+    if key in Config.model_fields:  # `model=5`: "did you mean 'model'?" named the key that was typed
+        fields = list(_section_of(Config.model_fields[key].annotation).model_fields)
+        return f" ('{key}' is a section: set one of its keys, e.g. {key}.{fields[0]}=...)"
+    return _hint(key)
+
+
+def _section_of(annotation: Any) -> type[BaseModel]:
+    return next(a for a in (annotation, *typing.get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel))
+
+
 def _hint(key: str) -> str:
     """What to write instead of an unknown key: the renamed key, the finetrack name of another trainer's key, or the closest."""
     parts = key.split(".")
@@ -190,6 +206,16 @@ def _hint(key: str) -> str:
 _KEY_IN_TEXT = re.compile(rf"\b(?:{'|'.join(Config.model_fields)})(?:\.\w+)+")  # a section name, then its keys
 
 
+def _tags(loc: tuple) -> str:
+    """The kinds a tagged list item may be (eval.suites: loss, judge, ...), for a message about one that names none."""
+    from .evaluate.spec import SuiteConfig
+
+    if loc and loc[0] == "eval":
+        union = typing.get_args(SuiteConfig)[0]
+        return ", ".join(typing.get_args(typing.get_type_hints(member)["kind"])[0] for member in typing.get_args(union))
+    return "see --help-config"
+
+
 def _format_validation_error(err: ValidationError, source: str | None, doc: YamlDoc, overridden: dict[str, str], tree: dict) -> str:
     """One line per problem: `FILE:LINE: key: message (got value)` or `override 'k=v': ...`; several under one heading."""
     problems: dict[str, list[str]] = {}  # key -> messages (a union gives one per member: joined with 'or')
@@ -208,6 +234,9 @@ def _format_validation_error(err: ValidationError, source: str | None, doc: Yaml
         text = e["msg"].removeprefix("Value error, ")
         if e["type"] in ("model_type", "model_attributes_type", "dict_type"):  # `train: 5`
             text = "should be a section: keys indented under it, not a single value"
+        elif e["type"] == "union_tag_not_found":  # pydantic: "Unable to extract tag using discriminator 'kind'"
+            tag = e["ctx"]["discriminator"].strip("'")
+            text = f"needs {tag}: one of {_tags(e['loc'])}"
         for msg in text.split("\n"):  # a check across keys: one problem per line
             # a section's check names the key it is about ("data.eval_split=1.5: ..."): point at that key's line
             named = _KEY_IN_TEXT.search(msg)
