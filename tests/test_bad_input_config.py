@@ -39,6 +39,7 @@ FILE_CASES = [
     ("remote_empty", b"checkpoint:\n  remote: ''\n", [":2:", "checkpoint.remote", "empty"]),
     ("prompt_empty", b"train:\n  sample_prompts: ['hi', '']\n", [":2:", "train.sample_prompts.1", "empty"]),
     ("data_path_no_files", b"data:\n  path: []\n", [":2:", "data.path", "at least 1 item"]),
+    ("eval_split_quoted", b"data:\n  eval_split: '0.1'\n", [":2:", "data.eval_split", "write the fraction unquoted"]),  # was a path
     # PEFT reads [] as "not set": every layer was adapted
     ("layers_empty", b"model:\n  lora:\n    layers_to_transform: []\n", [":3:", "model.lora.layers_to_transform", "at least 1 item"]),
     (

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from .schema import Knob, Section, is_file_source
 
@@ -15,6 +15,17 @@ from .schema import Knob, Section, is_file_source
 DATA_COLUMNS = ("messages", "prompt", "completion", "text", "target", "steps", "labels", "anchor", "positive", "negative")
 DEFAULT_PATH = "builtin:demo-chat"
 _SOURCE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
+
+
+def _fraction_or_path(value: float | str | None) -> float | str | None:
+    # a quoted '0.1' stayed text and was looked for as a data file named 0.1
+    if isinstance(value, str) and _NUMBER.fullmatch(value):
+        raise ValueError(f"{value!r} is text: write the fraction unquoted (eval_split: {value.strip()}), or give a file path")
+    return value
+
+
+EvalSplit = Annotated[float | str | None, AfterValidator(_fraction_or_path)]
 
 
 class SourceConfig(Section):
@@ -43,7 +54,7 @@ class SourceConfig(Section):
     max_rows: int | None = Field(
         None, gt=0, description="Sample at most this many of this source's rows, as data.max_rows (default: data.max_rows)."
     )
-    eval_split: float | str | None = Field(
+    eval_split: EvalSplit = Field(
         None, description="This source's held-out rows: a fraction of them or a file (default: data.eval_split when a fraction)."
     )
 
@@ -82,9 +93,7 @@ class DataConfig(Section):
             "on files or builtin data (it picks a split of a `datasets` source): remove it",
         ),
     ] = Field("train", description="Split to read from a `datasets` source.")
-    eval_split: float | str | None = Field(
-        None, description="Held-out rows for eval loss: a fraction in (0, 1) of the data, or a file path."
-    )
+    eval_split: EvalSplit = Field(None, description="Held-out rows for eval loss: a fraction in (0, 1) of the data, or a file path.")
     max_length: int = Field(2048, gt=0, description="Maximum tokens per row.")
     on_overflow: Literal["truncate", "drop", "error"] = Field("truncate", description="What to do with a row longer than max_length.")
     on_error: Literal["error", "skip"] = Field("error", description="Malformed rows: stop with file/line/field, or skip and count.")
