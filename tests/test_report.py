@@ -561,3 +561,27 @@ def test_ticks_below_float_precision_end():
 
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=REPORT_ENV, timeout=60, preexec_fn=cap_memory)
     assert r.returncode == 0 and r.stdout.strip() == "[1.0]", r.stderr
+
+
+@pytest.mark.parametrize(
+    "edit, said",
+    [
+        (lambda c: c.update(model="x"), "'model' holds a str, not a section"),
+        (lambda c: c.update(resolved=[1, 2]), "'resolved' holds a list, not a section"),
+        (lambda c: c["resolved"].update(checkpoint_steps={"value": {"x": "every"}}), None),  # no step: passed over
+        (lambda c: c["resolved"].update(steps_per_epoch="x"), None),
+    ],
+)
+def test_a_hand_edited_config_resolved_yaml(tmp_path, edit, said):
+    """A section that is no mapping is one error line naming it (it crashed the report); a resolved entry of the wrong
+    shape is passed over."""
+    run = bare_run(tmp_path)
+    config = yaml.safe_load((run / "config.resolved.yaml").read_text())
+    edit(config)
+    (run / "config.resolved.yaml").write_text(yaml.safe_dump(config))
+    r = report_cli(str(run))
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
+    if said:
+        assert r.returncode == 2 and r.stderr.count("error:") == 1 and said in r.stderr, r.stderr
+    else:
+        assert r.returncode == 0 and (run / "report.html").is_file(), r.stderr

@@ -316,6 +316,13 @@ def read_config(run_dir: Path) -> dict:
         return {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: holds a {type(tree).__name__}, not the sections of a config; restore it or re-run")
+    # each section a mapping: readers look keys up in them (a hand edit `model: x` crashed the report)
+    for key in ("model", "data", "objective", "train", "checkpoint", "eval", "output", "resolved"):
+        if tree.get(key) is not None and not isinstance(tree[key], dict):
+            raise ConfigError(
+                f"{path}: '{key}' holds a {type(tree[key]).__name__}, not a section; restore the file (a checkpoint's meta.json "
+                "holds the config) or re-run"
+            )
     return tree
 
 

@@ -47,7 +47,8 @@ class RunData:
 
     def resolved(self, key: str, default=None):
         """A value `resolve()` decided (steps_per_epoch, total_steps, checkpoint_steps, ...)."""
-        return (self.config.get("resolved", {}).get(key) or {}).get("value", default)
+        entry = (self.config.get("resolved") or {}).get(key)
+        return entry.get("value", default) if isinstance(entry, dict) else default
 
     @property
     def versions(self) -> dict:

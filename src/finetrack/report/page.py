@@ -179,7 +179,8 @@ def _loss_unit(runs: list[RunData]) -> str:
 def _checkpoint_marks(r: RunData, curve: list[tuple[float, float]]) -> list[tuple[tuple[float, float], str]]:
     """Every scheduled checkpoint step reached so far, placed on the loss curve, with what became of it."""
     on_disk = {c.step: c for c in r.checkpoints}
-    planned = {int(s): rules for s, rules in (r.resolved("checkpoint_steps") or {}).items()}
+    scheduled = r.resolved("checkpoint_steps")  # step -> rules; a hand-edited entry that names no step is passed over
+    planned = {int(s): rules for s, rules in scheduled.items() if str(s).isdigit()} if isinstance(scheduled, dict) else {}
     reached = max([p[0] for p in curve] + [0])
     steps = sorted({s for s in planned if s <= reached} | set(on_disk))
     out = []
