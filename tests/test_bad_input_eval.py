@@ -161,6 +161,19 @@ def test_eval_of_a_run_whose_base_record_is_another_steps(capsys, untrained_run)
     assert_one_error(*run_cli(capsys, "eval", untrained_run), "step-000000.json", "not the eval record of step 0")
 
 
+def test_eval_texts_holding_special_tokens(capsys, untrained_run, tmp_path, tiny_tokenizer):
+    """Refused as in training data: chat-templated, `<|im_end|>...` inside a question became a real turn boundary."""
+    token = tiny_tokenizer.eos_token
+    questions = tmp_path / "q.yaml"
+    questions.write_text(f"- id: a\n  question: 'hi {token} system'\n")
+    suite = {"name": "qa", "kind": "judge", "questions": str(questions), "judges": [{"kind": "pattern", "metric": "m", "pattern": "a"}]}
+    assert_one_error(*eval_with(capsys, untrained_run, [suite]), "q.yaml: question a holds", "a special token of this tokenizer")
+    items = tmp_path / "items.yaml"
+    items.write_text(f"- id: b\n  prompt: 'rate {token}'\n  options: ['1', '2']\n  target: [0.5, 0.5]\n")
+    suite = {"name": "d", "kind": "distribution", "items": str(items)}
+    assert_one_error(*eval_with(capsys, untrained_run, [suite]), "items.yaml: item b holds", "a special token of this tokenizer")
+
+
 def test_eval_questions_with_a_duplicate_id(capsys, untrained_run, tmp_path):
     questions = tmp_path / "q.yaml"
     questions.write_text("- id: a\n  question: x\n- id: a\n  question: y\n")

@@ -38,7 +38,7 @@ from torch import nn
 
 from .generate import generate
 from .judges import end_of_turn_id
-from .questions import MAX_ANSWERS_PER_SUITE, read_items
+from .questions import MAX_ANSWERS_PER_SUITE, check_plain_text, read_items
 from .spec import DistributionSuite, EvalError, GenerationConfig
 
 log = logging.getLogger("finetrack")
@@ -381,6 +381,8 @@ def run(suite: DistributionSuite, model: nn.Module, tokenizer, on_progress: Call
     """
     items = load_items(Path(suite.items))
     check_sample_count(suite, items)
+    texts = [(f"item {i.id}", t) for i in items for t in [i.prompt, i.system or "", *i.options]]
+    check_plain_text(tokenizer, Path(suite.items), texts, DistributionError)
     records: list[dict] = []
     counts: dict[str, int] = {}
     if suite.method == "probs":

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..schema import ConfigError
 from .generate import Answerer, generate
-from .questions import check_answer_count
+from .questions import check_answer_count, check_plain_text
 from .spec import JudgeConfig, JudgeSuite, parse_rate
 
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
@@ -55,6 +55,9 @@ def run(
     """Generate (with the model, or the Answerer of another engine: engine.py), judge, aggregate. judge_for(judge
     config, template) returns an object with .score(pairs)."""
     check_answer_count(Path(suite.questions), questions, suite.generation.num_samples, "generation.num_samples")
+    check_plain_text(
+        tokenizer, Path(suite.questions), [(f"question {q.id}", t) for q in questions for t in [*q.paraphrases, q.system or ""]]
+    )
     items = conversations(questions, suite.generation.num_samples)
     answers = generate(model, tokenizer, [it["messages"] for it in items], suite.generation, on_answers)
     records = [{**{k: v for k, v in it.items() if k != "messages"}, "answer": a, "scores": {}} for it, a in zip(items, answers)]

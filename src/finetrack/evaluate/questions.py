@@ -96,6 +96,21 @@ def check_answer_count(path: Path, questions: list[Question], samples: int | Non
     return total
 
 
+def check_plain_text(tokenizer, path: Path, texts: list[tuple[str, str]], error: type[EvalError] = QuestionError) -> None:
+    """Eval prompts go through the chat template as training rows do, so they are held to the same rule: a special
+    token of the tokenizer inside one (`<|im_end|><|im_start|>system`) would be read as a real turn boundary. `texts`:
+    (where in the file, text) pairs; `error` names the file and the item."""
+    from ..data import special_token_pattern
+
+    specials = special_token_pattern(tokenizer) if tokenizer is not None else None  # None: no template is rendered here
+    for where, text in texts if specials is not None else []:
+        if hit := specials.search(text):
+            raise error(
+                f"{path}: {where} holds '{hit.group()}' at character {hit.start()}, a special token of this tokenizer: it would "
+                "be read as a real control token (a turn boundary), not as text; remove or rewrite it"
+            )
+
+
 def load_questions(path: Path, default_samples: int = 1) -> list[Question]:
     """Read a question file (.yaml/.yml or .jsonl) into Questions, validating every item.
 

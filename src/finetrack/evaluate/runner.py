@@ -255,6 +255,8 @@ def evaluate_run(
         return []
     rundir.require_run_dir(run_dir, "eval")
     cfg = load_config(run_dir / "config.resolved.yaml", list(overrides))
+    if cfg.model.dtype == "auto":  # never in what train writes; a config.resolved.yaml written by hand (an internal error)
+        cfg, _ = resolve_model(cfg, _this_machine())
     session = _Session(run_dir, cfg, select_suites(cfg, suite_names), out)
     if watch_seconds is None:
         return session.evaluate(select_steps(run_dir, steps))
@@ -306,8 +308,7 @@ def evaluate_model(
     else:
         update = {"name": str(path), "method": "full"}
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=update)})
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, _ = resolve_model(cfg, Environment(device.type, device.type == "cuda" and torch.cuda.is_bf16_supported(), 1, 0))
+    cfg, _ = resolve_model(cfg, _this_machine())
     if not cfg.eval.suites:
         raise ConfigError("no eval suites: give --config CONFIG.yaml with eval.suites, or eval.suites=[...] on the command line")
     suites = select_suites(cfg, suite_names)
@@ -342,8 +343,7 @@ def evaluate_baseline(
     if not cfg.eval.suites:
         raise ConfigError(f"{config_path}: no eval.suites to evaluate the base model with; add suites under eval.suites")
     suites = select_suites(cfg, suite_names)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, res = resolve_model(cfg, Environment(device.type, device.type == "cuda" and torch.cuda.is_bf16_supported(), 1, 0))
+    cfg, res = resolve_model(cfg, _this_machine())
     text = resolved_yaml(cfg, res)
     # the settings exactly as a later eval reads them back from config.resolved.yaml: the same cache keys
     tree = yaml.safe_load(text)
@@ -454,6 +454,12 @@ class _Session:
             self.out(table)
             self.shown_table = table
         return [records[s] for s, _ in selected]
+
+
+def _this_machine() -> Environment:
+    """What resolving a model's 'auto' values for eval needs to know of this machine."""
+    cuda = torch.cuda.is_available()
+    return Environment("cuda" if cuda else "cpu", cuda and torch.cuda.is_bf16_supported(), 1, 0)
 
 
 def _check_eval_dir(run_dir: Path) -> None:
