@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import http.server
 import json
@@ -412,3 +413,15 @@ def kill_9_when(argv: list[str], marker: Path, env: dict[str, str], timeout_s: f
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def mix_adapter_files(folder: Path) -> None:
+    """adapter_config.json of another rank than the weights beside it, the manifest updated to match (a folder whose
+    files come from different runs, yet complete by its manifest)."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["r"] = 999
+    data = json.dumps(config, indent=2).encode()
+    (folder / "adapter_config.json").write_bytes(data)
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    manifest["files"]["adapter_config.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import chat_rows, write_chat_jsonl
+from conftest import chat_rows, mix_adapter_files, write_chat_jsonl
 
 from finetrack.cli import main
 from finetrack.config import effective_dump, load_config
@@ -361,20 +361,6 @@ def test_eval_when_the_eval_folder_is_a_file(capsys, untrained_run):
     assert "answer/s" not in err  # no progress bar: refused before the pass began
 
 
-def _mix_adapter_files(folder: Path) -> None:
-    """adapter_config.json of another rank than the weights beside it, the manifest updated to match (a folder whose
-    files come from different runs, yet complete by its manifest)."""
-    import hashlib
-
-    config = json.loads((folder / "adapter_config.json").read_text())
-    config["r"] = 999
-    data = json.dumps(config, indent=2).encode()
-    (folder / "adapter_config.json").write_bytes(data)
-    manifest = json.loads((folder / "MANIFEST.json").read_text())
-    manifest["files"]["adapter_config.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (folder / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))
-
-
 def test_eval_of_a_checkpoint_whose_adapter_config_does_not_match_its_weights(baseline_then_trained, tmp_path, capsys):
     """PEFT's "size mismatch" while the adapter loads, inside the pass: one error line naming the checkpoint and what
     disagrees, on a line of its own (the progress bar closed first), no traceback."""
@@ -383,7 +369,7 @@ def test_eval_of_a_checkpoint_whose_adapter_config_does_not_match_its_weights(ba
     _, trained, _ = baseline_then_trained
     run = tmp_path / "run"
     shutil.copytree(trained, run)
-    _mix_adapter_files(run / "checkpoints" / "step-000004")
+    mix_adapter_files(run / "checkpoints" / "step-000004")
     suites = json.dumps([{"name": "heldout", "kind": "loss"}])
     code, out, err = run_cli(capsys, "eval", run, "--steps", "4", f"eval.suites={suites}")
     assert_one_error(

@@ -10,7 +10,7 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
-from conftest import tiny_run
+from conftest import mix_adapter_files, tiny_run
 from safetensors.torch import load_file, save_file
 
 from finetrack.cli import main
@@ -291,19 +291,12 @@ def test_an_output_url_that_cannot_be_used_is_one_error_line(lora_run, capsys, u
 def test_a_checkpoint_whose_adapter_config_does_not_match_its_weights(lora_run, tmp_path, capsys):
     """adapter_config.json of another rank than adapter_model.safetensors (the manifest updated to match): one error
     line naming the checkpoint folder and what disagrees, not PEFT's "size mismatch" traceback; nothing at --output."""
-    import hashlib
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(lora_run, run, ignore=shutil.ignore_patterns("exports"))
     folder = run / "checkpoints" / "step-000003"
-    config = json.loads((folder / "adapter_config.json").read_text())
-    config["r"] = 999
-    data = json.dumps(config, indent=2).encode()
-    (folder / "adapter_config.json").write_bytes(data)
-    manifest = json.loads((folder / "MANIFEST.json").read_text())
-    manifest["files"]["adapter_config.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (folder / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))
+    mix_adapter_files(folder)
     out = tmp_path / "out"
     code, stdout, err = export(capsys, str(run), "--format", "merged", "--output", str(out))
     assert code == 2, stdout + err
