@@ -15,12 +15,13 @@ from .schema import Knob, Section, is_file_source
 DATA_COLUMNS = ("messages", "prompt", "completion", "text", "target", "steps", "labels", "anchor", "positive", "negative")
 DEFAULT_PATH = "builtin:demo-chat"
 _SOURCE_NAME = re.compile(r"[A-Za-z0-9_-]+")
-_NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
+# a number written as text (a CSV cell, a quoted YAML value)
+NUMBER_TEXT = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
 
 
 def _fraction_or_path(value: float | str | None) -> float | str | None:
     # a quoted '0.1' stayed text and was looked for as a data file named 0.1
-    if isinstance(value, str) and _NUMBER.fullmatch(value):
+    if isinstance(value, str) and NUMBER_TEXT.fullmatch(value):
         raise ValueError(f"{value!r} is text: write the fraction unquoted (eval_split: {value.strip()}), or give a file path")
     return value
 

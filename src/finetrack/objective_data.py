@@ -17,12 +17,12 @@ fields too (`target` names the row field read as objective.regression.target_fie
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 from .config import DataConfig, ObjectiveConfig
+from .config_data import NUMBER_TEXT
 from .data import Example, check_messages, check_text, json_cell, parsed_rows, special_token_pattern, tokenize_chat
 from .data_columns import CHAT_FIELDS, is_text_row
 from .data_files import DataError, RawRow, json_type
@@ -200,7 +200,7 @@ def _completion(rec: dict, where: str, specials) -> list[dict[str, str]]:
 
 def _number(value: Any, where: str, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        if isinstance(value, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", value):
+        if isinstance(value, str) and NUMBER_TEXT.fullmatch(value):
             return float(value)  # CSV cells are text
         raise DataError(f"{where}: field '{name}' must be a finite number, got {value!r}")
     return float(value)

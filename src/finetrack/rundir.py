@@ -35,6 +35,11 @@ def step_name(step: int) -> str:
     return f"{_STEP_PREFIX}{step:06d}"
 
 
+def is_step(value: object) -> bool:
+    """A whole number >= 0, never a bool (True is an int to Python, not a step of a run)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def parse_step(name: str) -> int | None:
     """`step-000047` -> 47; anything else (temporary folders, stray files, `step-47`, `step-0000047`) -> None: a
     step has one name, so two folders can never both be step 47."""
@@ -352,9 +357,7 @@ def read_eval(path: Path, run_dir: Path | None = None) -> dict:
         raise EvalError(f"{path}: cannot be read ({e.strerror or e})") from None
     except ValueError as e:
         raise EvalError(f"{path}: not valid JSON ({' '.join(str(e).split())[:120]}); {again}") from None
-    step = record.get("step") if isinstance(record, dict) else None
-    is_step = isinstance(step, int) and not isinstance(step, bool) and step >= 0  # True is an int to Python, not a step
-    if not is_step or not isinstance(record.get("metrics", {}), dict):
+    if not isinstance(record, dict) or not is_step(record.get("step")) or not isinstance(record.get("metrics", {}), dict):
         raise EvalError(f"{path}: not a finetrack eval record (an object with 'step' >= 0 and 'metrics'); {again}")
     return record
 

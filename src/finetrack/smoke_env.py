@@ -297,7 +297,8 @@ def clean_up(scratch: Path, remote: str | None, keep: bool, created: list[Path],
     if keep:
         log.info("smoke: kept (--keep): %s%s", scratch, f" and {redact(remote)}" if remote else "")
         return
-    if logs is not None and logs.is_dir():
+    keep_logs = logs is not None and logs.is_dir()
+    if keep_logs:
         for child in scratch.iterdir():
             if child.is_dir() and child != logs:
                 shutil.rmtree(child, ignore_errors=True)
@@ -313,5 +314,5 @@ def clean_up(scratch: Path, remote: str | None, keep: bool, created: list[Path],
             folder.rmdir()
         except OSError:
             pass
-    if logs is None or not logs.is_dir():
+    if not keep_logs:
         log.info("smoke: scratch deleted: %s%s", scratch, f" and {redact(remote)}" if remote else "")

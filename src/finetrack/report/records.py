@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 
+from ..rundir import is_step
+
 MAX_STEPS = 10**9  # a step beyond this is garbage whatever the config says: no run trains a billion optimizer steps
 _QUOTED = 40  # characters of a bad value quoted in a problem line: enough to recognise it, never a whole blob
 
@@ -19,11 +21,6 @@ _QUOTED = 40  # characters of a bad value quoted in a problem line: enough to re
 def is_number(value: object) -> bool:
     """An int or float (JSON's NaN and Infinity included: the charts skip those), never a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def is_step(value: object) -> bool:
-    """A whole number >= 0, never a bool (True is an int to Python, not a step to a run)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def step_limit(config: dict) -> int:
